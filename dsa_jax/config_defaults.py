@@ -1,0 +1,100 @@
+"""The one place where every config field and its default lives; `configs/*.py` start from here."""
+
+from __future__ import annotations
+
+import ml_collections
+
+# Logical axis name -> mesh axes. Parameters and activations carry logical names; this table (a config field, so
+# sweeps can change it) decides where they go. FSDP shards the model dim of every weight; tensor parallelism shards
+# heads and the FFN hidden dim.
+DEFAULT_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv", None),
+    ("layers", None),
+    ("length", None),
+    ("kv_length", None),
+    ("frames", None),
+    ("text_embed", None),
+    ("text_length", None),
+    ("patch", None),
+    ("mod", None),
+    ("freq", None),
+    ("conf_hidden", None),
+    ("conf_steps", None),
+    ("vocab", "tensor"),
+)
+
+
+def wan_model(dim: int, ffn_dim: int, num_layers: int, num_heads: int, *, text_dim: int = 4096, text_len: int = 512,
+              channels: int = 16, patch_size=(1, 2, 2), freq_dim: int = 256) -> ml_collections.ConfigDict:
+  """A Wan2.1 DiT config (generator, teacher or critic)."""
+  return ml_collections.ConfigDict(dict(
+      dim=dim, ffn_dim=ffn_dim, num_layers=num_layers, num_heads=num_heads,
+      text_dim=text_dim, text_len=text_len, in_channels=channels, out_channels=channels,
+      patch_size=tuple(patch_size), freq_dim=freq_dim, eps=1e-6, rope_theta=10000.0, rope_max_frames=1024,
+      cross_attn_norm=True,
+  ))
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every field with the Wan2.1-1.3B / Self Forcing defaults; small configs override the sizes."""
+  c = ml_collections.ConfigDict()
+  c.name = "dsa"
+  c.seed = 0
+  c.model = wan_model(1536, 8960, 30, 12)
+  # Self Forcing: the real score is Wan2.1-14B, the fake score (critic) a 1.3B initialised like the student.
+  c.teacher = wan_model(5120, 13824, 40, 40)
+  c.critic = wan_model(1536, 8960, 30, 12)
+
+  c.video = ml_collections.ConfigDict(dict(
+      height=480, width=832, num_frames=21, chunk_frames=3, vae_stride=(4, 8, 8), latent_channels=16, fps=16,
+  ))
+  # Pixel decoding: kind 'none' (latents only), 'wan' (the Wan VAE, checkpoint at `path`) or 'identity' (the latents
+  # are pixels already, as in the pixel-space digits recipe).
+  c.vae = ml_collections.ConfigDict(dict(kind="none", path="", chunked=True))
+  # Text: 'umt5' (checkpoint + SentencePiece model at path/tokenizer), 'bow' (fixed bag-of-words encoder saved at
+  # path) or 'random' (deterministic random embeddings per prompt, for benchmarks).
+  c.text = ml_collections.ConfigDict(dict(kind="random", path="", tokenizer="", negative_prompt=""))
+
+  c.diffusion = ml_collections.ConfigDict(dict(shift=5.0, num_train_timesteps=1000, train_t_sampler="uniform"))
+
+  c.sampling = ml_collections.ConfigDict(dict(
+      ladder=(1000, 750, 500, 250, 125),  # before warping; our reading, DESIGN 1.1
+      threshold=0.5, min_steps=1, max_steps=5,
+      context_noise=0.0, guidance=1.0, batch_size=1, checkpoint="", use_ema=True,
+  ))
+
+  c.conf = ml_collections.ConfigDict(dict(
+      hidden=256, embed_dim=64, detach_trunk=True, target="dmd", target_ema=0.99, consistency_scale=0.0,
+      loss_weight=1.0,
+  ))
+
+  c.compute = ml_collections.ConfigDict(dict(
+      dtype="bfloat16", param_dtype="float32", attention="auto", scan_layers=True, remat="full",
+  ))
+
+  c.mesh = ml_collections.ConfigDict(dict(
+      shape=ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1)),
+      rules=DEFAULT_RULES,
+  ))
+
+  c.dmd = ml_collections.ConfigDict(dict(
+      guidance=3.0, critic_ratio=5, t_min=20.0, t_max=980.0, same_step_across_chunks=True,
+  ))
+
+  c.train = ml_collections.ConfigDict(dict(
+      stage="dsa",  # 'teacher' | 'ode' | 'dsa'
+      steps=600, batch_size=64, lr=2e-6, critic_lr=4e-7, conf_lr=1e-4, b1=0.0, b2=0.999, weight_decay=0.01,
+      grad_clip=10.0, ema_decay=0.99, ema_start=200, log_every=10, ckpt_every=100, keep=3, async_ckpt=True,
+      init_from="", teacher_from="", ode_steps=48, ode_pairs="",
+  ))
+
+  c.data = ml_collections.ConfigDict(dict(
+      prompts=ml_collections.ConfigDict(dict(kind="text", path="", column="prompt", name="", split="train")),
+      videos="", shuffle=True, num_workers=0,
+  ))
+  c.runlocal = False
+  return c

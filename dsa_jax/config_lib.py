@@ -1,0 +1,207 @@
+"""Loading and validating ml_collections configs (big_vision style: one `get_config(arg)` per file).
+
+A config is named on the command line as `--config path/to/file.py[:arg]` and overridden field by field with
+`--config.train.steps=10`. Every config goes through `validate_config`, so a wrong value fails at load with a
+message naming the field, not deep inside a jitted function.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import math
+import os
+from typing import Sequence
+
+import ml_collections
+
+
+class ConfigError(ValueError):
+  """A config value is invalid; the message names the field and what was expected."""
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+  """Loads `file.py[:arg]` by calling its `get_config(arg)`."""
+  path, _, arg = spec.partition(":")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"config file {path!r} does not exist")
+  module_name = "dsa_jax_config_" + os.path.splitext(os.path.basename(path))[0]
+  module_spec = importlib.util.spec_from_file_location(module_name, path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise ConfigError(f"config file {path!r} defines no get_config(arg)")
+  config = module.get_config(arg or None)
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise ConfigError(f"{path}: get_config must return an ml_collections.ConfigDict, got {type(config).__name__}")
+  return config
+
+
+def _parse_value(text: str):
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text  # a bare string such as `bfloat16`
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]) -> ml_collections.ConfigDict:
+  """Applies `--config.a.b=value` (or `config.a.b=value`) overrides; unknown fields are errors."""
+  config = config.copy_and_resolve_references()
+  for item in overrides:
+    item = item[2:] if item.startswith("--") else item
+    if not item.startswith("config.") or "=" not in item:
+      raise ConfigError(f"bad override {item!r}: expected --config.FIELD=VALUE")
+    key, _, raw = item[len("config."):].partition("=")
+    parts = key.split(".")
+    node = config
+    for i, part in enumerate(parts[:-1]):
+      if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+        raise ConfigError(f"override {key!r}: config has no field {'.'.join(parts[:i + 1])!r}")
+      node = node[part]
+    leaf = parts[-1]
+    if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+      raise ConfigError(f"override {key!r}: config has no field {key!r}")
+    value = _parse_value(raw)
+    old = node[leaf]
+    if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
+      value = float(value)
+    if isinstance(old, tuple) and isinstance(value, list):
+      value = tuple(value)
+    if isinstance(old, list) and isinstance(value, tuple):
+      value = list(value)
+    if old is not None and isinstance(value, str) and not isinstance(old, str):
+      raise ConfigError(f"override {key!r}: expected a {type(old).__name__}, got {raw!r}")
+    try:
+      with node.ignore_type():
+        node[leaf] = value
+    except (TypeError, ValueError) as e:
+      raise ConfigError(f"override {key!r}={raw!r}: {e}") from e
+  return config
+
+
+def get_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+  """Loads, overrides, validates and locks a config."""
+  config = apply_overrides(load_config_file(spec), overrides)
+  validate_config(config)
+  return config
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Validation
+
+
+def _require(cond: bool, field: str, msg: str):
+  if not cond:
+    raise ConfigError(f"config.{field}: {msg}")
+
+
+def validate_model_config(m, field: str = "model"):
+  """Checks one DiT config (generator, teacher or critic)."""
+  for name in ("dim", "ffn_dim", "num_layers", "num_heads", "text_dim", "text_len", "in_channels", "out_channels",
+               "freq_dim"):
+    _require(isinstance(m[name], int) and m[name] > 0, f"{field}.{name}", f"must be a positive int, got {m[name]!r}")
+  _require(m.dim % m.num_heads == 0, f"{field}.num_heads",
+           f"{m.num_heads} heads do not divide {field}.dim={m.dim}")
+  head_dim = m.dim // m.num_heads
+  _require(head_dim % 2 == 0 and head_dim >= 6, f"{field}.num_heads",
+           f"head dim {head_dim} (= dim / num_heads) must be even and >= 6 for the 3D RoPE split")
+  _require(m.freq_dim % 2 == 0, f"{field}.freq_dim", f"must be even, got {m.freq_dim}")
+  _require(len(m.patch_size) == 3 and all(isinstance(p, int) and p > 0 for p in m.patch_size),
+           f"{field}.patch_size", f"must be 3 positive ints (t, h, w), got {m.patch_size!r}")
+
+
+def latent_hw(config) -> tuple[int, int]:
+  """Latent frame height and width (pixels over the VAE's spatial stride)."""
+  _, sh, sw = config.video.vae_stride
+  return config.video.height // sh, config.video.width // sw
+
+
+def tokens_per_frame(config) -> int:
+  """Tokens of one latent frame after patchifying."""
+  _, ph, pw = config.model.patch_size
+  lh, lw = latent_hw(config)
+  return (lh // ph) * (lw // pw)
+
+
+def pixel_frames(config) -> int:
+  """Output video frames: Wan's causal VAE maps 1 + 4k pixel frames to 1 + k latent frames."""
+  st = config.video.vae_stride[0]
+  return 1 + (config.video.num_frames - 1) * st
+
+
+def validate_config(config: ml_collections.ConfigDict):
+  """Raises ConfigError naming the first invalid field."""
+  for section in ("model", "video", "diffusion", "sampling", "compute"):
+    _require(section in config, section, "missing section")
+  validate_model_config(config.model, "model")
+  for other in ("teacher", "critic"):
+    if other in config and config[other] is not None:
+      validate_model_config(config[other], other)
+      for name in ("in_channels", "out_channels", "text_dim", "text_len"):
+        _require(config[other][name] == config.model[name], f"{other}.{name}",
+                 f"must equal model.{name}={config.model[name]} (teacher, critic and generator share inputs)")
+      _require(tuple(config[other].patch_size) == tuple(config.model.patch_size), f"{other}.patch_size",
+               "must equal model.patch_size")
+
+  v = config.video
+  _require(v.vae_stride[0] >= 1 and v.vae_stride[1] >= 1 and v.vae_stride[2] >= 1, "video.vae_stride",
+           f"must be positive, got {v.vae_stride!r}")
+  st, sh, sw = v.vae_stride
+  pt, ph, pw = config.model.patch_size
+  _require(pt == 1, "model.patch_size", "temporal patch must be 1 for per-frame timesteps (got "
+           f"{config.model.patch_size!r})")
+  _require(v.height % (sh * ph) == 0, "video.height",
+           f"{v.height} must divide by vae stride x patch = {sh}x{ph} = {sh * ph}")
+  _require(v.width % (sw * pw) == 0, "video.width",
+           f"{v.width} must divide by vae stride x patch = {sw}x{pw} = {sw * pw}")
+  _require(v.num_frames > 0, "video.num_frames", f"must be positive, got {v.num_frames}")
+  _require(v.chunk_frames > 0 and v.num_frames % v.chunk_frames == 0, "video.chunk_frames",
+           f"{v.chunk_frames} must divide video.num_frames={v.num_frames}")
+  _require(v.num_frames <= config.model.rope_max_frames, "video.num_frames",
+           f"{v.num_frames} exceeds model.rope_max_frames={config.model.rope_max_frames}")
+  _require(v.latent_channels == config.model.in_channels, "video.latent_channels",
+           f"{v.latent_channels} must equal model.in_channels={config.model.in_channels}")
+
+  d = config.diffusion
+  _require(d.shift > 0, "diffusion.shift", f"must be > 0, got {d.shift}")
+  _require(d.num_train_timesteps > 0, "diffusion.num_train_timesteps", "must be positive")
+
+  s = config.sampling
+  ladder = list(s.ladder)
+  _require(len(ladder) >= 1, "sampling.ladder", "must not be empty")
+  _require(all(isinstance(t, (int, float)) for t in ladder), "sampling.ladder", f"must be numbers, got {ladder!r}")
+  _require(all(a > b for a, b in zip(ladder, ladder[1:])), "sampling.ladder",
+           f"must be strictly decreasing, got {ladder!r}")
+  _require(0 < ladder[-1] and ladder[0] <= d.num_train_timesteps, "sampling.ladder",
+           f"timesteps must lie in (0, {d.num_train_timesteps}], got {ladder!r}")
+  _require(1 <= s.min_steps <= len(ladder), "sampling.min_steps",
+           f"must lie in [1, len(sampling.ladder)={len(ladder)}], got {s.min_steps}")
+  _require(s.min_steps <= s.max_steps <= len(ladder), "sampling.max_steps",
+           f"must lie in [sampling.min_steps={s.min_steps}, len(sampling.ladder)={len(ladder)}], got {s.max_steps}")
+  _require(isinstance(s.threshold, float) and not math.isnan(s.threshold), "sampling.threshold",
+           f"must be a float (inf allowed), got {s.threshold!r}")
+  _require(0.0 <= s.context_noise < d.num_train_timesteps, "sampling.context_noise",
+           f"must lie in [0, {d.num_train_timesteps}), got {s.context_noise}")
+
+  c = config.compute
+  _require(c.dtype in ("float32", "bfloat16", "float16"), "compute.dtype",
+           f"must be float32, bfloat16 or float16, got {c.dtype!r}")
+  _require(c.param_dtype in ("float32", "bfloat16"), "compute.param_dtype",
+           f"must be float32 or bfloat16, got {c.param_dtype!r}")
+  _require(c.attention in ("auto", "xla", "cudnn", "splash"), "compute.attention",
+           f"must be auto, xla, cudnn or splash, got {c.attention!r}")
+  _require(c.remat in ("none", "full", "dots", "dots_no_batch"), "compute.remat",
+           f"must be none, full, dots or dots_no_batch, got {c.remat!r}")
+
+  h = config.conf
+  _require(h.hidden > 0, "conf.hidden", "must be positive")
+  _require(h.target in ("dmd", "consistency"), "conf.target", f"must be 'dmd' or 'consistency', got {h.target!r}")
+
+  if "mesh" in config:
+    shape = dict(config.mesh.shape)
+    _require(set(shape) == {"data", "fsdp", "tensor"}, "mesh.shape",
+             f"must have exactly the axes data, fsdp, tensor, got {sorted(shape)}")
+    _require(sum(1 for x in shape.values() if x == -1) <= 1, "mesh.shape", "at most one axis may be -1")
+    _require(all(x == -1 or x >= 1 for x in shape.values()), "mesh.shape", f"sizes must be >= 1 or -1, got {shape}")
+    _require(config.model.num_heads % max(shape["tensor"], 1) == 0, "mesh.shape",
+             f"tensor={shape['tensor']} must divide model.num_heads={config.model.num_heads}")

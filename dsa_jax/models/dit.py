@@ -1,0 +1,335 @@
+"""The Wan2.1 diffusion transformer with per-frame timesteps, a block-causal mask and a static-shape KV cache.
+
+Layer details follow the reference (DESIGN 1.2 and 1.6): patchify (1, 2, 2); 3D RoPE; per block self-attention with
+q/k RMSNorm over the full dim, text cross-attention (LayerNorm with affine, ungated), GELU(tanh) FFN and 6-vector
+AdaLN modulation (time projection + a learned per-block table); output head with 2 modulation vectors. Every frame
+carries its own timestep, so modulation is per frame. Norms and modulation run in float32 as in Wan.
+
+Three ways to call it (`WanDiT.__call__`):
+  * full sequence, `chunk_frames=None`: bidirectional (the teacher / critic);
+  * full sequence, `chunk_frames=c`: block-causal (training the causal student, ODE regression);
+  * one chunk with `cache=` and `frame_offset=`: the chunk's keys/values are written into the cache at the offset and
+    its queries attend to everything up to the chunk's end (the sampler and the rollout).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dsa_jax.models import rope as rope_lib
+from dsa_jax.models.attention import block_causal_mask, dot_product_attention, resolve_backend
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class DiTConfig:
+  """Static (hashable) model description; built from `config.model` + `config.compute`."""
+  dim: int
+  ffn_dim: int
+  num_layers: int
+  num_heads: int
+  text_dim: int
+  text_len: int
+  in_channels: int
+  out_channels: int
+  patch_size: tuple = (1, 2, 2)
+  freq_dim: int = 256
+  eps: float = 1e-6
+  rope_theta: float = 10000.0
+  rope_max_frames: int = 1024
+  cross_attn_norm: bool = True
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  attention: str = "xla"
+  scan_layers: bool = True
+  remat: str = "none"
+
+  @property
+  def head_dim(self) -> int:
+    return self.dim // self.num_heads
+
+  @classmethod
+  def from_config(cls, model_cfg, compute_cfg=None, **overrides) -> "DiTConfig":
+    kw = dict(
+        dim=model_cfg.dim, ffn_dim=model_cfg.ffn_dim, num_layers=model_cfg.num_layers, num_heads=model_cfg.num_heads,
+        text_dim=model_cfg.text_dim, text_len=model_cfg.text_len, in_channels=model_cfg.in_channels,
+        out_channels=model_cfg.out_channels, patch_size=tuple(model_cfg.patch_size), freq_dim=model_cfg.freq_dim,
+        eps=model_cfg.eps, rope_theta=model_cfg.rope_theta, rope_max_frames=model_cfg.rope_max_frames,
+        cross_attn_norm=model_cfg.cross_attn_norm)
+    if compute_cfg is not None:
+      dtype = _DTYPES[compute_cfg.dtype]
+      backend = resolve_backend(compute_cfg.attention)
+      if backend == "cudnn" and dtype == jnp.float32:
+        backend = "xla"  # cuDNN flash attention needs 16-bit inputs
+      kw.update(dtype=dtype, param_dtype=_DTYPES[compute_cfg.param_dtype], attention=backend,
+                scan_layers=compute_cfg.scan_layers, remat=compute_cfg.remat)
+    kw.update(overrides)
+    return cls(**kw)
+
+  def to_dict(self) -> dict:
+    d = dataclasses.asdict(self)
+    inv = {v: k for k, v in _DTYPES.items()}
+    d["dtype"], d["param_dtype"] = inv[self.dtype], inv[self.param_dtype]
+    d["patch_size"] = list(self.patch_size)
+    return d
+
+
+def _dense_init():
+  return nn.initializers.xavier_uniform()
+
+
+def _partitioned(init, names):
+  return nn.with_logical_partitioning(init, names)
+
+
+def sinusoidal_embedding(t, dim: int):
+  """Wan's timestep embedding on raw t in [0, 1000]: cos first, then sin (float32)."""
+  half = dim // 2
+  freqs = jnp.exp(-math.log(10000.0) * jnp.arange(half, dtype=jnp.float32) / half)
+  args = t.astype(jnp.float32)[..., None] * freqs
+  return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+
+
+class LayerNorm32(nn.Module):
+  """LayerNorm in float32 with optional affine (Wan's norm1/norm2 have none; the cross-attention norm has one)."""
+  eps: float = 1e-6
+  affine: bool = False
+
+  @nn.compact
+  def __call__(self, x):
+    dim = x.shape[-1]
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, -1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), -1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+    if self.affine:
+      y = y * self.param("scale", _partitioned(nn.initializers.ones, ("embed",)), (dim,), jnp.float32)
+      y = y + self.param("bias", _partitioned(nn.initializers.zeros, ("embed",)), (dim,), jnp.float32)
+    return y
+
+
+class HeadRMSNorm(nn.Module):
+  """RMSNorm over the full model dim of a (..., H, D) tensor, before RoPE (Wan's q/k norm)."""
+  eps: float = 1e-6
+
+  @nn.compact
+  def __call__(self, x):
+    h, d = x.shape[-2:]
+    w = self.param("scale", _partitioned(nn.initializers.ones, ("heads", "kv")), (h, d), jnp.float32)
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=(-2, -1), keepdims=True) + self.eps)
+    return (y * w).astype(x.dtype)
+
+
+class Attention(nn.Module):
+  """Multi-head attention with q/k RMSNorm; self-attention takes RoPE, masks and the KV cache."""
+  cfg: DiTConfig
+  cross: bool = False
+
+  def _proj(self, name, x):
+    c = self.cfg
+    return nn.DenseGeneral((c.num_heads, c.head_dim), axis=-1, dtype=c.dtype, param_dtype=c.param_dtype,
+                           kernel_init=_partitioned(_dense_init(), ("embed", "heads", "kv")),
+                           bias_init=_partitioned(nn.initializers.zeros, ("heads", "kv")), name=name)(x)
+
+  @nn.compact
+  def __call__(self, x, context=None, rope=None, mask=None, cache=None, cache_offset=None):
+    c = self.cfg
+    kv_in = context if self.cross else x
+    q = HeadRMSNorm(c.eps, name="norm_q")(self._proj("q", x))
+    k = HeadRMSNorm(c.eps, name="norm_k")(self._proj("k", kv_in))
+    v = self._proj("v", kv_in)
+    new_cache = None
+    kv_lengths = None
+    if not self.cross:
+      cos, sin = rope
+      q = rope_lib.apply_rope(q, cos, sin)
+      k = rope_lib.apply_rope(k, cos, sin)
+      if cache is not None:
+        ck, cv = cache
+        start = (0, cache_offset, 0, 0)
+        k = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), start)
+        v = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), start)
+        new_cache = (k, v)
+        kv_lengths = jnp.full((x.shape[0],), cache_offset + x.shape[1], jnp.int32)
+        k, v = k.astype(q.dtype), v.astype(q.dtype)
+        mask = None
+    q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
+    out = dot_product_attention(q, k, v, mask=mask, kv_lengths=kv_lengths, backend=c.attention)
+    out = nn.DenseGeneral(c.dim, axis=(-2, -1), dtype=c.dtype, param_dtype=c.param_dtype,
+                          kernel_init=_partitioned(_dense_init(), ("heads", "kv", "embed")),
+                          bias_init=_partitioned(nn.initializers.zeros, ("embed",)), name="o")(out)
+    return out, new_cache
+
+
+def _per_frame(x, num_frames):
+  """(B, F*T, D) -> (B, F, T, D) so per-frame modulation broadcasts over a frame's tokens."""
+  return x.reshape(x.shape[0], num_frames, -1, x.shape[-1])
+
+
+class WanBlock(nn.Module):
+  """One transformer block; scanned over layers with the KV cache as the scanned input/output."""
+  cfg: DiTConfig
+
+  @nn.compact
+  def __call__(self, x, cache, e0, context, rope, mask, cache_offset):
+    c = self.cfg
+    b, l, _ = x.shape
+    f = e0.shape[1]
+    table = self.param("modulation", _partitioned(nn.initializers.normal(1.0 / math.sqrt(c.dim)),
+                                                  (None, "mod", "embed")), (1, 6, c.dim), jnp.float32)
+    mod = table[None] + e0  # (B, F, 6, D) float32
+    shift_msa, scale_msa, gate_msa, c_shift, c_scale, c_gate = [mod[:, :, i, None, :] for i in range(6)]
+
+    def modulate(h, shift, scale):
+      return (_per_frame(h, f) * (1.0 + scale) + shift).reshape(b, l, -1).astype(c.dtype)
+
+    def gated(y, gate):
+      return (_per_frame(y.astype(jnp.float32), f) * gate).reshape(b, l, -1)
+
+    h = modulate(LayerNorm32(c.eps, name="norm1")(x), shift_msa, scale_msa)
+    y, new_cache = Attention(c, name="self_attn")(h, rope=rope, mask=mask, cache=cache, cache_offset=cache_offset)
+    x = x + gated(y, gate_msa).astype(x.dtype)
+
+    h = LayerNorm32(c.eps, affine=True, name="norm_cross")(x) if c.cross_attn_norm else x
+    y, _ = Attention(c, cross=True, name="cross_attn")(h.astype(c.dtype), context=context)
+    x = x + y.astype(x.dtype)
+
+    h = modulate(LayerNorm32(c.eps, name="norm2")(x), c_shift, c_scale)
+    h = nn.Dense(c.ffn_dim, dtype=c.dtype, param_dtype=c.param_dtype,
+                 kernel_init=_partitioned(_dense_init(), ("embed", "mlp")),
+                 bias_init=_partitioned(nn.initializers.zeros, ("mlp",)), name="ffn_in")(h)
+    h = nn.with_logical_constraint(nn.gelu(h, approximate=True), ("batch", "length", "mlp"))
+    y = nn.Dense(c.dim, dtype=c.dtype, param_dtype=c.param_dtype,
+                 kernel_init=_partitioned(_dense_init(), ("mlp", "embed")),
+                 bias_init=_partitioned(nn.initializers.zeros, ("embed",)), name="ffn_out")(h)
+    x = x + gated(y, c_gate).astype(x.dtype)
+    x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+    return x, new_cache
+
+
+_REMAT_POLICIES = {
+    "full": None,  # save nothing
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+class WanDiT(nn.Module):
+  """Wan2.1 DiT. Returns dict(velocity (B,F,H,W,C) float32, features (B,F,T,D), cache)."""
+  cfg: DiTConfig
+
+  def _block_cls(self):
+    c = self.cfg
+    block = WanBlock
+    if c.remat != "none":
+      block = nn.remat(block, policy=_REMAT_POLICIES[c.remat], prevent_cse=not c.scan_layers)
+    return block
+
+  @nn.compact
+  def __call__(self, x, t, context, *, chunk_frames: int | None = None, cache=None, frame_offset=0):
+    c = self.cfg
+    b, f, hh, ww, ch = x.shape
+    pt, ph, pw = c.patch_size
+    if ch != c.in_channels:
+      raise ValueError(f"latents have {ch} channels, model.in_channels is {c.in_channels}")
+    if hh % ph or ww % pw:
+      raise ValueError(f"latent size {hh}x{ww} does not divide by model.patch_size {c.patch_size}")
+    if t.shape != (b, f):
+      raise ValueError(f"timesteps must be per frame with shape {(b, f)}, got {t.shape}")
+    gh, gw = hh // ph, ww // pw
+    tokens = gh * gw
+
+    # Patch embedding: a (1, ph, pw) convolution with stride = kernel, i.e. a matmul on flattened patches.
+    patches = x.reshape(b, f, gh, ph, gw, pw, ch).transpose(0, 1, 2, 4, 3, 5, 6).reshape(b, f * tokens, ph * pw * ch)
+    kernel = self.param("patch_embedding", _partitioned(nn.initializers.lecun_normal(), (None, None, None, None, "embed")),
+                        (pt, ph, pw, ch, c.dim), c.param_dtype)
+    bias = self.param("patch_bias", _partitioned(nn.initializers.zeros, ("embed",)), (c.dim,), c.param_dtype)
+    h = jnp.dot(patches.astype(c.dtype), kernel.reshape(-1, c.dim).astype(c.dtype)) + bias.astype(c.dtype)
+    h = nn.with_logical_constraint(h, ("batch", "length", "embed"))
+
+    # Per-frame time embedding and its 6-vector projection, in float32.
+    emb = sinusoidal_embedding(t, c.freq_dim)
+    dense32 = lambda n, names, name: nn.Dense(n, dtype=jnp.float32, param_dtype=c.param_dtype,
+                                             kernel_init=_partitioned(nn.initializers.normal(0.02), names),
+                                             bias_init=_partitioned(nn.initializers.zeros, names[1:]), name=name)
+    e = dense32(c.dim, ("freq", "embed"), "time_embedding_1")(emb)
+    e = dense32(c.dim, ("embed", "embed"), "time_embedding_2")(nn.silu(e))  # (B, F, D)
+    e0 = dense32(6 * c.dim, ("embed", "mod"), "time_projection")(nn.silu(e)).reshape(b, f, 6, c.dim)
+
+    ctx = nn.Dense(c.dim, dtype=c.dtype, param_dtype=c.param_dtype,
+                   kernel_init=_partitioned(_dense_init(), ("text_embed", "embed")),
+                   bias_init=_partitioned(nn.initializers.zeros, ("embed",)), name="text_embedding_1")(
+                       context.astype(c.dtype))
+    ctx = nn.Dense(c.dim, dtype=c.dtype, param_dtype=c.param_dtype,
+                   kernel_init=_partitioned(_dense_init(), ("embed", "embed")),
+                   bias_init=_partitioned(nn.initializers.zeros, ("embed",)), name="text_embedding_2")(
+                       nn.gelu(ctx, approximate=True))
+
+    tables = rope_lib.rope_tables(c.head_dim, c.rope_max_frames, gh, gw, c.rope_theta)
+    rope = rope_lib.rope_for_grid(tables, frame_offset, f, gh, gw)
+    mask = None
+    cache_offset = None
+    if cache is None:
+      if chunk_frames is not None:
+        if f % chunk_frames:
+          raise ValueError(f"{f} frames do not divide into chunks of {chunk_frames}")
+        mask = jnp.asarray(block_causal_mask(f, tokens, chunk_frames))
+    else:
+      cache_offset = jnp.asarray(frame_offset, jnp.int32) * tokens
+      cache = (cache["k"], cache["v"])
+
+    block_cls = self._block_cls()
+    if c.scan_layers:
+      stack = nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True},
+                      in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                      length=c.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+      h, new_cache = stack(c, name="blocks")(h, cache, e0, ctx, rope, mask, cache_offset)
+    else:
+      new_k, new_v = [], []
+      for i in range(c.num_layers):
+        layer_cache = None if cache is None else (cache[0][i], cache[1][i])
+        h, lc = block_cls(c, name=f"blocks_{i}")(h, layer_cache, e0, ctx, rope, mask, cache_offset)
+        if lc is not None:
+          new_k.append(lc[0])
+          new_v.append(lc[1])
+      new_cache = None if cache is None else (jnp.stack(new_k), jnp.stack(new_v))
+
+    features = _per_frame(h, f)  # final hidden states, for the confidence head
+
+    table = self.param("head_modulation", _partitioned(nn.initializers.normal(1.0 / math.sqrt(c.dim)),
+                                                       (None, "mod", "embed")), (1, 2, c.dim), jnp.float32)
+    mod = table[None] + e[:, :, None, :]
+    shift, scale = mod[:, :, 0, None, :], mod[:, :, 1, None, :]
+    out = (_per_frame(LayerNorm32(c.eps, name="norm_out")(h), f) * (1.0 + scale) + shift).reshape(b, f * tokens, -1)
+    out = nn.Dense(pt * ph * pw * c.out_channels, dtype=c.dtype, param_dtype=c.param_dtype,
+                   kernel_init=_partitioned(_dense_init(), ("embed", None)),
+                   bias_init=_partitioned(nn.initializers.zeros, (None,)), name="head")(out.astype(c.dtype))
+    out = out.astype(jnp.float32).reshape(b, f, gh, gw, ph, pw, c.out_channels)
+    velocity = out.transpose(0, 1, 2, 4, 3, 5, 6).reshape(b, f, hh, ww, c.out_channels)
+    if new_cache is not None:
+      new_cache = {"k": new_cache[0], "v": new_cache[1]}
+    return {"velocity": velocity, "features": features, "cache": new_cache}
+
+
+def init_cache(cfg: DiTConfig, batch: int, num_frames: int, tokens_per_frame: int, dtype=None):
+  """Zeroed static-shape KV cache for a whole video: {'k','v'}: (layers, B, F*T, H, D)."""
+  shape = (cfg.num_layers, batch, num_frames * tokens_per_frame, cfg.num_heads, cfg.head_dim)
+  dtype = dtype or cfg.dtype
+  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
+def cache_logical_axes():
+  return {"k": ("layers", "batch", "kv_length", "heads", "kv"), "v": ("layers", "batch", "kv_length", "heads", "kv")}
+
+
+def count_params(tree) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(tree)))
