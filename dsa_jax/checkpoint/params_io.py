@@ -1,0 +1,126 @@
+"""Model checkpoints by path: a folder holding an orbax PyTree of parameters and `dsa_meta.json`.
+
+`dsa-jax convert` writes them, training exports them, `sample`/`eval`/`bench` read them. The metadata records each
+network's architecture, so loading into a different architecture fails with a message naming the mismatch instead of
+a shape error deep inside jit. Writes are atomic: orbax writes into a temporary folder and renames it when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+
+import jax
+import numpy as np
+
+META_FILE = "dsa_meta.json"
+PARAMS_DIR = "params"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+  """A checkpoint is missing, corrupt, or does not match the expected architecture."""
+
+
+def save_params(path: str, params: dict, meta: dict) -> str:
+  """Saves `params` (dict of name -> pytree of arrays) and `meta` (JSON-able; `meta['arch']` per network).
+
+  The folder appears only once complete: written under a sibling temporary name, then renamed over `path`.
+  """
+  import orbax.checkpoint as ocp
+
+  path = os.path.abspath(path)
+  parent = os.path.dirname(path)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=parent)
+  try:
+    host = jax.tree_util.tree_map(lambda x: np.asarray(jax.device_get(x)), params)
+    ocp.PyTreeCheckpointer().save(os.path.join(tmp, PARAMS_DIR), host)
+    full_meta = dict(meta)
+    full_meta["format_version"] = FORMAT_VERSION
+    full_meta["networks"] = sorted(params)
+    with open(os.path.join(tmp, META_FILE), "w") as f:
+      json.dump(full_meta, f, indent=2, sort_keys=True)
+    if os.path.exists(path):
+      old = path + ".old"
+      shutil.rmtree(old, ignore_errors=True)
+      os.replace(path, old)
+      os.replace(tmp, path)
+      shutil.rmtree(old, ignore_errors=True)
+    else:
+      os.replace(tmp, path)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return path
+
+
+def read_meta(path: str) -> dict:
+  meta_path = os.path.join(path, META_FILE)
+  if not os.path.isdir(path):
+    raise CheckpointError(f"checkpoint {path!r} does not exist (expected a folder written by dsa-jax)")
+  if not os.path.isfile(meta_path):
+    raise CheckpointError(f"checkpoint {path!r} has no {META_FILE}: not a dsa_jax model checkpoint "
+                          "(a training workdir? pass it to --ckpt of sample/eval, which finds its latest step)")
+  try:
+    with open(meta_path) as f:
+      return json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise CheckpointError(f"checkpoint metadata {meta_path!r} is corrupt: {e}") from e
+
+
+def check_arch(meta: dict, network: str, expected: dict, path: str = "checkpoint"):
+  """Compares the stored architecture of `network` with `expected` (a DiTConfig.to_dict() or similar)."""
+  stored = meta.get("arch", {}).get(network)
+  if stored is None:
+    raise CheckpointError(f"{path}: holds no architecture for network {network!r}; it has "
+                          f"{sorted(meta.get('arch', {}))}")
+  keys = [k for k in expected if k not in ("dtype", "param_dtype", "attention", "scan_layers", "remat")]
+  diff = {k: (stored.get(k), expected[k]) for k in keys if k in stored and _norm(stored[k]) != _norm(expected[k])}
+  if diff:
+    lines = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in sorted(diff.items()))
+    raise CheckpointError(f"{path}: network {network!r} was saved with another architecture ({lines})")
+
+
+def _norm(v):
+  return list(v) if isinstance(v, (list, tuple)) else v
+
+
+def load_params(path: str, networks=None) -> tuple[dict, dict]:
+  """Returns (params, meta); `networks` restricts which top-level entries are returned (all by default)."""
+  import orbax.checkpoint as ocp
+
+  meta = read_meta(path)
+  params_dir = os.path.join(os.path.abspath(path), PARAMS_DIR)
+  if not os.path.isdir(params_dir):
+    raise CheckpointError(f"checkpoint {path!r} is incomplete: {PARAMS_DIR}/ is missing")
+  try:
+    restored = ocp.PyTreeCheckpointer().restore(params_dir)
+  except Exception as e:  # orbax raises many types for truncated or corrupt files
+    raise CheckpointError(f"checkpoint {path!r} could not be read (corrupt or truncated?): {e}") from e
+  if networks is not None:
+    missing = [n for n in networks if n not in restored]
+    if missing:
+      raise CheckpointError(f"checkpoint {path!r} lacks {missing}; it holds {sorted(restored)}")
+    restored = {n: restored[n] for n in networks}
+  return restored, meta
+
+
+def check_tree_shapes(params, abstract, name: str, path: str = "checkpoint"):
+  """Every leaf present with the expected shape; lists missing / unexpected / misshaped keys in one error."""
+  got = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(params)}
+  want = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(abstract)}
+  missing = sorted(set(want) - set(got))
+  extra = sorted(set(got) - set(want))
+  bad = sorted(k for k in set(want) & set(got) if tuple(want[k]) != tuple(got[k]))
+  if missing or extra or bad:
+    parts = []
+    if missing:
+      parts.append(f"missing {missing[:10]}{' ...' if len(missing) > 10 else ''}")
+    if extra:
+      parts.append(f"unexpected {extra[:10]}{' ...' if len(extra) > 10 else ''}")
+    if bad:
+      parts.append("misshaped " + ", ".join(f"{k}: {tuple(got[k])} vs expected {tuple(want[k])}" for k in bad[:10]))
+    raise CheckpointError(f"{path}: {name} parameters do not match the config: " + "; ".join(parts))
