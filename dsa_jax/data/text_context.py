@@ -1,0 +1,91 @@
+"""Prompts -> the DiT's text context (B, text_len, text_dim), by `config.text.kind`.
+
+  'random': a deterministic Gaussian context per prompt (a hash seeds it): benchmarks and smoke tests, no weights.
+  'bow':    the fixed bag-of-words encoder saved as JSON at `config.text.path` (small recipes such as digits).
+  'umt5':   the umT5 encoder (model checkpoint at `config.text.path`, network 'text_encoder') and its SentencePiece
+            tokenizer at `config.text.tokenizer`, zero-padded to text_len as Wan does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Callable, Sequence
+
+import numpy as np
+
+TextEncoder = Callable[[Sequence[str]], np.ndarray]
+
+
+def _check_prompts(prompts):
+  if isinstance(prompts, str):
+    raise TypeError("prompts must be a list of strings, not one string")
+  prompts = list(prompts)
+  if not prompts:
+    raise ValueError("no prompts given")
+  for i, p in enumerate(prompts):
+    if not isinstance(p, str):
+      raise ValueError(f"prompt {i} is a {type(p).__name__}, expected a string")
+  return prompts
+
+
+def random_context(prompt: str, text_len: int, text_dim: int) -> np.ndarray:
+  """N(0, 1) context seeded by the prompt's hash: the same prompt always gives the same context."""
+  seed = int.from_bytes(hashlib.sha256(prompt.encode("utf-8")).digest()[:8], "little")
+  return np.random.default_rng(seed).standard_normal((text_len, text_dim)).astype(np.float32)
+
+
+def _random_encoder(text_len, text_dim) -> TextEncoder:
+  def encode(prompts):
+    return np.stack([random_context(p, text_len, text_dim) for p in _check_prompts(prompts)])
+  return encode
+
+
+def _bow_encoder(path, text_len, text_dim) -> TextEncoder:
+  from dsa_jax.data.bow_text import BagOfWordsEncoder
+  if not path or not os.path.isfile(path):
+    raise FileNotFoundError(f"config.text.path: bag-of-words encoder file {path!r} does not exist")
+  with open(path) as f:
+    try:
+      enc = BagOfWordsEncoder.from_dict(json.load(f))
+    except json.JSONDecodeError as e:
+      raise ValueError(f"config.text.path: {path!r} is not a valid encoder JSON: {e}") from e
+  if (enc.text_len, enc.text_dim) != (text_len, text_dim):
+    raise ValueError(f"config.text.path: encoder {path!r} makes ({enc.text_len}, {enc.text_dim}) contexts, the "
+                     f"model expects (text_len, text_dim) = ({text_len}, {text_dim})")
+
+  def encode(prompts):
+    return enc.encode(_check_prompts(prompts)).astype(np.float32)
+  return encode
+
+
+def _umt5_encoder(path, tokenizer_path, text_len, text_dim) -> TextEncoder:
+  import jax
+
+  from dsa_jax.checkpoint.params_io import load_params
+  from dsa_jax.models import umt5
+  params, meta = load_params(path, networks=["text_encoder"])
+  ucfg = umt5.UMT5Config(**meta["arch"]["text_encoder"])
+  if ucfg.d_model != text_dim:
+    raise ValueError(f"config.text.path: umT5 at {path!r} has d_model {ucfg.d_model}, model.text_dim is {text_dim}")
+  tok = umt5.UMT5Tokenizer(tokenizer_path, max_length=text_len)
+  enc_fn = jax.jit(lambda p, ids, mask: umt5.pad_to(umt5.encode(p, ids, mask, ucfg), mask, text_len))
+
+  def encode(prompts):
+    ids, mask = tok(_check_prompts(prompts))
+    return np.asarray(enc_fn(params["text_encoder"], ids, mask), np.float32)
+  return encode
+
+
+def make_text_encoder(config) -> TextEncoder:
+  """Returns prompts -> np.ndarray (B, model.text_len, model.text_dim) float32."""
+  kind = config.text.kind
+  text_len, text_dim = config.model.text_len, config.model.text_dim
+  if kind == "random":
+    return _random_encoder(text_len, text_dim)
+  if kind == "bow":
+    return _bow_encoder(config.text.path, text_len, text_dim)
+  if kind == "umt5":
+    return _umt5_encoder(config.text.path, config.text.tokenizer, text_len, text_dim)
+  raise ValueError(f"config.text.kind: expected 'random', 'bow' or 'umt5', got {kind!r}")
