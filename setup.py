@@ -18,6 +18,7 @@ INSTALL_REQUIRES = [
     "matplotlib>=3.8",
     "scikit-learn>=1.4",
     "tensorboardX>=2.6",
+    "sentencepiece>=0.2",
 ]
 
 EXTRAS = {

@@ -23,7 +23,7 @@ def build_parser():
     if importlib.util.find_spec(f"dsa_jax.commands.{name}") is None:
       continue
     module = importlib.import_module(f"dsa_jax.commands.{name}")
-    p = sub.add_parser(name, help=module.HELP, description=module.__doc__,
+    p = sub.add_parser(name, help=getattr(module, "HELP", None), description=module.__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     module.add_arguments(p)
     p.set_defaults(_module=module)

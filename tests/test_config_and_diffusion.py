@@ -1,0 +1,111 @@
+"""Config loading/validation, the info command, and the flow-matching schedule."""
+
+import io
+import json
+import os
+from contextlib import redirect_stdout
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dsa_jax import cli
+from dsa_jax.config_lib import ConfigError, get_config
+from dsa_jax.diffusion import flow
+
+TINY = os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.py")
+WAN = os.path.join(os.path.dirname(__file__), "..", "configs", "wan_1_3b.py")
+
+
+@pytest.mark.parametrize("override, field", [
+    ("--config.model.num_heads=5", "model.num_heads"),
+    ("--config.video.height=60", "video.height"),
+    ("--config.video.width=100", "video.width"),
+    ("--config.video.chunk_frames=4", "video.chunk_frames"),
+    ("--config.sampling.ladder=(1000, 500, 750)", "sampling.ladder"),
+    ("--config.sampling.max_steps=9", "sampling.max_steps"),
+    ("--config.compute.attention='flash'", "compute.attention"),
+    ("--config.conf.target='other'", "conf.target"),
+    ("--config.teacher.text_dim=7", "teacher.text_dim"),
+    ("--config.mesh.shape.tensor=3", "mesh.shape"),
+])
+def test_invalid_values_name_the_field(override, field):
+  with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+    get_config(TINY, [override])
+
+
+def test_overrides():
+  c = get_config(TINY, ["--config.train.steps=7", "--config.sampling.threshold=0.25", "--config.compute.dtype=bfloat16",
+                        "--config.sampling.ladder=[1000, 500]", "--config.sampling.max_steps=2"])
+  assert c.train.steps == 7 and c.sampling.threshold == 0.25 and c.compute.dtype == "bfloat16"
+  assert tuple(c.sampling.ladder) == (1000, 500)
+  c = get_config(TINY, ["--config.sampling.threshold=inf"]) if False else get_config(TINY, ["--config.sampling.threshold=1e9"])
+  assert c.sampling.threshold == 1e9
+  with pytest.raises(ConfigError, match="no field 'train.stepz'"):
+    get_config(TINY, ["--config.train.stepz=3"])
+  with pytest.raises(ConfigError, match="train.steps"):
+    get_config(TINY, ["--config.train.steps=ten"])
+  with pytest.raises(FileNotFoundError, match="nope.py"):
+    get_config("nope.py")
+
+
+def _info(path):
+  buf = io.StringIO()
+  with redirect_stdout(buf):
+    assert cli.main(["info", "--config", path]) == 0
+  return json.loads(buf.getvalue())
+
+
+def test_info_command():
+  tiny = _info(TINY)
+  assert tiny["tokens"]["per_frame"] == 24 and tiny["tokens"]["per_chunk"] == 48
+  assert tiny["params"]["generator"] > 1e6
+  wan = _info(WAN)
+  assert 1.2e9 <= wan["params"]["generator"] <= 1.45e9
+  assert wan["params"]["head_share_of_generator"] < 0.01
+  assert wan["tokens"] == {"per_frame": 1560, "per_chunk": 4680, "per_video": 32760}
+  assert wan["video"]["pixel_frames"] == 81
+  # ~6 GFLOP per token per forward at 1.3B (DESIGN 4).
+  per_token = wan["flops_per_forward"]["generator"]["mean_chunk"] / 4680
+  assert 5e9 < per_token < 7e9
+
+
+def test_cli_reports_bad_config_in_one_line(capsys):
+  assert cli.main(["info", "--config", TINY, "--config.model.num_heads=5"]) == 2
+  err = capsys.readouterr().err
+  assert "model.num_heads" in err and "Traceback" not in err
+
+
+def test_ladder_warping_matches_self_forcing():
+  t = flow.warp_ladder([1000, 750, 500, 250, 125], 5.0) * 1000
+  np.testing.assert_allclose(t, [1000.0, 937.5, 833.333, 625.0, 416.667], atol=1e-2)
+  # Self Forcing's grid lookup: sigma = linspace(1, 0, 1001)[:-1], shifted, indexed at 1000 - t.
+  grid = np.linspace(1, 0, 1001)[:-1]
+  grid = 5 * grid / (1 + 4 * grid)
+  np.testing.assert_allclose(t / 1000, grid[1000 - np.array([1000, 750, 500, 250, 125])], atol=1e-6)
+
+
+def test_noise_velocity_round_trip():
+  k1, k2 = jax.random.split(jax.random.PRNGKey(0))
+  x0 = jax.random.normal(k1, (2, 3, 4, 4, 2))
+  eps = jax.random.normal(k2, x0.shape)
+  sigma = jnp.array([[0.1, 0.5, 0.9], [1.0, 0.3, 0.0]])
+  xt = flow.add_noise(x0, eps, sigma)
+  v = flow.velocity_target(x0, eps)
+  np.testing.assert_allclose(flow.x0_from_velocity(xt, v, sigma), x0, atol=1e-5)
+  np.testing.assert_allclose(xt[1, 0], eps[1, 0], atol=1e-6)  # sigma = 1 is pure noise
+  np.testing.assert_allclose(xt[1, 2], x0[1, 2], atol=1e-6)   # sigma = 0 is clean
+  mask = sigma > 0
+  v2 = flow.velocity_from_x0(xt, x0, sigma)
+  np.testing.assert_allclose(np.asarray(v2)[np.asarray(mask)], np.asarray(v)[np.asarray(mask)], atol=1e-4)
+  assert float(jnp.max(flow.flow_matching_loss(v, x0, eps))) < 1e-10
+  assert float(jnp.min(flow.flow_matching_loss(v + 1.0, x0, eps))) > 0.9
+
+
+def test_train_sigma_sampler():
+  s = flow.sample_train_sigma(jax.random.PRNGKey(0), (4096,), 5.0, t_min=20, t_max=980)
+  assert float(s.min()) >= 0.02 and float(s.max()) <= 0.98
+  assert float(jnp.mean(s)) > 0.6  # shift 5 favours high noise
+  with pytest.raises(ValueError, match="train_t_sampler"):
+    flow.sample_train_sigma(jax.random.PRNGKey(0), (4,), 5.0, sampler="bad")
