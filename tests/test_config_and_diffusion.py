@@ -105,7 +105,7 @@ def test_noise_velocity_round_trip():
 
 def test_train_sigma_sampler():
   s = flow.sample_train_sigma(jax.random.PRNGKey(0), (4096,), 5.0, t_min=20, t_max=980)
-  assert float(s.min()) >= 0.02 and float(s.max()) <= 0.98
+  assert float(s.min()) >= 0.02 - 1e-6 and float(s.max()) <= 0.98 + 1e-6
   assert float(jnp.mean(s)) > 0.6  # shift 5 favours high noise
   with pytest.raises(ValueError, match="train_t_sampler"):
     flow.sample_train_sigma(jax.random.PRNGKey(0), (4,), 5.0, sampler="bad")
