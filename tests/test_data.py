@@ -225,6 +225,21 @@ def test_filter_state_is_per_host():
     pipeline.make_loader(src, shard_index=1, shard_count=2, **kw).set_state(state)
 
 
+def test_loader_state_with_orbax_and_grain_checkpoint_handler(tmp_path):
+  ocp = pytest.importorskip("orbax.checkpoint")
+  src = _numbers(30)
+  loader = pipeline.make_loader(src, batch_size=4, seed=9, shard_index=0, shard_count=1)
+  _take(loader, 3)
+  mngr = ocp.CheckpointManager(str(tmp_path / "ckpt"))
+  mngr.save(3, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(loader)))
+  mngr.wait_until_finished()
+  expected = _take(loader, 4)
+  resumed = pipeline.make_loader(src, batch_size=4, seed=9, shard_index=0, shard_count=1)
+  mngr.restore(3, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(resumed)))
+  assert _take(resumed, 4) == expected
+  mngr.close()
+
+
 def test_loader_argument_errors():
   with pytest.raises(ValueError, match="empty"):
     pipeline.make_loader([], batch_size=1, seed=0, shard_index=0, shard_count=1)
@@ -317,6 +332,9 @@ def test_bow_encoder_determinism_padding_and_save():
   np.testing.assert_array_equal(bigger.encode(texts[:1]), out[:1])
   with pytest.raises(ValueError, match="single lower-case word"):
     bow_text.BagOfWordsEncoder(["two words"], 4, 4)
+  ex = enc.encode_example({"prompt": texts[0], "video": np.zeros((1, 2, 2, 1), np.uint8)})
+  assert sorted(ex) == ["context", "length", "prompt", "video"] and ex["length"] == 6
+  np.testing.assert_array_equal(ex["context"], out[0])
 
 
 # ----------------------------------------------------------------------------------------------------------------------
