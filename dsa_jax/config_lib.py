@@ -20,15 +20,21 @@ class ConfigError(ValueError):
   """A config value is invalid; the message names the field and what was expected."""
 
 
-def load_config_file(spec: str) -> ml_collections.ConfigDict:
-  """Loads `file.py[:arg]` by calling its `get_config(arg)`."""
-  path, _, arg = spec.partition(":")
+def _load_module(spec: str):
+  path = spec.partition(":")[0]
   if not os.path.isfile(path):
     raise FileNotFoundError(f"config file {path!r} does not exist")
   module_name = "dsa_jax_config_" + os.path.splitext(os.path.basename(path))[0]
   module_spec = importlib.util.spec_from_file_location(module_name, path)
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
+  return module
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+  """Loads `file.py[:arg]` by calling its `get_config(arg)`."""
+  path, _, arg = spec.partition(":")
+  module = _load_module(spec)
   if not hasattr(module, "get_config"):
     raise ConfigError(f"config file {path!r} defines no get_config(arg)")
   config = module.get_config(arg or None)
@@ -80,8 +86,16 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
 
 
 def get_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
-  """Loads, overrides, validates and locks a config."""
+  """Loads, overrides and validates a config.
+
+  `--config.runlocal=True` asks for the toy-size variant: a config file that defines `runlocal(config)` shrinks the
+  config there (after the other overrides), so one recipe serves both a GPU/TPU run and a few-minute CPU check.
+  """
   config = apply_overrides(load_config_file(spec), overrides)
+  if config.get("runlocal", False):
+    module = _load_module(spec)
+    if hasattr(module, "runlocal"):
+      config = module.runlocal(config)
   validate_config(config)
   return config
 

@@ -465,6 +465,13 @@ class MovingDigitsSource(grain.sources.RandomAccessDataSource):
             f"size={self.spec.size})")
 
 
+class DigitsPromptSource(MovingDigitsSource):
+  """The prompts of `MovingDigitsSource` clips (data-free distillation stages train on prompts only)."""
+
+  def __getitem__(self, record_key: SupportsIndex) -> str:
+    return super().__getitem__(record_key)["prompt"]
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Writing and reading
 

@@ -215,7 +215,7 @@ class TfdsPromptSource(grain.sources.RandomAccessDataSource):
     return f"TfdsPromptSource({self.name!r}, split={self.split!r}, feature={self.feature!r})"
 
 
-PROMPT_KINDS = ("text", "csv", "tfds", "embeddings")
+PROMPT_KINDS = ("text", "csv", "tfds", "embeddings", "digits")
 
 
 def _get(cfg: Any, key: str, default=None):
@@ -252,6 +252,11 @@ def prompt_source_from_config(cfg) -> grain.sources.RandomAccessDataSource:
   if kind == "tfds":
     return TfdsPromptSource(need("name"), split=_get(cfg, "split", "train"), feature=_get(cfg, "feature", "text"),
                             data_dir=_get(cfg, "data_dir"), download=bool(_get(cfg, "download", False)))
+  if kind == "digits":
+    from dsa_jax.data.digits import DigitsPromptSource  # pylint: disable=g-import-not-at-top
+    return DigitsPromptSource(int(_get(cfg, "num", 100_000)), split=_get(cfg, "split", "train"),
+                              seed=int(_get(cfg, "seed", 0)), frames=int(_get(cfg, "frames", 16)),
+                              size=int(_get(cfg, "size", 32)))
   # kind == "embeddings": precomputed text embeddings (ArrayRecord), owned by dsa_jax.data.text_embeddings.
   from dsa_jax.data.text_embeddings import TextEmbeddingSource  # pylint: disable=g-import-not-at-top
   return TextEmbeddingSource(need("path"), text_len=_get(cfg, "text_len"), dtype=_get(cfg, "dtype"))

@@ -1,7 +1,8 @@
 """Prompts -> the DiT's text context (B, text_len, text_dim), by `config.text.kind`.
 
   'random': a deterministic Gaussian context per prompt (a hash seeds it): benchmarks and smoke tests, no weights.
-  'bow':    the fixed bag-of-words encoder saved as JSON at `config.text.path` (small recipes such as digits).
+  'bow':    the fixed bag-of-words encoder saved as JSON at `config.text.path`; path 'digits' builds the one of the
+            moving-digits grammar (small recipes need no learned text encoder).
   'umt5':   the umT5 encoder (model checkpoint at `config.text.path`, network 'text_encoder') and its SentencePiece
             tokenizer at `config.text.tokenizer`, zero-padded to text_len as Wan does.
 """
@@ -44,6 +45,10 @@ def _random_encoder(text_len, text_dim) -> TextEncoder:
 
 def _bow_encoder(path, text_len, text_dim) -> TextEncoder:
   from dsa_jax.data.bow_text import BagOfWordsEncoder
+  if path == "digits":  # the moving-digits grammar: a fixed encoder needs no file
+    from dsa_jax.data.digits import PROMPT_VOCAB
+    enc = BagOfWordsEncoder(PROMPT_VOCAB, text_len, text_dim, seed=0)
+    return lambda prompts: enc.encode(_check_prompts(prompts)).astype(np.float32)
   if not path or not os.path.isfile(path):
     raise FileNotFoundError(f"config.text.path: bag-of-words encoder file {path!r} does not exist")
   with open(path) as f:

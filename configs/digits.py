@@ -1,0 +1,70 @@
+"""Moving handwritten digits, pixel space: the demo recipe and the default model that `make sample` uses.
+
+32x32 grayscale frames, 16 frames, 2-frame chunks, a 4M-parameter DiT on 4x4 patches (64 tokens per frame), a fixed
+bag-of-words text encoder over the digits grammar. Three stages, each a `dsa-jax train` run that resumes from the
+previous stage's exported model (arg = stage):
+
+  dsa-jax train --config configs/digits.py:teacher --workdir runs/digits/teacher
+  dsa-jax train --config configs/digits.py:ode --workdir runs/digits/ode \\
+      --config.train.teacher_from=runs/digits/teacher/model
+  dsa-jax train --config configs/digits.py:dsa --workdir runs/digits/dsa \\
+      --config.train.teacher_from=runs/digits/teacher/model --config.train.init_from=runs/digits/ode/model
+  dsa-jax sample --config configs/digits.py --ckpt runs/digits/dsa/model --out out/digits --prompt "digit 3 moves slowly"
+
+Add `--config.runlocal=True` to any stage for the toy-size CPU variant (a few minutes for the whole chain).
+Stage 'dsa' with `--config.conf.target=consistency` trains the alternative confidence target.
+"""
+
+import os
+
+from dsa_jax.config_defaults import base_config, wan_model
+
+_ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "dsa_jax", "assets")
+DEFAULT_MODEL = os.path.join(_ASSETS, "digits_model")
+
+
+def _model():
+  return wan_model(192, 768, 6, 4, text_dim=64, text_len=24, channels=1, patch_size=(1, 4, 4), freq_dim=128)
+
+
+def get_config(arg=None):
+  stage = arg or "dsa"
+  if stage not in ("teacher", "ode", "dsa"):
+    raise ValueError(f"configs/digits.py: arg must be teacher, ode or dsa, got {stage!r}")
+  c = base_config()
+  c.name = "digits"
+  c.model, c.teacher, c.critic = _model(), _model(), _model()
+  # Pixel space: the "latents" are frames in [-1, 1]; the VAE is the identity (stride 1).
+  c.video.update(height=32, width=32, num_frames=16, chunk_frames=2, vae_stride=(1, 1, 1), latent_channels=1, fps=8)
+  c.vae.kind = "identity"
+  c.text.update(kind="bow", path="digits")
+  c.diffusion.shift = 3.0
+  c.sampling.update(ladder=(1000, 750, 500, 250, 125), threshold=0.5, min_steps=1, max_steps=5,
+                    checkpoint=DEFAULT_MODEL if os.path.isdir(DEFAULT_MODEL) else "")
+  c.conf.update(hidden=128, embed_dim=32)
+  c.compute.update(dtype="bfloat16", remat="none")
+  c.data.prompts.update(kind="digits", split="train")
+  c.data.videos = "digits:train"
+  c.train.update(stage=stage, batch_size=32, b1=0.9, b2=0.999, weight_decay=0.01, grad_clip=1.0, log_every=50,
+                 ckpt_every=1000, keep=2, ema_start=0, ema_decay=0.999, async_ckpt=True)
+  if stage == "teacher":
+    c.train.update(steps=6000, lr=3e-4)
+  elif stage == "ode":
+    c.train.update(steps=2000, lr=1e-4, ode_steps=32)
+  else:
+    c.train.update(steps=1500, lr=2e-5, critic_lr=1e-4, conf_lr=1e-3, b1=0.0, ema_decay=0.99)
+    c.dmd.update(guidance=3.0, critic_ratio=5)
+  return c
+
+
+def runlocal(c):
+  """Toy size for CPU: a 2-layer model on 8 frames of 16x16, a few dozen steps per stage."""
+  small = lambda: wan_model(64, 128, 2, 4, text_dim=64, text_len=24, channels=1, patch_size=(1, 4, 4), freq_dim=32)
+  c.model, c.teacher, c.critic = small(), small(), small()
+  c.video.update(height=16, width=16, num_frames=8)
+  c.conf.update(hidden=32, embed_dim=16)
+  c.compute.dtype = "float32"
+  c.train.update(steps=min(c.train.steps, 30), batch_size=4, log_every=5, ckpt_every=15, ode_steps=8,
+                 async_ckpt=False)
+  c.sampling.checkpoint = ""
+  return c
