@@ -1,0 +1,230 @@
+"""Converts PyTorch weights into dsa_jax model checkpoints (and DiT checkpoints back to diffusers).
+
+  # Wan2.1-T2V-1.3B from diffusers (the pipeline folder or its transformer/ subfolder)
+  dsa-jax convert dit --src Wan2.1-T2V-1.3B-Diffusers/transformer --out ckpt/wan_1_3b --config configs/wan_1_3b.py
+  # a Self Forcing checkpoint (holds 'generator' and 'generator_ema', keys prefixed 'model.')
+  dsa-jax convert dit --src checkpoints/self_forcing_dmd.pt --out ckpt/self_forcing --config configs/wan_1_3b.py
+  dsa-jax convert vae --src Wan2.1-T2V-1.3B-Diffusers/vae --out ckpt/wan_vae
+  dsa-jax convert umt5 --src Wan2.1-T2V-1.3B-Diffusers/text_encoder --out ckpt/umt5 \\
+      --tokenizer Wan2.1-T2V-1.3B-Diffusers/tokenizer/spiece.model
+  dsa-jax convert export-diffusers --src ckpt/self_forcing --network generator_ema --out export/transformer
+
+A checkpoint is a folder written by `dsa_jax.checkpoint.params_io.save_params`; its `dsa_meta.json` records each
+network's architecture, so `sample`, `train` and `eval` refuse a checkpoint that does not match their config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import tempfile
+import time
+
+HELP = "convert Wan2.1 DiT / VAE / umT5 weights to dsa_jax checkpoints, or a DiT back to diffusers"
+
+
+def add_arguments(p):
+  sub = p.add_subparsers(dest="what", required=True, metavar="WHAT")
+
+  d = sub.add_parser("dit", help="Wan2.1 DiT (diffusers, original Wan, Self Forcing, CausVid) -> checkpoint")
+  d.add_argument("--src", required=True, help="diffusers folder (or the pipeline folder), .safetensors, or .pt/.pth")
+  d.add_argument("--out", required=True, help="output checkpoint folder")
+  d.add_argument("--layout", choices=("auto", "diffusers", "wan"), default="auto",
+                 help="key naming of the source (auto: from the key names)")
+  d.add_argument("--key", default=None,
+                 help="entry of a torch checkpoint to convert (e.g. generator_ema), stored as --network; default: "
+                      "both 'generator' and 'generator_ema' when present, else the state dict")
+  d.add_argument("--config", default=None,
+                 help="dsa_jax config file; the weights must match its model (see --role); its text_len, "
+                      "compute.scan_layers and compute.param_dtype are used. --config.x=y overrides apply")
+  d.add_argument("--role", choices=("model", "teacher", "critic"), default="model",
+                 help="which model of --config the weights are (default: model, the generator)")
+  d.add_argument("--network", default="generator",
+                 help="network name to store a single state dict under (e.g. teacher); default generator")
+  d.add_argument("--num-heads", type=int, default=None,
+                 help="attention heads, for files without config.json and without --config (default: dim / 128)")
+  d.add_argument("--text-len", type=int, default=None, help="text context length (default: --config's, else 512)")
+  d.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                 help="stored parameter dtype (default: --config's compute.param_dtype, else float32)")
+  d.add_argument("--no-scan", action="store_true", help="store per-layer params (blocks_i) instead of scanned")
+  d.add_argument("--trust-pickle", action="store_true",
+                 help="allow torch.load to unpickle Python objects (only for files you trust)")
+
+  v = sub.add_parser("vae", help="diffusers AutoencoderKLWan -> checkpoint (network 'vae')")
+  v.add_argument("--src", required=True, help="diffusers VAE folder (or the pipeline folder) or .safetensors")
+  v.add_argument("--out", required=True, help="output checkpoint folder")
+
+  u = sub.add_parser("umt5", help="transformers UMT5EncoderModel (or Wan's umT5 .pth) -> checkpoint "
+                                  "(network 'text_encoder')")
+  u.add_argument("--src", required=True, help="transformers folder (or the pipeline folder), .safetensors or .pth")
+  u.add_argument("--out", required=True, help="output checkpoint folder")
+  u.add_argument("--tokenizer", default=None,
+                 help="SentencePiece model (spiece.model) to copy into the checkpoint folder")
+
+  e = sub.add_parser("export-diffusers", help="DiT network of a checkpoint -> diffusers folder (config.json + "
+                                              "safetensors) for WanTransformer3DModel.from_pretrained")
+  e.add_argument("--src", required=True, help="dsa_jax checkpoint folder")
+  e.add_argument("--network", default="generator", help="network to export (generator, generator_ema, teacher, ...)")
+  e.add_argument("--out", required=True, help="output folder")
+  e.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="default: as stored")
+
+
+def _log(msg: str):
+  print(msg, flush=True)
+
+
+def _pipeline_sub(path: str, sub: str) -> str:
+  """A diffusers pipeline folder (with model_index.json) -> its `sub` folder; anything else unchanged."""
+  if os.path.isdir(path) and os.path.isfile(os.path.join(path, "model_index.json")):
+    cand = os.path.join(path, sub)
+    if not os.path.isdir(cand):
+      raise FileNotFoundError(f"{path} is a diffusers pipeline folder without {sub}/")
+    _log(f"using {cand}")
+    return cand
+  return path
+
+
+def _save(out: str, networks: dict, meta: dict):
+  from dsa_jax.checkpoint.params_io import save_params
+  t0 = time.time()
+  _log(f"writing {out} ({', '.join(sorted(networks))})")
+  save_params(out, networks, meta)
+  _log(f"done in {time.time() - t0:.1f}s: {os.path.abspath(out)}")
+
+
+def _param_summary(tree) -> str:
+  import jax
+  import numpy as np
+  leaves = jax.tree_util.tree_leaves(tree)
+  n = sum(int(np.prod(x.shape)) for x in leaves)
+  count = f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else str(n)
+  return f"{count} parameters in {len(leaves)} arrays"
+
+
+def _convert_dit(args):
+  from dsa_jax.convert import dit as dit_conv
+  from dsa_jax.models.dit import DiTConfig
+
+  if not os.path.exists(args.src):
+    raise FileNotFoundError(f"--src {args.src!r} does not exist")
+  expected = None
+  full_config = None
+  if args.config:
+    from dsa_jax.config_lib import get_config
+    full_config = get_config(args.config, args.overrides)
+    expected = DiTConfig.from_config(full_config[args.role], full_config.compute)
+    expected = dataclasses.replace(expected, attention="xla", remat="none")
+    if args.text_len is not None and args.text_len != expected.text_len:
+      raise ValueError(f"--text-len {args.text_len} contradicts {args.config}: {args.role}.text_len is "
+                       f"{expected.text_len} (drop one)")
+  elif args.overrides:
+    raise ValueError(f"--config.* overrides {args.overrides} need --config FILE")
+  dtype = args.dtype or (full_config.compute.param_dtype if full_config is not None else "float32")
+  scan = False if args.no_scan else (expected.scan_layers if expected is not None else True)
+  t0 = time.time()
+  networks, cfg, info = dit_conv.load_dit(
+      args.src, layout=args.layout, key=args.key, config=expected, num_heads=args.num_heads,
+      text_len=args.text_len, dtype=dtype, scan_layers=scan, allow_pickle=args.trust_pickle, log=_log)
+  if args.network != "generator":
+    if len(networks) != 1:
+      raise ValueError(f"--network {args.network!r} needs a single state dict; {args.src} holds "
+                       f"{sorted(networks)} (pick one with --key)")
+    networks = {args.network: networks.pop("generator")}
+  for name, tree in networks.items():
+    _log(f"{name}: {_param_summary(tree)}")
+  _log(f"converted in {time.time() - t0:.1f}s: dim {cfg.dim}, {cfg.num_layers} layers, {cfg.num_heads} heads, "
+       f"ffn {cfg.ffn_dim}, text {cfg.text_len}x{cfg.text_dim}, channels {cfg.in_channels}")
+  arch = cfg.to_dict()
+  meta = {"arch": {name: arch for name in networks},
+          "source": {"command": "convert dit", "path": info["path"], "files": info["files"],
+                     "entries": info.get("entries", {}), "notes": info["notes"]}}
+  if full_config is not None:
+    meta["config"] = full_config.to_json()
+  _save(args.out, networks, meta)
+
+
+def _convert_vae(args):
+  import dataclasses as dc
+
+  from dsa_jax.convert.vae import load_diffusers_vae
+  src = _pipeline_sub(args.src, "vae")
+  t0 = time.time()
+  _log(f"reading {src}")
+  params, cfg = load_diffusers_vae(src)
+  arch = cfg.to_dict() if hasattr(cfg, "to_dict") else dc.asdict(cfg)
+  _log(f"vae: {_param_summary(params)}, converted in {time.time() - t0:.1f}s")
+  _save(args.out, {"vae": params}, {"arch": {"vae": arch},
+                                    "source": {"command": "convert vae", "path": os.path.abspath(src)}})
+
+
+def _copy_atomic(src: str, dst: str):
+  fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(dst) + "-", dir=os.path.dirname(dst))
+  os.close(fd)
+  try:
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def _convert_umt5(args):
+  import dataclasses as dc
+
+  from dsa_jax.convert.umt5 import load_transformers_umt5
+  tok = args.tokenizer
+  if os.path.isdir(args.src) and os.path.isfile(os.path.join(args.src, "model_index.json")) and tok is None:
+    cand = os.path.join(args.src, "tokenizer", "spiece.model")
+    tok = cand if os.path.isfile(cand) else None
+  src = _pipeline_sub(args.src, "text_encoder")
+  if tok is not None and not os.path.isfile(tok):
+    raise FileNotFoundError(f"--tokenizer {tok!r} is not a file (expected a SentencePiece .model)")
+  t0 = time.time()
+  _log(f"reading {src}")
+  params, cfg = load_transformers_umt5(src)
+  arch = cfg.to_dict() if hasattr(cfg, "to_dict") else dc.asdict(cfg)
+  _log(f"text_encoder: {_param_summary(params)}, converted in {time.time() - t0:.1f}s")
+  meta = {"arch": {"text_encoder": arch}, "source": {"command": "convert umt5", "path": os.path.abspath(src)}}
+  if tok is not None:
+    meta["tokenizer"] = "spiece.model"
+  _save(args.out, {"text_encoder": params}, meta)
+  if tok is not None:
+    dst = os.path.join(args.out, "spiece.model")
+    _copy_atomic(tok, dst)
+    _log(f"tokenizer copied to {dst} (use --config.text.tokenizer={dst})")
+
+
+def _export_diffusers(args):
+  from dsa_jax.checkpoint.params_io import CheckpointError, load_params, read_meta
+  from dsa_jax.convert import dit as dit_conv
+  from dsa_jax.models.dit import DiTConfig
+
+  meta = read_meta(args.src)
+  arch = meta.get("arch", {}).get(args.network)
+  if arch is None:
+    raise CheckpointError(f"{args.src}: no architecture for network {args.network!r}; it has "
+                          f"{sorted(meta.get('arch', {}))}")
+  known = {f.name for f in dataclasses.fields(DiTConfig)}
+  missing = [k for k in ("dim", "num_heads", "num_layers", "ffn_dim") if k not in arch]
+  if missing:
+    raise CheckpointError(f"{args.src}: network {args.network!r} is not a Wan DiT (its architecture lacks {missing})")
+  kw = {k: v for k, v in arch.items() if k in known and k not in ("dtype", "param_dtype")}
+  kw["patch_size"] = tuple(kw.get("patch_size", (1, 2, 2)))
+  cfg = DiTConfig(**kw)
+  _log(f"reading {args.src} [{args.network}]")
+  params, _ = load_params(args.src, [args.network])
+  t0 = time.time()
+  files = dit_conv.export_diffusers(params[args.network], cfg, args.out, dtype=args.dtype,
+                                    where=f"{args.src} [{args.network}]")
+  _log(f"wrote {', '.join(files)} to {os.path.abspath(args.out)} in {time.time() - t0:.1f}s "
+       "(load with diffusers.WanTransformer3DModel.from_pretrained)")
+
+
+def main(args):
+  handlers = {"dit": _convert_dit, "vae": _convert_vae, "umt5": _convert_umt5, "export-diffusers": _export_diffusers}
+  if args.what != "dit" and args.overrides:
+    raise ValueError(f"convert {args.what} takes no --config.* overrides (got {args.overrides})")
+  handlers[args.what](args)
+  return 0
