@@ -197,6 +197,9 @@ def validate_config(config: ml_collections.ConfigDict):
   _require(0.0 <= s.context_noise < d.num_train_timesteps, "sampling.context_noise",
            f"must lie in [0, {d.num_train_timesteps}), got {s.context_noise}")
 
+  _require(s.frozen_frames in ("clean", "noisy"), "sampling.frozen_frames",
+           f"must be 'clean' or 'noisy', got {s.frozen_frames!r}")
+
   c = config.compute
   _require(c.dtype in ("float32", "bfloat16", "float16"), "compute.dtype",
            f"must be float32, bfloat16 or float16, got {c.dtype!r}")

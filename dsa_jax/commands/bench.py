@@ -1,0 +1,25 @@
+"""Benchmarks. `dsa-jax bench sample`: sampling speed (compile time, FPS, first-chunk latency, per-component split).
+
+  dsa-jax bench sample --config configs/wan_1_3b.py --steps 4 --json out/bench.json
+  dsa-jax bench sample --config configs/wan_1_3b.py --mean-steps 2.5 --json out/bench_2p5.json
+  dsa-jax bench sample --config configs/tiny.py --steps 2 --runs 2 --json /tmp/bench.json
+"""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "speed benchmarks (sample)"
+
+
+def add_arguments(p):
+  sub = p.add_subparsers(dest="bench", required=True, metavar="BENCH")
+  from dsa_jax.eval import bench_sample
+  sp = sub.add_parser("sample", help="sampling speed: FPS, latency, compile time, component split",
+                      description=bench_sample.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  bench_sample.add_arguments(sp)
+  sp.set_defaults(_bench=bench_sample.main)
+
+
+def main(args):
+  return args._bench(args)

@@ -1,0 +1,217 @@
+"""Samples videos with the DSA sampler and writes, per prompt, DIR/<name>.mp4 (+ .gif), DIR/<name>.steps.json
+(steps and confidences per latent frame, timings, a config summary) and DIR/<name>.steps.png (their plot).
+
+  dsa-jax sample --config configs/tiny.py --out out/tiny --prompt "a red ball"
+  dsa-jax sample --config configs/wan_1_3b.py --ckpt ckpts/dsa --out out --prompts prompts.txt --threshold 0.7
+  dsa-jax sample --config configs/wan_1_3b.py --ckpt ckpts/dsa --out out --prompt "..." --threshold inf \\
+      --max-steps 4        # fixed 4 steps: the Self Forcing sampler
+
+--threshold inf always takes --max-steps steps per frame, --threshold -inf always --min-steps. Names come from the
+prompt (a slug; with several prompts prefixed by their index) or from --name. --stream shows per-chunk progress
+(the streaming API); otherwise the whole video is one compiled program and progress is per batch.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+
+import numpy as np
+
+HELP = "sample videos (mp4/gif) with per-frame steps and confidences (json + plot)"
+
+
+def add_arguments(p):
+  p.add_argument("--config", required=True, help="config file (path[:arg])")
+  p.add_argument("--ckpt", default=None, help="model checkpoint folder or training workdir "
+                 "(default: config.sampling.checkpoint; empty: random weights)")
+  p.add_argument("--out", required=True, help="output folder")
+  g = p.add_mutually_exclusive_group()
+  g.add_argument("--prompt", default=None, help="one prompt")
+  g.add_argument("--prompts", default=None, help="text file, one prompt per line ('#' comments)")
+  p.add_argument("--threshold", default=None, help="confidence threshold tau (a number, inf or -inf; default "
+                 "config.sampling.threshold)")
+  p.add_argument("--min-steps", type=int, default=None, help="default config.sampling.min_steps")
+  p.add_argument("--max-steps", type=int, default=None, help="default config.sampling.max_steps")
+  p.add_argument("--seed", type=int, default=None, help="noise seed of the first prompt (prompt i gets seed+i); "
+                 "default config.seed")
+  p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale; 1 = off (default "
+                 "config.sampling.guidance); the unconditional branch uses config.text.negative_prompt")
+  p.add_argument("--name", default=None, help="output name (with several prompts: NAME_000, NAME_001, ...)")
+  p.add_argument("--batch-size", type=int, default=None, help="prompts per compiled batch (default "
+                 "config.sampling.batch_size)")
+  p.add_argument("--stream", action="store_true", help="sample chunk by chunk with per-chunk progress")
+  p.add_argument("--formats", default="mp4,gif", help="video files to write: mp4, gif or both (default mp4,gif)")
+  p.add_argument("--no-ema", action="store_true", help="use 'generator' even where 'generator_ema' exists")
+
+
+def parse_threshold(text) -> float:
+  """'0.7' / 'inf' / '-inf' -> float; anything else is a ValueError naming --threshold."""
+  try:
+    value = float(text)
+  except (TypeError, ValueError):
+    raise ValueError(f"--threshold: expected a number (inf and -inf allowed), got {text!r}") from None
+  if math.isnan(value):
+    raise ValueError(f"--threshold: expected a number (inf and -inf allowed), got {text!r}")
+  return value
+
+
+def read_prompts(args) -> list[str]:
+  if args.prompts is not None:
+    from dsa_jax.data.prompts import TextPromptSource
+    src = TextPromptSource(args.prompts)
+    return [src[i] for i in range(len(src))]
+  if args.prompt is not None:
+    if not args.prompt.strip():
+      raise ValueError("--prompt: the prompt is empty")
+    return [args.prompt.strip()]
+  raise ValueError("no prompt: give --prompt \"...\" or --prompts FILE")
+
+
+def output_names(prompts, name=None) -> list[str]:
+  from dsa_jax.sampling.outputs import slugify
+  if name is not None:
+    base = slugify(name, max_len=80)
+    return [base] if len(prompts) == 1 else [f"{base}_{i:03d}" for i in range(len(prompts))]
+  if len(prompts) == 1:
+    return [slugify(prompts[0])]
+  return [f"{i:03d}_{slugify(p)}" for i, p in enumerate(prompts)]
+
+
+def resolve_steps(config, min_steps, max_steps):
+  """Checks --min-steps / --max-steps against the ladder; a lone --min-steps above the default max raises max."""
+  n = len(config.sampling.ladder)
+  mn = config.sampling.min_steps if min_steps is None else min_steps
+  mx = config.sampling.max_steps if max_steps is None else max_steps
+  if max_steps is None and mn > mx:
+    mx = mn
+  if min_steps is not None and not 1 <= mn <= n:
+    raise ValueError(f"--min-steps: must lie in [1, {n}] (sampling.ladder has {n} steps), got {mn}")
+  if max_steps is not None and not 1 <= mx <= n:
+    raise ValueError(f"--max-steps: must lie in [1, {n}] (sampling.ladder has {n} steps), got {mx}")
+  if mn > mx:
+    raise ValueError(f"--min-steps {mn} exceeds --max-steps {mx}")
+  return mn, mx
+
+
+def config_summary(config, sampler) -> dict:
+  return {
+      "name": config.name,
+      "model": {k: config.model[k] for k in ("dim", "ffn_dim", "num_layers", "num_heads", "text_len", "text_dim")},
+      "video": {"height": config.video.height, "width": config.video.width, "latent_frames": config.video.num_frames,
+                "chunk_frames": config.video.chunk_frames, "fps": config.video.fps},
+      "ladder": list(config.sampling.ladder), "sigmas": [float(s) for s in sampler.sigmas],
+      "shift": config.diffusion.shift, "context_noise": config.sampling.context_noise,
+      "frozen_frames": sampler.frozen_mode, "vae": config.vae.kind, "text": config.text.kind,
+      "dtype": config.compute.dtype, "attention": sampler.dcfg.attention,
+  }
+
+
+def _say(msg):
+  print(msg, flush=True)
+
+
+def main(args):
+  from dsa_jax.config_lib import get_config
+
+  config = get_config(args.config, args.overrides)
+  threshold = config.sampling.threshold if args.threshold is None else parse_threshold(args.threshold)
+  min_steps, max_steps = resolve_steps(config, args.min_steps, args.max_steps)
+  formats = [f.strip() for f in args.formats.split(",") if f.strip()]
+  from dsa_jax.sampling.outputs import VIDEO_FORMATS
+  if not formats or any(f not in VIDEO_FORMATS for f in formats):
+    raise ValueError(f"--formats: expected a comma-separated subset of {','.join(VIDEO_FORMATS)}, got {args.formats!r}")
+  prompts = read_prompts(args)
+  names = output_names(prompts, args.name)
+  ckpt = config.sampling.checkpoint if args.ckpt is None else args.ckpt
+  guidance = config.sampling.guidance if args.guidance is None else args.guidance
+  seed = config.seed if args.seed is None else args.seed
+  batch = args.batch_size or config.sampling.batch_size
+  if batch < 1:
+    raise ValueError(f"--batch-size: must be >= 1, got {batch}")
+  batch = min(batch, len(prompts))
+
+  import jax
+  import jax.numpy as jnp
+
+  from dsa_jax.data.text_context import make_text_encoder
+  from dsa_jax.models.dit import _DTYPES
+  from dsa_jax.sampling import outputs
+  from dsa_jax.sampling import sampler as sampler_lib
+  from dsa_jax.sampling import stream as stream_lib
+
+  warn = lambda m: print(m, file=sys.stderr, flush=True)
+  params, source = sampler_lib.load_sampler_params(config, ckpt, use_ema=not args.no_ema, warn=warn)
+  dtype = _DTYPES[config.compute.dtype]
+  if dtype != jnp.float32:
+    params["generator"] = sampler_lib.cast_params_for_inference(params["generator"], dtype)
+  sampler = sampler_lib.make_sampler(config)
+  decoder = stream_lib.PixelDecoder(config)
+  encode = make_text_encoder(config)
+  use_cfg = guidance != 1.0
+  uncond = encode([config.text.negative_prompt]) if use_cfg else None
+  _say(f"sampling {len(prompts)} video(s) of {config.video.num_frames} latent frames ({sampler.num_chunks} chunks "
+       f"of {sampler.chunk_frames}) on {jax.devices()[0].device_kind}: tau={threshold:g} steps in "
+       f"[{min_steps}, {max_steps}] of a {sampler.num_steps}-step ladder, guidance {guidance:g}, "
+       f"weights: {source.get('path', 'random')}")
+  summary = config_summary(config, sampler)
+  compile_s = None
+  written = []
+  for start in range(0, len(prompts), batch):
+    group = prompts[start:start + batch]
+    n_real = len(group)
+    padded = group + [group[-1]] * (batch - n_real)  # one compiled shape for every batch
+    context = encode(padded)
+    seeds = np.arange(seed + start, seed + start + batch)
+    controls = sampler.make_controls(batch, threshold=threshold, min_steps=min_steps, max_steps=max_steps,
+                                     guidance=guidance, seed=seeds)
+    uc = None if uncond is None else np.broadcast_to(uncond, (batch,) + uncond.shape[1:])
+    t0 = time.perf_counter()
+    pixels = None
+    if args.stream:
+      chunks = []
+      for ch in stream_lib.stream(sampler, params, context, controls, uncond_context=uc, decoder=decoder):
+        chunks.append(ch)
+        note = " (includes compilation)" if ch.index == 0 and compile_s is None else ""
+        _say(f"  [{start + 1}-{start + n_real}/{len(prompts)}] chunk {ch.index + 1}/{sampler.num_chunks}: "
+             f"{ch.iters} steps, {ch.seconds:.2f} s{note}; steps/frame {ch.steps[:n_real].tolist()}")
+      col = stream_lib.collect(chunks)
+      lat, steps, conf, trace, iters = (col["latents"], col["steps"], col["confidences"], col["conf_trace"],
+                                        col["chunk_iters"])
+      pixels = col["pixels"]
+      if compile_s is None:
+        compile_s = float("nan")  # folded into the first chunk's time when streaming
+      sample_s = time.perf_counter() - t0
+      decode_s = 0.0
+    else:
+      if compile_s is None:
+        _say("compiling the sampler ...")
+        compile_s = sampler.compile(params, context, controls, uncond_context=uc)
+        _say(f"compiled in {compile_s:.1f} s")
+        t0 = time.perf_counter()
+      out = jax.device_get(sampler.sample(params, context, controls, uncond_context=uc))
+      sample_s = time.perf_counter() - t0
+      lat, steps, conf, trace, iters = out.latents, out.steps, out.confidences, out.conf_trace, out.chunk_iters
+      t1 = time.perf_counter()
+      pixels = np.asarray(decoder.decode_video(lat[:n_real]))
+      decode_s = time.perf_counter() - t1
+    _say(f"  [{start + 1}-{start + n_real}/{len(prompts)}] sampled in {sample_s:.2f} s (+ {decode_s:.2f} s decode), "
+         f"mean {steps[:n_real].mean():.2f} steps/frame, denoising forwards per chunk {np.asarray(iters).tolist()}")
+    for j in range(n_real):
+      i = start + j
+      record = {
+          "name": names[i], "prompt": prompts[i], "index": i, "seed": int(seeds[j]),
+          "threshold": threshold, "min_steps": min_steps, "max_steps": max_steps, "guidance": guidance,
+          "steps": steps[j], "confidences": conf[j], "conf_trace": trace[j],
+          "mean_steps": float(np.mean(steps[j])), "chunk_iters_batch": iters,
+          "latent_frames": int(lat.shape[1]), "pixel_frames": int(pixels.shape[1]), "fps": config.video.fps,
+          "timings": {"compile_s": compile_s, "batch_sample_s": sample_s, "batch_decode_s": decode_s,
+                      "batch_size": batch, "streamed": bool(args.stream)},
+          "checkpoint": source, "config": summary,
+      }
+      paths = outputs.write_sample(args.out, names[i], pixels[j], record, fps=config.video.fps,
+                                   chunk_frames=config.video.chunk_frames, formats=formats)
+      written.append(paths)
+      _say(f"  wrote {', '.join(paths[k] for k in paths)}")
+  return 0

@@ -1,0 +1,100 @@
+"""`dsa-jax sample` and `dsa-jax bench sample` on the tiny config (CPU, random weights)."""
+
+import json
+import os
+
+import pytest
+
+from dsa_jax import cli
+
+
+@pytest.fixture(scope="module")
+def tiny(repo_root):
+  return os.path.join(repo_root, "configs", "tiny.py")
+
+
+def test_sample_writes_video_json_and_plot(tmp_path, tiny, capsys):
+  out = tmp_path / "out"
+  rc = cli.main(["sample", "--config", tiny, "--out", str(out), "--prompt", "A red ball, bouncing!",
+                 "--threshold", "0.6", "--seed", "3"])
+  assert rc == 0
+  text = capsys.readouterr()
+  assert "compiled in" in text.out and "RANDOM weights" in text.err
+  name = "a_red_ball_bouncing"
+  for ext in (".mp4", ".gif", ".steps.json", ".steps.png"):
+    assert (out / (name + ext)).stat().st_size > 0, ext
+  assert not [p for p in os.listdir(out) if p.startswith(".")]  # no temporary files left
+  rec = json.loads((out / f"{name}.steps.json").read_text())
+  assert rec["prompt"] == "A red ball, bouncing!" and rec["seed"] == 3 and rec["threshold"] == 0.6
+  assert len(rec["steps"]) == 6 and len(rec["confidences"]) == 6
+  assert all(1 <= s <= 5 for s in rec["steps"])
+  assert rec["timings"]["compile_s"] > 0 and rec["config"]["name"] == "tiny"
+  import imageio.v2 as imageio
+  import imageio_ffmpeg
+  gen = imageio_ffmpeg.read_frames(str(out / f"{name}.mp4"))
+  meta = next(gen)
+  frames = list(gen)
+  assert meta["size"] == (96, 64) and len(frames) == 6
+  gif = imageio.mimread(str(out / f"{name}.gif"))
+  assert len(gif) == 6
+
+
+def test_sample_prompt_file_streaming_with_guidance(tmp_path, tiny, capsys):
+  prompts = tmp_path / "prompts.txt"
+  prompts.write_text("# a comment\na cat\n\na dog\na bird\n")
+  out = tmp_path / "out"
+  rc = cli.main(["sample", "--config", tiny, "--out", str(out), "--prompts", str(prompts), "--stream",
+                 "--batch-size", "2", "--guidance", "2.0", "--threshold", "inf", "--max-steps", "2",
+                 "--name", "run", "--formats", "mp4"])
+  assert rc == 0
+  text = capsys.readouterr().out
+  assert "chunk 3/3" in text
+  for i in range(3):
+    rec = json.loads((out / f"run_{i:03d}.steps.json").read_text())
+    assert rec["steps"] == [2] * 6 and rec["threshold"] == "inf" and rec["guidance"] == 2.0
+    assert (out / f"run_{i:03d}.mp4").exists() and not (out / f"run_{i:03d}.gif").exists()
+  assert json.loads((out / "run_002.steps.json").read_text())["prompt"] == "a bird"
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--prompts", "EMPTY"], "holds no prompts"),
+    (["--prompts", "/nonexistent/prompts.txt"], "prompts.txt"),
+    (["--prompt", "x", "--threshold", "abc"], "--threshold: expected a number"),
+    (["--prompt", "x", "--ckpt", "/nonexistent/ckpt"], "checkpoint '/nonexistent/ckpt' does not exist"),
+    (["--prompt", "x", "--min-steps", "9"], "--min-steps"),
+    (["--prompt", "x", "--formats", "avi"], "--formats"),
+    (["--prompt", "  "], "--prompt"),
+    ([], "no prompt"),
+])
+def test_sample_bad_inputs(tmp_path, tiny, capsys, extra, message):
+  empty = tmp_path / "empty.txt"
+  empty.write_text("\n# nothing\n")
+  extra = [str(empty) if e == "EMPTY" else e for e in extra]
+  rc = cli.main(["sample", "--config", tiny, "--out", str(tmp_path / "o")] + extra)
+  assert rc == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert message in err[-1] and err[-1].startswith("dsa-jax sample: error:")
+
+
+def test_bench_sample(tmp_path, tiny, capsys):
+  path = tmp_path / "bench.json"
+  rc = cli.main(["bench", "sample", "--config", tiny, "--steps", "2", "--runs", "2", "--json", str(path)])
+  assert rc == 0
+  res = json.loads(path.read_text())
+  assert res["mode"] == {"kind": "steps", "steps": 2}
+  assert res["steps"]["forwards_per_chunk"] == [2, 2, 2]
+  assert res["video"]["pixel_frames"] == 21
+  for key in ("dit", "dit_vae"):
+    assert res["fps"][key] > 0
+  assert res["compile_s"]["program"] > 0 and res["stream"]["latents"]["first_chunk_s"] > 0
+  assert len(res["components"]["denoise_step_s"]) == 3 and res["components"]["totals_s"]["vae"] > 0
+  assert "FPS DiT" in capsys.readouterr().out
+
+
+def test_forced_mean_steps_schedule():
+  from dsa_jax.eval.bench_sample import forced_schedule
+  s = forced_schedule(2.5, 7, 5)
+  assert s.tolist() == [3, 2, 3, 2, 3, 2, 3] and abs(s.mean() - 2.5) < 0.1
+  assert forced_schedule(4, 7, 5).tolist() == [4] * 7
+  with pytest.raises(ValueError, match="--mean-steps"):
+    forced_schedule(7, 7, 5)
