@@ -1,0 +1,187 @@
+"""Training state (one pytree, sharded and checkpointed as a whole) and the optimisers.
+
+Which networks a state holds depends on the stage:
+  * 'teacher': teacher (trained) + teacher_opt;
+  * 'ode':     generator + generator_ema + gen_opt, and an untrained head (exported so the sampler can run fixed-step);
+  * 'dsa':     generator, generator_ema, head, critic + their optimiser states, and the DMD running mean d_bar.
+Absent networks are None (an empty pytree). The frozen teacher of 'ode'/'dsa' is not part of the state: it is
+loaded once, sharded, never donated and never saved with the run.
+
+Parameters are float32 masters (`compute.param_dtype`); the model casts them to `compute.dtype` (bf16) inside.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from dsa_jax.models import factory
+from dsa_jax.parallel import mesh as mesh_lib
+
+STAGES = ("teacher", "ode", "dsa")
+NETWORK_FIELDS = ("generator", "generator_ema", "head", "critic", "teacher")
+OPT_FIELDS = {"generator": "gen_opt", "head": "head_opt", "critic": "critic_opt", "teacher": "teacher_opt"}
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # int32 scalar: training iterations done
+  rng: jax.Array  # uint32 (2,) base key; step keys are fold_in(rng, step), so a resumed run draws the same numbers
+  dbar: jax.Array  # float32 scalar: running mean of the confidence discrepancy (0 before the first update)
+  generator: Any = None
+  generator_ema: Any = None
+  head: Any = None
+  critic: Any = None
+  teacher: Any = None  # only when the stage trains the teacher
+  gen_opt: Any = None
+  head_opt: Any = None
+  critic_opt: Any = None
+  teacher_opt: Any = None
+
+  def networks(self) -> dict:
+    return {k: getattr(self, k) for k in NETWORK_FIELDS if getattr(self, k) is not None}
+
+
+def check_stage(stage: str):
+  if stage not in STAGES:
+    raise ValueError(f"config.train.stage: expected one of {STAGES}, got {stage!r}")
+
+
+def stage_networks(stage: str) -> tuple[str, ...]:
+  check_stage(stage)
+  return {"teacher": ("teacher",), "ode": ("generator", "generator_ema", "head"),
+          "dsa": ("generator", "generator_ema", "head", "critic")}[stage]
+
+
+def trained_networks(stage: str) -> tuple[str, ...]:
+  return {"teacher": ("teacher",), "ode": ("generator",), "dsa": ("generator", "head", "critic")}[stage]
+
+
+def _schedule(lr: float, warmup: int):
+  if warmup and warmup > 0:
+    return optax.linear_schedule(0.0, lr, warmup)
+  return lr
+
+
+def make_optimizer(config, network: str) -> optax.GradientTransformation:
+  """AdamW with global-norm clipping (Self Forcing: betas (0, 0.999), weight decay 0.01, clip 10).
+
+  The confidence head is a fresh small MLP: it uses Adam's usual beta1 = 0.9, `train.conf_lr`, no weight decay.
+  """
+  t = config.train
+  warmup = int(t.get("warmup_steps", 0) or 0)
+  if network == "head":
+    tx = optax.adamw(_schedule(t.conf_lr, warmup), b1=0.9, b2=0.999, weight_decay=0.0)
+  else:
+    lr = {"generator": t.lr, "critic": t.critic_lr, "teacher": t.lr}[network]
+    tx = optax.adamw(_schedule(lr, warmup), b1=t.b1, b2=t.b2, weight_decay=t.weight_decay)
+  if t.grad_clip and t.grad_clip > 0:
+    tx = optax.chain(optax.clip_by_global_norm(t.grad_clip), tx)
+  return tx
+
+
+def optimizers(config) -> dict[str, optax.GradientTransformation]:
+  stage = config.train.stage
+  return {n: make_optimizer(config, n) for n in trained_networks(stage)}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Initialisation (boxed, so that shardings come from the logical names)
+
+
+def _init_network(config, name: str, key):
+  if name == "head":
+    return factory.init_head(config, key)
+  role = {"generator": "model", "generator_ema": "model", "critic": "critic", "teacher": "teacher"}[name]
+  return factory.init_dit(factory.dit_config(config, role), config, key)
+
+
+def init_boxed_networks(config, key) -> dict:
+  """Boxed params of every network of the stage. The EMA starts equal to the generator; the critic is initialised
+  randomly here and replaced by the teacher's weights when the trainer has a teacher of the critic's architecture."""
+  names = stage_networks(config.train.stage)
+  keys = dict(zip(NETWORK_FIELDS, jax.random.split(key, len(NETWORK_FIELDS))))
+  out = {}
+  for n in names:
+    if n == "generator_ema":
+      continue
+    out[n] = _init_network(config, n, keys[n])
+  if "generator_ema" in names:
+    out["generator_ema"] = out["generator"]
+  return out
+
+
+def abstract_boxed_networks(config) -> dict:
+  return jax.eval_shape(lambda k: init_boxed_networks(config, k), jax.random.PRNGKey(0))
+
+
+def _replicated_like(tree, mesh):
+  return jax.tree_util.tree_map(lambda _: mesh_lib.replicated(mesh), tree)
+
+
+def state_shardings(config, mesh, rules, abstract_boxed: dict | None = None) -> TrainState:
+  """NamedShardings for every leaf of the stage's TrainState: params by logical names, optimiser moments like their
+  params, scalars (counts, step, rng, d_bar) replicated."""
+  boxed = abstract_boxed if abstract_boxed is not None else abstract_boxed_networks(config)
+  net_sh = {n: mesh_lib.param_shardings(b, mesh, rules) for n, b in boxed.items()}
+  abstract_params = {n: mesh_lib.unbox(b) for n, b in boxed.items()}
+  opt_sh = {}
+  for n, tx in optimizers(config).items():
+    abstract_opt = jax.eval_shape(tx.init, abstract_params[n])
+    opt_sh[OPT_FIELDS[n]] = optax.tree_map_params(
+        tx, lambda _, s: s, abstract_opt, net_sh[n],
+        transform_non_params=lambda _: mesh_lib.replicated(mesh),
+        is_leaf=lambda x: isinstance(x, jax.sharding.NamedSharding))
+  rep = mesh_lib.replicated(mesh)
+  return TrainState(step=rep, rng=rep, dbar=rep, **net_sh, **opt_sh)
+
+
+def init_state(config, key, *, networks: dict | None = None) -> TrainState:
+  """Unsharded construction (run it under jit with out_shardings to create it sharded). `networks` overrides
+  freshly initialised params (e.g. the generator from a previous stage); values may be boxed or plain."""
+  k_init, k_rng = jax.random.split(key)
+  nets = {n: mesh_lib.unbox(b) for n, b in init_boxed_networks(config, k_init).items()}
+  networks = dict(networks or {})
+  if "generator" in networks and "generator_ema" in nets and "generator_ema" not in networks:
+    networks["generator_ema"] = networks["generator"]
+  for n, p in networks.items():
+    if n not in nets:
+      raise ValueError(f"stage {config.train.stage!r} has no network {n!r} (it has {sorted(nets)})")
+    nets[n] = mesh_lib.unbox(p)
+  opts = {OPT_FIELDS[n]: tx.init(nets[n]) for n, tx in optimizers(config).items()}
+  return TrainState(step=jnp.zeros((), jnp.int32), rng=k_rng,
+                    dbar=jnp.zeros((), jnp.float32), **nets, **opts)
+
+
+_INIT_FNS: dict = {}
+
+
+def create_sharded_state(config, mesh, rules, key, *, networks: dict | None = None) -> tuple[TrainState, TrainState]:
+  """Initialises the state directly in its shardings (no host copy of a 1.3B model); returns (state, shardings).
+
+  `networks`: params (global arrays in the state's shardings, or host arrays) replacing fresh initialisation.
+  Runs outside `activation_context`: flax's init would apply logical constraints to the boxed params, and it
+  rejects parameters that repeat a logical name (the DiT's square ('embed', 'embed') projections).
+  """
+  shardings = state_shardings(config, mesh, rules)
+  networks = dict(networks or {})
+  names = tuple(sorted(networks))
+  cache_key = (config.to_json_best_effort(), tuple(d.id for d in mesh.devices.flat), mesh.devices.shape, names)
+  if cache_key not in _INIT_FNS:
+    in_sh = (mesh_lib.replicated(mesh), {n: getattr(shardings, n) for n in names})
+    _INIT_FNS[cache_key] = jax.jit(lambda k, nets: init_state(config, k, networks=nets), in_shardings=in_sh,
+                                   out_shardings=shardings)
+  return _INIT_FNS[cache_key](key, networks), shardings
+
+
+def abstract_state(config, shardings: TrainState | None = None) -> TrainState:
+  """ShapeDtypeStructs of the state (with shardings if given): the restore target for orbax."""
+  shapes = jax.eval_shape(lambda k: init_state(config, k), jax.random.PRNGKey(0))
+  if shardings is None:
+    return shapes
+  return jax.tree_util.tree_map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)

@@ -1,0 +1,333 @@
+"""Jitted, sharded training steps for the stages 'teacher', 'ode' and 'dsa' (DESIGN 1.4, 2).
+
+Every step is `jax.jit` with explicit `in_shardings` / `out_shardings` (parameters and optimiser states by their
+logical axes, the batch over data x fsdp, scalars replicated) and donates the state. The frozen teacher is an
+argument of its own, sharded like a trained network, never donated. Randomness comes from fold_in(state.rng,
+state.step), so a resumed run draws exactly what the uninterrupted run drew.
+
+DSA has two step functions, because the generator is updated only every `dmd.critic_ratio`-th iteration
+(Self Forcing: the critic every iteration, the generator when step % ratio == 0):
+  * `gen`: rollout (both phases) -> DMD loss against the teacher (CFG) and the critic -> generator update, EMA;
+    confidence loss at the exit step -> head update; then the critic update on the same rollout's stop-gradient
+    samples (Self Forcing draws a second no-grad rollout for the critic; reusing the first saves one rollout);
+  * `critic`: no-grad rollout -> critic update.
+Keeping them separate (rather than a `lax.cond` inside one function) lets XLA update the donated buffers in place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from dsa_jax.diffusion import flow
+from dsa_jax.models import factory
+from dsa_jax.models.confidence import ConfidenceConfig, ConfidenceHead
+from dsa_jax.models.dit import WanDiT
+from dsa_jax.parallel import mesh as mesh_lib
+from dsa_jax.training import losses, ode_pairs, rollout
+from dsa_jax.training import state as state_lib
+
+METRIC_DTYPE = jnp.float32
+
+
+def _guidance(value) -> float:
+  return float(value)
+
+
+def ode_guidance(config) -> float:
+  g = config.train.get("ode_guidance", None)
+  return float(config.dmd.guidance if g is None else g)
+
+
+def frozen_cast(params, dtype):
+  """The frozen teacher's matmul weights in the compute dtype (the layers cast them anyway): half the memory."""
+  def cast(path, x):
+    name = jax.tree_util.keystr(path)
+    if ("kernel" in name or "patch_embedding" in name) and jnp.issubdtype(x.dtype, jnp.floating):
+      return x.astype(dtype)
+    return x
+  return jax.tree_util.tree_map_with_path(cast, params)
+
+
+def _ema(ema, params, decay):
+  return jax.tree_util.tree_map(lambda e, p: (decay * e.astype(jnp.float32) + (1.0 - decay) * p.astype(jnp.float32)
+                                              ).astype(e.dtype), ema, params)
+
+
+def _apply(tx, grads, opt_state, params):
+  updates, opt_state = tx.update(grads, opt_state, params)
+  return optax.apply_updates(params, updates), opt_state
+
+
+def _sigma_per_sample(key, b, config, t_min, t_max):
+  d = config.diffusion
+  return flow.sample_train_sigma(key, (b,), d.shift, d.train_t_sampler, t_min, t_max, d.num_train_timesteps)
+
+
+@dataclasses.dataclass
+class StepBundle:
+  """The compiled step functions of a stage plus the shardings they were built with."""
+  stage: str
+  fns: dict  # name -> callable(state, ...) -> (state, metrics)
+  state_shardings: Any
+  teacher_shardings: Any
+  batch_sharding: Any
+  mesh: Any
+  rules: Any
+
+  def step_name(self, step: int, config) -> str:
+    if self.stage != "dsa":
+      return self.stage
+    return "gen" if step % int(config.dmd.critic_ratio) == 0 else "critic"
+
+  def __call__(self, name, *args):
+    with mesh_lib.activation_context(self.mesh, self.rules):
+      return self.fns[name](*args)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# DSA
+
+
+def _critic_update(state, critic_tx, ccfg, x0_gen, ctx, key, config):
+  b, f = x0_gen.shape[:2]
+  kt, ke = jax.random.split(key)
+  sig = _sigma_per_sample(kt, b, config, config.dmd.t_min, config.dmd.t_max)
+  sig_f = jnp.broadcast_to(sig[:, None], (b, f))
+  eps = jax.random.normal(ke, x0_gen.shape, jnp.float32)
+  x0_gen = jax.lax.stop_gradient(x0_gen)
+  x_t = flow.add_noise(x0_gen, eps, sig_f)
+  t = sig_f * config.diffusion.num_train_timesteps
+
+  def loss_fn(cp):
+    v = WanDiT(ccfg).apply(cp, x_t, t, ctx)["velocity"]
+    return losses.critic_loss(v, x0_gen, eps)
+
+  loss, grads = jax.value_and_grad(loss_fn)(state.critic)
+  critic, critic_opt = _apply(critic_tx, grads, state.critic_opt, state.critic)
+  return state.replace(critic=critic, critic_opt=critic_opt), {"loss_critic": loss,
+                                                              "grad_norm_critic": optax.tree.norm(grads)}
+
+
+def make_dsa_fns(config, mesh, rules):
+  """Un-jitted DSA step functions (gen, critic); `build_steps` jits them with shardings."""
+  spec = rollout.RolloutSpec.from_config(config)
+  gcfg = factory.dit_config(config, "model")
+  tcfg = factory.dit_config(config, "teacher")
+  ccfg = factory.dit_config(config, "critic")
+  hcfg = ConfidenceConfig.from_config(config)
+  txs = state_lib.optimizers(config)
+  guidance = _guidance(config.dmd.guidance)
+  consistency = config.conf.target == "consistency"
+  c_scale = float(config.conf.consistency_scale)
+  conf_w = float(config.conf.loss_weight)
+  ema_start, ema_decay = int(config.train.ema_start), float(config.train.ema_decay)
+  ntt = config.diffusion.num_train_timesteps
+
+  def keys(state):
+    key = jax.random.fold_in(state.rng, state.step)
+    return jax.random.split(key, 4)
+
+  def gen_step(state, teacher, batch, uncond):
+    k_exit, k_roll, k_dmd, k_crit = keys(state)
+    ctx = batch["context"].astype(jnp.float32)
+    b, f = ctx.shape[0], spec.num_frames
+    exit_index = rollout.sample_exit_index(k_exit, spec)
+    roll = rollout.rollout_no_grad(gcfg, state.generator, ctx, k_roll, exit_index, spec,
+                                   continue_to_last=consistency, mesh=mesh, rules=rules)
+    kt, ke = jax.random.split(k_dmd)
+    sig = _sigma_per_sample(kt, b, config, config.dmd.t_min, config.dmd.t_max)
+    sig_f = jnp.broadcast_to(sig[:, None], (b, f))
+    t_dmd = sig_f * ntt
+    eps = jax.random.normal(ke, roll["x0"].shape, jnp.float32)
+
+    def loss_fn(gp, hp):
+      ex = rollout.exit_forward(gcfg, gp, ctx, roll["x_in"], exit_index, roll["cache"], spec, mesh=mesh, rules=rules)
+      x0 = ex["x0"]
+      x_t = flow.add_noise(jax.lax.stop_gradient(x0), eps, sig_f)
+      x0_real = ode_pairs.teacher_x0(tcfg, teacher, x_t, t_dmd, ctx, uncond, guidance)
+      v_fake = WanDiT(ccfg).apply(state.critic, x_t, t_dmd, ctx)["velocity"]
+      x0_fake = flow.x0_from_velocity(x_t, v_fake, sig_f)
+      g, d, norm = losses.dmd_direction(x0, x0_real, x0_fake)
+      l_dmd = losses.dmd_loss(x0, g)
+      disc = losses.consistency_discrepancy(jax.lax.stop_gradient(x0), roll["x0_last"]) if consistency else d
+      dbar = losses.update_running_mean(state.dbar, disc, float(config.conf.target_ema))
+      scale = jnp.float32(c_scale) if (consistency and c_scale > 0) else dbar
+      y = losses.discrepancy_targets(disc, scale)
+      step_idx = jnp.full((b, f), exit_index, jnp.int32)
+      logits = ConfidenceHead(hcfg).apply(hp, ex["features"], step_idx, ex["t"])
+      l_conf = losses.confidence_loss(logits, y)
+      aux = {"loss_dmd": l_dmd, "loss_conf": l_conf, "dbar": dbar, "dmd_norm": jnp.mean(norm),
+             "discrepancy": jnp.mean(disc), "logits": logits, "targets": y,
+             # diagnostic: the gradient pass reproduces the rollout's exit x0 (should be ~0)
+             "rollout_mismatch": jnp.max(jnp.abs(jax.lax.stop_gradient(x0) - roll["x0"]))}
+      return l_dmd + conf_w * l_conf, aux
+
+    (_, aux), (g_gen, g_head) = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(state.generator,
+                                                                                          state.head)
+    gen, gen_opt = _apply(txs["generator"], g_gen, state.gen_opt, state.generator)
+    head, head_opt = _apply(txs["head"], g_head, state.head_opt, state.head)
+    decay = jnp.where(state.step >= ema_start, ema_decay, 0.0).astype(jnp.float32)
+    ema = _ema(state.generator_ema, gen, decay)
+    state = state.replace(generator=gen, generator_ema=ema, head=head, gen_opt=gen_opt, head_opt=head_opt,
+                          dbar=aux["dbar"])
+    state, cm = _critic_update(state, txs["critic"], ccfg, roll["x0"], ctx, k_crit, config)
+    metrics = {k: aux[k] for k in ("loss_dmd", "loss_conf", "dbar", "dmd_norm", "discrepancy", "rollout_mismatch")}
+    metrics.update(losses.calibration_metrics(aux["logits"], aux["targets"]))
+    metrics.update(cm)
+    metrics.update(grad_norm_gen=optax.tree.norm(g_gen), grad_norm_head=optax.tree.norm(g_head),
+                   exit_step=(exit_index + 1).astype(METRIC_DTYPE), t_dmd=jnp.mean(t_dmd))
+    return state.replace(step=state.step + 1), jax.tree_util.tree_map(lambda x: x.astype(METRIC_DTYPE), metrics)
+
+  def critic_step(state, teacher, batch, uncond):
+    del teacher, uncond
+    k_exit, k_roll, _, k_crit = keys(state)
+    ctx = batch["context"].astype(jnp.float32)
+    exit_index = rollout.sample_exit_index(k_exit, spec)
+    roll = rollout.rollout_no_grad(gcfg, state.generator, ctx, k_roll, exit_index, spec, mesh=mesh, rules=rules)
+    state, cm = _critic_update(state, txs["critic"], ccfg, roll["x0"], ctx, k_crit, config)
+    cm["exit_step"] = (exit_index + 1).astype(METRIC_DTYPE)
+    return state.replace(step=state.step + 1), jax.tree_util.tree_map(lambda x: x.astype(METRIC_DTYPE), cm)
+
+  return {"gen": gen_step, "critic": critic_step}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# ODE regression
+
+
+def make_ode_fns(config, mesh, rules, stored: bool):
+  spec = rollout.RolloutSpec.from_config(config)
+  gcfg = factory.dit_config(config, "model")
+  tcfg = factory.dit_config(config, "teacher")
+  tx = state_lib.optimizers(config)["generator"]
+  grid, pos = ode_pairs.ode_grid(spec.sigmas, int(config.train.ode_steps))
+  guidance = ode_guidance(config)
+  sigmas = jnp.asarray(spec.sigmas, jnp.float32)
+  ema_start, ema_decay = int(config.train.ema_start), float(config.train.ema_decay)
+  ntt = config.diffusion.num_train_timesteps
+
+  def ode_step(state, teacher, batch, uncond):
+    key = jax.random.fold_in(state.rng, state.step)
+    k_noise, k_idx = jax.random.split(key)
+    ctx = batch["context"].astype(jnp.float32)
+    b = ctx.shape[0]
+    if stored:
+      traj, x0 = batch["trajectory"].astype(jnp.float32), batch["video"].astype(jnp.float32)
+    else:
+      noise = jax.random.normal(k_noise, (b, spec.num_frames, spec.height, spec.width, spec.channels), jnp.float32)
+      traj, x0 = ode_pairs.teacher_trajectory(tcfg, teacher, noise, ctx, uncond, grid, pos, guidance, ntt)
+    traj = traj[:, :spec.num_steps]
+    idx = ode_pairs.sample_ladder_indices(k_idx, b, spec.num_frames, spec.chunk_frames, spec.num_steps)
+    x_in = ode_pairs.gather_trajectory(traj, idx)
+    sig = sigmas[idx]
+
+    def loss_fn(gp):
+      v = WanDiT(gcfg).apply(gp, x_in, sig * ntt, ctx, chunk_frames=spec.chunk_frames)["velocity"]
+      return losses.ode_regression_loss(flow.x0_from_velocity(x_in, v, sig), x0)
+
+    loss, grads = jax.value_and_grad(loss_fn)(state.generator)
+    gen, gen_opt = _apply(tx, grads, state.gen_opt, state.generator)
+    decay = jnp.where(state.step >= ema_start, ema_decay, 0.0).astype(jnp.float32)
+    state = state.replace(generator=gen, gen_opt=gen_opt, generator_ema=_ema(state.generator_ema, gen, decay),
+                          step=state.step + 1)
+    return state, {"loss_ode": loss, "grad_norm_gen": optax.tree.norm(grads),
+                   "mean_ladder_index": jnp.mean(idx.astype(jnp.float32))}
+
+  return {"ode": ode_step}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Teacher flow matching
+
+
+def make_teacher_fns(config, mesh, rules):
+  tcfg = factory.dit_config(config, "teacher")
+  tx = state_lib.optimizers(config)["teacher"]
+  p_drop = float(config.train.get("cfg_dropout", 0.1))
+  ntt = config.diffusion.num_train_timesteps
+
+  def teacher_step(state, teacher, batch, uncond):
+    del teacher
+    key = jax.random.fold_in(state.rng, state.step)
+    k_t, k_e, k_d = jax.random.split(key, 3)
+    x0 = batch["video"].astype(jnp.float32)
+    ctx = batch["context"].astype(jnp.float32)
+    b, f = x0.shape[:2]
+    if p_drop > 0:  # text dropout, so that the teacher supports classifier-free guidance
+      drop = jax.random.bernoulli(k_d, p_drop, (b,))
+      ctx = jnp.where(drop[:, None, None], jnp.broadcast_to(uncond.astype(ctx.dtype), ctx.shape), ctx)
+    sig = _sigma_per_sample(k_t, b, config, 0.0, float(ntt))
+    sig_f = jnp.broadcast_to(sig[:, None], (b, f))
+    eps = jax.random.normal(k_e, x0.shape, jnp.float32)
+    x_t = flow.add_noise(x0, eps, sig_f)
+
+    def loss_fn(tp):
+      v = WanDiT(tcfg).apply(tp, x_t, sig_f * ntt, ctx)["velocity"]
+      return losses.flow_matching_loss(v, x0, eps)
+
+    loss, grads = jax.value_and_grad(loss_fn)(state.teacher)
+    teacher_p, opt = _apply(tx, grads, state.teacher_opt, state.teacher)
+    state = state.replace(teacher=teacher_p, teacher_opt=opt, step=state.step + 1)
+    return state, {"loss_fm": loss, "grad_norm_teacher": optax.tree.norm(grads), "sigma": jnp.mean(sig)}
+
+  return {"teacher": teacher_step}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def teacher_shardings(config, mesh, rules):
+  """Shardings of the frozen teacher (logical axes like every DiT); None for the 'teacher' stage."""
+  if config.train.stage == "teacher":
+    return None
+  boxed = factory.abstract_dit_params(factory.dit_config(config, "teacher"), config)
+  return mesh_lib.param_shardings(boxed, mesh, rules)
+
+
+_BUNDLES: dict = {}
+
+
+def mesh_key(mesh) -> tuple:
+  return (tuple(d.id for d in mesh.devices.flat), tuple(mesh.devices.shape), tuple(mesh.axis_names))
+
+
+def build_steps(config, mesh, rules, *, state_shardings=None, stored_ode_pairs: bool | None = None) -> StepBundle:
+  """Jits the stage's step functions with explicit shardings and state donation.
+
+  Bundles are cached per (config, mesh): a second run in the same process (tests, a resumed loop) reuses the
+  compiled executables instead of compiling again.
+  """
+  key = (config.to_json_best_effort(), mesh_key(mesh), repr(rules), stored_ode_pairs)
+  if key not in _BUNDLES:
+    _BUNDLES[key] = _build_steps(config, mesh, rules, state_shardings=state_shardings,
+                                 stored_ode_pairs=stored_ode_pairs)
+  return _BUNDLES[key]
+
+
+def _build_steps(config, mesh, rules, *, state_shardings=None, stored_ode_pairs: bool | None = None) -> StepBundle:
+  stage = config.train.stage
+  state_lib.check_stage(stage)
+  if state_shardings is None:
+    state_shardings = state_lib.state_shardings(config, mesh, rules)
+  t_sh = teacher_shardings(config, mesh, rules)
+  if stage == "dsa":
+    fns = make_dsa_fns(config, mesh, rules)
+  elif stage == "ode":
+    stored = bool(config.train.ode_pairs) if stored_ode_pairs is None else stored_ode_pairs
+    fns = make_ode_fns(config, mesh, rules, stored)
+  else:
+    fns = make_teacher_fns(config, mesh, rules)
+  rep = mesh_lib.replicated(mesh)
+  batch_sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(mesh_lib.BATCH_AXES))
+  jitted = {name: jax.jit(fn, in_shardings=(state_shardings, t_sh, batch_sh, rep), out_shardings=(state_shardings, rep),
+                          donate_argnums=(0,))
+            for name, fn in fns.items()}
+  return StepBundle(stage=stage, fns=jitted, state_shardings=state_shardings, teacher_shardings=t_sh,
+                    batch_sharding=batch_sh, mesh=mesh, rules=rules)

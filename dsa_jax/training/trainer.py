@@ -1,0 +1,400 @@
+"""The training loop of every stage: data, state (fresh or resumed), jitted sharded steps, logging, checkpoints.
+
+  dsa-jax train --config configs/tiny.py --workdir /tmp/x
+
+A run resumes from the workdir's latest complete checkpoint automatically (parameters, optimiser states, rng and
+the data iterator position), so a preempted job is restarted with the same command. At the end it exports a
+`params_io` model checkpoint into WORKDIR/model.
+
+Terminal: one progress line per `train.log_every` steps (step, losses, it/s, ETA). TensorBoard: event files in
+WORKDIR/tb (losses, confidence calibration, mean exit step, gradient norms, throughput). Only process 0 logs.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dsa_jax.models import factory
+from dsa_jax.parallel import mesh as mesh_lib
+from dsa_jax.training import checkpointing, steps as steps_lib
+from dsa_jax.training import state as state_lib
+
+SUBJECTS = ("a red ball", "a small robot", "a golden retriever", "a paper boat", "a hot-air balloon", "a cyclist",
+            "a blue whale", "a steam train")
+ACTIONS = ("moving slowly from left to right", "spinning in place", "bouncing up and down", "drifting towards the camera")
+PLACES = ("on a sunny beach", "in a snowy forest", "over a city at night", "in a quiet studio with soft light")
+
+
+def builtin_prompts() -> list[str]:
+  """128 synthetic prompts: training on tiny works out of the box without a prompt file."""
+  return [f"{s} {a} {p}" for s in SUBJECTS for a in ACTIONS for p in PLACES]
+
+
+class TrainingError(ValueError):
+  """A training setup problem (missing data for the stage, shapes that do not match the config)."""
+
+
+def _log(msg: str):
+  if jax.process_index() == 0:
+    print(msg, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Data
+
+
+def make_video_source(config):
+  """Clips for teacher training from `config.data.videos`: 'digits[:split]' (moving digits generated on the fly at
+  the config's frame count and size), a written digits dataset folder, or ArrayRecord clip files (file/folder/glob)."""
+  spec = str(config.data.videos)
+  if not spec:
+    raise TrainingError("config.data.videos: stage 'teacher' trains on videos; give an ArrayRecord file/folder/glob "
+                        "of latent clips (see `dsa-jax data`), or 'digits:train'")
+  if spec == "digits" or spec.startswith("digits:"):
+    from dsa_jax.data.digits import MovingDigitsSource
+    split = spec.partition(":")[2] or "train"
+    if config.video.height != config.video.width:
+      raise TrainingError(f"config.data.videos={spec!r}: moving digits are square, video is "
+                          f"{config.video.height}x{config.video.width}")
+    return MovingDigitsSource(int(config.data.get("num_videos", 100_000)), split=split, seed=0,
+                              frames=int(config.video.num_frames), size=int(config.video.height))
+  from dsa_jax.data import digits as digits_lib
+  if os.path.isdir(spec) and os.path.isfile(os.path.join(spec, digits_lib.META_FILE)):
+    return digits_lib.digits_source(spec)
+  from dsa_jax.data.videos import VideoClipSource
+  return VideoClipSource(spec)
+
+
+def make_source(config):
+  """The stage's random-access source: prompts (dsa, ode on the fly), ODE pairs (ode stored) or video clips."""
+  stage = config.train.stage
+  if stage == "teacher":
+    return make_video_source(config)
+  if stage == "ode" and config.train.ode_pairs:
+    from dsa_jax.training.ode_pairs import OdePairSource
+    return OdePairSource(config.train.ode_pairs, config)
+  from dsa_jax.data import prompts as prompts_lib
+  p = config.data.prompts
+  needs = {"text": "path", "csv": "path", "embeddings": "path", "tfds": "name"}.get(p.kind)
+  if needs is None or p.get(needs):
+    return prompts_lib.prompt_source_from_config(p)
+  return prompts_lib.ListPromptSource(builtin_prompts(), name="<built-in synthetic prompts>")
+
+
+def make_text_encoder(config) -> Callable:
+  from dsa_jax.data.text_context import make_text_encoder as make
+  return make(config)
+
+
+class BatchPreparer:
+  """Host batch (prompts / dicts from the loader) -> global jax arrays sharded over data x fsdp."""
+
+  def __init__(self, config, sharding, text_encoder, global_batch: int):
+    self.config = config
+    self.sharding = sharding
+    self.encode = text_encoder
+    self.global_batch = global_batch
+    self.text_shape = (config.model.text_len, config.model.text_dim)
+    from dsa_jax.training.rollout import RolloutSpec
+    spec = RolloutSpec.from_config(config)
+    self.video_shape = (spec.num_frames, spec.height, spec.width, spec.channels)
+
+  def _context(self, host) -> np.ndarray:
+    if isinstance(host, dict) and "context" in host:
+      ctx = np.asarray(host["context"], np.float32)
+    else:
+      prompts = host["prompt"] if isinstance(host, dict) else host
+      ctx = np.asarray(self.encode([str(p) for p in np.asarray(prompts).reshape(-1)]), np.float32)
+    if ctx.shape[1:] != self.text_shape:
+      raise TrainingError(f"text context has shape {ctx.shape[1:]}, the model expects (model.text_len, "
+                          f"model.text_dim) = {self.text_shape}")
+    return ctx
+
+  def __call__(self, host) -> dict:
+    from dsa_jax.data.pipeline import make_global_batch
+    out = {"context": self._context(host)}
+    if isinstance(host, dict) and "video" in host:
+      video = np.asarray(host["video"])
+      if video.dtype == np.uint8:
+        if self.config.vae.kind != "identity":
+          raise TrainingError("config.data.videos holds uint8 frames; with vae.kind="
+                              f"{self.config.vae.kind!r} teacher training needs VAE latents (float) of shape "
+                              f"(F,H,W,C) = {self.video_shape}; pixel-space training needs vae.kind='identity'")
+        video = video.astype(np.float32) / 127.5 - 1.0  # pixel space: frames in [-1, 1] are the latents
+      if video.shape[1:] != self.video_shape:
+        raise TrainingError(f"clips have shape {video.shape[1:]}, the config expects latents (F,H,W,C) = "
+                            f"{self.video_shape} (video.num_frames, latent height/width, latent_channels)")
+      out["video"] = video.astype(np.float32)
+    if isinstance(host, dict) and "trajectory" in host:
+      out["trajectory"] = np.asarray(host["trajectory"], np.float32)
+    return make_global_batch(out, self.sharding, global_batch_size=self.global_batch)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Networks from other runs
+
+
+def place(tree, shardings):
+  """Host numpy tree -> global arrays in `shardings` (works on every host of a multi-host run)."""
+  def one(x, sh):
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sh, lambda idx: x[idx])
+  return jax.tree_util.tree_map(one, tree, shardings)
+
+
+def _same_arch(config, a: str, b: str) -> bool:
+  return factory.dit_config(config, a).to_dict() == factory.dit_config(config, b).to_dict()
+
+
+def load_teacher(config, mesh, rules, shardings):
+  """The frozen teacher (train.teacher_from: a model folder with 'teacher', or a teacher-stage workdir), cast to
+  the compute dtype for its matmul weights and sharded. Without teacher_from: random weights (smoke tests only)."""
+  path = config.train.teacher_from
+  tcfg = factory.dit_config(config, "teacher")
+  if not path:
+    _log("WARNING: config.train.teacher_from is empty: the teacher has RANDOM weights (fine for smoke tests only)")
+    init = lambda k: steps_lib.frozen_cast(mesh_lib.unbox(factory.init_dit(tcfg, config, k)), tcfg.dtype)
+    return jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(int(config.seed) + 17))
+  params, _ = checkpointing.load_model_from_workdir(path, config, ("teacher",))
+  return place(steps_lib.frozen_cast(params["teacher"], tcfg.dtype), shardings)
+
+
+def initial_networks(config, teacher_host: Callable[[], Any]) -> dict:
+  """Host params that replace fresh initialisation at step 0 of a stage (see DESIGN 1.4 and issue 5)."""
+  stage = config.train.stage
+  nets = {}
+  init_from = config.train.init_from
+  if stage == "teacher":
+    if init_from:
+      nets["teacher"] = checkpointing.load_model_from_workdir(init_from, config, ("teacher",))[0]["teacher"]
+    return nets
+  if init_from:
+    try:
+      nets["generator"] = checkpointing.load_model_from_workdir(init_from, config, ("generator",))[0]["generator"]
+    except checkpointing.CheckpointError:
+      # a converted base model stored as 'teacher' with the generator's architecture (e.g. Wan2.1-1.3B)
+      cfg_t = _with_teacher_as_model(config)
+      nets["generator"] = checkpointing.load_model_from_workdir(init_from, cfg_t, ("teacher",))[0]["teacher"]
+  elif stage == "ode" and config.train.teacher_from and _same_arch(config, "model", "teacher"):
+    nets["generator"] = teacher_host()  # CausVid: the causal student starts from the bidirectional teacher
+  if stage == "dsa":
+    critic_from = config.train.get("critic_from", "")
+    if critic_from:
+      nets["critic"] = checkpointing.load_model_from_workdir(critic_from, _with_teacher_as_critic(config),
+                                                             ("teacher",))[0]["teacher"]
+    elif config.train.teacher_from and _same_arch(config, "critic", "teacher"):
+      nets["critic"] = teacher_host()  # the fake score starts as the real score
+    elif "generator" in nets and _same_arch(config, "critic", "model"):
+      nets["critic"] = nets["generator"]
+  return nets
+
+
+def _with_teacher_as_model(config):
+  cfg = config.copy_and_resolve_references()
+  cfg.teacher = cfg.model
+  return cfg
+
+
+def _with_teacher_as_critic(config):
+  cfg = config.copy_and_resolve_references()
+  cfg.teacher = cfg.critic
+  return cfg
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Metrics
+
+
+class MetricLog:
+  """Collects per-step device metrics; averages them (per key, over the steps that reported it) at log time."""
+
+  def __init__(self, workdir: str | None, enable_tb: bool = True):
+    self.pending: list[dict] = []
+    self.writer = None
+    if workdir and enable_tb and jax.process_index() == 0:
+      try:
+        from tensorboardX import SummaryWriter
+        self.writer = SummaryWriter(os.path.join(workdir, "tb"))
+      except ImportError:
+        _log("WARNING: tensorboardX is not installed; no TensorBoard event files (pip install tensorboardX)")
+
+  def add(self, metrics):
+    self.pending.append(metrics)
+
+  def flush(self) -> dict:
+    host = jax.device_get(self.pending)
+    self.pending = []
+    sums: dict[str, list] = {}
+    for m in host:
+      for k, v in m.items():
+        sums.setdefault(k, []).append(float(v))
+    return {k: float(np.mean(v)) for k, v in sums.items()}
+
+  def write(self, step: int, scalars: dict):
+    if self.writer is None:
+      return
+    for k, v in scalars.items():
+      group = "perf" if k in ("it_per_s", "samples_per_s", "frames_per_s", "step_time_s") else (
+          "confidence" if k.startswith("conf_") else "grad" if k.startswith("grad_norm") else "train")
+      self.writer.add_scalar(f"{group}/{k}", v, step)
+    self.writer.flush()
+
+  def close(self):
+    if self.writer is not None:
+      self.writer.close()
+
+
+_SHORT = {"loss_dmd": "dmd", "loss_critic": "critic", "loss_conf": "conf", "loss_ode": "ode", "loss_fm": "fm",
+          "exit_step": "exit", "conf_abs_err": "cal_err", "conf_ece": "ece", "grad_norm_gen": "|g_gen|"}
+
+
+def _fmt_time(s: float) -> str:
+  if not math.isfinite(s):
+    return "?"
+  s = int(s)
+  return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def progress_line(stage, step, total, scalars, it_s, eta_s) -> str:
+  parts = [f"{_SHORT[k]} {scalars[k]:.4g}" for k in _SHORT if k in scalars]
+  return (f"[{stage}] step {step}/{total} | " + " ".join(parts) + f" | {it_s:.3g} it/s | ETA {_fmt_time(eta_s)}")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The loop
+
+
+def setup_compilation_cache(config):
+  path = config.train.get("compilation_cache", "")
+  if path:
+    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
+def train(config, workdir: str, *, stop_after: int | None = None, mesh=None, log: Callable[[str], None] | None = None
+          ) -> dict:
+  """Runs (or resumes) the stage of `config` in `workdir`; returns a summary dict.
+
+  `stop_after`: leave after this many steps of this invocation without exporting (tests use it to simulate a
+  preemption; a checkpoint exists only where `train.ckpt_every` put one).
+  """
+  emit = log or _log
+  config = config.copy_and_resolve_references()
+  stage = config.train.stage
+  state_lib.check_stage(stage)
+  setup_compilation_cache(config)
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  mesh = mesh if mesh is not None else mesh_lib.make_mesh(config)
+  rules = mesh_lib.rules_from_config(config)
+  total = int(config.train.steps)
+  global_batch = int(config.train.batch_size)
+  mesh_lib.check_batch(global_batch, mesh)
+  local_batch = global_batch // jax.process_count()
+  emit(f"[{stage}] {mesh_lib.describe(mesh)}; global batch {global_batch}; {total} steps; workdir {workdir}")
+
+  # Data first: a bad prompt or video file fails before anything is compiled.
+  from dsa_jax.data.pipeline import make_loader
+  source = make_source(config)
+  loader = make_loader(source, batch_size=local_batch, seed=int(config.seed), shuffle=bool(config.data.shuffle),
+                       num_threads=max(1, int(config.data.get("num_workers", 0) or 1)))
+  text_encoder = make_text_encoder(config)
+  uncond = np.asarray(text_encoder([config.text.negative_prompt]), np.float32)
+
+  ck = checkpointing.Checkpointer(workdir, keep=int(config.train.keep), async_save=bool(config.train.async_ckpt))
+  shardings = state_lib.state_shardings(config, mesh, rules)
+  bundle = steps_lib.build_steps(config, mesh, rules, state_shardings=shardings)
+  teacher = None
+  teacher_cache: dict = {}
+  if stage != "teacher":
+    teacher = load_teacher(config, mesh, rules, bundle.teacher_shardings)
+
+  def teacher_host():
+    if "p" not in teacher_cache:
+      teacher_cache["p"] = jax.tree_util.tree_map(
+          lambda x: np.asarray(jax.device_get(x)),
+          checkpointing.load_model_from_workdir(config.train.teacher_from, config, ("teacher",))[0]["teacher"])
+    return teacher_cache["p"]
+
+  latest = ck.latest_step()
+  if latest is not None:
+    target = state_lib.abstract_state(config, shardings)
+    state, data_state = ck.restore(latest, target, config=config)
+    if data_state:
+      loader.set_state(data_state)
+    emit(f"[{stage}] resumed from {ck._step_dir(latest)}")
+  else:
+    nets = initial_networks(config, teacher_host)
+    placed = {n: place(p, getattr(shardings, n)) for n, p in nets.items()}
+    state, _ = state_lib.create_sharded_state(config, mesh, rules, jax.random.PRNGKey(int(config.seed)),
+                                              networks=placed)
+    if nets:
+      emit(f"[{stage}] initialised {sorted(nets)} from "
+           f"{config.train.init_from or config.train.teacher_from or config.train.get('critic_from', '')}")
+  uncond_dev = place(uncond, mesh_lib.replicated(mesh))
+  prep = BatchPreparer(config, bundle.batch_sharding, text_encoder, global_batch)
+  metrics_log = MetricLog(workdir, enable_tb=bool(config.train.get("tensorboard", True)))
+
+  start = int(jax.device_get(state.step))
+  log_every, ckpt_every = max(1, int(config.train.log_every)), max(1, int(config.train.ckpt_every))
+  frames = int(config.video.num_frames)
+  t_last, step_last, rate = time.time(), start, float("nan")
+  first_step_time = None
+  summary: dict[str, Any] = {"start_step": start, "workdir": workdir}
+  step = start
+  try:
+    for step in range(start, total):
+      t0 = time.time()
+      batch = prep(next(loader))
+      name = bundle.step_name(step, config)
+      state, metrics = bundle(name, state, teacher, batch, uncond_dev)
+      metrics_log.add(metrics)
+      done = step + 1
+      if first_step_time is None:
+        jax.block_until_ready(metrics)
+        first_step_time = time.time() - t0
+        summary["first_step_s"] = first_step_time
+      if done % log_every == 0 or done == total:
+        scalars = metrics_log.flush()
+        now = time.time()
+        rate = (done - step_last) / max(now - t_last, 1e-9)
+        t_last, step_last = now, done
+        scalars.update(it_per_s=rate, samples_per_s=rate * global_batch, frames_per_s=rate * global_batch * frames)
+        emit(progress_line(stage, done, total, scalars, rate, (total - done) / max(rate, 1e-9)))
+        metrics_log.write(done, scalars)
+        summary["last_metrics"] = scalars
+      if done % ckpt_every == 0 or done == total:
+        ck.save(done, state, config=config, data_state=loader.get_state())
+      if stop_after is not None and done - start >= stop_after:
+        break
+    ck.wait()
+    done = int(jax.device_get(state.step))
+    summary["end_step"] = done
+    if done >= total and stop_after is None:
+      if ck.latest_step() != done:
+        ck.save(done, state, config=config, data_state=loader.get_state())
+        ck.wait()
+      out = os.path.join(workdir, checkpointing.MODEL_DIR)
+      if jax.process_count() == 1:
+        checkpointing.export_networks(state, config, out, step=done, source=workdir)
+      else:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices("dsa_jax_export_start")
+        if jax.process_index() == 0:
+          checkpointing.export_in_subprocess(workdir, out)
+        multihost_utils.sync_global_devices("dsa_jax_export_done")
+      summary["model"] = out
+      emit(f"[{stage}] done: {done} steps; model exported to {out}")
+  finally:
+    ck.close()
+    metrics_log.close()
+    loader.close()
+  summary["state"] = state
+  return summary

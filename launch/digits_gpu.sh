@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# The whole digits recipe on one GPU box: data (generated in parallel), teacher -> ODE init -> DSA (dmd target) and
+# optionally a second DSA run with the consistency target. Each stage is bounded in wall time (STAGE_*_S); a stage
+# stopped by its bound is exported from its latest checkpoint, so the chain always finishes with usable models.
+#
+#   RUN=runs/digits TEACHER_STEPS=4000 ODE_STEPS=1500 DSA_STEPS=1200 bash launch/digits_gpu.sh
+set -uo pipefail
+RUN=${RUN:-runs/digits}
+DATA=${DATA:-$RUN/data}
+NUM_SHARDS=${NUM_SHARDS:-16}
+CLIPS_PER_SHARD=${CLIPS_PER_SHARD:-1500}
+TEACHER_STEPS=${TEACHER_STEPS:-4000}; STAGE_TEACHER_S=${STAGE_TEACHER_S:-240}
+ODE_STEPS=${ODE_STEPS:-1500};         STAGE_ODE_S=${STAGE_ODE_S:-120}
+DSA_STEPS=${DSA_STEPS:-1200};         STAGE_DSA_S=${STAGE_DSA_S:-150}
+CONSISTENCY=${CONSISTENCY:-0}
+EXTRA=${EXTRA:-}  # extra overrides for every stage, e.g. --config.train.batch_size=8
+PY=${PY:-python3}
+mkdir -p "$RUN" "$DATA"
+
+echo "== data: $NUM_SHARDS shards x $CLIPS_PER_SHARD clips"
+$PY - "$DATA" "$NUM_SHARDS" "$CLIPS_PER_SHARD" <<'PYEOF'
+import multiprocessing as mp, os, sys
+from dsa_jax.data.digits import write_digits
+out, n, per = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+def one(k):
+  write_digits(os.path.join(out, f"shard_{k:02d}"), per, split="train", seed=1000 + k, frames=16, size=32)
+  return k
+with mp.Pool(min(n, os.cpu_count() or 1)) as pool:
+  list(pool.imap_unordered(one, range(n)))
+with open(os.path.join(out, "prompts.txt"), "w") as f:
+  for k in range(n):
+    f.write(open(os.path.join(out, f"shard_{k:02d}", "prompts.txt")).read())
+PYEOF
+VIDEOS="$DATA/shard_*/clips.array_record"
+PROMPTS="--config.data.prompts.kind=text --config.data.prompts.path=$DATA/prompts.txt"
+
+stage() {  # stage NAME SECONDS args...
+  local name=$1 secs=$2; shift 2
+  if [ -f "$RUN/$name/model/dsa_meta.json" ]; then echo "== stage $name: $RUN/$name/model exists, skipped"; return; fi
+  echo "== stage $name (at most ${secs}s)"
+  timeout --signal=INT "$secs" $PY -m dsa_jax train --config "configs/digits.py:$name" --workdir "$RUN/$name" "$@" $EXTRA
+  if [ ! -f "$RUN/$name/model/dsa_meta.json" ]; then
+    echo "stage $name stopped by its time bound: exporting its latest checkpoint"
+    $PY -c "import sys; from dsa_jax.training.checkpointing import export_model; export_model(sys.argv[1], sys.argv[1] + '/model')" "$RUN/$name"
+  fi
+}
+
+stage teacher "$STAGE_TEACHER_S" --config.train.steps=$TEACHER_STEPS --config.train.ckpt_every=500 \
+  "--config.data.videos=$VIDEOS"
+stage ode "$STAGE_ODE_S" --config.train.steps=$ODE_STEPS --config.train.ckpt_every=250 $PROMPTS \
+  --config.train.teacher_from=$RUN/teacher/model
+stage dsa "$STAGE_DSA_S" --config.train.steps=$DSA_STEPS --config.train.ckpt_every=200 $PROMPTS \
+  --config.train.teacher_from=$RUN/teacher/model --config.train.init_from=$RUN/ode/model
+if [ "$CONSISTENCY" = 1 ] && [ ! -f "$RUN/dsa_consistency/model/dsa_meta.json" ]; then
+  RUN_C=$RUN/dsa_consistency
+  echo "== stage dsa (consistency target)"
+  timeout --signal=INT "$STAGE_DSA_S" $PY -m dsa_jax train --config configs/digits.py:dsa --workdir "$RUN_C" \
+    --config.train.steps=$DSA_STEPS --config.train.ckpt_every=200 $PROMPTS --config.conf.target=consistency \
+    --config.train.teacher_from=$RUN/teacher/model --config.train.init_from=$RUN/ode/model
+  [ -f "$RUN_C/model/dsa_meta.json" ] || $PY -c "import sys; from dsa_jax.training.checkpointing import export_model; export_model(sys.argv[1], sys.argv[1] + '/model')" "$RUN_C"
+fi
+echo "== done: models under $RUN/*/model"

@@ -1,0 +1,374 @@
+"""Training: losses, rollout, the DSA / ODE / teacher steps, the trainer loop, checkpoints and resume, the CLI.
+
+One process, one CPU device, the tiny config at batch 4 (the programs are shared between tests through the step
+cache and, for the CLI subprocesses, jax's persistent compilation cache in a temporary folder).
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+from dsa_jax.config_lib import get_config
+from dsa_jax.parallel import mesh as mesh_lib
+from dsa_jax.training import checkpointing, losses, ode_pairs, rollout, trainer
+from dsa_jax.training import state as state_lib
+from dsa_jax.training import steps as steps_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, "configs", "tiny.py")
+BATCH = ["--config.train.batch_size=4"]
+
+
+@pytest.fixture(scope="module")
+def xla_cache(tmp_path_factory):
+  """Persistent compilation cache shared with the CLI subprocesses (identical programs compile once)."""
+  from jax._src import compilation_cache as cc  # jax decides once per process whether to use the cache
+  path = str(tmp_path_factory.mktemp("xla_cache"))
+  old = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
+  jax.config.update("jax_compilation_cache_dir", path)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  cc.reset_cache()
+  yield path
+  jax.config.update("jax_compilation_cache_dir", old[0])
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", old[1])
+  cc.reset_cache()
+
+
+def tiny(*overrides):
+  return get_config(TINY, BATCH + list(overrides))
+
+
+def flat(tree):
+  return {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Pure pieces
+
+
+def test_mesh_shape_and_specs():
+  assert mesh_lib.resolve_mesh_shape({"data": -1, "fsdp": 2, "tensor": 2}, 8) == {"data": 2, "fsdp": 2, "tensor": 2}
+  with pytest.raises(mesh_lib.MeshError, match="do not divide"):
+    mesh_lib.resolve_mesh_shape({"data": -1, "fsdp": 3, "tensor": 1}, 8)
+  with pytest.raises(mesh_lib.MeshError, match="uses 4 devices"):
+    mesh_lib.resolve_mesh_shape({"data": 2, "fsdp": 2, "tensor": 1}, 8)
+  devs = np.array([jax.devices()[0]] * 8, dtype=object).reshape(2, 2, 2)  # only the axis sizes matter here
+  mesh = jax.sharding.Mesh(devs, mesh_lib.AXES)
+  rules = (("batch", ("data", "fsdp")), ("embed", "fsdp"), ("mlp", "tensor"), ("heads", "tensor"))
+  P = jax.sharding.PartitionSpec
+  # a repeated logical name takes the mesh axis once; a dimension the axis does not divide stays replicated
+  assert mesh_lib.logical_to_spec(("embed", "embed"), (192, 192), mesh, rules) == P("fsdp", None)
+  assert mesh_lib.logical_to_spec(("embed", "mlp"), (7, 512), mesh, rules) == P(None, "tensor")
+  assert mesh_lib.logical_to_spec(("batch", None), (4, 3), mesh, rules) == P(("data", "fsdp"), None)
+  assert mesh_lib.logical_to_spec(("batch", None), (2, 3), mesh, rules) == P("data", None)
+  with pytest.raises(mesh_lib.MeshError, match="batch_size=6 must divide by data x fsdp = 4"):
+    mesh_lib.check_batch(6, mesh)
+
+
+def test_dmd_loss_gradient_is_normalised_direction():
+  key = jax.random.PRNGKey(0)
+  x0, real, fake = (jax.random.normal(k, (2, 3, 4, 4, 2)) for k in jax.random.split(key, 3))
+  g, d, norm = losses.dmd_direction(x0, real, fake)
+  np.testing.assert_allclose(norm, np.mean(np.abs(np.asarray(x0 - real)), axis=(1, 2, 3, 4)), rtol=1e-6)
+  np.testing.assert_allclose(d, np.mean(np.square(np.asarray(fake - real)), axis=(2, 3, 4)), rtol=1e-6)
+  grad = jax.grad(lambda x: losses.dmd_loss(x, g))(x0)
+  np.testing.assert_allclose(grad, np.asarray(g) / x0.size, rtol=1e-5, atol=1e-9)  # d/dx0 = g / numel
+  assert np.allclose(losses.cfg_combine(2.0, 1.0, 3.0), 5.0)  # cond + 3 (cond - uncond): standard scale 4
+
+
+def test_confidence_targets_and_calibration():
+  d = jnp.array([[0.0, 1.0, 2.0]])
+  assert float(losses.update_running_mean(0.0, d, 0.99)) == pytest.approx(1.0)  # first update: the batch mean
+  assert float(losses.update_running_mean(2.0, d, 0.5)) == pytest.approx(1.5)
+  np.testing.assert_allclose(losses.discrepancy_targets(d, 1.0), np.exp([[0.0, -1.0, -2.0]]), rtol=1e-6)
+  logits = jnp.array([10.0, 10.0, -10.0, -10.0])
+  m = losses.calibration_metrics(logits, jnp.array([1.0, 1.0, 0.0, 0.0]))
+  assert float(m["conf_ece"]) < 1e-3 and float(m["conf_abs_err"]) < 1e-3
+  m = losses.calibration_metrics(logits, jnp.array([0.0, 0.0, 1.0, 1.0]))
+  assert float(m["conf_ece"]) > 0.99
+  # BCE with soft targets is minimised at logit = logit(target)
+  y = jnp.array([0.3])
+  grad = jax.grad(lambda z: losses.confidence_loss(z, y))(jnp.log(y / (1 - y)))
+  assert abs(float(grad[0])) < 1e-6
+
+
+def test_ode_grid_passes_through_ladder():
+  sig = rollout.RolloutSpec.from_config(tiny()).sigmas
+  grid, pos = ode_pairs.ode_grid(sig, 12)
+  assert grid[0] == 1.0 and grid[-1] == 0.0 and np.all(np.diff(grid) < 0)
+  np.testing.assert_allclose(grid[pos], sig, rtol=0, atol=0)
+  assert len(grid) - 1 >= 12
+  traj = jnp.arange(2 * 3 * 4, dtype=jnp.float32).reshape(2, 3, 4)[..., None]  # (B, K, F, 1)
+  idx = jnp.array([[0, 1, 2, 0], [2, 2, 1, 0]])
+  x = ode_pairs.gather_trajectory(traj, idx)
+  np.testing.assert_array_equal(np.asarray(x)[..., 0], np.take_along_axis(np.asarray(traj)[..., 0],
+                                                                         np.asarray(idx)[:, None], 1)[:, 0])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Steps
+
+
+@pytest.fixture(scope="module")
+def dsa_setup(xla_cache):
+  cfg = tiny()
+  mesh = mesh_lib.make_mesh(cfg)
+  rules = mesh_lib.rules_from_config(cfg)
+  bundle = steps_lib.build_steps(cfg, mesh, rules)
+  teacher = trainer.load_teacher(cfg, mesh, rules, bundle.teacher_shardings)
+  ctx = jax.random.normal(jax.random.PRNGKey(3), (4, cfg.model.text_len, cfg.model.text_dim))
+  batch = {"context": jax.device_put(ctx, bundle.batch_sharding)}
+  uncond = jnp.zeros((1, cfg.model.text_len, cfg.model.text_dim))
+  return cfg, mesh, rules, bundle, teacher, batch, uncond
+
+
+def test_dsa_losses_decrease_on_fixed_batch(dsa_setup):
+  cfg, mesh, rules, bundle, teacher, batch, uncond = dsa_setup
+  state, _ = state_lib.create_sharded_state(cfg, mesh, rules, jax.random.PRNGKey(0))
+  hist = {}
+  for step in range(40):
+    state, m = bundle(bundle.step_name(step, cfg), state, teacher, batch, uncond)
+    for k, v in jax.device_get(m).items():
+      hist.setdefault(k, []).append(float(v))
+  for k, v in hist.items():
+    assert np.all(np.isfinite(v)), k
+  dmd, crit = np.array(hist["loss_dmd"]), np.array(hist["loss_critic"])
+  assert len(dmd) == 20 and len(crit) == 40  # generator every critic_ratio=2 steps, critic every step
+  assert dmd[-5:].mean() < 0.9 * dmd[:5].mean(), dmd
+  assert crit[-8:].mean() < 0.85 * crit[:8].mean(), crit
+  # the gradient pass (phase 2, final cache) reproduces the rollout's exit x0 exactly
+  assert max(hist["rollout_mismatch"]) < 1e-5
+  exits = set(int(e) for e in hist["exit_step"])
+  assert exits <= set(range(1, cfg.sampling.max_steps + 1)) and len(exits) >= 3
+  assert int(state.step) == 40
+
+
+def test_rollout_gradient_flows_only_through_exit_step(xla_cache):
+  """Perturbing the generator changes x0 through the exit forward only: d x0 / d params equals the derivative of
+  the exit forward with the rollout's inputs (x_in, cache) held fixed."""
+  cfg = tiny("--config.train.batch_size=2")
+  spec = rollout.RolloutSpec.from_config(cfg)
+  from dsa_jax.models import factory
+  gcfg = factory.dit_config(cfg, "model")
+  params = mesh_lib.unbox(factory.init_dit(gcfg, cfg, jax.random.PRNGKey(0)))
+  ctx = jax.random.normal(jax.random.PRNGKey(1), (1, cfg.model.text_len, cfg.model.text_dim))
+
+  @jax.jit
+  def both(p):
+    out = rollout.self_forcing_rollout(gcfg, p, ctx, jax.random.PRNGKey(2), spec, exit_index=2)
+    return out["x0"], out["x0_nograd"], out["x_in"]
+
+  tangent = jax.tree_util.tree_map(lambda x: 1e-3 * jnp.ones_like(x), params)
+  (x0, x0_ng, x_in), (d_x0, d_ng, d_in) = jax.jit(lambda p, t: jax.jvp(both, (p,), (t,)))(params, tangent)
+  np.testing.assert_allclose(x0, x0_ng, atol=1e-5)
+  assert float(jnp.std(x_in)) > 0.1
+  assert float(jnp.max(jnp.abs(d_ng))) == 0.0 and float(jnp.max(jnp.abs(d_in))) == 0.0  # phase 1: no gradient
+  assert float(jnp.max(jnp.abs(d_x0))) > 0.0  # the exit forward carries it
+
+
+def test_confidence_head_learns_planted_target(xla_cache):
+  """Frames whose generator input is easy by construction (clean, flat latents) get a low planted discrepancy and
+  hence a high target; the head must learn to rank them above hard (noisy) frames from the generator's features."""
+  import optax
+  from dsa_jax.models import factory
+  from dsa_jax.models.confidence import ConfidenceConfig, ConfidenceHead
+  from dsa_jax.models.dit import WanDiT
+  cfg = tiny()
+  gcfg = factory.dit_config(cfg, "model")
+  gen = mesh_lib.unbox(factory.init_dit(gcfg, cfg, jax.random.PRNGKey(0)))
+  head_p = mesh_lib.unbox(factory.init_head(cfg, jax.random.PRNGKey(1)))
+  hcfg = ConfidenceConfig.from_config(cfg)
+  tx = state_lib.make_optimizer(cfg, "head")
+  opt = tx.init(head_p)
+  spec = rollout.RolloutSpec.from_config(cfg)
+  b, f = 4, spec.num_frames
+
+  @jax.jit
+  def step(head_p, opt, key):
+    k1, k2, k3, k4 = jax.random.split(key, 4)
+    easy = jax.random.bernoulli(k1, 0.5, (b, f))
+    noise = jax.random.normal(k2, (b, f, spec.height, spec.width, spec.channels))
+    x = jnp.where(easy[..., None, None, None], 0.0, noise)
+    t = jnp.full((b, f), 625.0)
+    ctx = jax.random.normal(k3, (b, cfg.model.text_len, cfg.model.text_dim))
+    feats = WanDiT(gcfg).apply(gen, x, t, ctx, chunk_frames=spec.chunk_frames)["features"]
+    d = jnp.where(easy, 0.05, 3.0) * jnp.exp(0.1 * jax.random.normal(k4, (b, f)))
+    y = losses.discrepancy_targets(d, jnp.mean(d))
+    steps_idx = jnp.full((b, f), 3, jnp.int32)
+
+    def loss_fn(hp):
+      logits = ConfidenceHead(hcfg).apply(hp, feats, steps_idx, t)
+      return losses.confidence_loss(logits, y), logits
+
+    (loss, logits), g = jax.value_and_grad(loss_fn, has_aux=True)(head_p)
+    upd, opt = tx.update(g, opt, head_p)
+    p = jax.nn.sigmoid(logits)
+    gap = jnp.sum(p * easy) / jnp.sum(easy) - jnp.sum(p * ~easy) / jnp.sum(~easy)
+    return optax.apply_updates(head_p, upd), opt, loss, gap, losses.calibration_metrics(logits, y)["conf_abs_err"]
+
+  out = []
+  for i in range(120):
+    head_p, opt, loss, gap, err = step(head_p, opt, jax.random.PRNGKey(100 + i))
+    out.append((float(loss), float(gap), float(err)))
+  out = np.array(out)
+  assert out[:5, 1].mean() < 0.2  # untrained: no ranking
+  assert out[-10:, 1].mean() > 0.5, out[-10:]  # easy frames clearly more confident
+  assert out[-10:, 2].mean() < 0.5 * out[:5, 2].mean()  # and better calibrated
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Trainer, checkpoints, resume
+
+
+def _run(cfg, workdir, **kw):
+  logs = []
+  summary = trainer.train(cfg, str(workdir), log=logs.append, **kw)
+  return summary, logs
+
+
+@pytest.fixture(scope="module")
+def reference_run(xla_cache, tmp_path_factory):
+  """An uninterrupted 4-step run with checkpoints every 2 steps."""
+  cfg = tiny("--config.train.steps=4", "--config.train.ckpt_every=2", "--config.train.async_ckpt=True")
+  work = tmp_path_factory.mktemp("ref")
+  summary, logs = _run(cfg, work)
+  return cfg, work, summary, logs
+
+
+def test_trainer_runs_logs_and_exports(reference_run):
+  cfg, work, summary, logs = reference_run
+  assert summary["end_step"] == 4
+  assert sorted(os.listdir(work / "checkpoints")) == ["2", "4"]
+  assert any("step 4/4" in line and "it/s" in line and "ETA" in line for line in logs), logs
+  assert any(n.startswith("events.out.tfevents") for n in os.listdir(work / "tb"))
+  params, meta = checkpointing.load_model_from_workdir(str(work / "model"), cfg)
+  assert sorted(params) == ["generator", "generator_ema", "head"] and meta["step"] == 4
+  ck_params, ck_meta = checkpointing.load_model_from_workdir(str(work), cfg)  # the workdir's latest checkpoint
+  for n in params:
+    a, b = flat(params[n]), flat(ck_params[n])
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+  # EMA from ema_start=0 with decay 0.99 differs from the generator after updates
+  g, e = flat(params["generator"]), flat(params["generator_ema"])
+  assert any(not np.array_equal(g[k], e[k]) for k in g)
+
+
+def test_kill_and_resume_reproduces_uninterrupted_run(reference_run, tmp_path):
+  cfg, ref_work, ref_summary, _ = reference_run
+  work = tmp_path / "run"
+  s1, _ = _run(cfg, work, stop_after=3)  # "killed" after step 3; the last checkpoint is step 2
+  assert s1["end_step"] == 3 and not os.path.exists(work / "model")
+  # a save that was killed half-way leaves orbax's temporary folder behind: it must be ignored
+  os.makedirs(work / "checkpoints" / "3.orbax-checkpoint-tmp-1234" / "generator")
+  with open(work / "checkpoints" / "3.orbax-checkpoint-tmp-1234" / "generator" / "junk", "w") as f:
+    f.write("partial")
+  s2, logs = _run(cfg, work)
+  assert any("resumed from" in line and line.rstrip().endswith("/2") for line in logs), logs
+  assert s2["start_step"] == 2 and s2["end_step"] == 4
+  a, b = flat(ref_summary["state"]), flat(s2["state"])
+  assert a.keys() == b.keys()
+  bad = [k for k in a if not np.array_equal(a[k], b[k])]
+  assert not bad, bad[:5]
+  ck = checkpointing.Checkpointer(str(work), read_only=True)
+  ref_ck = checkpointing.Checkpointer(str(ref_work), read_only=True)
+  assert ck.read_json(4, "data")["position"] == ref_ck.read_json(4, "data")["position"] == 4 * 4  # 4 batches of 4
+
+
+def test_corrupt_checkpoint_gives_clear_error(reference_run, tmp_path):
+  cfg, ref_work, _, _ = reference_run
+  work = tmp_path / "corrupt"
+  shutil.copytree(ref_work, work)
+  gen_dir = work / "checkpoints" / "4" / "generator"
+  for root, _, files in os.walk(gen_dir):
+    for name in files:
+      if name not in ("_METADATA", "_sharding", "manifest.ocdbt"):
+        with open(os.path.join(root, name), "wb") as f:
+          f.write(b"\x00garbage")
+  cfg6 = tiny("--config.train.steps=6", "--config.train.ckpt_every=2")
+  with pytest.raises(checkpointing.TrainCheckpointError, match=r"checkpoints/4.*corrupt"):
+    _run(cfg6, work)
+  with pytest.raises(checkpointing.CheckpointError):
+    checkpointing.load_model_from_workdir(str(work), cfg6)
+  # another stage in the same workdir is refused with a message naming both stages
+  cfg_ode = tiny("--config.train.stage=ode", "--config.train.steps=6")
+  shutil.rmtree(work / "checkpoints" / "4")
+  with pytest.raises(checkpointing.TrainCheckpointError, match="stage 'dsa'.*stage 'ode'"):
+    _run(cfg_ode, work)
+
+
+def test_bad_prompt_file_gives_clear_error(tmp_path, xla_cache):
+  from dsa_jax.data.prompts import PromptFileError
+  bad = tmp_path / "prompts.txt"
+  bad.write_bytes(b"a red ball\n\xff\xfe broken\n")
+  with pytest.raises(PromptFileError, match=r"prompts.txt.*line 2.*UTF-8"):
+    _run(tiny(f"--config.data.prompts.path={bad}"), tmp_path / "w1")
+  with pytest.raises(FileNotFoundError, match="does not exist"):
+    _run(tiny(f"--config.data.prompts.path={tmp_path / 'missing.txt'}"), tmp_path / "w2")
+  with pytest.raises(trainer.TrainingError, match="data.videos"):
+    _run(tiny("--config.train.stage=teacher"), tmp_path / "w4")
+
+
+def test_teacher_then_ode_stages(tmp_path, xla_cache):
+  """Stage 'teacher' on stored latent clips, then 'ode' from that teacher (on-the-fly and stored pairs)."""
+  from dsa_jax.data.videos import write_clips
+  spec = rollout.RolloutSpec.from_config(tiny())
+  rng = np.random.default_rng(0)
+  clips = [{"video": rng.standard_normal((spec.num_frames, spec.height, spec.width, spec.channels)).astype(np.float32),
+            "prompt": f"clip {i}"} for i in range(8)]
+  videos = tmp_path / "latents.array_record"
+  write_clips(str(videos), clips)
+  t_cfg = tiny("--config.train.stage=teacher", "--config.train.steps=2", f"--config.data.videos={videos}")
+  s, logs = _run(t_cfg, tmp_path / "teacher")
+  assert s["end_step"] == 2 and np.isfinite(s["last_metrics"]["loss_fm"])
+  teacher_model = tmp_path / "teacher" / "model"
+  params, meta = checkpointing.load_model_from_workdir(str(teacher_model), t_cfg, ("teacher",))
+  assert meta["stage"] == "teacher"
+
+  o_cfg = tiny("--config.train.stage=ode", "--config.train.steps=2", f"--config.train.teacher_from={teacher_model}")
+  s, logs = _run(o_cfg, tmp_path / "ode")
+  assert any("initialised ['generator']" in line for line in logs), logs
+  assert s["end_step"] == 2 and np.isfinite(s["last_metrics"]["loss_ode"])
+  # the student started from the teacher: 2 Adam steps of lr 1e-4 move each weight by about 2e-4 at most
+  gen = flat(s["state"].generator)
+  tea = flat(params["teacher"])
+  diff = max(np.abs(gen[k] - tea[k]).max() for k in tea)
+  assert 0 < diff < 1e-3, diff
+
+  # stored pairs: generate a file with the teacher, train one step from it
+  from dsa_jax.data.text_context import make_text_encoder
+  enc = make_text_encoder(o_cfg)
+  pairs = tmp_path / "pairs.array_record"
+  ode_pairs.generate_ode_pairs(o_cfg, params["teacher"], [f"p{i}" for i in range(4)], str(pairs), text_encoder=enc,
+                               uncond=enc([""]), batch_size=2)
+  src = ode_pairs.OdePairSource(str(pairs), o_cfg)
+  assert len(src) == 4 and src[0]["trajectory"].shape[0] == len(spec.sigmas)
+  np.testing.assert_allclose(src[0]["trajectory"][0].std(), 1.0, atol=0.15)  # sigma 1: pure noise
+  s, _ = _run(tiny("--config.train.stage=ode", "--config.train.steps=1", f"--config.train.ode_pairs={pairs}"),
+              tmp_path / "ode_stored")
+  assert s["end_step"] == 1 and np.isfinite(s["last_metrics"]["loss_ode"])
+  with pytest.raises(ode_pairs.OdePairsError, match="trajectory"):
+    ode_pairs.OdePairSource(str(videos), o_cfg)
+
+
+def test_cli_trains_checkpoints_resumes(tmp_path, xla_cache, reference_run):
+  """`dsa-jax train` end to end in a subprocess (the programs come from the persistent compilation cache)."""
+  work = tmp_path / "cli"
+  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=xla_cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+             JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+  base = [sys.executable, "-m", "dsa_jax", "train", "--config", TINY, "--workdir", str(work)] + BATCH
+  r = subprocess.run(base + ["--config.train.steps=4"], env=env, capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "step 4/4" in r.stdout and os.path.isdir(work / "checkpoints" / "4") and os.path.isdir(work / "model")
+  r = subprocess.run(base + ["--config.train.steps=6"], env=env, capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "resumed from" in r.stdout and "step 6/6" in r.stdout, r.stdout
+  assert json.load(open(work / "model" / "dsa_meta.json"))["step"] == 6
+  r = subprocess.run(base + ["--config.train.stage=nope"], env=env, capture_output=True, text=True, timeout=120)
+  assert r.returncode == 2 and "train.stage" in r.stderr
