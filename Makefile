@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-PROMPT ?= two digits move slowly; a digit enters
+PROMPT ?= digits 3 and 7 move slowly; then an 8 enters
 OUT ?= out/sample
 
 .PHONY: sample test venv-run venv-test clean
