@@ -1,0 +1,301 @@
+"""Moving-digits evaluation: Fréchet distance, prompt agreement, evaluator, x0-change heuristic, eval command."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from dsa_jax.eval import metrics
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Fréchet distance
+
+
+def _random_spd(rng, d, scale=1.0):
+  a = rng.standard_normal((d, d))
+  return scale * (a @ a.T / d + 0.1 * np.eye(d))
+
+
+def test_frechet_closed_form_diagonal():
+  mu_a, mu_b = np.array([0.0, 1.0, -2.0]), np.array([1.0, 1.0, 0.5])
+  va, vb = np.array([1.0, 4.0, 0.25]), np.array([9.0, 1.0, 0.25])
+  want = np.sum((mu_a - mu_b) ** 2) + np.sum((np.sqrt(va) - np.sqrt(vb)) ** 2)
+  got = metrics.frechet_from_stats(mu_a, np.diag(va), mu_b, np.diag(vb))
+  assert got == pytest.approx(want, rel=1e-10)
+
+
+def test_frechet_matches_scipy_sqrtm_on_non_commuting_covariances():
+  scipy_linalg = pytest.importorskip("scipy.linalg")
+  rng = np.random.default_rng(0)
+  d = 12
+  s_a, s_b = _random_spd(rng, d), _random_spd(rng, d, 3.0)
+  mu_a, mu_b = rng.standard_normal(d), rng.standard_normal(d)
+  covmean = scipy_linalg.sqrtm(s_a @ s_b).real
+  want = np.sum((mu_a - mu_b) ** 2) + np.trace(s_a) + np.trace(s_b) - 2 * np.trace(covmean)
+  assert metrics.frechet_from_stats(mu_a, s_a, mu_b, s_b) == pytest.approx(want, rel=1e-8)
+  # symmetric in its arguments
+  assert metrics.frechet_from_stats(mu_b, s_b, mu_a, s_a) == pytest.approx(want, rel=1e-8)
+
+
+def test_frechet_of_samples_approaches_the_gaussian_value():
+  rng = np.random.default_rng(1)
+  d = 4
+  s_a, s_b = _random_spd(rng, d), _random_spd(rng, d)
+  mu_a, mu_b = np.zeros(d), np.full(d, 0.5)
+  want = metrics.frechet_from_stats(mu_a, s_a, mu_b, s_b)
+  xa = rng.multivariate_normal(mu_a, s_a, size=40000)
+  xb = rng.multivariate_normal(mu_b, s_b, size=40000)
+  assert metrics.frechet_distance(xa, xb) == pytest.approx(want, abs=0.05 * want + 0.01)
+
+
+def test_frechet_zero_for_identical_sets_and_grows_with_shift():
+  rng = np.random.default_rng(2)
+  x = rng.standard_normal((300, 16))
+  assert metrics.frechet_distance(x, x) == pytest.approx(0.0, abs=1e-8)
+  fds = [metrics.frechet_distance(x, x + s) for s in (0.1, 0.5, 1.0)]
+  assert fds == pytest.approx([16 * s * s for s in (0.1, 0.5, 1.0)], rel=1e-6)  # a shift adds |shift|^2
+  assert fds[0] < fds[1] < fds[2]
+
+
+def test_frechet_is_finite_with_fewer_samples_than_features():
+  rng = np.random.default_rng(3)
+  a, b = rng.standard_normal((10, 64)), rng.standard_normal((10, 64)) + 0.3
+  fd = metrics.frechet_distance(a, b)
+  assert np.isfinite(fd) and fd > 0
+
+
+def test_frechet_rejects_bad_input():
+  with pytest.raises(metrics.MetricError, match="features"):
+    metrics.frechet_distance(np.zeros((1, 3)), np.zeros((5, 3)))
+  with pytest.raises(metrics.MetricError, match="NaN"):
+    metrics.frechet_distance(np.full((4, 3), np.nan), np.zeros((5, 3)))
+  with pytest.raises(metrics.MetricError, match="frechet_distance"):
+    metrics.frechet_distance(np.zeros((4, 3)), np.zeros((5, 2)))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Prompt agreement
+
+
+def test_prompt_digits_parses_the_digits_grammar():
+  assert metrics.prompt_digits("digits 3 and 7 move slowly; then an 8 enters; then cut to digit 2 moving fast") == \
+      {2, 3, 7, 8}
+  assert metrics.prompt_digits("digits 2, 8 and 0 move slowly; then the 2 and the 8 swap places") == {0, 2, 8}
+  assert metrics.prompt_digits("digit 5 stands still") == {5}
+  with pytest.raises(metrics.MetricError, match="12"):
+    metrics.prompt_digits("digit 12 moves")
+
+
+def test_prompt_digits_match_the_clip_metadata():
+  from dsa_jax.data import digits
+  for i in range(40):
+    clip = digits.make_clip(i, split="test", frames=16, size=32)
+    shown = {int(d) for d in np.unique(clip["digits"]) if d >= 0}
+    assert metrics.prompt_digits(clip["prompt"]) == shown, clip["prompt"]
+
+
+def test_prompt_agreement_and_f1():
+  target = metrics.multi_hot([{1, 2}, {3}, {4, 5, 6}, set()])
+  pred = metrics.multi_hot([{1, 2}, {3, 9}, {4}, set()])
+  a = metrics.prompt_agreement(pred, target)
+  assert a["set_agreement"] == pytest.approx(0.5)
+  f1 = metrics.digit_f1(pred, target)
+  assert f1 == pytest.approx([1.0, 2 / 3, 0.5, 1.0])
+  assert a["digit_f1"] == pytest.approx(np.mean(f1))
+  assert a["precision"] == pytest.approx(4 / 5) and a["recall"] == pytest.approx(4 / 6)
+  # prompts are parsed when given as text
+  b = metrics.prompt_agreement(pred, ["digits 1 and 2 move", "digit 3 moves", "digits 4, 5 and 6 move", "x"])
+  assert b == a
+  with pytest.raises(metrics.MetricError):
+    metrics.prompt_agreement(pred[:, :5], target[:, :5])
+
+
+def test_by_event_groups_steps():
+  steps = np.array([[1, 2, 5], [1, 3, 5]])
+  labels = np.array([[0, 0, 3], [0, 1, 3]])
+  out = metrics.by_event(steps, labels, ["none", "enter", "swap", "cut"])
+  assert out["none"]["mean"] == pytest.approx(4 / 3) and out["none"]["count"] == 3
+  assert out["cut"]["mean"] == 5 and out["enter"]["mean"] == 3
+  assert out["swap"]["count"] == 0 and np.isnan(out["swap"]["mean"])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Heuristic stop rule
+
+
+def test_x0_delta_stop():
+  import jax.numpy as jnp
+  from dsa_jax.eval import heuristic
+  prev = jnp.zeros((2, 3, 4, 4, 1))
+  x0 = prev.at[0, 1].set(0.5).at[1, 2].set(0.05)
+  d = np.asarray(heuristic.x0_delta(prev, x0))
+  assert d == pytest.approx(np.array([[0, 0.5, 0], [0, 0, 0.05]]), abs=1e-7)
+  done = np.asarray(heuristic.x0_delta_stop(prev, x0, 0.1))
+  assert done.tolist() == [[True, False, True], [True, True, True]]
+  done = np.asarray(heuristic.x0_delta_stop(prev, x0, jnp.array([1.0, 0.01])))  # per-sample deltas
+  assert done.tolist() == [[True, True, True], [True, True, False]]
+  with pytest.raises(ValueError):
+    heuristic.x0_delta(prev, x0[:, :2])
+
+
+def test_simulate_and_pick_thresholds():
+  from dsa_jax.eval import heuristic
+  trace = np.array([[[0.1, 0.6, 0.9], [0.7, 0.8, 0.95]]])  # (N=1, F=2, L=3)
+  assert heuristic.simulate_stops(trace, 0.5).tolist() == [[2, 1]]
+  assert heuristic.simulate_stops(trace, 0.99).tolist() == [[3, 3]]
+  assert heuristic.simulate_stops(trace, 0.5, min_steps=2).tolist() == [[2, 2]]
+  dtrace = np.array([[[np.nan, 0.3, 0.01], [np.nan, 0.02, 0.01]]])
+  assert heuristic.simulate_stops(dtrace, 0.05, rule="x0_delta").tolist() == [[3, 2]]
+  taus = heuristic.pick_thresholds(trace, [1.0, 2.0, 3.0])
+  assert [heuristic.simulate_stops(trace, t).mean() for t in taus] == [1.0, 2.0, 3.0]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Evaluator
+
+
+@pytest.fixture(scope="module")
+def tiny_evaluator(tmp_path_factory):
+  """A tiny evaluator (16px, 8 frames) trained for a few steps and saved: serves the round-trip and the e2e test."""
+  from dsa_jax.eval import evaluator as ev
+  out = str(tmp_path_factory.mktemp("evaluator") / "ev")
+  logs = []
+  summary = ev.train_evaluator(out, steps=12, batch=4, seed=0, size=16, frames=8, frame_batch=64, num_train=48,
+                               num_test=16, workers=1, log_every=4, log=logs.append, augment=False,
+                               cfg=ev.EvaluatorConfig(channels=(8, 16, 16), frame_dim=32, feature_dim=16))
+  return out, summary, logs
+
+
+def test_evaluator_trains_saves_and_loads(tiny_evaluator):
+  from dsa_jax.eval import evaluator as ev
+  out, summary, logs = tiny_evaluator
+  assert any("it/s" in line and "ETA" in line for line in logs)
+  assert summary["bytes"] < 3e6 and os.path.isfile(os.path.join(out, "dsa_meta.json"))
+  loaded = ev.load_evaluator(out)
+  assert loaded.cfg.size == 16 and loaded.cfg.feature_dim == 16
+  clips = ev.make_clip_arrays(5, split="test", seed=3, frames=8, size=16, workers=1)
+  a = ev.Evaluator(summary["params"], loaded.cfg).outputs(clips["video"], batch=2)
+  b = loaded.outputs(clips["video"], batch=4)
+  np.testing.assert_allclose(a["features"], b["features"], atol=1e-5)
+  assert b["features"].shape == (5, 16) and b["digit_logits"].shape == (5, 10)
+  assert b["event_logits"].shape == (5, 8, 6)
+  with pytest.raises(ev.EvaluatorError, match="16x16"):
+    loaded.outputs(np.zeros((2, 8, 32, 32, 1), np.float32))
+  with pytest.raises(FileNotFoundError, match="train-evaluator"):
+    ev.load_evaluator(out + "_missing")
+
+
+def test_augment_frames_warps_within_range():
+  import jax
+  from dsa_jax.eval import evaluator as ev
+  frames = -np.ones((6, 16, 16, 1), np.float32)
+  frames[:, 4:12, 6:10] = 1.0
+  out = np.asarray(ev.augment_frames(jax.random.PRNGKey(0), frames, max_noise=0.0))
+  assert out.shape == frames.shape and np.isfinite(out).all()
+  assert out.min() >= -1.0 - 1e-5 and out.max() <= 1.0 + 1e-5
+  assert not np.allclose(out, frames)  # warped
+  ink = (out > 0).mean(axis=(1, 2, 3))
+  assert np.all(ink > 0.5 * (frames[0] > 0).mean())  # the shape stays on the canvas
+  same = np.asarray(ev.augment_frames(jax.random.PRNGKey(0), frames, max_rot=0.0, scale=(1.0, 1.0), max_shear=0.0,
+                                      max_shift=0.0, contrast=(1.0, 1.0), max_noise=0.0))
+  np.testing.assert_allclose(same, frames, atol=1e-5)  # the identity transform
+
+
+def test_shipped_evaluator_beats_chance_on_real_test_clips():
+  from dsa_jax.eval import evaluator as ev
+  if not os.path.isfile(os.path.join(ev.DEFAULT_DIR, "dsa_meta.json")):
+    pytest.skip(f"no evaluator shipped at {ev.DEFAULT_DIR} (make it with `dsa-jax eval train-evaluator`)")
+  loaded = ev.load_evaluator()
+  assert ev.dir_size(ev.DEFAULT_DIR) < 3e6
+  clips = ev.make_clip_arrays(96, split="test", seed=7, frames=loaded.cfg.frames, size=loaded.cfg.size, workers=1)
+  acc = loaded.accuracy(clips["video"], clips["digits"], clips["labels"], clips["kind"])
+  # chance: predicting the most common set (one digit) gets < 5% of clips exactly right
+  assert acc["set_acc"] > 0.6, acc
+  assert acc["digit_f1"] > 0.85, acc
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Samplers and the eval command (tiny random weights)
+
+
+@pytest.fixture(scope="module")
+def digits_toy_config(repo_root):
+  from dsa_jax.config_lib import get_config
+  path = os.path.join(repo_root, "configs", "digits.py")
+  if not os.path.isfile(path):
+    pytest.skip("configs/digits.py is not there yet")
+  return get_config(path, ["--config.runlocal=True", "--config.compute.dtype=float32"])
+
+
+def test_heuristic_sampler_matches_fixed_steps_and_stops_early(digits_toy_config):
+  import jax
+  from dsa_jax.eval import heuristic
+  from dsa_jax.sampling import sampler as sampler_lib
+  config = digits_toy_config
+  base = sampler_lib.make_sampler(config)
+  params = base.init_params(jax.random.PRNGKey(0))
+  ctx = np.random.default_rng(0).standard_normal((2, config.model.text_len, config.model.text_dim)).astype(np.float32)
+  h = heuristic.make_heuristic_sampler(config)
+  L = base.num_steps
+  ref = base.sample(params, ctx, base.make_controls(2, threshold=np.inf, min_steps=1, max_steps=3, seed=5))
+  never = h.sample(params, ctx, h.make_controls(2, threshold=0.0, min_steps=1, max_steps=3, seed=5))
+  assert np.asarray(never.steps).tolist() == np.full((2, config.video.num_frames), 3).tolist()
+  np.testing.assert_allclose(np.asarray(never.latents), np.asarray(ref.latents), atol=1e-5)
+  trace = np.asarray(never.conf_trace)
+  assert np.isnan(trace[..., 0]).all() and np.isfinite(trace[..., 1:3]).all()  # x0 change from step 2 on
+  always = h.sample(params, ctx, h.make_controls(2, threshold=np.inf, min_steps=1, max_steps=L, seed=5))
+  assert (np.asarray(always.steps) == 2).all()  # stops at the first step where a change can be measured
+  # a delta between the measured changes stops some frames at 2 and some later
+  mid = float(np.median(trace[..., 1]))
+  some = h.sample(params, ctx, h.make_controls(2, threshold=mid, min_steps=1, max_steps=L, seed=5))
+  s = np.asarray(some.steps)
+  assert s.min() == 2 and s.max() > 2
+
+
+def test_eval_command_end_to_end(digits_toy_config, tiny_evaluator, tmp_path, repo_root):
+  from dsa_jax import cli
+  out = tmp_path / "eval"
+  ev_dir, _, _ = tiny_evaluator
+  rc = cli.main(["eval", "--config", os.path.join(repo_root, "configs", "digits.py"), "--config.runlocal=True",
+                 "--config.compute.dtype=float32", "--ckpt", "", "--out", str(out), "--num", "4", "--batch", "2",
+                 "--num-real", "6", "--thresholds", "0.5", "inf", "--fixed", "1", "--evaluator", ev_dir,
+                 "--fps-prompts", "1"])
+  assert rc == 0
+  res = json.loads((out / "eval.json").read_text())
+  assert [r["name"] for r in res["runs"]] == ["dsa-tau0.5", "dsa-tauinf", "fixed-1"]
+  cfg = digits_toy_config
+  for r in res["runs"]:
+    assert r["fd"] >= 0 and 0 <= r["agreement"] <= 1 and r["fps"] > 0 and r["fps_batch1"] > 0
+    assert len(r["steps_by_frame"]) == cfg.video.num_frames
+    assert set(r["steps_by_event_pred"]) == {"none", "enter", "swap", "cut", "speed", "bounce"}
+  assert res["runs"][1]["avg_steps"] == cfg.sampling.max_steps  # tau = inf: always max steps
+  assert res["runs"][2]["avg_steps"] == 1
+  assert res["benchmark"]["real_floor"]["fd"] >= 0
+  assert (out / "samples.gif").stat().st_size > 0 and (out / "steps_by_event.png").stat().st_size > 0
+
+
+def test_claim_sweep_tiny(digits_toy_config, tiny_evaluator, tmp_path):
+  from dsa_jax.eval import claim
+  ev_dir, _, _ = tiny_evaluator
+  bench = claim.Benchmark(digits_toy_config, num=4, evaluator=ev_dir, num_real=6, batch=4, fps_prompts=0,
+                          log=lambda s: None)
+  res = claim.run_claim(digits_toy_config, "", None, str(tmp_path), fixed=(1, 3), thresholds=[0.3, 0.6],
+                        deltas=[0.0, 1e9], bench=bench, log=lambda s: None)
+  g = res["groups"]
+  assert [r["avg_steps"] for r in g["fixed"]] == [1, 3]
+  assert len(g["dsa_dmd"]) == 2 and g["dsa_consistency"] == []
+  assert [r["avg_steps"] for r in g["heuristic"]] == [digits_toy_config.sampling.max_steps, 2]
+  md = (tmp_path / "claim.md").read_text()
+  assert "(a) fixed steps" in md and "(d) x0-change heuristic" in md and "real test clips" in md
+  assert (tmp_path / "claim.png").stat().st_size > 0 and (tmp_path / "claim.json").is_file()
+
+
+def test_eval_command_errors(tmp_path, repo_root):
+  from dsa_jax import cli
+  rc = cli.main(["eval", "--out", str(tmp_path)])
+  assert rc == 2  # --config missing
+  rc = cli.main(["eval", "--config", os.path.join(repo_root, "configs", "tiny.py"), "--out", str(tmp_path),
+                 "--ckpt", ""])
+  assert rc == 2  # not a pixel-space config
