@@ -68,6 +68,8 @@ def base_config() -> ml_collections.ConfigDict:
       # What a finished frame feeds its unfinished chunk neighbours (our reading): 'clean' = its final x0 at
       # t = context_noise, like a context frame; 'noisy' = its last noisy input.
       frozen_frames="clean",
+      # 'confidence' (DSA: the head) or 'x0_delta' (the training-free baseline: x0 changed less than threshold).
+      stop_rule="confidence",
   ))
 
   c.conf = ml_collections.ConfigDict(dict(

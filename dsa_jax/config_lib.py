@@ -200,6 +200,9 @@ def validate_config(config: ml_collections.ConfigDict):
   _require(s.frozen_frames in ("clean", "noisy"), "sampling.frozen_frames",
            f"must be 'clean' or 'noisy', got {s.frozen_frames!r}")
 
+  _require(s.stop_rule in ("confidence", "x0_delta"), "sampling.stop_rule",
+           f"must be 'confidence' or 'x0_delta', got {s.stop_rule!r}")
+
   c = config.compute
   _require(c.dtype in ("float32", "bfloat16", "float16"), "compute.dtype",
            f"must be float32, bfloat16 or float16, got {c.dtype!r}")

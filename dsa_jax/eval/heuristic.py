@@ -4,10 +4,9 @@ Rule: after step k >= 2 (two predictions exist) and k >= min_steps, a frame is d
 its x0 prediction between consecutive steps is below `delta`: mean_{H,W,C} |x0_k - x0_{k-1}| < delta. It needs no
 confidence head, so it isolates what the learned head adds over "the prediction has converged".
 
-The sampler is told which rule to use by a static switch. Until `dsa_jax/sampling/sampler.py` carries one
-(`config.sampling.stop_rule = 'x0_delta'`, see `sampler_has_stop_rule`), `X0DeltaSampler` subclasses the DSA sampler
-and replaces only the stopping test of its per-chunk while-loop; everything else (noise, frozen frames, cache,
-controls, one compiled program) is inherited, so FPS and quality are comparable with the DSA runs. In both, the
+The sampler is told which rule to use by a static switch, `config.sampling.stop_rule = 'x0_delta'`: only the
+stopping test of its per-chunk while-loop changes; everything else (noise, frozen frames, cache, controls, one
+compiled program) is the DSA sampler's, so FPS and quality are comparable with the DSA runs. The
 threshold control carries delta (traced: a sweep over deltas does not recompile), and the `confidences` /
 `conf_trace` outputs carry the measured x0 change instead of a confidence (nan at step 1, which has no previous
 prediction).
@@ -15,11 +14,9 @@ prediction).
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dsa_jax.diffusion import flow
 from dsa_jax.sampling import sampler as sampler_lib
 
 RULE = "x0_delta"
@@ -42,76 +39,12 @@ def x0_delta_stop(prev_x0, x0, delta):
   return d < delta
 
 
-def sampler_has_stop_rule(config) -> bool:
-  """True when the DSA sampler itself implements `config.sampling.stop_rule` (the hook asked of the lead)."""
-  return "stop_rule" in config.sampling and RULE in getattr(sampler_lib, "STOP_RULES", ())
-
-
-class X0DeltaSampler(sampler_lib.Sampler):
-  """The DSA sampler with the x0-change stopping rule instead of the confidence head (the head is not called)."""
-
-  def denoise_chunk(self, params, context, uncond_context, controls, keys, cache, chunk_index, use_cfg: bool):
-    c, L = self.chunk_frames, self.num_steps
-    b = context.shape[0]
-    offset = jnp.asarray(chunk_index, jnp.int32) * c
-    sig = jnp.asarray(np.append(self.sigmas, np.float32(0.0)))
-    max_s = jnp.clip(jax.lax.dynamic_slice_in_dim(controls.max_steps, offset, c, axis=1), 1, L)
-    min_s = jnp.clip(jax.lax.dynamic_slice_in_dim(controls.min_steps, offset, c, axis=1), 1, max_s)
-    delta = controls.threshold[:, None]
-    ckeys = sampler_lib.chunk_keys(keys, chunk_index)
-    tn = self.num_train_timesteps
-    gen = params["generator"]
-    bcast = sampler_lib._bcast  # pylint: disable=protected-access
-
-    def body(s: sampler_lib.SamplerState) -> sampler_lib.SamplerState:
-      active = ~s.done
-      a5 = bcast(active, s.x)
-      sigma_k = sig[s.k]
-      if self.frozen_mode == "clean":
-        frozen_x = self.context_input(s.x0, ckeys)
-        frozen_t = jnp.full((b, c), self.context_noise, jnp.float32)
-      else:
-        frozen_x = s.x
-        frozen_t = tn * sig[jnp.maximum(s.steps - 1, 0)]
-      x_in = jnp.where(a5, s.x, frozen_x)
-      t_in = jnp.where(active, tn * sigma_k, frozen_t)
-      v, _, cache = self.forward(gen, x_in, t_in, context, uncond_context, controls.guidance, s.cache, offset,
-                                 use_cfg)
-      x0_new = flow.x0_from_velocity(s.x, v, sigma_k)
-      change = jnp.where(s.k > 0, x0_delta(s.x0, x0_new), jnp.nan)  # no previous prediction at the first step
-      steps = jnp.where(active, s.k + 1, s.steps)
-      ready = (steps >= 2) & (change < delta)
-      stop = active & (((steps >= min_s) & ready) | (steps >= max_s))
-      x0 = jnp.where(a5, x0_new, s.x0)
-      conf = jnp.where(active, change, s.conf)
-      trace = jax.lax.dynamic_update_slice_in_dim(
-          s.trace, jnp.where(active, change, jnp.nan)[:, :, None], s.k, axis=2)
-      eps = sampler_lib.slot_noise(ckeys, s.k + 1, s.x.shape[1:])
-      x_next = flow.renoise(x0_new, eps, sig[s.k + 1])
-      x = jnp.where(bcast(active & ~stop, s.x), x_next, s.x)
-      return sampler_lib.SamplerState(k=s.k + 1, x=x, x0=x0, steps=steps, done=s.done | stop, conf=conf,
-                                      trace=trace, keys=s.keys, cache=cache)
-
-    def cond(s):
-      return (s.k < L) & ~jnp.all(s.done)
-
-    shape = (b,) + self.chunk_shape
-    state = sampler_lib.SamplerState(
-        k=jnp.zeros((), jnp.int32), x=sampler_lib.slot_noise(ckeys, 0, self.chunk_shape),
-        x0=jnp.zeros(shape, jnp.float32), steps=jnp.zeros((b, c), jnp.int32), done=jnp.zeros((b, c), bool),
-        conf=jnp.zeros((b, c), jnp.float32), trace=jnp.full((b, c, L), jnp.nan, jnp.float32), keys=ckeys,
-        cache=cache)
-    return jax.lax.while_loop(cond, body, state)
-
-
 def make_heuristic_sampler(config):
-  """A sampler that stops frames by the x0-change rule (threshold control = delta)."""
-  if sampler_has_stop_rule(config):
-    config = config.copy_and_resolve_references()
-    with config.unlocked():
-      config.sampling.stop_rule = RULE
-    return sampler_lib.make_sampler(config)
-  return X0DeltaSampler(config)
+  """A sampler that stops frames by the x0-change rule (`sampling.stop_rule='x0_delta'`; threshold control = delta)."""
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    config.sampling.stop_rule = RULE
+  return sampler_lib.make_sampler(config)
 
 
 def simulate_stops(trace, threshold, *, rule: str = "confidence", min_steps: int = 1, max_steps: int | None = None

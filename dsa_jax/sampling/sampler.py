@@ -41,6 +41,7 @@ from dsa_jax.models.dit import DiTConfig, WanDiT, init_cache
 
 
 FROZEN_MODES = ("clean", "noisy")
+STOP_RULES = ("confidence", "x0_delta")  # how a frame decides it is done: the head, or the training-free x0 change
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -211,6 +212,9 @@ class Sampler:
     self.num_steps = len(self.sigmas)
     self.num_train_timesteps = float(config.diffusion.num_train_timesteps)
     self.context_noise = float(config.sampling.context_noise)
+    self.stop_rule = config.sampling.get("stop_rule", "confidence")
+    if self.stop_rule not in STOP_RULES:
+      raise ValueError(f"config.sampling.stop_rule: expected one of {STOP_RULES}, got {self.stop_rule!r}")
     self.frozen_mode = config.sampling.get("frozen_frames", "clean")
     if self.frozen_mode not in FROZEN_MODES:
       raise ValueError(f"config.sampling.frozen_frames: expected one of {FROZEN_MODES}, got {self.frozen_mode!r}")
@@ -354,7 +358,7 @@ class Sampler:
     tau = controls.threshold[:, None]
     ckeys = chunk_keys(keys, chunk_index)
     tn = self.num_train_timesteps
-    gen, hp = params["generator"], params["head"]
+    gen, hp = params["generator"], params.get("head")
 
     def body(s: SamplerState) -> SamplerState:
       active = ~s.done
@@ -371,9 +375,16 @@ class Sampler:
       v, feats, cache = self.forward(gen, x_in, t_in, context, uncond_context, controls.guidance, s.cache, offset,
                                      use_cfg)
       x0_new = flow.x0_from_velocity(s.x, v, sigma_k)
-      conf_new = self.confidence(hp, feats, jnp.full((b, c), s.k, jnp.int32), t_in)
       steps = jnp.where(active, s.k + 1, s.steps)
-      stop = active & (((steps >= min_s) & (conf_new >= tau)) | (steps >= max_s))
+      if self.stop_rule == "x0_delta":
+        # Training-free baseline: stop once x0 moved less than tau (mean |change|) since the previous step; the
+        # change is recorded where the confidence would be.
+        conf_new = jnp.where(s.k > 0, jnp.mean(jnp.abs(x0_new - s.x0), axis=(2, 3, 4)), jnp.nan)
+        ready = (steps >= 2) & (conf_new < tau)
+      else:
+        conf_new = self.confidence(hp, feats, jnp.full((b, c), s.k, jnp.int32), t_in)
+        ready = conf_new >= tau
+      stop = active & (((steps >= min_s) & ready) | (steps >= max_s))
       x0 = jnp.where(a5, x0_new, s.x0)
       conf = jnp.where(active, conf_new, s.conf)
       trace = jax.lax.dynamic_update_slice_in_dim(
