@@ -3,13 +3,14 @@
   dsa-jax bench sample --config configs/wan_1_3b.py --steps 4 --json out/bench.json
   dsa-jax bench sample --config configs/wan_1_3b.py --mean-steps 2.5 --json out/bench_2p5.json
   dsa-jax bench sample --config configs/tiny.py --steps 2 --runs 2 --json /tmp/bench.json
+  dsa-jax bench train --config configs/wan_1_3b.py --teacher-like-model --steps 5 --json out/bench_train.json
 """
 
 from __future__ import annotations
 
 import argparse
 
-HELP = "speed benchmarks (sample)"
+HELP = "speed benchmarks (sample, train)"
 
 
 def add_arguments(p):
@@ -19,6 +20,11 @@ def add_arguments(p):
                       description=bench_sample.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   bench_sample.add_arguments(sp)
   sp.set_defaults(_bench=bench_sample.main)
+  from dsa_jax.eval import bench_train
+  tp = sub.add_parser("train", help="DSA training step: step time, peak memory, MFU",
+                      description=bench_train.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  bench_train.add_bench_train_arguments(tp)
+  tp.set_defaults(_bench=lambda args: 0 if bench_train.run_bench_train(args) is not None else 1)
 
 
 def main(args):

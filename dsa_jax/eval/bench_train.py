@@ -1,0 +1,173 @@
+"""Benchmark of the DSA training step: step time, peak memory, model FLOP utilisation (random weights).
+
+  dsa-jax bench train --config configs/wan_1_3b.py --teacher-like-model --steps 5 --json out/bench_train.json
+
+Batch 1 per device (global batch = number of devices), the config's mesh (default: all devices on 'data'). Both
+step functions are timed: 'gen' (rollout + DMD + generator/head update + critic update, every `dmd.critic_ratio`-th
+iteration) and 'critic' (no-grad rollout + critic update); `mean_iteration_s` weights them as training does.
+
+Memory: generator, EMA, head and critic are trained (fp32 masters + AdamW moments), the teacher is frozen (matmul
+weights in the compute dtype). Self Forcing's 14B teacher does not fit one 80 GB card next to a 1.3B trio:
+`--teacher-like-model` gives the teacher the generator's architecture (the 1.3B teacher of a same-size
+distillation), or shrink it field by field with `--config.teacher.num_layers=...` etc.
+
+Model FLOPs count what the algorithm needs per iteration (Self Forcing's minimum): per chunk the k* no-grad steps,
+the exit step's forward and backward (3 forwards), the cache fill; the teacher (2 forwards with guidance) and the
+critic's fake-score forward on the whole video; the critic's training forward and backward (3 forwards). Our
+implementation also repeats each chunk's exit forward once (two-phase rollout) and recomputes activations under
+remat: those are overhead, not model FLOPs. MFU = model FLOPs / (step time x devices x peak bf16 dense FLOP/s).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import numpy as np
+
+# Dense bf16 peak per device (vendor datasheets), by substring of `device_kind`.
+PEAK_BF16 = (("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L4", 121e12), ("v6", 918e12),
+             ("v5p", 459e12), ("v5 lite", 197e12), ("v5e", 197e12), ("v4", 275e12))
+
+
+def add_bench_train_arguments(p):
+  p.add_argument("--config", required=True, help="config file (path[:arg])")
+  p.add_argument("--steps", type=int, default=5, help="timed steps per step function (after one warm-up call)")
+  p.add_argument("--json", default="", help="write the results here")
+  p.add_argument("--teacher-like-model", action="store_true",
+                 help="give the teacher the generator's architecture (a 14B teacher does not fit one 80 GB card "
+                      "next to a trained 1.3B generator, head and critic)")
+  p.add_argument("--per-device-batch", type=int, default=1)
+  p.add_argument("--only", choices=("gen", "critic"), default=None, help="time one step function only")
+
+
+def peak_flops(device) -> float | None:
+  kind = getattr(device, "device_kind", "")
+  for key, value in PEAK_BF16:
+    if key.lower() in kind.lower():
+      return value
+  return None
+
+
+def step_model_flops(config, exit_steps: int, kind: str) -> float:
+  """Model FLOPs of one iteration per video (see the module docstring) for exit index k* = exit_steps - 1."""
+  from dsa_jax.config_lib import tokens_per_frame
+  from dsa_jax.models import factory
+  gcfg = factory.dit_config(config, "model")
+  tcfg = factory.dit_config(config, "teacher")
+  ccfg = factory.dit_config(config, "critic")
+  tpf = tokens_per_frame(config)
+  c, f = config.video.chunk_frames, config.video.num_frames
+  n = f // c
+  chunk = [factory.dit_forward_flops(gcfg, c * tpf, (i + 1) * c * tpf, c) for i in range(n)]
+  full = lambda d: factory.dit_forward_flops(d, f * tpf, f * tpf, f)
+  k_before = exit_steps - 1
+  critic_train = 3 * full(ccfg)
+  if kind == "critic":
+    return sum(chunk) * (k_before + 1 + 1) + critic_train
+  guided = 2 if float(config.dmd.guidance) != 0.0 else 1
+  return sum(chunk) * (k_before + 3 + 1) + guided * full(tcfg) + full(ccfg) + critic_train
+
+
+def run_bench_train(args) -> dict:
+  import jax
+  import jax.numpy as jnp
+
+  from dsa_jax.config_lib import get_config
+  from dsa_jax.parallel import mesh as mesh_lib
+  from dsa_jax.training import state as state_lib
+  from dsa_jax.training import steps as steps_lib
+  from dsa_jax.training import trainer
+
+  config = get_config(args.config, getattr(args, "overrides", []))
+  if args.teacher_like_model:
+    config.teacher = config.model.copy_and_resolve_references()
+  config.train.stage = "dsa"
+  config.train.teacher_from = ""
+  n_dev = jax.device_count()
+  config.train.batch_size = int(args.per_device_batch) * n_dev
+  mesh = mesh_lib.make_mesh(config)
+  rules = mesh_lib.rules_from_config(config)
+  mesh_lib.check_batch(config.train.batch_size, mesh)
+  dev = jax.local_devices()[0]
+
+  t0 = time.time()
+  bundle = steps_lib.build_steps(config, mesh, rules)
+  teacher = trainer.load_teacher(config, mesh, rules, bundle.teacher_shardings)
+  state, _ = state_lib.create_sharded_state(config, mesh, rules, jax.random.PRNGKey(0))
+  jax.block_until_ready(state)
+  init_s = time.time() - t0
+  b = config.train.batch_size
+  ctx = np.random.default_rng(0).standard_normal((b, config.model.text_len, config.model.text_dim), np.float32)
+  batch = {"context": trainer.place(ctx, bundle.batch_sharding)}
+  uncond = trainer.place(np.zeros((1, config.model.text_len, config.model.text_dim), np.float32),
+                         mesh_lib.replicated(mesh))
+
+  result = {"config": args.config, "name": config.name, "devices": n_dev, "device_kind": dev.device_kind,
+            "platform": dev.platform, "mesh": mesh_lib.mesh_sizes(mesh), "global_batch": b,
+            "per_device_batch": int(args.per_device_batch), "critic_ratio": int(config.dmd.critic_ratio),
+            "teacher": {k: config.teacher[k] for k in ("dim", "ffn_dim", "num_layers", "num_heads")},
+            "generator": {k: config.model[k] for k in ("dim", "ffn_dim", "num_layers", "num_heads")},
+            "video": {"num_frames": config.video.num_frames, "chunk_frames": config.video.chunk_frames,
+                      "height": config.video.height, "width": config.video.width},
+            "compute": dict(config.compute), "init_s": init_s, "steps": {}}
+  peak = peak_flops(dev)
+  kinds = [args.only] if args.only else ["gen", "critic"]
+  for kind in kinds:
+    t0 = time.time()
+    state, m = bundle(kind, state, teacher, batch, uncond)
+    jax.block_until_ready(m)
+    compile_s = time.time() - t0
+    times, flops = [], []
+    for _ in range(int(args.steps)):
+      t0 = time.time()
+      state, m = bundle(kind, state, teacher, batch, uncond)
+      m = jax.device_get(m)
+      times.append(time.time() - t0)
+      flops.append(b * step_model_flops(config, int(m["exit_step"]), kind))
+    step_s = float(np.mean(times))
+    model_tflop = float(np.mean(flops)) / 1e12
+    entry = {"compile_and_first_step_s": compile_s, "step_s": step_s, "step_s_min": float(np.min(times)),
+             "step_s_all": [float(t) for t in times], "model_tflop_per_step": model_tflop,
+             "achieved_tflops_per_device": model_tflop / step_s / n_dev,
+             "mfu": (model_tflop * 1e12 / step_s / n_dev / peak) if peak else None,
+             "last_metrics": {k: float(v) for k, v in m.items()}}
+    result["steps"][kind] = entry
+  stats = dev.memory_stats() if hasattr(dev, "memory_stats") else None
+  if stats:
+    result["peak_memory_gb"] = stats.get("peak_bytes_in_use", 0) / 1e9
+    result["memory_limit_gb"] = stats.get("bytes_limit", 0) / 1e9
+  if "gen" in result["steps"] and "critic" in result["steps"]:
+    r = max(1, int(config.dmd.critic_ratio))
+    g, c = result["steps"]["gen"], result["steps"]["critic"]
+    it_s = (g["step_s"] + (r - 1) * c["step_s"]) / r
+    flop = (g["model_tflop_per_step"] + (r - 1) * c["model_tflop_per_step"]) / r
+    result["mean_iteration_s"] = it_s
+    result["mean_mfu"] = (flop * 1e12 / it_s / n_dev / peak) if peak else None
+    result["videos_per_s"] = b / it_s
+  result["peak_bf16_flops_per_device"] = peak
+  if args.json:
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    tmp = args.json + ".tmp"
+    with open(tmp, "w") as f:
+      json.dump(result, f, indent=2)
+    os.replace(tmp, args.json)
+  return result
+
+
+def main(argv=None):
+  """Standalone entry (until `dsa-jax bench train` is registered): python -m dsa_jax.eval.bench_train ..."""
+  import argparse
+  import sys
+  argv = list(sys.argv[1:] if argv is None else argv)
+  p = argparse.ArgumentParser(prog="dsa-jax bench train", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  add_bench_train_arguments(p)
+  args = p.parse_args([a for a in argv if not a.startswith("--config.")])
+  args.overrides = [a for a in argv if a.startswith("--config.")]
+  print(json.dumps(run_bench_train(args), indent=2))
+
+
+if __name__ == "__main__":
+  main()
