@@ -95,8 +95,16 @@ def _worker(out_path: str, ckpt_dir: str):
 def report(tmp_path_factory):
   tmp = tmp_path_factory.mktemp("multidevice")
   out = tmp / "report.json"
+  # The single-device reference step is the program test_training.py compiled (same config and batch): with the
+  # session's persistent compilation cache it is loaded, not compiled again (the device-count flag is not part of
+  # jax's cache key).
+  base = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    base = base.parent
+  cache = base / "dsa_jax_xla_cache"  # the folder test_training.py uses
+  os.makedirs(cache, exist_ok=True)
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
-             PYTHONPATH=ROOT)
+             PYTHONPATH=ROOT, JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
   res = subprocess.run([sys.executable, os.path.abspath(__file__), str(out), str(tmp / "ckpt")], env=env,
                        capture_output=True, text=True, timeout=600)
   assert res.returncode == 0, res.stderr[-4000:]

@@ -75,12 +75,14 @@ class Checkpointer:
 
   def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True, read_only: bool = False):
     ocp = _ocp()
-    self.workdir = os.path.abspath(workdir)
-    self.directory = os.path.join(self.workdir, CKPT_DIR)
-    if not read_only:
-      os.makedirs(self.directory, exist_ok=True)
-    elif not os.path.isdir(self.directory):
-      raise TrainCheckpointError(f"{self.workdir!r} holds no {CKPT_DIR}/ folder (not a training workdir)")
+    remote = "://" in str(workdir)
+    self.workdir = str(workdir).rstrip("/") if remote else os.path.abspath(workdir)
+    self.directory = f"{self.workdir}/{CKPT_DIR}" if remote else os.path.join(self.workdir, CKPT_DIR)
+    if not remote:
+      if not read_only:
+        os.makedirs(self.directory, exist_ok=True)
+      elif not os.path.isdir(self.directory):
+        raise TrainCheckpointError(f"{self.workdir!r} holds no {CKPT_DIR}/ folder (not a training workdir)")
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=not read_only,
                                            cleanup_tmp_directories=not read_only, read_only=read_only)
     self.manager = ocp.CheckpointManager(self.directory, options=options)
@@ -105,7 +107,7 @@ class Checkpointer:
     return self.manager.save(int(step), args=ocp.args.Composite(**args), force=True)
 
   def _step_dir(self, step: int) -> str:
-    return os.path.join(self.directory, str(step))
+    return f"{self.directory}/{step}"
 
   def read_json(self, step: int, name: str) -> Any:
     ocp = _ocp()
@@ -156,14 +158,17 @@ def _check_meta(meta: dict, config, where: str):
 # Models for sampling / next stages
 
 
-def _abstract_networks(config, networks) -> dict:
-  """ShapeDtypeStructs (no sharding: orbax restores them as numpy) of `networks` under `config`'s architecture."""
+def _abstract_networks(config, networks, sharding=None) -> dict:
+  """ShapeDtypeStructs of `networks` under `config`'s architecture, on one local device by default (orbax needs a
+  target sharding when the checkpoint was written by another topology, e.g. a multi-host run)."""
   from dsa_jax.parallel.mesh import unbox
+  if sharding is None:
+    sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   out = {}
   for n in networks:
     name = "generator" if n == "generator_ema" else n
     boxed = jax.eval_shape(lambda k, name=name: state_lib._init_network(config, name, k), jax.random.PRNGKey(0))
-    out[n] = jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), unbox(boxed))
+    out[n] = jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), unbox(boxed))
   return out
 
 
@@ -180,9 +185,11 @@ def load_model_from_workdir(path: str, config, networks=SAMPLER_NETWORKS, step: 
   `config` first, so a mismatch names the field instead of failing inside orbax.
   """
   path = os.fspath(path)
+  networks = tuple(networks)
+  if "://" in path:
+    return _load_from_checkpoints(path, config, networks, step)
   if not os.path.exists(path):
     raise FileNotFoundError(f"checkpoint path {path!r} does not exist")
-  networks = tuple(networks)
   if _is_model_dir(path):
     params, meta = params_io.load_params(path, networks)
     _check_loaded(params, meta, config, networks, path)
@@ -193,6 +200,10 @@ def load_model_from_workdir(path: str, config, networks=SAMPLER_NETWORKS, step: 
       return load_model_from_workdir(os.path.join(path, MODEL_DIR), config, networks)
     raise TrainCheckpointError(f"{path!r} is neither a model checkpoint (no {params_io.META_FILE}) nor a training "
                                f"workdir with complete checkpoints under {CKPT_DIR}/ or an exported {MODEL_DIR}/")
+  return _load_from_checkpoints(path, config, networks, step)
+
+
+def _load_from_checkpoints(path, config, networks, step):
   ck = Checkpointer(path, read_only=True)
   step = ck.latest_step() if step is None else step
   if step is None:
@@ -297,3 +308,20 @@ def export_in_subprocess(workdir: str, out_dir: str, timeout: float | None = Non
   if res.returncode != 0:
     raise TrainCheckpointError(f"export of {workdir!r} to {out_dir!r} failed:\n{res.stderr[-2000:]}")
   return out_dir
+
+
+def main(argv=None):
+  """python -m dsa_jax.training.checkpointing export WORKDIR OUT_DIR [--step N]: latest checkpoint -> model folder."""
+  import argparse
+  p = argparse.ArgumentParser(prog="python -m dsa_jax.training.checkpointing")
+  sub = p.add_subparsers(dest="cmd", required=True)
+  e = sub.add_parser("export", help="write a params_io model folder from a training workdir's checkpoint")
+  e.add_argument("workdir")
+  e.add_argument("out_dir")
+  e.add_argument("--step", type=int, default=None)
+  args = p.parse_args(argv)
+  print(export_model(args.workdir, args.out_dir, step=args.step))
+
+
+if __name__ == "__main__":
+  main()

@@ -171,7 +171,8 @@ def create_sharded_state(config, mesh, rules, key, *, networks: dict | None = No
   shardings = state_shardings(config, mesh, rules)
   networks = dict(networks or {})
   names = tuple(sorted(networks))
-  cache_key = (config.to_json_best_effort(), tuple(d.id for d in mesh.devices.flat), mesh.devices.shape, names)
+  from dsa_jax.training.steps import program_key
+  cache_key = (program_key(config), tuple(d.id for d in mesh.devices.flat), mesh.devices.shape, names)
   if cache_key not in _INIT_FNS:
     in_sh = (mesh_lib.replicated(mesh), {n: getattr(shardings, n) for n in names})
     _INIT_FNS[cache_key] = jax.jit(lambda k, nets: init_state(config, k, networks=nets), in_shardings=in_sh,

@@ -298,13 +298,31 @@ def mesh_key(mesh) -> tuple:
   return (tuple(d.id for d in mesh.devices.flat), tuple(mesh.devices.shape), tuple(mesh.axis_names))
 
 
+# Fields that never change a compiled program (bookkeeping, data, paths): left out of the cache keys.
+_NON_PROGRAM_TRAIN_FIELDS = ("steps", "log_every", "ckpt_every", "keep", "async_ckpt", "init_from", "teacher_from",
+                             "critic_from", "ode_pairs", "max_time_s", "tensorboard", "compilation_cache")
+
+
+def program_key(config) -> str:
+  """The part of a config that shapes the compiled programs, as JSON."""
+  import json
+  d = json.loads(config.to_json_best_effort())
+  for k in ("data", "text", "vae", "runlocal", "name"):
+    d.pop(k, None)
+  for k in _NON_PROGRAM_TRAIN_FIELDS:
+    d.get("train", {}).pop(k, None)
+  return json.dumps(d, sort_keys=True)
+
+
 def build_steps(config, mesh, rules, *, state_shardings=None, stored_ode_pairs: bool | None = None) -> StepBundle:
   """Jits the stage's step functions with explicit shardings and state donation.
 
   Bundles are cached per (config, mesh): a second run in the same process (tests, a resumed loop) reuses the
   compiled executables instead of compiling again.
   """
-  key = (config.to_json_best_effort(), mesh_key(mesh), repr(rules), stored_ode_pairs)
+  if stored_ode_pairs is None:
+    stored_ode_pairs = bool(config.train.ode_pairs)
+  key = (program_key(config), mesh_key(mesh), repr(rules), stored_ode_pairs)
   if key not in _BUNDLES:
     _BUNDLES[key] = _build_steps(config, mesh, rules, state_shardings=state_shardings,
                                  stored_ode_pairs=stored_ode_pairs)

@@ -166,15 +166,17 @@ def load_teacher(config, mesh, rules, shardings):
   return place(steps_lib.frozen_cast(params["teacher"], tcfg.dtype), shardings)
 
 
-def initial_networks(config, teacher_host: Callable[[], Any]) -> dict:
-  """Host params that replace fresh initialisation at step 0 of a stage (see DESIGN 1.4 and issue 5)."""
+def initial_networks(config, teacher_host: Callable[[], Any]) -> tuple[dict, dict]:
+  """Host params that replace fresh initialisation at step 0 of a stage (see DESIGN 1.4 and issue 5), and where
+  each came from."""
   stage = config.train.stage
-  nets = {}
+  nets, sources = {}, {}
   init_from = config.train.init_from
   if stage == "teacher":
     if init_from:
       nets["teacher"] = checkpointing.load_model_from_workdir(init_from, config, ("teacher",))[0]["teacher"]
-    return nets
+      sources["teacher"] = init_from
+    return nets, sources
   if init_from:
     try:
       nets["generator"] = checkpointing.load_model_from_workdir(init_from, config, ("generator",))[0]["generator"]
@@ -182,18 +184,23 @@ def initial_networks(config, teacher_host: Callable[[], Any]) -> dict:
       # a converted base model stored as 'teacher' with the generator's architecture (e.g. Wan2.1-1.3B)
       cfg_t = _with_teacher_as_model(config)
       nets["generator"] = checkpointing.load_model_from_workdir(init_from, cfg_t, ("teacher",))[0]["teacher"]
+    sources["generator"] = init_from
   elif stage == "ode" and config.train.teacher_from and _same_arch(config, "model", "teacher"):
     nets["generator"] = teacher_host()  # CausVid: the causal student starts from the bidirectional teacher
+    sources["generator"] = f"the teacher {config.train.teacher_from}"
   if stage == "dsa":
     critic_from = config.train.get("critic_from", "")
     if critic_from:
       nets["critic"] = checkpointing.load_model_from_workdir(critic_from, _with_teacher_as_critic(config),
                                                              ("teacher",))[0]["teacher"]
+      sources["critic"] = critic_from
     elif config.train.teacher_from and _same_arch(config, "critic", "teacher"):
       nets["critic"] = teacher_host()  # the fake score starts as the real score
+      sources["critic"] = f"the teacher {config.train.teacher_from}"
     elif "generator" in nets and _same_arch(config, "critic", "model"):
       nets["critic"] = nets["generator"]
-  return nets
+      sources["critic"] = f"the generator {sources['generator']}"
+  return nets, sources
 
 
 def _with_teacher_as_model(config):
@@ -221,9 +228,11 @@ class MetricLog:
     if workdir and enable_tb and jax.process_index() == 0:
       try:
         from tensorboardX import SummaryWriter
-        self.writer = SummaryWriter(os.path.join(workdir, "tb"))
+        self.writer = SummaryWriter(workdir.rstrip("/") + "/tb")
       except ImportError:
         _log("WARNING: tensorboardX is not installed; no TensorBoard event files (pip install tensorboardX)")
+      except Exception as e:  # pylint: disable=broad-except  (e.g. a gs:// workdir without GCS support)
+        _log(f"WARNING: no TensorBoard event files in {workdir}/tb: {type(e).__name__}: {e}")
 
   def add(self, metrics):
     self.pending.append(metrics)
@@ -278,26 +287,70 @@ def setup_compilation_cache(config):
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
+def is_remote(path: str) -> bool:
+  return "://" in str(path)
+
+
+class StopFlag:
+  """SIGTERM (preemption) or SIGINT (Ctrl-C, `timeout --signal=INT`) asks the loop to stop after the current step,
+  save a checkpoint and leave; with several hosts the flag is agreed on by all of them every step."""
+
+  def __init__(self):
+    self.raised = False
+    self._old = {}
+
+  def __enter__(self):
+    import signal
+    import threading
+    if threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._old[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    if self.raised and signum == 2:  # a second Ctrl-C interrupts for real
+      raise KeyboardInterrupt
+    self.raised = True
+
+  def __exit__(self, *exc):
+    import signal
+    for sig, old in self._old.items():
+      signal.signal(sig, old)
+    return False
+
+  def agreed(self) -> bool:
+    if jax.process_count() == 1:
+      return self.raised
+    from jax.experimental import multihost_utils
+    return bool(np.any(multihost_utils.process_allgather(np.array([self.raised]))))
+
+
 def train(config, workdir: str, *, stop_after: int | None = None, mesh=None, log: Callable[[str], None] | None = None
           ) -> dict:
   """Runs (or resumes) the stage of `config` in `workdir`; returns a summary dict.
 
-  `stop_after`: leave after this many steps of this invocation without exporting (tests use it to simulate a
-  preemption; a checkpoint exists only where `train.ckpt_every` put one).
+  Stops early, with a checkpoint at the current step and without exporting, on SIGTERM / SIGINT or after
+  `train.max_time_s` seconds (0: no limit); the same command resumes. `stop_after`: leave after this many steps of
+  this invocation without saving or exporting (tests use it to simulate a crash; checkpoints exist only where
+  `train.ckpt_every` put them).
   """
   emit = log or _log
   config = config.copy_and_resolve_references()
   stage = config.train.stage
   state_lib.check_stage(stage)
   setup_compilation_cache(config)
-  workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
+  remote = is_remote(workdir)
+  workdir = str(workdir) if remote else os.path.abspath(workdir)
+  if not remote:
+    os.makedirs(workdir, exist_ok=True)
   mesh = mesh if mesh is not None else mesh_lib.make_mesh(config)
   rules = mesh_lib.rules_from_config(config)
   total = int(config.train.steps)
   global_batch = int(config.train.batch_size)
   mesh_lib.check_batch(global_batch, mesh)
   local_batch = global_batch // jax.process_count()
+  max_time = float(config.train.get("max_time_s", 0) or 0)
   emit(f"[{stage}] {mesh_lib.describe(mesh)}; global batch {global_batch}; {total} steps; workdir {workdir}")
 
   # Data first: a bad prompt or video file fails before anything is compiled.
@@ -331,13 +384,12 @@ def train(config, workdir: str, *, stop_after: int | None = None, mesh=None, log
       loader.set_state(data_state)
     emit(f"[{stage}] resumed from {ck._step_dir(latest)}")
   else:
-    nets = initial_networks(config, teacher_host)
+    nets, sources = initial_networks(config, teacher_host)
     placed = {n: place(p, getattr(shardings, n)) for n, p in nets.items()}
     state, _ = state_lib.create_sharded_state(config, mesh, rules, jax.random.PRNGKey(int(config.seed)),
                                               networks=placed)
-    if nets:
-      emit(f"[{stage}] initialised {sorted(nets)} from "
-           f"{config.train.init_from or config.train.teacher_from or config.train.get('critic_from', '')}")
+    for n in sorted(sources):
+      emit(f"[{stage}] initialised {n} from {sources[n]}")
   uncond_dev = place(uncond, mesh_lib.replicated(mesh))
   prep = BatchPreparer(config, bundle.batch_sharding, text_encoder, global_batch)
   metrics_log = MetricLog(workdir, enable_tb=bool(config.train.get("tensorboard", True)))
@@ -345,56 +397,77 @@ def train(config, workdir: str, *, stop_after: int | None = None, mesh=None, log
   start = int(jax.device_get(state.step))
   log_every, ckpt_every = max(1, int(config.train.log_every)), max(1, int(config.train.ckpt_every))
   frames = int(config.video.num_frames)
-  t_last, step_last, rate = time.time(), start, float("nan")
-  first_step_time = None
-  summary: dict[str, Any] = {"start_step": start, "workdir": workdir}
-  step = start
+  t_start = t_last = time.time()
+  step_last, rate = start, float("nan")
+  summary: dict[str, Any] = {"start_step": start, "workdir": workdir, "stopped": None}
+  done = start
   try:
-    for step in range(start, total):
-      t0 = time.time()
-      batch = prep(next(loader))
-      name = bundle.step_name(step, config)
-      state, metrics = bundle(name, state, teacher, batch, uncond_dev)
-      metrics_log.add(metrics)
-      done = step + 1
-      if first_step_time is None:
-        jax.block_until_ready(metrics)
-        first_step_time = time.time() - t0
-        summary["first_step_s"] = first_step_time
-      if done % log_every == 0 or done == total:
-        scalars = metrics_log.flush()
-        now = time.time()
-        rate = (done - step_last) / max(now - t_last, 1e-9)
-        t_last, step_last = now, done
-        scalars.update(it_per_s=rate, samples_per_s=rate * global_batch, frames_per_s=rate * global_batch * frames)
-        emit(progress_line(stage, done, total, scalars, rate, (total - done) / max(rate, 1e-9)))
-        metrics_log.write(done, scalars)
-        summary["last_metrics"] = scalars
-      if done % ckpt_every == 0 or done == total:
-        ck.save(done, state, config=config, data_state=loader.get_state())
-      if stop_after is not None and done - start >= stop_after:
-        break
+    with StopFlag() as stop:
+      for step in range(start, total):
+        t0 = time.time()
+        batch = prep(next(loader))
+        name = bundle.step_name(step, config)
+        state, metrics = bundle(name, state, teacher, batch, uncond_dev)
+        metrics_log.add(metrics)
+        done = step + 1
+        if "first_step_s" not in summary:
+          jax.block_until_ready(metrics)
+          summary["first_step_s"] = time.time() - t0
+        if done % log_every == 0 or done == total:
+          scalars = metrics_log.flush()
+          now = time.time()
+          rate = (done - step_last) / max(now - t_last, 1e-9)
+          t_last, step_last = now, done
+          scalars.update(it_per_s=rate, samples_per_s=rate * global_batch, frames_per_s=rate * global_batch * frames)
+          emit(progress_line(stage, done, total, scalars, rate, (total - done) / max(rate, 1e-9)))
+          metrics_log.write(done, scalars)
+          summary["last_metrics"] = scalars
+        if stop_after is not None and done - start >= stop_after:
+          summary["stopped"] = "stop_after"
+          break
+        reason = "signal" if stop.agreed() else (
+            "max_time_s" if max_time and time.time() - t_start > max_time else None)
+        if done % ckpt_every == 0 or done == total or reason:
+          ck.save(done, state, config=config, data_state=loader.get_state())
+        if reason:
+          summary["stopped"] = reason
+          emit(f"[{stage}] stopped at step {done} ({reason}); checkpoint saved; the same command resumes")
+          break
     ck.wait()
-    done = int(jax.device_get(state.step))
     summary["end_step"] = done
-    if done >= total and stop_after is None:
+    if done >= total and summary["stopped"] is None:
       if ck.latest_step() != done:
         ck.save(done, state, config=config, data_state=loader.get_state())
         ck.wait()
-      out = os.path.join(workdir, checkpointing.MODEL_DIR)
-      if jax.process_count() == 1:
-        checkpointing.export_networks(state, config, out, step=done, source=workdir)
-      else:
-        from jax.experimental import multihost_utils
-        multihost_utils.sync_global_devices("dsa_jax_export_start")
-        if jax.process_index() == 0:
-          checkpointing.export_in_subprocess(workdir, out)
-        multihost_utils.sync_global_devices("dsa_jax_export_done")
-      summary["model"] = out
-      emit(f"[{stage}] done: {done} steps; model exported to {out}")
+      summary["model"] = _export(config, state, workdir, done, emit)
   finally:
     ck.close()
     metrics_log.close()
     loader.close()
   summary["state"] = state
   return summary
+
+
+def _export(config, state, workdir: str, step: int, emit) -> str | None:
+  stage = config.train.stage
+  if is_remote(workdir):
+    emit(f"[{stage}] done: {step} steps. The workdir is remote; export a model folder with\n"
+         f"  python -m dsa_jax.training.checkpointing export {workdir} LOCAL_DIR")
+    return None
+  out = os.path.join(workdir, checkpointing.MODEL_DIR)
+  if jax.process_count() == 1:
+    checkpointing.export_networks(state, config, out, step=step, source=workdir)
+  else:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices("dsa_jax_export_start")
+    error = None
+    if jax.process_index() == 0:
+      try:
+        checkpointing.export_in_subprocess(workdir, out)
+      except Exception as e:  # pylint: disable=broad-except
+        error = e
+    multihost_utils.sync_global_devices("dsa_jax_export_done")  # every host gets here, even after an error
+    if error is not None:
+      raise error
+  emit(f"[{stage}] done: {step} steps; model exported to {out}")
+  return out
