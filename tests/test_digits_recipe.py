@@ -1,0 +1,53 @@
+"""The digits recipe: the shipped default model loads and samples; the three-stage chain runs at toy size on CPU."""
+
+import os
+
+import numpy as np
+import pytest
+
+from dsa_jax import cli
+from dsa_jax.config_lib import get_config
+
+
+def _digits(repo_root, *overrides):
+  return get_config(os.path.join(repo_root, "configs", "digits.py"), list(overrides))
+
+
+def test_shipped_model_loads_and_samples(repo_root):
+  from dsa_jax.data.text_context import make_text_encoder
+  from dsa_jax.sampling.sampler import load_sampler_params, make_sampler
+  config = _digits(repo_root, "--config.compute.dtype=float32")
+  assert config.sampling.checkpoint.endswith(os.path.join("assets", "digits_model"))
+  params, source = load_sampler_params(config, config.sampling.checkpoint, warn=lambda *_: None)
+  assert "digits_model" in str(source)
+  sampler = make_sampler(config)
+  ctx = make_text_encoder(config)(["digit 5 moves slowly"])
+  out = sampler.sample(params, ctx, sampler.make_controls(1, threshold=np.inf, max_steps=2, seed=0))
+  frames = np.asarray(out.latents)
+  assert frames.shape == (1, 16, 32, 32, 1)
+  assert (np.asarray(out.steps) == 2).all()
+  assert np.isfinite(frames).all()
+  # A trained model draws bright digits on a dark canvas: mostly background (-1), a few bright pixels.
+  assert np.median(frames) < -0.7 and np.percentile(frames, 99.5) > 0.3
+  dyn = sampler.sample(params, ctx, sampler.make_controls(1, threshold=0.6, seed=0))
+  assert 1 <= float(np.asarray(dyn.steps).mean()) <= 5
+
+
+def test_runlocal_chain_teacher_ode_dsa(repo_root, tmp_path, capsys):
+  """teacher -> ODE init -> DSA at toy size, each stage resuming from the previous stage's exported model."""
+  cfg = os.path.join(repo_root, "configs", "digits.py")
+  common = ["--config.runlocal=True", "--config.train.steps=3", "--config.train.ckpt_every=3",
+            "--config.train.log_every=1"]
+  t, o, d = (str(tmp_path / n) for n in ("teacher", "ode", "dsa"))
+  assert cli.main(["train", "--config", cfg + ":teacher", "--workdir", t] + common) == 0
+  assert cli.main(["train", "--config", cfg + ":ode", "--workdir", o, f"--config.train.teacher_from={t}/model",
+                   "--config.train.ode_steps=4"] + common) == 0
+  assert cli.main(["train", "--config", cfg + ":dsa", "--workdir", d, f"--config.train.teacher_from={t}/model",
+                   f"--config.train.init_from={o}/model"] + common) == 0
+  log = capsys.readouterr().out + capsys.readouterr().err
+  for stage in ("teacher", "ode", "dsa"):
+    assert os.path.isfile(os.path.join(tmp_path, stage, "model", "dsa_meta.json"))
+  out = tmp_path / "sample"
+  assert cli.main(["sample", "--config", cfg, "--config.runlocal=True", "--ckpt", f"{d}/model", "--out", str(out),
+                   "--prompt", "digit 3 moves fast"]) == 0
+  assert (out / "digit_3_moves_fast.steps.json").is_file()
