@@ -368,19 +368,19 @@ def test_bad_prompt_file_gives_clear_error(tmp_path, xla_cache):
     _run(tiny("--config.train.stage=teacher"), tmp_path / "w4")
 
 
-def test_teacher_then_ode_stages(tmp_path, xla_cache):
-  """Stage 'teacher' on stored latent clips, then 'ode' from that teacher (on-the-fly and stored pairs)."""
+def test_ode_stage_on_the_fly_and_stored(tmp_path, xla_cache):
+  """Stage 'ode' from a teacher model folder: pairs generated inside the step, then pairs stored in a file.
+  (Stage 'teacher' is trained in test_multiprocess.py.)"""
   from dsa_jax.data.videos import write_clips
   spec = rollout.RolloutSpec.from_config(tiny())
   rng = np.random.default_rng(0)
   clips = [{"video": rng.standard_normal((spec.num_frames, spec.height, spec.width, spec.channels)).astype(np.float32),
-            "prompt": f"clip {i}"} for i in range(8)]
+            "prompt": f"clip {i}"} for i in range(2)]
   videos = tmp_path / "latents.array_record"
   write_clips(str(videos), clips)
-  t_cfg = tiny("--config.train.stage=teacher", "--config.train.steps=2", f"--config.data.videos={videos}")
-  s, logs = _run(t_cfg, tmp_path / "teacher")
-  assert s["end_step"] == 2 and np.isfinite(s["last_metrics"]["loss_fm"])
-  teacher_model = tmp_path / "teacher" / "model"
+  t_cfg = tiny("--config.train.stage=teacher")
+  teacher_model = tmp_path / "teacher_model"
+  checkpointing.export_networks({"teacher": init_net(t_cfg, "teacher", 7)}, t_cfg, str(teacher_model))
   params, meta = checkpointing.load_model_from_workdir(str(teacher_model), t_cfg, ("teacher",))
   assert meta["stage"] == "teacher"
 
@@ -403,8 +403,8 @@ def test_teacher_then_ode_stages(tmp_path, xla_cache):
   src = ode_pairs.OdePairSource(str(pairs), o_cfg)
   assert len(src) == 4 and src[0]["trajectory"].shape[0] == len(spec.sigmas)
   np.testing.assert_allclose(src[0]["trajectory"][0].std(), 1.0, atol=0.15)  # sigma 1: pure noise
-  s, _ = _run(tiny("--config.train.stage=ode", "--config.train.steps=1", f"--config.train.ode_pairs={pairs}"),
-              tmp_path / "ode_stored")
+  s, _ = _run(tiny("--config.train.stage=ode", "--config.train.steps=1", f"--config.train.ode_pairs={pairs}",
+                   f"--config.train.teacher_from={teacher_model}"), tmp_path / "ode_stored")
   assert s["end_step"] == 1 and np.isfinite(s["last_metrics"]["loss_ode"])
   with pytest.raises(ode_pairs.OdePairsError, match="trajectory"):
     ode_pairs.OdePairSource(str(videos), o_cfg)

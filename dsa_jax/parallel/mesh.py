@@ -158,6 +158,23 @@ def check_batch(global_batch: int, mesh: Mesh, field: str = "train.batch_size"):
     raise MeshError(f"config.{field}={global_batch} must divide by the number of hosts {jax.process_count()}")
 
 
+def check_process_batch_layout(mesh: Mesh):
+  """Every host must own distinct rows of the batch (each host feeds its own examples): the batch axes (data, fsdp)
+  may span hosts, the 'tensor' axis must stay inside a host."""
+  if jax.process_count() == 1:
+    return
+  sizes = mesh_sizes(mesh)
+  owners: dict[int, set] = {}
+  for idx in np.ndindex(mesh.devices.shape):
+    block = idx[0] * sizes["fsdp"] + idx[1]
+    owners.setdefault(block, set()).add(mesh.devices[idx].process_index)
+  shared = sorted(b for b, o in owners.items() if len(o) > 1)
+  if shared:
+    raise MeshError(f"config.mesh.shape {sizes}: the 'tensor' axis spans hosts, so several hosts would have to feed "
+                    f"the same batch rows ({len(shared)} of {len(owners)} batch blocks); keep tensor parallelism "
+                    "within a host (tensor <= devices per host)")
+
+
 def logical_shardings(tree_of_names, shapes, mesh: Mesh, rules):
   """NamedShardings for activations or caches given a tree of logical-name tuples and a matching shape tree."""
   return jax.tree_util.tree_map(

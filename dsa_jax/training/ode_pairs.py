@@ -151,8 +151,8 @@ def generate_ode_pairs(config, teacher_params, prompts: Sequence[str], path: str
   spec = RolloutSpec.from_config(config)
   tcfg = factory.dit_config(config, "teacher")
   grid, pos = ode_grid(spec.sigmas, int(config.train.ode_steps))
-  guidance = float(config.train.get("ode_guidance", None) if config.train.get("ode_guidance", None) is not None
-                   else config.dmd.guidance)
+  from dsa_jax.training.steps import ode_guidance
+  guidance = ode_guidance(config)
   fn = jax.jit(lambda p, n, c, u: teacher_trajectory(tcfg, p, n, c, u, grid, pos, guidance))
   key = jax.random.PRNGKey(seed)
   with VideoRecordWriter(path) as w:

@@ -36,13 +36,10 @@ from dsa_jax.training import state as state_lib
 METRIC_DTYPE = jnp.float32
 
 
-def _guidance(value) -> float:
-  return float(value)
-
-
 def ode_guidance(config) -> float:
+  """`train.ode_guidance` (Self Forcing's convention, like dmd.guidance); None or negative: use `dmd.guidance`."""
   g = config.train.get("ode_guidance", None)
-  return float(config.dmd.guidance if g is None else g)
+  return float(config.dmd.guidance if g is None or g < 0 else g)
 
 
 def frozen_cast(params, dtype):
@@ -123,7 +120,7 @@ def make_dsa_fns(config, mesh, rules):
   ccfg = factory.dit_config(config, "critic")
   hcfg = ConfidenceConfig.from_config(config)
   txs = state_lib.optimizers(config)
-  guidance = _guidance(config.dmd.guidance)
+  guidance = float(config.dmd.guidance)
   consistency = config.conf.target == "consistency"
   c_scale = float(config.conf.consistency_scale)
   conf_w = float(config.conf.loss_weight)

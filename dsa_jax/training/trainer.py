@@ -349,6 +349,7 @@ def train(config, workdir: str, *, stop_after: int | None = None, mesh=None, log
   total = int(config.train.steps)
   global_batch = int(config.train.batch_size)
   mesh_lib.check_batch(global_batch, mesh)
+  mesh_lib.check_process_batch_layout(mesh)
   local_batch = global_batch // jax.process_count()
   max_time = float(config.train.get("max_time_s", 0) or 0)
   emit(f"[{stage}] {mesh_lib.describe(mesh)}; global batch {global_batch}; {total} steps; workdir {workdir}")
