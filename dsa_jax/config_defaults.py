@@ -73,7 +73,7 @@ def base_config() -> ml_collections.ConfigDict:
   ))
 
   c.conf = ml_collections.ConfigDict(dict(
-      hidden=256, embed_dim=64, detach_trunk=True, target="dmd", target_ema=0.99, consistency_scale=0.0,
+      hidden=256, embed_dim=64, detach_trunk=True, target="remaining", target_ema=0.99, consistency_scale=0.0,
       loss_weight=1.0,
   ))
 
@@ -95,6 +95,9 @@ def base_config() -> ml_collections.ConfigDict:
       steps=600, batch_size=64, lr=2e-6, critic_lr=4e-7, conf_lr=1e-4, b1=0.0, b2=0.999, weight_decay=0.01,
       grad_clip=10.0, ema_decay=0.99, ema_start=200, log_every=10, ckpt_every=100, keep=3, async_ckpt=True,
       init_from="", teacher_from="", ode_steps=48, ode_pairs="",
+      warmup_steps=0,  # linear learning-rate warmup (steps)
+      lr_decay="constant",  # 'constant' | 'cosine' (to 5% of the rate at train.steps)
+      teacher_ema_decay=0.0,  # teacher stage: EMA of the teacher, exported instead of the raw weights (0 = off)
   ))
 
   c.data = ml_collections.ConfigDict(dict(

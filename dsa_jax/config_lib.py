@@ -20,6 +20,12 @@ class ConfigError(ValueError):
   """A config value is invalid; the message names the field and what was expected."""
 
 
+# Confidence-head training targets (dsa_jax.training.losses): 'remaining' (default) = how little the frame's x0 would
+# still change by the last ladder step; 'consistency' = the same with a fixed/mean scale; 'dmd' = teacher/critic
+# disagreement on the exit x0.
+CONF_TARGETS = ("remaining", "consistency", "dmd")
+
+
 def _load_module(spec: str):
   path = spec.partition(":")[0]
   if not os.path.isfile(path):
@@ -215,7 +221,7 @@ def validate_config(config: ml_collections.ConfigDict):
 
   h = config.conf
   _require(h.hidden > 0, "conf.hidden", "must be positive")
-  _require(h.target in ("dmd", "consistency"), "conf.target", f"must be 'dmd' or 'consistency', got {h.target!r}")
+  _require(h.target in CONF_TARGETS, "conf.target", f"must be one of {CONF_TARGETS}, got {h.target!r}")
 
   if "mesh" in config:
     shape = dict(config.mesh.shape)

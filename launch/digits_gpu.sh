@@ -3,20 +3,25 @@
 # optionally a second DSA run with the consistency target. Each stage is bounded in wall time (STAGE_*_S); a stage
 # stopped by its bound is exported from its latest checkpoint, so the chain always finishes with usable models.
 #
-#   RUN=runs/digits TEACHER_STEPS=4000 ODE_STEPS=1500 DSA_STEPS=1200 bash launch/digits_gpu.sh
+#   RUN=runs/digits bash launch/digits_gpu.sh                 # every stage at configs/digits.py's step counts
+#   RUN=runs/digits STAGES="teacher" TEACHER_STEPS=6000 bash launch/digits_gpu.sh   # one stage (others skipped)
+# The data is generated once per DATA folder (skipped when its prompts.txt exists); stages whose model exists are
+# skipped, so the same command continues a chain.
 set -uo pipefail
 RUN=${RUN:-runs/digits}
 DATA=${DATA:-$RUN/data}
-NUM_SHARDS=${NUM_SHARDS:-16}
-CLIPS_PER_SHARD=${CLIPS_PER_SHARD:-1500}
-TEACHER_STEPS=${TEACHER_STEPS:-4000}; STAGE_TEACHER_S=${STAGE_TEACHER_S:-240}
-ODE_STEPS=${ODE_STEPS:-1500};         STAGE_ODE_S=${STAGE_ODE_S:-120}
-DSA_STEPS=${DSA_STEPS:-1200};         STAGE_DSA_S=${STAGE_DSA_S:-150}
+NUM_SHARDS=${NUM_SHARDS:-32}
+CLIPS_PER_SHARD=${CLIPS_PER_SHARD:-2000}
+STAGES=${STAGES:-teacher ode dsa}
+TEACHER_STEPS=${TEACHER_STEPS:-10000}; STAGE_TEACHER_S=${STAGE_TEACHER_S:-600}
+ODE_STEPS=${ODE_STEPS:-2000};          STAGE_ODE_S=${STAGE_ODE_S:-300}
+DSA_STEPS=${DSA_STEPS:-1500};          STAGE_DSA_S=${STAGE_DSA_S:-400}
 CONSISTENCY=${CONSISTENCY:-0}
 EXTRA=${EXTRA:-}  # extra overrides for every stage, e.g. --config.train.batch_size=8
 PY=${PY:-python3}
 mkdir -p "$RUN" "$DATA"
 
+if [ -f "$DATA/prompts.txt" ]; then echo "== data: $DATA exists"; else
 echo "== data: $NUM_SHARDS shards x $CLIPS_PER_SHARD clips"
 $PY - "$DATA" "$NUM_SHARDS" "$CLIPS_PER_SHARD" <<'PYEOF'
 import multiprocessing as mp, os, sys
@@ -31,11 +36,13 @@ with open(os.path.join(out, "prompts.txt"), "w") as f:
   for k in range(n):
     f.write(open(os.path.join(out, f"shard_{k:02d}", "prompts.txt")).read())
 PYEOF
+fi
 VIDEOS="$DATA/shard_*/clips.array_record"
 PROMPTS="--config.data.prompts.kind=text --config.data.prompts.path=$DATA/prompts.txt"
 
 stage() {  # stage NAME SECONDS args...
   local name=$1 secs=$2; shift 2
+  case " $STAGES " in *" $name "*) ;; *) echo "== stage $name: not in STAGES, skipped"; return;; esac
   if [ -f "$RUN/$name/model/dsa_meta.json" ]; then echo "== stage $name: $RUN/$name/model exists, skipped"; return; fi
   echo "== stage $name (at most ${secs}s)"
   timeout --signal=INT "$secs" $PY -m dsa_jax train --config "configs/digits.py:$name" --workdir "$RUN/$name" "$@" $EXTRA

@@ -51,6 +51,8 @@ def add_arguments(p):
   p.add_argument("--num", type=int, default=256, help="held-out prompts to sample (default 256)")
   p.add_argument("--thresholds", nargs="+", default=None, help="confidence thresholds (numbers, inf, -inf); run: "
                  "default config.sampling.threshold; sweep: default picked from a max-steps run")
+  p.add_argument("--teacher-steps", default=None, help="run: score the teacher model (--ckpt, a teacher-stage model) "
+                 "as a many-step Euler sampler at these step counts, e.g. 16,32, instead of the student")
   p.add_argument("--fixed", nargs="+", type=int, default=None, help="run: also sample with these fixed step "
                  "counts; sweep: default 1 2 3 4 5")
   p.add_argument("--deltas", nargs="+", type=float, default=None, help="sweep: x0-change thresholds of the heuristic")
@@ -212,6 +214,13 @@ def main(args):
   thresholds = parse_thresholds(args.thresholds) if args.thresholds else None
   common = dict(num=args.num, evaluator=args.evaluator, batch=args.batch, seed=args.seed, data_seed=args.data_seed,
                 num_real=args.num_real, fps_prompts=args.fps_prompts)
+  if args.teacher_steps:
+    from dsa_jax.eval.claim import evaluate_teacher
+    steps = [int(x) for x in str(args.teacher_steps).replace(",", " ").split()]
+    if not steps or min(steps) < 1:
+      raise ValueError(f"--teacher-steps: expected positive step counts like 16,32, got {args.teacher_steps!r}")
+    evaluate_teacher(config, args.ckpt, args.out, steps, **common)
+    return 0
   if action == "sweep":
     from dsa_jax.eval.claim import run_claim
     run_claim(config, ckpt, args.ckpt_consistency, args.out, thresholds=thresholds, deltas=args.deltas,

@@ -130,7 +130,8 @@ class Benchmark:
     encode = make_text_encoder(config)
     self.context = np.asarray(encode(self.prompts), np.float32)
     guidance = float(config.sampling.guidance)
-    self.uncond = np.asarray(encode([config.text.negative_prompt]), np.float32) if guidance != 1.0 else None
+    self.negative_context = np.asarray(encode([config.text.negative_prompt]), np.float32)
+    self.uncond = self.negative_context if guidance != 1.0 else None
     # Real reference: `num_real` test clips (the FD reference), and a disjoint real set of `num` clips whose FD to the
     # reference is the floor a perfect generator would reach with this many samples.
     num_real = max(int(num_real), 2)
@@ -203,6 +204,56 @@ class Benchmark:
     res["batches"] = len(outs)
     res["seconds_b1"] = self._time_batch1(sampler, params, threshold, min_steps, max_steps)
     return res
+
+  def sample_teacher(self, params, num_steps: int, guidance: float | None = None) -> dict[str, Any]:
+    """The bidirectional teacher as a many-step sampler: `num_steps` Euler steps of its guided flow ODE through the
+    ladder sigmas (the trajectories the ODE stage regresses on), Self Forcing's guidance `dmd.guidance` by default.
+    The quality ceiling of every distilled student."""
+    import jax
+    import jax.numpy as jnp
+
+    from dsa_jax.models import factory
+    from dsa_jax.training import ode_pairs, rollout
+
+    cfg = self.config
+    spec = rollout.RolloutSpec.from_config(cfg)
+    tcfg = factory.dit_config(cfg, "teacher")
+    g = float(cfg.dmd.guidance if guidance is None else guidance)
+    grid, pos = ode_pairs.ode_grid(spec.sigmas, int(num_steps))
+    uncond = self.negative_context
+    shape = (spec.num_frames, spec.height, spec.width, spec.channels)
+
+    @jax.jit
+    def run(p, ctx, seeds):
+      noise = jax.vmap(lambda s: jax.random.normal(jax.random.PRNGKey(s), shape, jnp.float32))(seeds)
+      return ode_pairs.teacher_trajectory(tcfg, p, noise, ctx, jnp.asarray(uncond), grid, pos, g,
+                                          cfg.diffusion.num_train_timesteps)[1]
+
+    b, outs, seconds = self.batch, [], 0.0
+    for start in range(0, self.num, b):
+      idx = np.minimum(np.arange(start, start + b), self.num - 1)
+      seeds = (self.seed + np.arange(start, start + b)).astype(np.uint32)
+      if start == 0:
+        jax.block_until_ready(run(params, self.context[idx], seeds))  # compile outside the timed region
+      t0 = time.perf_counter()
+      outs.append(np.asarray(jax.device_get(run(params, self.context[idx], seeds)))[:min(b, self.num - start)])
+      seconds += time.perf_counter() - t0
+    latents = np.concatenate(outs)
+    n, f = latents.shape[:2]
+    L = len(cfg.sampling.ladder)
+    return {"latents": latents, "steps": np.full((n, f), int(num_steps), np.int32),
+            "confidences": np.full((n, f), np.nan), "conf_trace": np.zeros((n, f, L), np.float32),
+            "chunk_iters": np.full((len(outs), spec.num_chunks), int(num_steps), np.int32), "seconds": seconds,
+            "seconds_b1": None}
+
+  def run_teacher(self, params, num_steps: int, guidance: float | None = None) -> dict[str, Any]:
+    """Samples every prompt with the teacher at `num_steps` Euler steps and scores it."""
+    g = float(self.config.dmd.guidance if guidance is None else guidance)
+    r = self.score(self.sample_teacher(params, num_steps, g), name=f"teacher-{num_steps}",
+                   extra={"group": "teacher", "teacher_steps": int(num_steps), "guidance": g})
+    self.log(f"  {r['name']:<28} FD {r['fd']:.3f} (+-{r['fd_bootstrap_std']:.3f})  agreement {r['agreement']:.3f}  "
+             f"F1 {r['digit_f1']:.3f}  ({r['seconds']:.1f}s)")
+    return r
 
   def _time_batch1(self, sampler, params, threshold, min_steps, max_steps) -> float | None:
     """Seconds to sample the first `fps_prompts` prompts one at a time (batch 1, the paper's latency setting).
@@ -600,4 +651,25 @@ def run_claim(config, ckpt_dmd: str, ckpt_consistency: str | None, out_dir: str,
   log(table)
   log(f"wrote {', '.join(paths.values())}")
   result["paths"] = paths
+  return result
+
+
+def evaluate_teacher(config, ckpt: str, out_dir: str, steps: Sequence[int], *, num: int = 256, evaluator=None,
+                     batch: int = 32, seed: int = 0, data_seed: int = 0, num_real: int = 1000, fps_prompts: int = 0,
+                     log: Callable[[str], None] = _say) -> dict[str, Any]:
+  """Scores a teacher-stage model as a many-step sampler at each of `steps`; writes teacher.json into `out_dir`."""
+  del fps_prompts
+  from dsa_jax.sampling import outputs
+  from dsa_jax.training import checkpointing
+
+  if not ckpt:
+    raise BenchmarkError("--ckpt: the teacher model folder (or teacher-stage workdir) to score is required")
+  params, meta = checkpointing.load_model_from_workdir(ckpt, config, ("teacher",))
+  bench = Benchmark(config, num=num, evaluator=evaluator, data_seed=data_seed, num_real=num_real, batch=batch,
+                    seed=seed, fps_prompts=0, log=log)
+  runs = [bench.run_teacher(params["teacher"], int(k)) for k in steps]
+  os.makedirs(out_dir, exist_ok=True)
+  result = {"config": config.name, "checkpoint": {"path": ckpt, "step": meta.get("step")},
+            "benchmark": bench.describe(), "runs": [public(r) for r in runs]}
+  log(f"wrote {outputs.write_json(os.path.join(out_dir, 'teacher.json'), result)}")
   return result

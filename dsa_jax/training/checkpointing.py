@@ -31,7 +31,7 @@ from dsa_jax.training import state as state_lib
 
 CKPT_DIR = "checkpoints"
 MODEL_DIR = "model"
-TRAIN_FIELDS = ("step", "rng", "dbar", "gen_opt", "head_opt", "critic_opt", "teacher_opt")
+TRAIN_FIELDS = ("step", "rng", "dbar", "target_range", "gen_opt", "head_opt", "critic_opt", "teacher_opt")
 SAMPLER_NETWORKS = ("generator", "generator_ema", "head")
 
 
@@ -53,7 +53,8 @@ def arch_meta(config, networks) -> dict:
     if n == "head":
       arch[n] = dataclasses.asdict(ConfidenceConfig.from_config(config))
     else:
-      role = {"generator": "model", "generator_ema": "model", "critic": "critic", "teacher": "teacher"}[n]
+      role = {"generator": "model", "generator_ema": "model", "critic": "critic", "teacher": "teacher",
+              "teacher_ema": "teacher"}[n]
       arch[n] = factory.dit_config(config, role).to_dict()
   return arch
 
@@ -166,7 +167,7 @@ def _abstract_networks(config, networks, sharding=None) -> dict:
     sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   out = {}
   for n in networks:
-    name = "generator" if n == "generator_ema" else n
+    name = state_lib.EMA_OF.get(n, n)
     boxed = jax.eval_shape(lambda k, name=name: state_lib._init_network(config, name, k), jax.random.PRNGKey(0))
     out[n] = jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), unbox(boxed))
   return out
@@ -255,6 +256,8 @@ def export_networks(state_or_params, config, out_dir: str, *, step: int | None =
   else:
     nets = dict(state_or_params)
   stage = config.train.stage
+  if stage == "teacher" and "teacher_ema" in nets:
+    nets["teacher"] = nets.pop("teacher_ema")  # the EMA is the teacher that later stages use
   names = ("teacher",) if stage == "teacher" else tuple(n for n in SAMPLER_NETWORKS if n in nets)
   host = {n: jax.tree_util.tree_map(lambda x: np.asarray(jax.device_get(x)), nets[n]) for n in names}
   meta = {"arch": arch_meta(config, names), "config": config.to_json_best_effort(), "stage": stage,
@@ -282,7 +285,10 @@ def export_model(workdir_or_state, out_dir: str, config=None, step: int | None =
     config = ml_collections.ConfigDict(ck.read_json(step, "config"))
     _fix_tuples(config)
   meta = ck.read_json(step, "meta")
-  names = ("teacher",) if meta["stage"] == "teacher" else tuple(n for n in SAMPLER_NETWORKS if n in meta["networks"])
+  if meta["stage"] == "teacher":
+    names = ("teacher_ema",) if "teacher_ema" in meta["networks"] else ("teacher",)
+  else:
+    names = tuple(n for n in SAMPLER_NETWORKS if n in meta["networks"])
   params, _ = load_model_from_workdir(workdir, config, names, step=step)
   return export_networks(params, config, out_dir, step=step, source=ck._step_dir(step))
 

@@ -98,6 +98,27 @@ def consistency_discrepancy(x0_exit, x0_last):
   return _frame_mean(jnp.square(_f32(x0_exit) - _f32(x0_last)))
 
 
+def remaining_targets(r, log_range):
+  """Soft targets from a frame's remaining x0 change r (to the last ladder step): 1 at and below the running 10th
+  percentile of log r, 0 at and above the 90th, linear in log r between. The target rises with every step a frame
+  gets (r shrinks to 0 at the last step), and the log scale spreads frames whose changes differ by orders of
+  magnitude. log_range (2,): running (10th, 90th) percentiles of log r, stop-gradient."""
+  lo, hi = jax.lax.stop_gradient(_f32(log_range[0])), jax.lax.stop_gradient(_f32(log_range[1]))
+  log_r = jnp.log(jax.lax.stop_gradient(_f32(r)) + 1e-12)
+  return jnp.clip((hi - log_r) / jnp.maximum(hi - lo, 1e-3), 0.0, 1.0)
+
+
+def update_log_range(log_range, r, decay: float, valid):
+  """EMA of the batch's (10th, 90th) percentiles of log r; skipped when `valid` is false (the exit step is the last
+  one, so r = 0 everywhere); the first update (range still 0) starts from the batch's percentiles."""
+  log_r = jnp.log(jax.lax.stop_gradient(_f32(r)).reshape(-1) + 1e-12)
+  batch = jnp.stack([jnp.percentile(log_r, 10.0), jnp.percentile(log_r, 90.0)])
+  log_range = _f32(log_range)
+  fresh = jnp.all(log_range == 0)
+  new = jnp.where(fresh, batch, decay * log_range + (1.0 - decay) * batch)
+  return jnp.where(valid, new, log_range)
+
+
 def update_running_mean(d_bar, d, decay: float):
   """EMA of the mean discrepancy; the first update (d_bar == 0) starts from the batch mean, not from 0."""
   m = jnp.mean(jax.lax.stop_gradient(_f32(d)))

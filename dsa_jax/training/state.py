@@ -1,7 +1,8 @@
 """Training state (one pytree, sharded and checkpointed as a whole) and the optimisers.
 
 Which networks a state holds depends on the stage:
-  * 'teacher': teacher (trained) + teacher_opt;
+  * 'teacher': teacher (trained) + teacher_opt, and teacher_ema (its EMA, what is exported) when
+               `train.teacher_ema_decay` > 0;
   * 'ode':     generator + generator_ema + gen_opt, and an untrained head (exported so the sampler can run fixed-step);
   * 'dsa':     generator, generator_ema, head, critic + their optimiser states, and the DMD running mean d_bar.
 Absent networks are None (an empty pytree). The frozen teacher of 'ode'/'dsa' is not part of the state: it is
@@ -24,7 +25,9 @@ from dsa_jax.models import factory
 from dsa_jax.parallel import mesh as mesh_lib
 
 STAGES = ("teacher", "ode", "dsa")
-NETWORK_FIELDS = ("generator", "generator_ema", "head", "critic", "teacher")
+NETWORK_FIELDS = ("generator", "generator_ema", "head", "critic", "teacher", "teacher_ema")
+# Networks that are an EMA copy of another: same architecture, initialised equal to it, never optimised.
+EMA_OF = {"generator_ema": "generator", "teacher_ema": "teacher"}
 OPT_FIELDS = {"generator": "gen_opt", "head": "head_opt", "critic": "critic_opt", "teacher": "teacher_opt"}
 
 
@@ -33,11 +36,14 @@ class TrainState:
   step: jax.Array  # int32 scalar: training iterations done
   rng: jax.Array  # uint32 (2,) base key; step keys are fold_in(rng, step), so a resumed run draws the same numbers
   dbar: jax.Array  # float32 scalar: running mean of the confidence discrepancy (0 before the first update)
+  # float32 (2,): running 10th / 90th percentiles of log remaining-change (conf.target 'remaining'; 0 before the first)
+  target_range: Any = None
   generator: Any = None
   generator_ema: Any = None
   head: Any = None
   critic: Any = None
   teacher: Any = None  # only when the stage trains the teacher
+  teacher_ema: Any = None  # the teacher stage's EMA (train.teacher_ema_decay > 0)
   gen_opt: Any = None
   head_opt: Any = None
   critic_opt: Any = None
@@ -52,8 +58,10 @@ def check_stage(stage: str):
     raise ValueError(f"config.train.stage: expected one of {STAGES}, got {stage!r}")
 
 
-def stage_networks(stage: str) -> tuple[str, ...]:
+def stage_networks(stage: str, config=None) -> tuple[str, ...]:
   check_stage(stage)
+  if stage == "teacher" and config is not None and float(config.train.get("teacher_ema_decay", 0.0) or 0.0) > 0:
+    return ("teacher", "teacher_ema")
   return {"teacher": ("teacher",), "ode": ("generator", "generator_ema", "head"),
           "dsa": ("generator", "generator_ema", "head", "critic")}[stage]
 
@@ -62,8 +70,18 @@ def trained_networks(stage: str) -> tuple[str, ...]:
   return {"teacher": ("teacher",), "ode": ("generator",), "dsa": ("generator", "head", "critic")}[stage]
 
 
-def _schedule(lr: float, warmup: int):
-  if warmup and warmup > 0:
+def learning_rate(config, lr: float):
+  """`train.warmup_steps` of linear warmup, then constant or cosine decay to 5% of `lr` at `train.steps`
+  (`train.lr_decay`). A decaying rate is what lets a long run settle instead of hopping between checkpoints."""
+  t = config.train
+  warmup = int(t.get("warmup_steps", 0) or 0)
+  decay = str(t.get("lr_decay", "constant"))
+  if decay not in ("constant", "cosine"):
+    raise ValueError(f"config.train.lr_decay: expected 'constant' or 'cosine', got {decay!r}")
+  if decay == "cosine":
+    return optax.warmup_cosine_decay_schedule(0.0 if warmup > 0 else lr, lr, max(warmup, 1),
+                                              max(int(t.steps), warmup + 1), end_value=0.05 * lr)
+  if warmup > 0:
     return optax.linear_schedule(0.0, lr, warmup)
   return lr
 
@@ -74,12 +92,11 @@ def make_optimizer(config, network: str) -> optax.GradientTransformation:
   The confidence head is a fresh small MLP: it uses Adam's usual beta1 = 0.9, `train.conf_lr`, no weight decay.
   """
   t = config.train
-  warmup = int(t.get("warmup_steps", 0) or 0)
   if network == "head":
-    tx = optax.adamw(_schedule(t.conf_lr, warmup), b1=0.9, b2=0.999, weight_decay=0.0)
+    tx = optax.adamw(learning_rate(config, t.conf_lr), b1=0.9, b2=0.999, weight_decay=0.0)
   else:
     lr = {"generator": t.lr, "critic": t.critic_lr, "teacher": t.lr}[network]
-    tx = optax.adamw(_schedule(lr, warmup), b1=t.b1, b2=t.b2, weight_decay=t.weight_decay)
+    tx = optax.adamw(learning_rate(config, lr), b1=t.b1, b2=t.b2, weight_decay=t.weight_decay)
   if t.grad_clip and t.grad_clip > 0:
     tx = optax.chain(optax.clip_by_global_norm(t.grad_clip), tx)
   return tx
@@ -97,22 +114,18 @@ def optimizers(config) -> dict[str, optax.GradientTransformation]:
 def _init_network(config, name: str, key):
   if name == "head":
     return factory.init_head(config, key)
-  role = {"generator": "model", "generator_ema": "model", "critic": "critic", "teacher": "teacher"}[name]
+  role = {"generator": "model", "generator_ema": "model", "critic": "critic", "teacher": "teacher",
+          "teacher_ema": "teacher"}[name]
   return factory.init_dit(factory.dit_config(config, role), config, key)
 
 
 def init_boxed_networks(config, key) -> dict:
   """Boxed params of every network of the stage. The EMA starts equal to the generator; the critic is initialised
   randomly here and replaced by the teacher's weights when the trainer has a teacher of the critic's architecture."""
-  names = stage_networks(config.train.stage)
+  names = stage_networks(config.train.stage, config)
   keys = dict(zip(NETWORK_FIELDS, jax.random.split(key, len(NETWORK_FIELDS))))
-  out = {}
-  for n in names:
-    if n == "generator_ema":
-      continue
-    out[n] = _init_network(config, n, keys[n])
-  if "generator_ema" in names:
-    out["generator_ema"] = out["generator"]
+  out = {n: _init_network(config, n, keys[n]) for n in names if n not in EMA_OF}
+  out.update({n: out[EMA_OF[n]] for n in names if n in EMA_OF})
   return out
 
 
@@ -138,7 +151,7 @@ def state_shardings(config, mesh, rules, abstract_boxed: dict | None = None) -> 
         transform_non_params=lambda _: mesh_lib.replicated(mesh),
         is_leaf=lambda x: isinstance(x, jax.sharding.NamedSharding))
   rep = mesh_lib.replicated(mesh)
-  return TrainState(step=rep, rng=rep, dbar=rep, **net_sh, **opt_sh)
+  return TrainState(step=rep, rng=rep, dbar=rep, target_range=rep, **net_sh, **opt_sh)
 
 
 def init_state(config, key, *, networks: dict | None = None) -> TrainState:
@@ -147,15 +160,16 @@ def init_state(config, key, *, networks: dict | None = None) -> TrainState:
   k_init, k_rng = jax.random.split(key)
   nets = {n: mesh_lib.unbox(b) for n, b in init_boxed_networks(config, k_init).items()}
   networks = dict(networks or {})
-  if "generator" in networks and "generator_ema" in nets and "generator_ema" not in networks:
-    networks["generator_ema"] = networks["generator"]
+  for ema, src in EMA_OF.items():
+    if src in networks and ema in nets and ema not in networks:
+      networks[ema] = networks[src]
   for n, p in networks.items():
     if n not in nets:
       raise ValueError(f"stage {config.train.stage!r} has no network {n!r} (it has {sorted(nets)})")
     nets[n] = mesh_lib.unbox(p)
   opts = {OPT_FIELDS[n]: tx.init(nets[n]) for n, tx in optimizers(config).items()}
   return TrainState(step=jnp.zeros((), jnp.int32), rng=k_rng,
-                    dbar=jnp.zeros((), jnp.float32), **nets, **opts)
+                    dbar=jnp.zeros((), jnp.float32), target_range=jnp.zeros((2,), jnp.float32), **nets, **opts)
 
 
 _INIT_FNS: dict = {}

@@ -121,7 +121,9 @@ def make_dsa_fns(config, mesh, rules):
   hcfg = ConfidenceConfig.from_config(config)
   txs = state_lib.optimizers(config)
   guidance = float(config.dmd.guidance)
-  consistency = config.conf.target == "consistency"
+  target = str(config.conf.target)
+  consistency = target == "consistency"
+  continue_to_last = target in ("consistency", "remaining")
   c_scale = float(config.conf.consistency_scale)
   conf_w = float(config.conf.loss_weight)
   ema_start, ema_decay = int(config.train.ema_start), float(config.train.ema_decay)
@@ -137,7 +139,7 @@ def make_dsa_fns(config, mesh, rules):
     b, f = ctx.shape[0], spec.num_frames
     exit_index = rollout.sample_exit_index(k_exit, spec)
     roll = rollout.rollout_no_grad(gcfg, state.generator, ctx, k_roll, exit_index, spec,
-                                   continue_to_last=consistency, mesh=mesh, rules=rules)
+                                   continue_to_last=continue_to_last, mesh=mesh, rules=rules)
     kt, ke = jax.random.split(k_dmd)
     sig = _sigma_per_sample(kt, b, config, config.dmd.t_min, config.dmd.t_max)
     sig_f = jnp.broadcast_to(sig[:, None], (b, f))
@@ -153,14 +155,21 @@ def make_dsa_fns(config, mesh, rules):
       x0_fake = flow.x0_from_velocity(x_t, v_fake, sig_f)
       g, d, norm = losses.dmd_direction(x0, x0_real, x0_fake)
       l_dmd = losses.dmd_loss(x0, g)
-      disc = losses.consistency_discrepancy(jax.lax.stop_gradient(x0), roll["x0_last"]) if consistency else d
+      disc = losses.consistency_discrepancy(jax.lax.stop_gradient(x0), roll["x0_last"]) if continue_to_last else d
       dbar = losses.update_running_mean(state.dbar, disc, float(config.conf.target_ema))
-      scale = jnp.float32(c_scale) if (consistency and c_scale > 0) else dbar
-      y = losses.discrepancy_targets(disc, scale)
+      log_range = state.target_range
+      if target == "remaining":
+        log_range = losses.update_log_range(state.target_range, disc, float(config.conf.target_ema),
+                                            exit_index < spec.num_steps - 1)
+        y = losses.remaining_targets(disc, log_range)
+      else:
+        scale = jnp.float32(c_scale) if (consistency and c_scale > 0) else dbar
+        y = losses.discrepancy_targets(disc, scale)
       step_idx = jnp.full((b, f), exit_index, jnp.int32)
       logits = ConfidenceHead(hcfg).apply(hp, ex["features"], step_idx, ex["t"])
       l_conf = losses.confidence_loss(logits, y)
-      aux = {"loss_dmd": l_dmd, "loss_conf": l_conf, "dbar": dbar, "dmd_norm": jnp.mean(norm),
+      aux = {"loss_dmd": l_dmd, "loss_conf": l_conf, "dbar": dbar, "log_range": log_range,
+             "dmd_norm": jnp.mean(norm),
              "discrepancy": jnp.mean(disc), "logits": logits, "targets": y,
              # diagnostic: the gradient pass reproduces the rollout's exit x0 (should be ~0)
              "rollout_mismatch": jnp.max(jnp.abs(jax.lax.stop_gradient(x0) - roll["x0"]))}
@@ -173,7 +182,7 @@ def make_dsa_fns(config, mesh, rules):
     decay = jnp.where(state.step >= ema_start, ema_decay, 0.0).astype(jnp.float32)
     ema = _ema(state.generator_ema, gen, decay)
     state = state.replace(generator=gen, generator_ema=ema, head=head, gen_opt=gen_opt, head_opt=head_opt,
-                          dbar=aux["dbar"])
+                          dbar=aux["dbar"], target_range=aux["log_range"])
     state, cm = _critic_update(state, txs["critic"], ccfg, roll["x0"], ctx, k_crit, config)
     metrics = {k: aux[k] for k in ("loss_dmd", "loss_conf", "dbar", "dmd_norm", "discrepancy", "rollout_mismatch")}
     metrics.update(losses.calibration_metrics(aux["logits"], aux["targets"]))
@@ -248,6 +257,7 @@ def make_teacher_fns(config, mesh, rules):
   tcfg = factory.dit_config(config, "teacher")
   tx = state_lib.optimizers(config)["teacher"]
   p_drop = float(config.train.get("cfg_dropout", 0.1))
+  teacher_ema_decay = float(config.train.get("teacher_ema_decay", 0.0) or 0.0)
   ntt = config.diffusion.num_train_timesteps
 
   def teacher_step(state, teacher, batch, uncond):
@@ -272,6 +282,8 @@ def make_teacher_fns(config, mesh, rules):
     loss, grads = jax.value_and_grad(loss_fn)(state.teacher)
     teacher_p, opt = _apply(tx, grads, state.teacher_opt, state.teacher)
     state = state.replace(teacher=teacher_p, teacher_opt=opt, step=state.step + 1)
+    if state.teacher_ema is not None:
+      state = state.replace(teacher_ema=_ema(state.teacher_ema, teacher_p, jnp.float32(teacher_ema_decay)))
     return state, {"loss_fm": loss, "grad_norm_teacher": optax.tree.norm(grads), "sigma": jnp.mean(sig)}
 
   return {"teacher": teacher_step}
