@@ -130,7 +130,7 @@ class Benchmark:
     encode = make_text_encoder(config)
     self.context = np.asarray(encode(self.prompts), np.float32)
     guidance = float(config.sampling.guidance)
-    self.uncond = np.asarray(encode([config.text.negative_prompt]), np.float32) if guidance != 1.0 else None
+    self.uncond = np.asarray(encode([config.text.negative_prompt]), np.float32) if guidance != 0.0 else None
     # Real reference: `num_real` test clips (the FD reference), and a disjoint real set of `num` clips whose FD to the
     # reference is the floor a perfect generator would reach with this many samples.
     num_real = max(int(num_real), 2)
@@ -507,6 +507,7 @@ def run_claim(config, ckpt_dmd: str, ckpt_consistency: str | None, out_dir: str,
   from dsa_jax.eval import heuristic
   from dsa_jax.models.dit import _DTYPES
   from dsa_jax.sampling import outputs
+  from dsa_jax.checkpoint import loading
   from dsa_jax.sampling import sampler as sampler_lib
 
   os.makedirs(out_dir, exist_ok=True)
@@ -521,9 +522,9 @@ def run_claim(config, ckpt_dmd: str, ckpt_consistency: str | None, out_dir: str,
   dtype = _DTYPES[config.compute.dtype]
 
   def load(ckpt):
-    params, source = sampler_lib.load_sampler_params(config, ckpt, warn=log)
+    params, source = loading.load_sampler_params(config, ckpt, warn=log)
     if dtype != jnp.float32:
-      params["generator"] = sampler_lib.cast_params_for_inference(params["generator"], dtype)
+      params["generator"] = loading.cast_params_for_inference(params["generator"], dtype)
     return params, source
 
   sampler = sampler_lib.make_sampler(config)

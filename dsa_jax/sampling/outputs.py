@@ -116,6 +116,33 @@ def _jsonable(x):
   return x
 
 
+STEP_COLORS = np.array([[40, 180, 60], [150, 200, 40], [240, 200, 30], [245, 130, 30], [220, 40, 40],
+                        [150, 20, 120], [90, 20, 160], [40, 40, 160]], np.uint8)
+
+
+def grid_frames(video, steps, *, max_steps: int, cols: int = 8, scale: int = 3, strip: int = 3, pad: int = 2
+                ) -> np.ndarray:
+  """(N, F, H, W, 1) in [-1, 1] + steps (N, F) -> (F, H', W', 3) uint8 grid; a strip under each tile coloured by
+  the frame's steps (green = 1 step ... red = max_steps)."""
+  video = np.asarray(video, np.float32)
+  n, f, h, w, _ = video.shape
+  cols = min(cols, n)
+  rows = -(-n // cols)
+  th, tw = h * scale + strip, w * scale
+  out = np.full((f, rows * (th + pad) + pad, cols * (tw + pad) + pad, 3), 255, np.uint8)
+  px = np.round((np.clip(video, -1, 1) + 1) * 127.5).astype(np.uint8)
+  px = np.repeat(np.repeat(px, scale, axis=2), scale, axis=3)
+  for i in range(n):
+    r, c = divmod(i, cols)
+    y, x = pad + r * (th + pad), pad + c * (tw + pad)
+    out[:, y:y + h * scale, x:x + tw] = px[i]
+    k = np.clip(np.asarray(steps[i]) - 1, 0, len(STEP_COLORS) - 1)
+    if max_steps <= 5:
+      k = np.clip(np.round((np.asarray(steps[i]) - 1) * 4 / max(max_steps - 1, 1)), 0, 4).astype(int)
+    out[:, y + h * scale:y + th, x:x + tw] = STEP_COLORS[k][:, None, None, :]
+  return out
+
+
 def write_json(path: str, obj) -> str:
   """JSON with numpy values converted; nan -> null, +-inf -> "inf"/"-inf" (strict JSON)."""
   with atomic_path(path) as tmp:

@@ -157,7 +157,7 @@ def run_bench_train(args) -> dict:
 
 
 def main(argv=None):
-  """Standalone entry (until `dsa-jax bench train` is registered): python -m dsa_jax.eval.bench_train ..."""
+  """Standalone entry (until `dsa-jax bench train` is registered): python -m dsa_jax.training.bench ..."""
   import argparse
   import sys
   argv = list(sys.argv[1:] if argv is None else argv)
