@@ -12,7 +12,7 @@ always with one logged line saying what stood in for what:
 
 The last two are asked for by the trainer only (`fallbacks=`); anything else missing is an error naming what the
 checkpoint holds. The VAE and the text encoder describe their own architecture in the checkpoint's metadata:
-`load_vae` and `load_text_encoder` read them.
+`load_vae` and `load_text_encoder` read them (and the digits evaluator, through `load_described`).
 """
 
 from __future__ import annotations
@@ -63,14 +63,16 @@ def plan(config, path: str, names, fallbacks: dict, step: Optional[int] = None) 
     if n in available:
       out[n] = n
       continue
+    mismatched = []
     for alt in fallbacks.get(n, ()):
       if alt == RANDOM or (alt in available and (alt not in meta.get("arch", {}) or _same_arch(meta, alt, config, n))):
         out[n] = alt
         break
+      if alt in available:
+        mismatched.append(alt)
     else:
-      raise CheckpointError(f"checkpoint {path!r} holds no {n!r} network"
-                            + (f" (nor a substitute: {list(fallbacks[n])})" if n in fallbacks else "")
-                            + f"; it has {sorted(available)}")
+      why = f" ({', '.join(map(repr, mismatched))} has another architecture than {n!r})" if mismatched else ""
+      raise CheckpointError(f"checkpoint {path!r} holds no {n!r} network{why}; it has {sorted(available)}")
   return out, meta
 
 
@@ -168,20 +170,21 @@ def load_sampler_params(config, ckpt: str = "", *, use_ema: Optional[bool] = Non
 # Networks that describe their own architecture
 
 
-def load_described(path: str, network: str, field: str) -> tuple[dict, Optional[dict]]:
-  """(params of `network`, its stored architecture dict or None) from a params_io folder named by config `field`."""
+def load_described(path: str, network: str, field: str) -> tuple[dict, Optional[dict], dict]:
+  """(params of `network`, its stored architecture dict or None, meta) from the params_io folder that `field`
+  names (a config field or a flag, for the error messages)."""
   if not path:
     raise FileNotFoundError(f"{field}: needs a checkpoint folder (dsa-jax convert writes one); got ''")
   if not os.path.exists(path):
     raise FileNotFoundError(f"{field}: checkpoint {path!r} does not exist")
   params, meta = params_io.load_params(path, [network])
-  return params[network], meta.get("arch", {}).get(network)
+  return params[network], meta.get("arch", {}).get(network), meta
 
 
 def load_vae(path: str, log: Log = _stderr):
   """(WanVAEConfig, params) of the Wan VAE at `path` (network 'vae'); no stored architecture: Wan2.1's, logged."""
   from dsa_jax.models import vae as vae_lib
-  params, arch = load_described(path, "vae", "config.vae.path")
+  params, arch, _ = load_described(path, "vae", "config.vae.path")
   if arch is None:
     log(f"note: VAE checkpoint {path!r} records no architecture: assuming Wan2.1's VAE")
     return vae_lib.WanVAEConfig(), params
@@ -191,7 +194,7 @@ def load_vae(path: str, log: Log = _stderr):
 def load_text_encoder(path: str):
   """(UMT5Config, params) of the umT5 encoder at `path` (network 'text_encoder')."""
   from dsa_jax.models import umt5
-  params, arch = load_described(path, "text_encoder", "config.text.path")
+  params, arch, _ = load_described(path, "text_encoder", "config.text.path")
   if arch is None:
     raise CheckpointError(f"config.text.path: {path!r} records no architecture for 'text_encoder'")
   return umt5.UMT5Config(**arch), params

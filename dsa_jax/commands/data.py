@@ -15,6 +15,8 @@ import os
 import sys
 import time
 
+from dsa_jax.atomic import atomic_path
+
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -76,9 +78,8 @@ def write_preview(clips, out_dir: str, *, fps: float = 8.0, scale: int = 2) -> l
 
   frames = digits.preview_frames(clips, scale=scale)
   gif = os.path.join(out_dir, "preview.gif")
-  tmp = gif + ".tmp.gif"
-  imageio.mimsave(tmp, list(frames), duration=1000.0 / fps, loop=0)
-  os.replace(tmp, gif)
+  with atomic_path(gif) as tmp:
+    imageio.mimsave(tmp, list(frames), duration=1000.0 / fps, loop=0)
   paths = [gif]
   try:
     paths.append(_write_filmstrip(clips, os.path.join(out_dir, "preview.png")))
@@ -116,10 +117,9 @@ def _write_filmstrip(clips, path: str) -> str:
     text = c["prompt"] if len(c["prompt"]) < 140 else c["prompt"][:137] + "..."
     axes[r, 0].text(0, -0.45, f"{r}: {text}", transform=axes[r, 0].transAxes, fontsize=6, ha="left", va="bottom")
   fig.subplots_adjust(left=0.02, right=0.99, top=0.97, bottom=0.01, wspace=0.05, hspace=0.7)
-  tmp = path + ".tmp.png"
-  fig.savefig(tmp, dpi=110)
+  with atomic_path(path) as tmp:
+    fig.savefig(tmp, dpi=110)
   plt.close(fig)
-  os.replace(tmp, path)
   return path
 
 

@@ -406,7 +406,7 @@ def plot_claim(path: str, groups: dict[str, list[dict]], bench: Benchmark | None
   matplotlib.use("Agg", force=False)
   import matplotlib.pyplot as plt
 
-  from dsa_jax.sampling.outputs import atomic_path
+  from dsa_jax.atomic import atomic_path
 
   style = {"fixed": ("(a) fixed steps", "k", "s", "-"), "dsa_dmd": ("(b) DSA (dmd)", "#c44e52", "o", "-"),
            "dsa_consistency": ("(c) DSA (consistency)", "#8172b2", "^", "-"),
@@ -447,7 +447,7 @@ def plot_steps_by_event(path: str, runs: Sequence[dict], event_names: Sequence[s
   matplotlib.use("Agg", force=False)
   import matplotlib.pyplot as plt
 
-  from dsa_jax.sampling.outputs import atomic_path
+  from dsa_jax.atomic import atomic_path
 
   fig, axes = plt.subplots(1, 2, figsize=(13, 3.8), dpi=110, gridspec_kw={"width_ratios": [1.2, 1]})
   try:

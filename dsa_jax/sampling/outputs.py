@@ -6,39 +6,18 @@ never sees half a file.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
 import re
-import tempfile
 import warnings
 from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
+from dsa_jax.atomic import atomic_path
+
 VIDEO_FORMATS = ("mp4", "gif")
-
-
-@contextlib.contextmanager
-def atomic_path(path: str):
-  """Yields a temporary path beside `path` (same extension) and renames it over `path` on success."""
-  path = os.path.abspath(path)
-  folder = os.path.dirname(path)
-  os.makedirs(folder, exist_ok=True)
-  base, ext = os.path.splitext(os.path.basename(path))
-  fd, tmp = tempfile.mkstemp(prefix=f".{base}.tmp-", suffix=ext, dir=folder)
-  os.close(fd)
-  try:
-    yield tmp
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions
-    os.replace(tmp, path)
-  except BaseException:
-    with contextlib.suppress(FileNotFoundError):
-      os.remove(tmp)
-    raise
 
 
 def slugify(text: str, max_len: int = 48) -> str:

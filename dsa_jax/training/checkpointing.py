@@ -18,7 +18,6 @@ import json
 import os
 import subprocess
 import sys
-from typing import Any
 
 import jax
 import numpy as np
