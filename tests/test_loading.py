@@ -48,3 +48,20 @@ def test_sampler_params_say_nothing_when_nothing_is_substituted(tmp_path, tiny_c
   got, source = loading.load_sampler_params(tiny_config, path, use_ema=False, warn=notes.append)
   assert notes == [] and source == {"source": "checkpoint", "path": path, "generator": "generator"}
   assert _same(got["head"], nets["head"])
+
+
+def test_vae_loads_with_its_stored_architecture(tmp_path):
+  import dataclasses
+  from dsa_jax.models.vae import WanVAEConfig
+  from dsa_jax.sampling.decode import random_vae_params
+  cfg = WanVAEConfig(base_dim=8, num_res_blocks=1, z_dim=4, latents_mean=(0.0,) * 4, latents_std=(1.0,) * 4)
+  params = random_vae_params(cfg)
+  params_io.save_params(str(tmp_path / "vae"), {"vae": params}, {"arch": {"vae": dataclasses.asdict(cfg)}})
+  got_cfg, got = loading.load_vae(str(tmp_path / "vae"), log=lambda m: pytest.fail(m))
+  assert got_cfg == cfg and _same(got, params)
+  params_io.save_params(str(tmp_path / "bare"), {"vae": params}, {})
+  notes = []
+  assert loading.load_vae(str(tmp_path / "bare"), log=notes.append)[0] == WanVAEConfig()
+  assert len(notes) == 1 and "Wan2.1" in notes[0]
+  with pytest.raises(FileNotFoundError, match="config.vae.path"):
+    loading.load_vae(str(tmp_path / "missing"))

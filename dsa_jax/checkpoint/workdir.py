@@ -141,12 +141,18 @@ def stored_networks(path: str, step: int | None = None) -> tuple[list[str], dict
   if kind == "model":
     meta = params_io.read_meta(where)
     return sorted(set(meta.get("networks", [])) or set(meta.get("arch", {}))), meta
-  ck = Workdir(where)
-  step = ck.latest_step() if step is None else step
-  if step is None:
-    raise TrainCheckpointError(f"{where!r}: no complete checkpoint under {CKPT_DIR}/")
+  ck, step = _open_step(where, step)
   meta = ck.read_json(step, "meta")
   return list(meta.get("networks", [])), meta
+
+
+def _open_step(path: str, step: int | None) -> tuple[Workdir, int]:
+  """The workdir at `path` and `step` (default: its latest complete checkpoint)."""
+  ck = Workdir(path)
+  step = ck.latest_step() if step is None else step
+  if step is None:
+    raise TrainCheckpointError(f"{path!r}: no complete checkpoint under {CKPT_DIR}/")
+  return ck, step
 
 
 def load_model_from_workdir(path: str, config, networks=SAMPLER_NETWORKS, step: int | None = None,
@@ -174,10 +180,7 @@ def load_model_from_workdir(path: str, config, networks=SAMPLER_NETWORKS, step: 
 
 
 def _load_from_checkpoints(path, config, networks, step, roles):
-  ck = Workdir(path)
-  step = ck.latest_step() if step is None else step
-  if step is None:
-    raise TrainCheckpointError(f"{path!r}: no complete checkpoint under {CKPT_DIR}/")
+  ck, step = _open_step(path, step)
   meta = ck.read_json(step, "meta")
   missing = [n for n in networks if n not in meta.get("networks", [])]
   if missing:
