@@ -64,7 +64,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.sampling = ml_collections.ConfigDict(dict(
       ladder=(1000, 750, 500, 250, 125),  # before warping; our reading, DESIGN 1.1
       threshold=0.5, min_steps=1, max_steps=5,
-      context_noise=0.0, guidance=1.0, batch_size=1, checkpoint="", use_ema=True,
+      # guidance g: classifier-free guidance cond + g (cond - uncond), 0 = off (the convention of dmd.guidance).
+      context_noise=0.0, guidance=0.0, batch_size=1, checkpoint="", use_ema=True,
       # What a finished frame feeds its unfinished chunk neighbours (our reading): 'clean' = its final x0 at
       # t = context_noise, like a context frame; 'noisy' = its last noisy input.
       frozen_frames="clean",

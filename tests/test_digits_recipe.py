@@ -15,7 +15,8 @@ def _digits(repo_root, *overrides):
 
 def test_shipped_model_loads_and_samples(repo_root):
   from dsa_jax.data.text_context import make_text_encoder
-  from dsa_jax.sampling.sampler import load_sampler_params, make_sampler
+  from dsa_jax.checkpoint.loading import load_sampler_params
+  from dsa_jax.sampling.sampler import make_sampler
   config = _digits(repo_root, "--config.compute.dtype=float32")
   assert config.sampling.checkpoint.endswith(os.path.join("assets", "digits_model"))
   params, source = load_sampler_params(config, config.sampling.checkpoint, warn=lambda *_: None)

@@ -44,14 +44,14 @@ def test_sample_prompt_file_streaming_with_guidance(tmp_path, tiny, capsys):
   prompts.write_text("# a comment\na cat\n\na dog\na bird\n")
   out = tmp_path / "out"
   rc = cli.main(["sample", "--config", tiny, "--out", str(out), "--prompts", str(prompts), "--stream",
-                 "--batch-size", "2", "--guidance", "2.0", "--threshold", "inf", "--max-steps", "2",
+                 "--batch-size", "2", "--guidance", "1.0", "--threshold", "inf", "--max-steps", "2",
                  "--name", "run", "--formats", "mp4"])
   assert rc == 0
   text = capsys.readouterr().out
   assert "chunk 3/3" in text
   for i in range(3):
     rec = json.loads((out / f"run_{i:03d}.steps.json").read_text())
-    assert rec["steps"] == [2] * 6 and rec["threshold"] == "inf" and rec["guidance"] == 2.0
+    assert rec["steps"] == [2] * 6 and rec["threshold"] == "inf" and rec["guidance"] == 1.0
     assert (out / f"run_{i:03d}.mp4").exists() and not (out / f"run_{i:03d}.gif").exists()
   assert json.loads((out / "run_002.steps.json").read_text())["prompt"] == "a bird"
 
@@ -92,7 +92,7 @@ def test_bench_sample(tmp_path, tiny, capsys):
 
 
 def test_forced_mean_steps_schedule():
-  from dsa_jax.eval.bench_sample import forced_schedule
+  from dsa_jax.sampling.bench import forced_schedule
   s = forced_schedule(2.5, 7, 5)
   assert s.tolist() == [3, 2, 3, 2, 3, 2, 3] and abs(s.mean() - 2.5) < 0.1
   assert forced_schedule(4, 7, 5).tolist() == [4] * 7

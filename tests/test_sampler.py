@@ -6,6 +6,9 @@ import pytest
 
 import jax
 
+from dsa_jax.checkpoint import loading
+from dsa_jax.sampling import decode
+from dsa_jax.sampling import reference as R
 from dsa_jax.sampling import sampler as S
 from dsa_jax.sampling import stream as ST
 
@@ -33,7 +36,7 @@ def _np(out):
 
 def test_fixed_step_modes_equal_self_forcing(sampler, params, context):
   m = 3
-  fixed = S.sample_fixed(sampler, params, context, m, seed=7)
+  fixed = R.sample_fixed(sampler, params, context, m, seed=7)
   hi = _np(sampler.sample(params, context, sampler.make_controls(2, threshold=np.inf, max_steps=m, seed=7)))
   lo = _np(sampler.sample(params, context, sampler.make_controls(2, threshold=-np.inf, min_steps=m, seed=7)))
   assert (hi.steps == m).all() and (lo.steps == m).all()
@@ -42,7 +45,7 @@ def test_fixed_step_modes_equal_self_forcing(sampler, params, context):
   np.testing.assert_allclose(lo.latents, fixed, atol=TOL)
   # The full ladder at tau = +inf is the longest fixed sampler; and another seed gives another video.
   full = _np(sampler.sample(params, context, sampler.make_controls(2, threshold=np.inf, seed=7)))
-  np.testing.assert_allclose(full.latents, S.sample_fixed(sampler, params, context, sampler.num_steps, seed=7),
+  np.testing.assert_allclose(full.latents, R.sample_fixed(sampler, params, context, sampler.num_steps, seed=7),
                              atol=TOL)
   other = _np(sampler.sample(params, context, sampler.make_controls(2, threshold=np.inf, max_steps=m, seed=8)))
   assert np.abs(other.latents - fixed).max() > 1e-2
@@ -58,7 +61,7 @@ def test_kv_cache_sampler_equals_full_recompute(sampler, params, context):
   tau = _mixed_threshold(sampler, params, context, seed=1)
   controls = sampler.make_controls(2, threshold=tau, min_steps=1, max_steps=4, seed=1)
   out = _np(sampler.sample(params, context, controls))
-  ref = S.sample_reference(sampler, params, context, controls)
+  ref = R.sample_reference(sampler, params, context, controls)
   steps = out.steps.reshape(2, sampler.num_chunks, sampler.chunk_frames)
   # The planted threshold makes frames of a chunk stop at different steps (finished frames feed their neighbours).
   assert (steps.max(-1) != steps.min(-1)).any(), out.steps
@@ -122,7 +125,7 @@ def test_controls_do_not_recompile(sampler, params, context):
 def test_streaming_equals_one_program(sampler, params, context):
   controls = sampler.make_controls(2, threshold=0.55, seed=9)
   out = _np(sampler.sample(params, context, controls))
-  dec = ST.PixelDecoder(sampler.config)
+  dec = decode.PixelDecoder(sampler.config)
   chunks = list(ST.stream(sampler, params, context, controls, decoder=dec))
   assert [ch.index for ch in chunks] == list(range(sampler.num_chunks))
   assert chunks[0].pixels.shape == (2, sampler.chunk_frames, 64, 96, 3)
@@ -140,12 +143,12 @@ def test_classifier_free_guidance(sampler, params, context):
   uncond = np.random.RandomState(5).standard_normal((1, 8, 32)).astype(np.float32)
   plain = _np(sampler.sample(params, context, sampler.make_controls(2, threshold=np.inf, max_steps=2, seed=3)))
   g1 = _np(sampler.sample(params, context, sampler.make_controls(2, threshold=np.inf, max_steps=2, seed=3,
-                                                                 guidance=1.0), uncond_context=uncond))
-  np.testing.assert_allclose(g1.latents, plain.latents, atol=1e-4)  # v_u + 1 (v_c - v_u) = v_c
+                                                                 guidance=0.0), uncond_context=uncond))
+  np.testing.assert_allclose(g1.latents, plain.latents, atol=1e-4)  # v_c + 0 (v_c - v_u) = v_c
   controls = sampler.make_controls(2, threshold=np.inf, max_steps=2, seed=3, guidance=[3.0, 5.0])
   g3 = _np(sampler.sample(params, context, controls, uncond_context=uncond))
   assert np.abs(g3.latents - plain.latents).max() > 1e-2
-  ref = S.sample_reference(sampler, params, context, controls, uncond_context=uncond)
+  ref = R.sample_reference(sampler, params, context, controls, uncond_context=uncond)
   np.testing.assert_allclose(g3.latents, ref.latents, atol=1e-4)
   assert sampler.trace_counts["program"] >= 2  # the CFG program is a separate compilation
 
@@ -164,7 +167,7 @@ def test_bad_inputs(sampler, params, context):
   with pytest.raises(ValueError, match="controls"):
     sampler.sample(params, context, sampler.make_controls(3))
   with pytest.raises(FileNotFoundError, match="does-not-exist"):
-    S.load_sampler_params(sampler.config, "/tmp/does-not-exist-ckpt", warn=lambda m: None)
+    loading.load_sampler_params(sampler.config, "/tmp/does-not-exist-ckpt", warn=lambda m: None)
 
 
 def test_load_params_from_checkpoint(tmp_path, sampler, params, context):
@@ -173,12 +176,12 @@ def test_load_params_from_checkpoint(tmp_path, sampler, params, context):
   gen_ema = jax.tree_util.tree_map(lambda x: x * 0.5, params["generator"])
   params_io.save_params(path, {"generator": params["generator"], "generator_ema": gen_ema, "head": params["head"]},
                         {"arch": {"generator": sampler.dcfg.to_dict(), "generator_ema": sampler.dcfg.to_dict()}})
-  loaded, source = S.load_sampler_params(sampler.config, path, warn=lambda m: None)
+  loaded, source = loading.load_sampler_params(sampler.config, path, warn=lambda m: None)
   assert source["generator"] == "generator_ema"
   a = jax.tree_util.tree_leaves(loaded["generator"])
   b = jax.tree_util.tree_leaves(gen_ema)
   assert all(np.allclose(x, y) for x, y in zip(a, b))
-  loaded, source = S.load_sampler_params(sampler.config, path, use_ema=False, warn=lambda m: None)
+  loaded, source = loading.load_sampler_params(sampler.config, path, use_ema=False, warn=lambda m: None)
   assert source["generator"] == "generator"
 
 
@@ -191,7 +194,7 @@ def test_noisy_frozen_frames_mode(tiny_config, params, context):
   tau = _mixed_threshold(sm, params, context, seed=1)
   controls = sm.make_controls(2, threshold=tau, max_steps=4, seed=1)
   out = _np(sm.sample(params, context, controls))
-  ref = S.sample_reference(sm, params, context, controls)
+  ref = R.sample_reference(sm, params, context, controls)
   steps = out.steps.reshape(2, sm.num_chunks, sm.chunk_frames)
   assert (steps.max(-1) != steps.min(-1)).any(), out.steps
   np.testing.assert_array_equal(out.steps, ref.steps)
@@ -209,11 +212,11 @@ def test_load_params_from_training_workdir(tmp_path, sampler, params):
   params_io.save_params(str(run / "model"), {"generator": params["generator"], "head": params["head"]},
                         {"arch": {"generator": sampler.dcfg.to_dict()}})
   notes = []
-  loaded, source = S.load_sampler_params(sampler.config, str(run), warn=notes.append)
+  loaded, source = loading.load_sampler_params(sampler.config, str(run), warn=notes.append)
   assert source["source"] == "workdir" and source["generator"] == "generator"
   assert any("generator_ema" in n for n in notes)  # fell back from the EMA, and said so
   a = jax.tree_util.tree_leaves(loaded["head"])
   b = jax.tree_util.tree_leaves(params["head"])
   assert all(np.allclose(x, y) for x, y in zip(a, b))
   with pytest.raises(ValueError, match="neither a model checkpoint"):
-    S.load_sampler_params(sampler.config, str(tmp_path), warn=notes.append)
+    loading.load_sampler_params(sampler.config, str(tmp_path), warn=notes.append)

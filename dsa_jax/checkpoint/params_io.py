@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 
 import jax
 import numpy as np
+
+from dsa_jax.atomic import atomic_dir
 
 META_FILE = "dsa_meta.json"
 PARAMS_DIR = "params"
@@ -32,10 +32,7 @@ def save_params(path: str, params: dict, meta: dict) -> str:
   import orbax.checkpoint as ocp
 
   path = os.path.abspath(path)
-  parent = os.path.dirname(path)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=parent)
-  try:
+  with atomic_dir(path) as tmp:
     host = jax.tree_util.tree_map(lambda x: np.asarray(jax.device_get(x)), params)
     ocp.PyTreeCheckpointer().save(os.path.join(tmp, PARAMS_DIR), host)
     full_meta = dict(meta)
@@ -43,17 +40,6 @@ def save_params(path: str, params: dict, meta: dict) -> str:
     full_meta["networks"] = sorted(params)
     with open(os.path.join(tmp, META_FILE), "w") as f:
       json.dump(full_meta, f, indent=2, sort_keys=True)
-    if os.path.exists(path):
-      old = path + ".old"
-      shutil.rmtree(old, ignore_errors=True)
-      os.replace(path, old)
-      os.replace(tmp, path)
-      shutil.rmtree(old, ignore_errors=True)
-    else:
-      os.replace(tmp, path)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
   return path
 
 

@@ -15,12 +15,12 @@ HELP = "speed benchmarks (sample, train)"
 
 def add_arguments(p):
   sub = p.add_subparsers(dest="bench", required=True, metavar="BENCH")
-  from dsa_jax.eval import bench_sample
+  from dsa_jax.sampling import bench as bench_sample
   sp = sub.add_parser("sample", help="sampling speed: FPS, latency, compile time, component split",
                       description=bench_sample.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   bench_sample.add_arguments(sp)
   sp.set_defaults(_bench=bench_sample.main)
-  from dsa_jax.eval import bench_train
+  from dsa_jax.training import bench as bench_train
   tp = sub.add_parser("train", help="DSA training step: step time, peak memory, MFU",
                       description=bench_train.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   bench_train.add_bench_train_arguments(tp)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
-import tempfile
 import time
 
 HELP = "convert Wan2.1 DiT / VAE / umT5 weights to dsa_jax checkpoints, or a DiT back to diffusers"
@@ -159,15 +158,9 @@ def _convert_vae(args):
 
 
 def _copy_atomic(src: str, dst: str):
-  fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(dst) + "-", dir=os.path.dirname(dst))
-  os.close(fd)
-  try:
+  from dsa_jax.atomic import atomic_path
+  with atomic_path(dst) as tmp:
     shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
 
 
 def _convert_umt5(args):

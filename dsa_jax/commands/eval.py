@@ -28,12 +28,6 @@ fewer samples than feature dimensions (64) the FD is dominated by estimation bia
 
 from __future__ import annotations
 
-import math
-import os
-import sys
-
-import numpy as np
-
 HELP = "FD, prompt agreement, steps and FPS on held-out digits prompts; the claim sweep; the evaluator"
 
 ACTIONS = ("run", "sweep", "train-evaluator")
@@ -73,114 +67,12 @@ def add_arguments(p):
 
 
 def parse_thresholds(values) -> list[float]:
-  out = []
-  for text in values:
-    try:
-      v = float(text)
-    except (TypeError, ValueError):
-      raise ValueError(f"--thresholds: expected numbers (inf and -inf allowed), got {text!r}") from None
-    if math.isnan(v):
-      raise ValueError(f"--thresholds: expected numbers (inf and -inf allowed), got {text!r}")
-    out.append(v)
-  return out
+  from dsa_jax.sampling.sampler import parse_threshold
+  return [parse_threshold(text, "--thresholds") for text in values]
 
 
 def _say(msg):
   print(msg, flush=True)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Outputs
-
-
-STEP_COLORS = np.array([[40, 180, 60], [150, 200, 40], [240, 200, 30], [245, 130, 30], [220, 40, 40],
-                        [150, 20, 120], [90, 20, 160], [40, 40, 160]], np.uint8)
-
-
-def grid_frames(video, steps, *, max_steps: int, cols: int = 8, scale: int = 3, strip: int = 3, pad: int = 2
-                ) -> np.ndarray:
-  """(N, F, H, W, 1) in [-1, 1] + steps (N, F) -> (F, H', W', 3) uint8 grid; a strip under each tile coloured by
-  the frame's steps (green = 1 step ... red = max_steps)."""
-  video = np.asarray(video, np.float32)
-  n, f, h, w, _ = video.shape
-  cols = min(cols, n)
-  rows = -(-n // cols)
-  th, tw = h * scale + strip, w * scale
-  out = np.full((f, rows * (th + pad) + pad, cols * (tw + pad) + pad, 3), 255, np.uint8)
-  px = np.round((np.clip(video, -1, 1) + 1) * 127.5).astype(np.uint8)
-  px = np.repeat(np.repeat(px, scale, axis=2), scale, axis=3)
-  for i in range(n):
-    r, c = divmod(i, cols)
-    y, x = pad + r * (th + pad), pad + c * (tw + pad)
-    out[:, y:y + h * scale, x:x + tw] = px[i]
-    k = np.clip(np.asarray(steps[i]) - 1, 0, len(STEP_COLORS) - 1)
-    if max_steps <= 5:
-      k = np.clip(np.round((np.asarray(steps[i]) - 1) * 4 / max(max_steps - 1, 1)), 0, 4).astype(int)
-    out[:, y + h * scale:y + th, x:x + tw] = STEP_COLORS[k][:, None, None, :]
-  return out
-
-
-def write_outputs(out_dir: str, runs: list[dict], bench, config, *, gif_clips: int = 16) -> dict[str, str]:
-  from dsa_jax.eval import claim
-  from dsa_jax.sampling import outputs
-
-  paths = {}
-  first = runs[0]
-  n = min(gif_clips, first["_arrays"]["video"].shape[0])
-  frames = grid_frames(first["_arrays"]["video"][:n], first["_arrays"]["steps"][:n],
-                       max_steps=int(first.get("max_steps") or len(config.sampling.ladder)))
-  paths["gif"] = outputs.write_gif(os.path.join(out_dir, "samples.gif"), frames, config.video.fps)
-  varied = [r for r in runs if r.get("group") != "fixed"] or runs  # fixed-step bars are flat: show DSA runs
-  paths["events"] = claim.plot_steps_by_event(os.path.join(out_dir, "steps_by_event.png"), varied, bench.event_names,
-                                              title=f"{config.name}: steps per frame against event labels")
-  return paths
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Actions
-
-
-def evaluate(config, ckpt: str, out_dir: str, *, num: int = 256, thresholds=None, fixed=None, evaluator=None,
-             batch: int = 32, seed: int = 0, data_seed: int = 0, num_real: int = 1000, gif_clips: int = 16,
-             fps_prompts: int = 8, log=_say) -> dict:
-  """Samples `num` held-out prompts per setting, scores them and writes eval.json, samples.gif, steps_by_event.png."""
-  import jax
-  import jax.numpy as jnp
-
-  from dsa_jax.eval import claim
-  from dsa_jax.models.dit import _DTYPES
-  from dsa_jax.sampling import outputs
-  from dsa_jax.sampling import sampler as sampler_lib
-
-  claim.check_pixel_config(config)
-  thresholds = [float(config.sampling.threshold)] if not thresholds else list(thresholds)
-  L = len(config.sampling.ladder)
-  for k in fixed or ():
-    if not 1 <= k <= L:
-      raise ValueError(f"--fixed: step counts must lie in [1, {L}] (sampling.ladder), got {k}")
-  os.makedirs(out_dir, exist_ok=True)
-  warn = lambda m: print(m, file=sys.stderr, flush=True)
-  params, source = sampler_lib.load_sampler_params(config, ckpt, warn=warn)
-  dtype = _DTYPES[config.compute.dtype]
-  if dtype != jnp.float32:
-    params["generator"] = sampler_lib.cast_params_for_inference(params["generator"], dtype)
-  bench = claim.Benchmark(config, num=num, evaluator=evaluator, data_seed=data_seed, num_real=num_real, batch=batch,
-                          seed=seed, fps_prompts=fps_prompts, log=log)
-  sampler = sampler_lib.make_sampler(config)
-  log(f"sampling on {jax.devices()[0].device_kind}, weights: {source.get('path', 'random')}")
-  runs = []
-  for tau in thresholds:
-    runs.append(bench.run(sampler, params, name=f"dsa-tau{tau:g}", threshold=tau, extra={"group": "dsa"}))
-  for k in fixed or ():
-    runs.append(bench.run(sampler, params, name=f"fixed-{k}", threshold=float("inf"), min_steps=1, max_steps=k,
-                          extra={"group": "fixed"}))
-  paths = write_outputs(out_dir, runs, bench, config, gif_clips=gif_clips)
-  result = {"config": config.name, "checkpoint": source, "benchmark": bench.describe(),
-            "runs": [claim.public(r) for r in runs]}
-  paths["json"] = outputs.write_json(os.path.join(out_dir, "eval.json"), result)
-  log(f"wrote {', '.join(paths.values())}")
-  result["paths"] = paths
-  return result
 
 
 def _train_evaluator(args, config):
@@ -226,5 +118,6 @@ def main(args):
     run_claim(config, ckpt, args.ckpt_consistency, args.out, thresholds=thresholds, deltas=args.deltas,
               fixed=tuple(args.fixed) if args.fixed else (1, 2, 3, 4, 5), **common)
     return 0
+  from dsa_jax.eval.evaluate import evaluate
   evaluate(config, ckpt, args.out, thresholds=thresholds, fixed=args.fixed, gif_clips=args.gif_clips, **common)
   return 0

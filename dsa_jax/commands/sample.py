@@ -13,11 +13,12 @@ prompt (a slug; with several prompts prefixed by their index) or from --name. --
 
 from __future__ import annotations
 
-import math
 import sys
 import time
 
 import numpy as np
+
+from dsa_jax.sampling.sampler import parse_threshold
 
 HELP = "sample videos (mp4/gif) with per-frame steps and confidences (json + plot)"
 
@@ -36,25 +37,14 @@ def add_arguments(p):
   p.add_argument("--max-steps", type=int, default=None, help="default config.sampling.max_steps")
   p.add_argument("--seed", type=int, default=None, help="noise seed of the first prompt (prompt i gets seed+i); "
                  "default config.seed")
-  p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale; 1 = off (default "
-                 "config.sampling.guidance); the unconditional branch uses config.text.negative_prompt")
+  p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance g: cond + g (cond - uncond), 0 = "
+                 "off (default config.sampling.guidance); the unconditional branch uses config.text.negative_prompt")
   p.add_argument("--name", default=None, help="output name (with several prompts: NAME_000, NAME_001, ...)")
   p.add_argument("--batch-size", type=int, default=None, help="prompts per compiled batch (default "
                  "config.sampling.batch_size)")
   p.add_argument("--stream", action="store_true", help="sample chunk by chunk with per-chunk progress")
   p.add_argument("--formats", default="mp4,gif", help="video files to write: mp4, gif or both (default mp4,gif)")
   p.add_argument("--no-ema", action="store_true", help="use 'generator' even where 'generator_ema' exists")
-
-
-def parse_threshold(text) -> float:
-  """'0.7' / 'inf' / '-inf' -> float; anything else is a ValueError naming --threshold."""
-  try:
-    value = float(text)
-  except (TypeError, ValueError):
-    raise ValueError(f"--threshold: expected a number (inf and -inf allowed), got {text!r}") from None
-  if math.isnan(value):
-    raise ValueError(f"--threshold: expected a number (inf and -inf allowed), got {text!r}")
-  return value
 
 
 def read_prompts(args) -> list[str]:
@@ -133,23 +123,21 @@ def main(args):
   batch = min(batch, len(prompts))
 
   import jax
-  import jax.numpy as jnp
 
+  from dsa_jax.checkpoint.loading import load_sampler_params
   from dsa_jax.data.text_context import make_text_encoder
-  from dsa_jax.models.dit import _DTYPES
+  from dsa_jax.diffusion.guidance import is_on
   from dsa_jax.sampling import outputs
   from dsa_jax.sampling import sampler as sampler_lib
   from dsa_jax.sampling import stream as stream_lib
+  from dsa_jax.sampling.decode import PixelDecoder
 
   warn = lambda m: print(m, file=sys.stderr, flush=True)
-  params, source = sampler_lib.load_sampler_params(config, ckpt, use_ema=not args.no_ema, warn=warn)
-  dtype = _DTYPES[config.compute.dtype]
-  if dtype != jnp.float32:
-    params["generator"] = sampler_lib.cast_params_for_inference(params["generator"], dtype)
+  params, source = load_sampler_params(config, ckpt, use_ema=not args.no_ema, warn=warn, cast=True)
   sampler = sampler_lib.make_sampler(config)
-  decoder = stream_lib.PixelDecoder(config)
+  decoder = PixelDecoder(config)
   encode = make_text_encoder(config)
-  use_cfg = guidance != 1.0
+  use_cfg = is_on(guidance)
   uncond = encode([config.text.negative_prompt]) if use_cfg else None
   _say(f"sampling {len(prompts)} video(s) of {config.video.num_frames} latent frames ({sampler.num_chunks} chunks "
        f"of {sampler.chunk_frames}) on {jax.devices()[0].device_kind}: tau={threshold:g} steps in "

@@ -29,6 +29,7 @@ from typing import Any, Callable, Sequence, SupportsIndex
 import grain
 import numpy as np
 
+from dsa_jax import atomic
 from dsa_jax.data import videos
 
 EVENT_NAMES = ("none", "enter", "swap", "cut", "speed", "bounce")
@@ -476,13 +477,6 @@ class DigitsPromptSource(MovingDigitsSource):
 # Writing and reading
 
 
-def _atomic_write_text(path: str, text: str) -> None:
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.write(text)
-  os.replace(tmp, path)
-
-
 def write_digits(out_dir: str | os.PathLike, num: int, split: str = "train", seed: int = 0, frames: int = 16,
                  size: int = 64, *, digit_size: int | None = None,
                  progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
@@ -513,7 +507,7 @@ def write_digits(out_dir: str | os.PathLike, num: int, split: str = "train", see
       kind_counts[clip["kind_name"]] += 1
       if progress is not None:
         progress(i + 1, int(num))
-  _atomic_write_text(os.path.join(out_dir, PROMPTS_FILE), "\n".join(prompts) + "\n")
+  atomic.write_text(os.path.join(out_dir, PROMPTS_FILE), "\n".join(prompts) + "\n")
   meta = {
       "dataset": "moving_digits",
       "format_version": FORMAT_VERSION,
@@ -536,7 +530,7 @@ def write_digits(out_dir: str | os.PathLike, num: int, split: str = "train", see
       "prompt_vocab": list(PROMPT_VOCAB),
       "clips": clips_info,
   }
-  _atomic_write_text(os.path.join(out_dir, META_FILE), json.dumps(meta, indent=1) + "\n")
+  atomic.write_text(os.path.join(out_dir, META_FILE), json.dumps(meta, indent=1) + "\n")
   return meta
 
 

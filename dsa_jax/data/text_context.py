@@ -68,10 +68,9 @@ def _bow_encoder(path, text_len, text_dim) -> TextEncoder:
 def _umt5_encoder(path, tokenizer_path, text_len, text_dim) -> TextEncoder:
   import jax
 
-  from dsa_jax.checkpoint.params_io import load_params
+  from dsa_jax.checkpoint.loading import load_text_encoder
   from dsa_jax.models import umt5
-  params, meta = load_params(path, networks=["text_encoder"])
-  ucfg = umt5.UMT5Config(**meta["arch"]["text_encoder"])
+  ucfg, params = load_text_encoder(path)
   if ucfg.d_model != text_dim:
     raise ValueError(f"config.text.path: umT5 at {path!r} has d_model {ucfg.d_model}, model.text_dim is {text_dim}")
   tok = umt5.UMT5Tokenizer(tokenizer_path, max_length=text_len)
@@ -79,7 +78,7 @@ def _umt5_encoder(path, tokenizer_path, text_len, text_dim) -> TextEncoder:
 
   def encode(prompts):
     ids, mask = tok(_check_prompts(prompts))
-    return np.asarray(enc_fn(params["text_encoder"], ids, mask), np.float32)
+    return np.asarray(enc_fn(params, ids, mask), np.float32)
   return encode
 
 

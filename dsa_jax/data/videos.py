@@ -18,6 +18,8 @@ from typing import Any, Iterable, Mapping, Sequence, SupportsIndex
 import grain
 import numpy as np
 
+from dsa_jax import atomic
+
 RECORD_VERSION = 1
 VIDEO_DTYPES = ("uint8", "float16", "float32")
 _ARRAY_DTYPES = {"uint8", "int8", "int16", "int32", "int64", "uint16", "uint32", "float16", "float32", "float64",
@@ -90,7 +92,8 @@ def decode_clip(record: bytes, *, where: str = "record") -> dict[str, Any]:
 
 
 class VideoRecordWriter:
-  """Writes clips to one ArrayRecord file atomically: records go to `path.tmp`, renamed to `path` on close.
+  """Writes clips to one ArrayRecord file atomically: records go to a temporary file beside it, renamed to
+  `path` on close.
 
   Use as a context manager; an exception inside the block removes the partial file and leaves `path` untouched.
   """
@@ -100,7 +103,8 @@ class VideoRecordWriter:
     self.path = os.fspath(path)
     parent = os.path.dirname(os.path.abspath(self.path))
     os.makedirs(parent, exist_ok=True)
-    self._tmp = f"{self.path}.tmp{os.getpid()}"
+    self._atomic = atomic.atomic_path(self.path)
+    self._tmp = self._atomic.__enter__()
     self._writer = ArrayRecordWriter(self._tmp, "group_size:1")  # group size 1: fast random access for grain
     self.count = 0
 
@@ -119,14 +123,14 @@ class VideoRecordWriter:
       return
     self._writer.close()
     self._writer = None
-    os.replace(self._tmp, self.path)
+    self._atomic.__exit__(None, None, None)
 
   def abort(self) -> None:
     if self._writer is not None:
       self._writer.close()
       self._writer = None
-    if os.path.exists(self._tmp):
-      os.remove(self._tmp)
+      err = RuntimeError("write aborted")
+      self._atomic.__exit__(RuntimeError, err, None)  # removes the temporary file
 
   def __enter__(self) -> "VideoRecordWriter":
     return self

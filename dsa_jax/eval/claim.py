@@ -131,7 +131,7 @@ class Benchmark:
     self.context = np.asarray(encode(self.prompts), np.float32)
     guidance = float(config.sampling.guidance)
     self.negative_context = np.asarray(encode([config.text.negative_prompt]), np.float32)
-    self.uncond = self.negative_context if guidance != 1.0 else None
+    self.uncond = self.negative_context if guidance != 0.0 else None
     # Real reference: `num_real` test clips (the FD reference), and a disjoint real set of `num` clips whose FD to the
     # reference is the floor a perfect generator would reach with this many samples.
     num_real = max(int(num_real), 2)
@@ -457,7 +457,7 @@ def plot_claim(path: str, groups: dict[str, list[dict]], bench: Benchmark | None
   matplotlib.use("Agg", force=False)
   import matplotlib.pyplot as plt
 
-  from dsa_jax.sampling.outputs import atomic_path
+  from dsa_jax.atomic import atomic_path
 
   style = {"fixed": ("(a) fixed steps", "k", "s", "-"), "dsa_dmd": ("(b) DSA (dmd)", "#c44e52", "o", "-"),
            "dsa_consistency": ("(c) DSA (consistency)", "#8172b2", "^", "-"),
@@ -498,7 +498,7 @@ def plot_steps_by_event(path: str, runs: Sequence[dict], event_names: Sequence[s
   matplotlib.use("Agg", force=False)
   import matplotlib.pyplot as plt
 
-  from dsa_jax.sampling.outputs import atomic_path
+  from dsa_jax.atomic import atomic_path
 
   fig, axes = plt.subplots(1, 2, figsize=(13, 3.8), dpi=110, gridspec_kw={"width_ratios": [1.2, 1]})
   try:
@@ -558,6 +558,7 @@ def run_claim(config, ckpt_dmd: str, ckpt_consistency: str | None, out_dir: str,
   from dsa_jax.eval import heuristic
   from dsa_jax.models.dit import _DTYPES
   from dsa_jax.sampling import outputs
+  from dsa_jax.checkpoint import loading
   from dsa_jax.sampling import sampler as sampler_lib
 
   os.makedirs(out_dir, exist_ok=True)
@@ -572,9 +573,9 @@ def run_claim(config, ckpt_dmd: str, ckpt_consistency: str | None, out_dir: str,
   dtype = _DTYPES[config.compute.dtype]
 
   def load(ckpt):
-    params, source = sampler_lib.load_sampler_params(config, ckpt, warn=log)
+    params, source = loading.load_sampler_params(config, ckpt, warn=log)
     if dtype != jnp.float32:
-      params["generator"] = sampler_lib.cast_params_for_inference(params["generator"], dtype)
+      params["generator"] = loading.cast_params_for_inference(params["generator"], dtype)
     return params, source
 
   sampler = sampler_lib.make_sampler(config)

@@ -243,9 +243,9 @@ def _gen_main(argv: Sequence[str]) -> int:
   """Worker entry: writes clips [start, stop) of (split, seed) to an .npz."""
   split, seed, frames, size, start, stop, path = argv
   arrays = _make_range(split, int(seed), int(frames), int(size), int(start), int(stop))
-  tmp = path + ".tmp.npz"
-  np.savez(tmp, **arrays)
-  os.replace(tmp, path)
+  from dsa_jax.atomic import atomic_path
+  with atomic_path(path) as tmp:
+    np.savez(tmp, **arrays)
   return 0
 
 
@@ -491,21 +491,20 @@ class Evaluator:
 
 def load_evaluator(path: str | None = None) -> Evaluator:
   """Loads an evaluator checkpoint (default: the one shipped in dsa_jax/assets/evaluator)."""
-  from dsa_jax.checkpoint.params_io import CheckpointError, load_params
+  from dsa_jax.checkpoint.loading import load_described
+  from dsa_jax.checkpoint.params_io import CheckpointError, check_tree_shapes
   path = path or DEFAULT_DIR
   if not os.path.isdir(path):
     raise FileNotFoundError(f"evaluator checkpoint {path!r} does not exist (train one with "
                             "`dsa-jax eval train-evaluator --out DIR`)")
   try:
-    params, meta = load_params(path, networks=[NETWORK])
+    params, arch, meta = load_described(path, NETWORK, "--evaluator")
   except CheckpointError as e:
     raise EvaluatorError(f"evaluator checkpoint {path!r}: {e}") from e
-  arch = meta.get("arch", {}).get(NETWORK)
   if arch is None:
     raise EvaluatorError(f"evaluator checkpoint {path!r}: meta has no arch for network {NETWORK!r}")
   cfg = EvaluatorConfig.from_dict(arch)
-  params = jax.tree_util.tree_map(jnp.asarray, params[NETWORK])
-  from dsa_jax.checkpoint.params_io import check_tree_shapes
+  params = jax.tree_util.tree_map(jnp.asarray, params)
   abstract = jax.eval_shape(lambda: init_params(cfg))
   check_tree_shapes(params, abstract, NETWORK, path)
   return Evaluator(params, cfg, meta, path)

@@ -18,25 +18,20 @@ import jax.numpy as jnp
 import numpy as np
 
 from dsa_jax.sampling import sampler as sampler_lib
+from dsa_jax.sampling import stop_rules
+from dsa_jax.sampling.stop_rules import x0_delta  # noqa: F401  (the sampler's rule, tested here)
 
 RULE = "x0_delta"
 
 
-def x0_delta(prev_x0, x0):
-  """Mean absolute change of each frame's x0 between consecutive steps: (B, F, H, W, C) x2 -> (B, F) float32."""
-  if prev_x0.shape != x0.shape or x0.ndim < 3:
-    raise ValueError(f"x0_delta: expected two (B, F, ...) arrays of one shape, got {prev_x0.shape} and {x0.shape}")
-  d = jnp.abs(x0.astype(jnp.float32) - prev_x0.astype(jnp.float32))
-  return jnp.mean(d, axis=tuple(range(2, x0.ndim)))
-
-
 def x0_delta_stop(prev_x0, x0, delta):
-  """(B, F) bool: frames whose x0 changed by less than `delta` (scalar, (B,) per sample, or (B, F))."""
+  """(B, F) bool: frames whose x0 changed by less than `delta` (scalar, (B,) per sample, or (B, F)), by the rule the
+  sampler's loop applies (after the second step)."""
   d = x0_delta(prev_x0, x0)
   delta = jnp.asarray(delta, jnp.float32)
   if delta.ndim == 1:
     delta = delta[:, None]
-  return d < delta
+  return stop_rules.x0_delta_ready(d, delta, 2)
 
 
 def make_heuristic_sampler(config):
@@ -58,13 +53,10 @@ def simulate_stops(trace, threshold, *, rule: str = "confidence", min_steps: int
   trace = np.asarray(trace, np.float64)
   L = trace.shape[-1] if max_steps is None else int(max_steps)
   k = np.arange(1, trace.shape[-1] + 1)
+  if rule not in stop_rules.READY:
+    raise ValueError(f"rule: expected one of {stop_rules.STOP_RULES}, got {rule!r}")
   with np.errstate(invalid="ignore"):
-    if rule == "confidence":
-      hit = trace >= threshold
-    elif rule == RULE:
-      hit = (trace < threshold) & (k >= 2)
-    else:
-      raise ValueError(f"rule: expected 'confidence' or {RULE!r}, got {rule!r}")
+    hit = np.asarray(stop_rules.READY[rule](trace, threshold, k))
   hit &= (k >= min_steps) & (k <= L)
   hit[..., L - 1:] = True  # max_steps always stops
   return np.argmax(hit, axis=-1) + 1

@@ -6,39 +6,18 @@ never sees half a file.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
 import re
-import tempfile
 import warnings
 from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
+from dsa_jax.atomic import atomic_path
+
 VIDEO_FORMATS = ("mp4", "gif")
-
-
-@contextlib.contextmanager
-def atomic_path(path: str):
-  """Yields a temporary path beside `path` (same extension) and renames it over `path` on success."""
-  path = os.path.abspath(path)
-  folder = os.path.dirname(path)
-  os.makedirs(folder, exist_ok=True)
-  base, ext = os.path.splitext(os.path.basename(path))
-  fd, tmp = tempfile.mkstemp(prefix=f".{base}.tmp-", suffix=ext, dir=folder)
-  os.close(fd)
-  try:
-    yield tmp
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions
-    os.replace(tmp, path)
-  except BaseException:
-    with contextlib.suppress(FileNotFoundError):
-      os.remove(tmp)
-    raise
 
 
 def slugify(text: str, max_len: int = 48) -> str:
@@ -114,6 +93,33 @@ def _jsonable(x):
   if isinstance(x, np.bool_):
     return bool(x)
   return x
+
+
+STEP_COLORS = np.array([[40, 180, 60], [150, 200, 40], [240, 200, 30], [245, 130, 30], [220, 40, 40],
+                        [150, 20, 120], [90, 20, 160], [40, 40, 160]], np.uint8)
+
+
+def grid_frames(video, steps, *, max_steps: int, cols: int = 8, scale: int = 3, strip: int = 3, pad: int = 2
+                ) -> np.ndarray:
+  """(N, F, H, W, 1) in [-1, 1] + steps (N, F) -> (F, H', W', 3) uint8 grid; a strip under each tile coloured by
+  the frame's steps (green = 1 step ... red = max_steps)."""
+  video = np.asarray(video, np.float32)
+  n, f, h, w, _ = video.shape
+  cols = min(cols, n)
+  rows = -(-n // cols)
+  th, tw = h * scale + strip, w * scale
+  out = np.full((f, rows * (th + pad) + pad, cols * (tw + pad) + pad, 3), 255, np.uint8)
+  px = np.round((np.clip(video, -1, 1) + 1) * 127.5).astype(np.uint8)
+  px = np.repeat(np.repeat(px, scale, axis=2), scale, axis=3)
+  for i in range(n):
+    r, c = divmod(i, cols)
+    y, x = pad + r * (th + pad), pad + c * (tw + pad)
+    out[:, y:y + h * scale, x:x + tw] = px[i]
+    k = np.clip(np.asarray(steps[i]) - 1, 0, len(STEP_COLORS) - 1)
+    if max_steps <= 5:
+      k = np.clip(np.round((np.asarray(steps[i]) - 1) * 4 / max(max_steps - 1, 1)), 0, 4).astype(int)
+    out[:, y + h * scale:y + th, x:x + tw] = STEP_COLORS[k][:, None, None, :]
+  return out
 
 
 def write_json(path: str, obj) -> str:

@@ -1,12 +1,13 @@
 """The DSA sampler: autoregressive chunks, per-frame dynamic stopping, a KV cache, one compiled program.
 
-Per chunk (DESIGN 1.5), a `lax.while_loop` walks the warped ladder sigma_0 > sigma_1 > ...: the generator predicts
+Per chunk, a `lax.while_loop` walks the warped ladder sigma_0 > sigma_1 > ...: the generator predicts
 the velocity of the chunk (cache mode, per-frame t = 1000 sigma_k), x0 = x - sigma v, and the confidence head
 predicts per frame c_k = sigmoid(logit). A frame is done once (steps >= min_steps and c_k >= tau) or
-steps == max_steps; its output is its last x0. Unfinished frames are re-noised to the next sigma with fresh noise
-(Self Forcing's consistency step). The loop ends when every frame of the chunk, in every batch sample, is done.
-Then one cache-fill forward at t = context_noise on the clean chunk overwrites the chunk's K/V slot. Chunks run in
-a `lax.fori_loop`, so a whole video is one jitted program; the KV cache is donated and carried in the loop state.
+steps == max_steps (the rules are the functions of `stop_rules`); its output is its last x0. Unfinished frames are
+re-noised to the next sigma with fresh noise (Self Forcing's consistency step). The loop ends when every frame of
+the chunk, in every batch sample, is done. Then one cache-fill forward at t = context_noise on the clean chunk
+overwrites the chunk's K/V slot. Chunks run in a `lax.fori_loop`, so a whole video is one jitted program; the KV
+cache is donated and carried in the loop state.
 
 Thresholds, min/max steps (per frame), guidance and seeds are traced (`SamplingControls`): changing them never
 recompiles. Only the use of classifier-free guidance (an extra batch half with its own KV cache) is static.
@@ -17,31 +18,34 @@ like a context frame; 'noisy' keeps feeding the input and t of the step at which
 
 Noise is drawn per sample from fold_in(fold_in(fold_in(rng, seed_b), chunk), slot) with slot 0 for the chunk's
 initial noise, k + 1 for the re-noising after step k and L + 1 for the context noise, so a sample's video depends
-only on its own seed (not on its batch neighbours), and the reference samplers below reproduce it exactly.
+only on its own seed (not on its batch neighbours), and the reference samplers (`reference.py`) reproduce it exactly.
+
+A Sampler holds only what its config fixes and its compiled programs: every call allocates its own KV cache, so
+sampling and streaming never write state into the object. Loading weights is `dsa_jax.checkpoint.loading`'s job.
 """
 
 from __future__ import annotations
 
 import collections
-import functools
-import os
 import time
 from typing import Any, Optional
 
 import flax
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from dsa_jax.config_lib import latent_hw, tokens_per_frame
 from dsa_jax.diffusion import flow
+from dsa_jax.diffusion.guidance import guided_velocity
+from dsa_jax.models import factory
 from dsa_jax.models.confidence import ConfidenceConfig, ConfidenceHead
 from dsa_jax.models.dit import DiTConfig, WanDiT, init_cache
-
+from dsa_jax.models.factory import as_variables
+from dsa_jax.sampling import stop_rules
+from dsa_jax.sampling.stop_rules import STOP_RULES
 
 FROZEN_MODES = ("clean", "noisy")
-STOP_RULES = ("confidence", "x0_delta")  # how a frame decides it is done: the head, or the training-free x0 change
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -54,7 +58,8 @@ class SamplingControls:
 
   threshold (B,) float32: confidence tau per sample (+inf: always max_steps; -inf: always min_steps).
   min_steps, max_steps (B, F) int32: per sample and frame (a fixed per-frame pattern forces a step schedule).
-  guidance (B,) float32: CFG scale (used only when the sampler is called with an unconditional context).
+  guidance (B,) float32: classifier-free guidance g, cond + g (cond - uncond), 0 = off (used only when the sampler
+    is called with an unconditional context; see `dsa_jax.diffusion.guidance`).
   seed (B,) uint32: per-sample noise seed.
   """
   threshold: jax.Array
@@ -118,6 +123,17 @@ def slot_noise(ckeys, slot, shape):
   return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, slot), shape, jnp.float32))(ckeys)
 
 
+def parse_threshold(text, field: str = "--threshold") -> float:
+  """'0.7' / 'inf' / '-inf' -> float; anything else (nan included) is a ValueError naming `field`."""
+  try:
+    value = float(text)
+  except (TypeError, ValueError):
+    raise ValueError(f"{field}: expected a number (inf and -inf allowed), got {text!r}") from None
+  if np.isnan(value):
+    raise ValueError(f"{field}: expected a number (inf and -inf allowed), got {text!r}")
+  return value
+
+
 def _per_frame_ints(value, batch: int, frames: int, num_steps: int, name: str) -> np.ndarray:
   """Scalar, (B,) per sample, (1, F) / (B, F) per frame -> (B, F) int32 in [1, num_steps]."""
   a = np.asarray(value)
@@ -151,34 +167,6 @@ def _bcast(mask, x):
   return mask.reshape(mask.shape + (1,) * (x.ndim - mask.ndim))
 
 
-def as_variables(params):
-  """Accepts a DiT/head variables dict ({'params': ...}) or the bare params tree."""
-  params = nn.unbox(params)
-  if isinstance(params, dict) and set(params) == {"params"}:
-    return params
-  return {"params": params}
-
-
-def cast_params_for_inference(params, dtype=jnp.bfloat16):
-  """Casts the big matmul kernels of a DiT to the compute dtype once (saves memory and a cast per forward).
-
-  Norm scales, biases, modulation tables and the time embedding stay float32 (they are tiny and precision-sensitive).
-  """
-  dtype = jnp.dtype(dtype)
-  if dtype == jnp.float32:
-    return params
-
-  def cast(path, x):
-    names = [getattr(p, "key", getattr(p, "name", "")) for p in path]
-    if any(str(n).startswith("time_") for n in names):
-      return x
-    if names and names[-1] in ("kernel", "patch_embedding") and x.ndim >= 2:
-      return x.astype(dtype)
-    return x
-
-  return jax.tree_util.tree_map_with_path(cast, params)
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # The sampler
 
@@ -189,9 +177,10 @@ class Sampler:
   sample(params, context, controls, rng=None, uncond_context=None) -> SampleOutput
     params: {'generator': DiT variables, 'head': head variables}; context (B, text_len, text_dim).
     With `uncond_context` (B or 1, text_len, text_dim) the program uses classifier-free guidance (a separate
-    compilation); v = v_uncond + g (v_cond - v_uncond) with g = controls.guidance.
+    compilation); v = v_cond + g (v_cond - v_uncond) with g = controls.guidance (`guided_velocity`).
   chunk_step: the jitted per-chunk function (chunk index traced) that `stream.stream` drives.
   trace_counts: how often each program was traced (tests assert that controls do not recompile).
+  Immutable apart from two memos: `compile()`'s ahead-of-time executables and the trace counts.
   """
 
   def __init__(self, config, dit_cfg: Optional[DiTConfig] = None):
@@ -222,10 +211,7 @@ class Sampler:
       raise ValueError(f"config.sampling.ladder has {self.num_steps} steps; the confidence head embeds at most "
                        f"{self.hcfg.max_steps}")
     self.trace_counts = collections.Counter()
-    self._caches = {}
     self._compiled = {}
-    self._fixed_forward = {}
-    self._ref_forward = None
     self.program = jax.jit(self._program, static_argnames=("use_cfg",), donate_argnums=(5,))
     self.chunk_step = jax.jit(self._chunk_step, static_argnames=("use_cfg",), donate_argnums=(5,))
 
@@ -242,7 +228,7 @@ class Sampler:
   def init_params(self, key=None):
     """Random generator + head variables (unboxed)."""
     key = jax.random.PRNGKey(self.config.seed) if key is None else key
-    return random_params(self.config, self.dcfg, key)
+    return factory.random_networks(self.config, ("generator", "head"), key)
 
   def make_controls(self, batch: int, threshold=None, min_steps=None, max_steps=None, guidance=None, seed=None
                     ) -> SamplingControls:
@@ -277,11 +263,6 @@ class Sampler:
     """A zeroed KV cache for the whole video (doubled batch with CFG)."""
     return init_cache(self.dcfg, batch * (2 if use_cfg else 1), self.num_frames, self.tokens_per_frame)
 
-  def _take_cache(self, batch: int, use_cfg: bool):
-    """Reuses the donated cache of the last call of the same size (unwritten slots are masked by kv lengths)."""
-    cache = self._caches.pop((batch, use_cfg), None)
-    return cache if cache is not None else self.new_cache(batch, use_cfg)
-
   def _check_inputs(self, params, context, controls, uncond_context):
     context = jnp.asarray(context, jnp.float32)
     want = (self.dcfg.text_len, self.dcfg.text_dim)
@@ -311,9 +292,7 @@ class Sampler:
       ctx2 = jnp.concatenate([context, uncond_context], 0)
       out = self.dit.apply(gen_params, x2, t2, ctx2, cache=cache, frame_offset=frame_offset)
       b = x.shape[0]
-      v_c, v_u = out["velocity"][:b], out["velocity"][b:]
-      g = _bcast(guidance, v_c)
-      return v_u + g * (v_c - v_u), out["features"][:b], out["cache"]
+      return guided_velocity(out["velocity"][:b], out["velocity"][b:], guidance), out["features"][:b], out["cache"]
     out = self.dit.apply(gen_params, x, t, context, cache=cache, frame_offset=frame_offset)
     return out["velocity"], out["features"], out["cache"]
 
@@ -326,24 +305,6 @@ class Sampler:
       return x0
     eps = slot_noise(ckeys, self.num_steps + 1, x0.shape[1:])
     return flow.add_noise(x0, eps, self.context_noise / self.num_train_timesteps)
-
-  def _reference_forward(self):
-    """Jitted full-sequence block-causal forward (no cache) with optional CFG, for `sample_reference`."""
-    if self._ref_forward is None:
-      c = self.chunk_frames
-
-      def fwd(gen, x, t, context, uncond_context, guidance, use_cfg):
-        b = x.shape[0]
-        if use_cfg:
-          out = self.dit.apply(gen, jnp.concatenate([x, x]), jnp.concatenate([t, t]),
-                               jnp.concatenate([context, uncond_context]), chunk_frames=c)
-          v_c, v_u = out["velocity"][:b], out["velocity"][b:]
-          return v_u + _bcast(guidance, v_c) * (v_c - v_u), out["features"][:b]
-        out = self.dit.apply(gen, x, t, context, chunk_frames=c)
-        return out["velocity"], out["features"]
-
-      self._ref_forward = jax.jit(fwd, static_argnames=("use_cfg",))
-    return self._ref_forward
 
   # -- one chunk ----------------------------------------------------------------------------------------------------
 
@@ -376,15 +337,12 @@ class Sampler:
                                      use_cfg)
       x0_new = flow.x0_from_velocity(s.x, v, sigma_k)
       steps = jnp.where(active, s.k + 1, s.steps)
-      if self.stop_rule == "x0_delta":
-        # Training-free baseline: stop once x0 moved less than tau (mean |change|) since the previous step; the
-        # change is recorded where the confidence would be.
-        conf_new = jnp.where(s.k > 0, jnp.mean(jnp.abs(x0_new - s.x0), axis=(2, 3, 4)), jnp.nan)
-        ready = (steps >= 2) & (conf_new < tau)
+      if self.stop_rule == "x0_delta":  # the change is recorded where the confidence would be
+        score = jnp.where(s.k > 0, stop_rules.x0_delta(s.x0, x0_new), jnp.nan)
       else:
-        conf_new = self.confidence(hp, feats, jnp.full((b, c), s.k, jnp.int32), t_in)
-        ready = conf_new >= tau
-      stop = active & (((steps >= min_s) & ready) | (steps >= max_s))
+        score = self.confidence(hp, feats, jnp.full((b, c), s.k, jnp.int32), t_in)
+      stop = stop_rules.frame_done(active, steps, min_s, max_s, stop_rules.READY[self.stop_rule](score, tau, steps))
+      conf_new = score
       x0 = jnp.where(a5, x0_new, s.x0)
       conf = jnp.where(active, conf_new, s.conf)
       trace = jax.lax.dynamic_update_slice_in_dim(
@@ -446,11 +404,11 @@ class Sampler:
     return SampleOutput(latents=lat, steps=steps, confidences=conf, conf_trace=trace, chunk_iters=iters), cache
 
   def prepare(self, params, context, controls, rng=None, uncond_context=None):
-    """Validated program arguments: (args tuple, use_cfg). The cache comes from the pool (donated by the call)."""
+    """Validated program arguments: (args tuple, use_cfg), with a fresh KV cache (donated by the call)."""
     params, context, uncond_context = self._check_inputs(params, context, controls, uncond_context)
     use_cfg = uncond_context is not None
     rng = jax.random.PRNGKey(0) if rng is None else rng
-    cache = self._take_cache(context.shape[0], use_cfg)
+    cache = self.new_cache(context.shape[0], use_cfg)
     return (params, context, uncond_context, controls, rng, cache), use_cfg
 
   def sample(self, params, context, controls: SamplingControls, rng=None, uncond_context=None) -> SampleOutput:
@@ -458,10 +416,9 @@ class Sampler:
     args, use_cfg = self.prepare(params, context, controls, rng, uncond_context)
     compiled = self._compiled.get(_signature(args, use_cfg))
     if compiled is not None:
-      out, cache = compiled(*args)
+      out, _ = compiled(*args)
     else:
-      out, cache = self.program(*args, use_cfg=use_cfg)
-    self._caches[(args[1].shape[0], use_cfg)] = cache
+      out, _ = self.program(*args, use_cfg=use_cfg)
     return out
 
   def compile(self, params, context, controls, rng=None, uncond_context=None) -> float:
@@ -472,278 +429,9 @@ class Sampler:
     compiled = self.program.lower(*args, use_cfg=use_cfg).compile()
     dt = time.perf_counter() - t0
     self._compiled[_signature(args, use_cfg)] = compiled
-    self._caches[(args[1].shape[0], use_cfg)] = args[-1]  # lowering does not consume the donated cache
     return dt
 
 
 def make_sampler(config, dit_cfg: Optional[DiTConfig] = None) -> Sampler:
   """The compiled DSA sampler of `config` (model, video size, ladder, context noise, frozen-frame mode)."""
   return Sampler(config, dit_cfg)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Reference samplers (pure Python control flow; for tests and parity)
-
-
-def _np_controls(controls):
-  return jax.tree_util.tree_map(np.asarray, controls)
-
-
-def sample_reference(sampler: Sampler, params, context, controls: SamplingControls, rng=None, uncond_context=None):
-  """Recomputes the full block-causal forward over the sequence prefix at every step (no KV cache).
-
-  Same stopping rule, noise and frozen-frame semantics as `Sampler.sample`, with Python loops and numpy
-  bookkeeping: the check that the cached, compiled sampler is right. Returns a SampleOutput of numpy arrays.
-  """
-  params, context, uncond_context = sampler._check_inputs(params, context, controls, uncond_context)
-  use_cfg = uncond_context is not None
-  rng = jax.random.PRNGKey(0) if rng is None else rng
-  ctl = _np_controls(controls)
-  c, L, f = sampler.chunk_frames, sampler.num_steps, sampler.num_frames
-  b = context.shape[0]
-  tn = sampler.num_train_timesteps
-  sig = np.asarray(sampler.sigmas, np.float32)
-  keys = sample_keys(rng, controls.seed)
-  full_forward = sampler._reference_forward()
-  guidance = jnp.asarray(ctl.guidance)
-
-  lat = np.zeros((b,) + sampler.latent_shape, np.float32)
-  ctx_in = np.zeros_like(lat)  # the clean chunks as the network sees them (noised at context_noise)
-  steps_all = np.zeros((b, f), np.int32)
-  conf_all = np.zeros((b, f), np.float32)
-  trace_all = np.full((b, f, L), np.nan, np.float32)
-  iters = np.zeros((sampler.num_chunks,), np.int32)
-  for i in range(sampler.num_chunks):
-    lo, hi = i * c, (i + 1) * c
-    ckeys = chunk_keys(keys, i)
-    x = np.array(slot_noise(ckeys, 0, sampler.chunk_shape))
-    x0 = np.zeros_like(x)
-    steps = np.zeros((b, c), np.int32)
-    done = np.zeros((b, c), bool)
-    conf = np.zeros((b, c), np.float32)
-    mn = np.clip(ctl.min_steps[:, lo:hi], 1, np.clip(ctl.max_steps[:, lo:hi], 1, L))
-    mx = np.clip(ctl.max_steps[:, lo:hi], 1, L)
-    k = 0
-    while k < L and not done.all():
-      x_in = x.copy()
-      t_in = np.full((b, c), tn * sig[k], np.float32)
-      clean = np.asarray(sampler.context_input(jnp.asarray(x0), ckeys)) if done.any() else None
-      for bi in range(b):
-        for fi in range(c):
-          if done[bi, fi]:
-            if sampler.frozen_mode == "clean":
-              x_in[bi, fi] = clean[bi, fi]
-              t_in[bi, fi] = sampler.context_noise
-            else:
-              t_in[bi, fi] = tn * sig[steps[bi, fi] - 1]
-      x_full = np.concatenate([ctx_in[:, :lo], x_in], axis=1)
-      t_full = np.concatenate([np.full((b, lo), sampler.context_noise, np.float32), t_in], axis=1)
-      v, feats = full_forward(params["generator"], jnp.asarray(x_full), jnp.asarray(t_full), context, uncond_context,
-                              guidance, use_cfg=use_cfg)
-      v = np.asarray(v)[:, lo:hi]
-      feats = feats[:, lo:hi]
-      x0_new = x - sig[k] * v
-      conf_new = np.asarray(sampler.confidence(params["head"], feats, jnp.full((b, c), k, jnp.int32),
-                                               jnp.asarray(t_in)))
-      eps = np.asarray(slot_noise(ckeys, k + 1, sampler.chunk_shape))
-      sig_next = sig[k + 1] if k + 1 < L else 0.0
-      for bi in range(b):
-        tau = float(ctl.threshold[bi])
-        for fi in range(c):
-          if done[bi, fi]:
-            continue
-          steps[bi, fi] = k + 1
-          x0[bi, fi] = x0_new[bi, fi]
-          conf[bi, fi] = conf_new[bi, fi]
-          trace_all[bi, lo + fi, k] = conf_new[bi, fi]
-          if (steps[bi, fi] >= mn[bi, fi] and conf_new[bi, fi] >= tau) or steps[bi, fi] >= mx[bi, fi]:
-            done[bi, fi] = True
-          else:
-            x[bi, fi] = (1.0 - sig_next) * x0_new[bi, fi] + sig_next * eps[bi, fi]
-      k += 1
-    iters[i] = k
-    lat[:, lo:hi] = x0
-    ctx_in[:, lo:hi] = np.asarray(sampler.context_input(jnp.asarray(x0), ckeys))
-    steps_all[:, lo:hi] = steps
-    conf_all[:, lo:hi] = conf
-  return SampleOutput(latents=lat, steps=steps_all, confidences=conf_all, conf_trace=trace_all, chunk_iters=iters)
-
-
-def sample_fixed(sampler: Sampler, params, context, num_steps: int, seed=0, rng=None, uncond_context=None,
-                 guidance=None):
-  """Self Forcing's sampler: every frame takes the first `num_steps` ladder steps; KV cache, Python loops.
-
-  The baseline that the DSA sampler must reproduce at tau = +inf (max_steps = num_steps) and at tau = -inf
-  (min_steps = num_steps). Returns latents (B, F, H, W, C) as numpy.
-  """
-  controls = sampler.make_controls(context.shape[0], threshold=np.inf, min_steps=1, max_steps=num_steps,
-                                   guidance=guidance, seed=seed)
-  params, context, uncond_context = sampler._check_inputs(params, context, controls, uncond_context)
-  use_cfg = uncond_context is not None
-  rng = jax.random.PRNGKey(0) if rng is None else rng
-  b, c = context.shape[0], sampler.chunk_frames
-  tn = sampler.num_train_timesteps
-  keys = sample_keys(rng, controls.seed)
-  fwd = sampler._fixed_forward.get(use_cfg)
-  if fwd is None:
-    fwd = sampler._fixed_forward[use_cfg] = jax.jit(functools.partial(sampler.forward, use_cfg=use_cfg))
-  cache = sampler.new_cache(b, use_cfg)
-  out = []
-  for i in range(sampler.num_chunks):
-    ckeys = chunk_keys(keys, i)
-    x = slot_noise(ckeys, 0, sampler.chunk_shape)
-    x0 = None
-    for k in range(num_steps):
-      sigma = float(sampler.sigmas[k])
-      v, _, cache = fwd(params["generator"], x, jnp.full((b, c), tn * sigma, jnp.float32), context, uncond_context,
-                        controls.guidance, cache, i * c)
-      x0 = x - sigma * v
-      if k + 1 < num_steps:
-        x = flow.renoise(x0, slot_noise(ckeys, k + 1, sampler.chunk_shape), float(sampler.sigmas[k + 1]))
-    _, _, cache = fwd(params["generator"], sampler.context_input(x0, ckeys),
-                      jnp.full((b, c), sampler.context_noise, jnp.float32), context, uncond_context,
-                      controls.guidance, cache, i * c)
-    out.append(np.asarray(x0))
-  return np.concatenate(out, axis=1)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Parameters
-
-
-class RandomWeightsWarning(UserWarning):
-  pass
-
-
-def random_params(config, dcfg: DiTConfig, key, exact: bool = True):
-  """Random {'generator', 'head'} variables (unboxed).
-
-  exact=True: the modules' own initialisers, in one jitted init (compiling it traces the whole model: ~5-10 s on a
-  CPU). exact=False: the same tree filled by one small jitted program (seconds even at 1.3B): matrices and tables
-  ~ N(0, 0.02^2), biases 0, norm scales 1 -- for smoke runs and speed benchmarks, where weights only need to be finite.
-  """
-  from dsa_jax.models import factory
-
-  def init(key):
-    kg, kh = jax.random.split(key)
-    return {"generator": nn.unbox(factory.init_dit(dcfg, config, kg)),
-            "head": nn.unbox(factory.init_head(config, kh))}
-
-  if exact:
-    return jax.jit(init)(key)
-  shapes = jax.eval_shape(init, key)
-  paths, leaves = zip(*jax.tree_util.tree_leaves_with_path(shapes))
-  treedef = jax.tree_util.tree_structure(shapes)
-
-  kinds = []
-  for path, s in zip(paths, leaves):
-    name = jax.tree_util.keystr(path)
-    kinds.append("one" if name.endswith("scale']") else
-                 "zero" if name.endswith("bias']") or len(s.shape) < 2 else "normal")
-  total = sum(int(np.prod(s.shape)) for s, k in zip(leaves, kinds) if k == "normal")
-
-  @jax.jit
-  def fill(key):
-    flat = 0.02 * jax.random.normal(key, (max(total, 1),), jnp.float32)  # one random op: a fast compile
-    out, pos = [], 0
-    for s, kind in zip(leaves, kinds):
-      if kind == "one":
-        out.append(jnp.ones(s.shape, s.dtype))
-      elif kind == "zero":
-        out.append(jnp.zeros(s.shape, s.dtype))
-      else:
-        n = int(np.prod(s.shape))
-        out.append(flat[pos:pos + n].reshape(s.shape).astype(s.dtype))
-        pos += n
-    return jax.tree_util.tree_unflatten(treedef, out)
-
-  return fill(key)
-
-
-def _is_training_workdir(path: str) -> bool:
-  """Anything but a params_io model folder (dsa_meta.json) goes to the training loader (workdir or exported model/)."""
-  return not os.path.isfile(os.path.join(path, "dsa_meta.json"))
-
-
-def load_sampler_params(config, ckpt: str = "", *, use_ema: Optional[bool] = None, dit_cfg=None, warn=print):
-  """{'generator', 'head'} variables for sampling, and a dict describing where they came from.
-
-  ckpt '' -> random init (warned). A model checkpoint folder (params_io) -> networks 'generator_ema' (use_ema, if
-  present) or 'generator', and 'head' (random with a warning if absent). A training workdir -> the latest step via
-  `dsa_jax.training.checkpointing.load_model_from_workdir`.
-  """
-  from dsa_jax.checkpoint import params_io
-  from dsa_jax.models import factory
-
-  use_ema = config.sampling.use_ema if use_ema is None else use_ema
-  dcfg = dit_cfg or DiTConfig.from_config(config.model, config.compute)
-  key = jax.random.PRNGKey(config.seed)
-  if not ckpt:
-    warn("warning: no checkpoint given (config.sampling.checkpoint / --ckpt): the generator and the confidence head "
-         "have RANDOM weights; outputs are noise-like and only useful for smoke tests and benchmarks")
-    return random_params(config, dcfg, key, exact=False), {"source": "random"}
-  if not os.path.exists(ckpt):
-    raise FileNotFoundError(f"checkpoint {ckpt!r} does not exist (--ckpt / config.sampling.checkpoint)")
-  if not os.path.isdir(ckpt):
-    raise FileNotFoundError(f"checkpoint {ckpt!r} is not a folder (expected a dsa_jax model checkpoint or a "
-                            "training workdir)")
-
-  if _is_training_workdir(ckpt):
-    try:
-      from dsa_jax.training.checkpointing import load_model_from_workdir
-    except ImportError as e:
-      raise params_io.CheckpointError(f"checkpoint {ckpt!r} looks like a training workdir, but loading workdirs "
-                                      f"needs dsa_jax.training.checkpointing.load_model_from_workdir ({e})") from e
-    # Preferred first; runs without an EMA or a head (e.g. an ODE-stage workdir) fall back (reported below).
-    gens = ("generator_ema", "generator") if use_ema else ("generator",)
-    attempts = [(g, "head") for g in gens] + [(g,) for g in gens]
-    first_error, loaded = None, None
-    for networks in attempts:
-      try:
-        loaded = load_model_from_workdir(ckpt, config, networks=networks)
-        break
-      except (ValueError, KeyError) as e:  # the loader's errors name the missing networks
-        first_error = first_error or e
-    if loaded is None:
-      raise first_error
-    tree, meta = loaded if isinstance(loaded, tuple) else (loaded, {})
-    source = {"source": "workdir", "path": ckpt}
-  else:
-    meta = params_io.read_meta(ckpt)
-    available = set(meta.get("networks", [])) or set(meta.get("arch", {}))
-    wanted = [n for n in ("generator_ema" if use_ema else None, "generator", "head") if n and n in available]
-    if not any(n.startswith("generator") for n in wanted):
-      raise params_io.CheckpointError(f"checkpoint {ckpt!r} holds no 'generator' or 'generator_ema' network; it has "
-                                      f"{sorted(available)}")
-    if "generator_ema" in wanted and "generator" in wanted:
-      wanted.remove("generator")
-    tree, meta = params_io.load_params(ckpt, wanted)
-    source = {"source": "checkpoint", "path": ckpt}
-
-  gen_name = "generator_ema" if use_ema and "generator_ema" in tree else "generator"
-  if gen_name not in tree:
-    raise params_io.CheckpointError(f"checkpoint {ckpt!r} holds no 'generator' or 'generator_ema' network; it has "
-                                    f"{sorted(tree)}")
-  if use_ema and gen_name != "generator_ema":
-    warn(f"note: checkpoint {ckpt!r} has no 'generator_ema'; using 'generator'")
-  if meta.get("arch"):
-    if gen_name in meta["arch"]:
-      params_io.check_arch(meta, gen_name, dcfg.to_dict(), ckpt)
-    elif "generator" in meta["arch"]:
-      params_io.check_arch(meta, "generator", dcfg.to_dict(), ckpt)
-  gen = as_variables(tree[gen_name])
-  abstract = nn.unbox(factory.abstract_dit_params(dcfg, config))
-  params_io.check_tree_shapes(gen, abstract, gen_name, ckpt)
-  gen = jax.tree_util.tree_map(lambda a, s: jnp.asarray(a, s.dtype), gen, abstract)
-  if "head" in tree:
-    head = as_variables(tree["head"])
-    habs = nn.unbox(factory.abstract_head_params(config))
-    params_io.check_tree_shapes(head, habs, "head", ckpt)
-    head = jax.tree_util.tree_map(lambda a, s: jnp.asarray(a, s.dtype), head, habs)
-  else:
-    warn(f"warning: checkpoint {ckpt!r} has no confidence 'head': it gets RANDOM weights, so thresholds are "
-         "meaningless (use --threshold inf for the fixed-step sampler)")
-    head = nn.unbox(factory.init_head(config, key))
-    source["head"] = "random"
-  source["generator"] = gen_name
-  return {"generator": gen, "head": head}, source

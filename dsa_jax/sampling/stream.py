@@ -1,158 +1,21 @@
-"""Streaming: yield each chunk (latents, pixels, steps, confidences) as soon as it is done; and pixel decoding.
+"""Streaming: yield each chunk (latents, pixels, steps, confidences) as soon as it is done.
 
 `stream(...)` drives the sampler's jitted per-chunk function (`Sampler.chunk_step`, chunk index traced, KV cache
 donated and carried between calls) from Python, so the first chunk reaches the caller after one chunk's work
 instead of the whole video's. It computes exactly what `Sampler.sample` computes (same noise, same stopping).
-
-`PixelDecoder` turns latents into pixels by `config.vae.kind`:
-  'none'     no VAE: a visualisation of the first 3 latent channels, upsampled by the VAE's spatial stride;
-  'identity' the latents are pixels in [-1, 1] (pixel-space recipes; 1 or 3 channels);
-  'wan'      the Wan2.1 VAE (`dsa_jax.models.vae`), params from `config.vae.path` (params_io network 'vae'),
-             decoded chunk by chunk with its causal cache (the first chunk gives 1 + 4(c-1) frames, later ones 4c).
+Pixels come from a `decode.PixelDecoder` (chunk by chunk, with its causal state).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
-import os
 import time
 from typing import Iterator, Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-VAE_KINDS = ("none", "identity", "wan")
-PREVIEW_SCALE = 3.0  # 'none' streaming preview: latents / 3 clipped to [-1, 1] (latents are ~unit variance)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Pixels
-
-
-def _load_wan_vae(config, path: str):
-  from dsa_jax.checkpoint import params_io
-  from dsa_jax.models import vae as vae_lib
-  if not path:
-    raise FileNotFoundError("config.vae.path: config.vae.kind='wan' needs a VAE checkpoint folder "
-                            "(dsa-jax convert writes one); got ''")
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"config.vae.path: VAE checkpoint {path!r} does not exist")
-  params, meta = params_io.load_params(path, ["vae"])
-  arch = meta.get("arch", {}).get("vae")
-  vcfg = vae_lib.WanVAEConfig.from_dict(arch) if arch else vae_lib.WanVAEConfig()
-  return vcfg, params["vae"]
-
-
-def random_wan_vae_config(config):
-  """A Wan VAE config for random-weight benchmarks: Wan2.1's own at 16 latent channels, a small one otherwise."""
-  from dsa_jax.models import vae as vae_lib
-  z = config.video.latent_channels
-  if z == 16:
-    return vae_lib.WanVAEConfig()
-  return vae_lib.WanVAEConfig(base_dim=8, num_res_blocks=1, z_dim=z, latents_mean=(0.0,) * z,
-                              latents_std=(1.0,) * z)
-
-
-
-def random_vae_params(vae_config, seed: int = 0):
-  """Random VAE params built on the host from the init's shapes (no compilation: the VAE's jitted init takes
-  minutes to compile on a CPU). Kernels ~ N(0, 1/fan_in), biases 0, norm scales 1: finite, O(1) activations, which
-  is all a speed benchmark needs."""
-  from dsa_jax.models import vae as vae_lib
-  shapes = jax.eval_shape(lambda k: vae_lib.init_params(vae_config, k), jax.random.PRNGKey(0))
-  rs = np.random.RandomState(seed)
-
-  def make(path, s):
-    name = jax.tree_util.keystr(path)
-    if name.endswith("['scale']"):
-      return jnp.ones(s.shape, s.dtype)
-    if name.endswith("['bias']") or len(s.shape) < 2:
-      return jnp.zeros(s.shape, s.dtype)
-    fan_in = int(np.prod(s.shape[:-1]))
-    return jnp.asarray(rs.standard_normal(s.shape).astype(np.float32) / np.sqrt(fan_in), s.dtype)
-
-  return jax.tree_util.tree_map_with_path(make, shapes)
-
-
-class PixelDecoder:
-  """Latents (B, F, h, w, C) -> pixels (B, T, H, W, 3) float32 in [-1, 1], whole videos or chunk by chunk."""
-
-  def __init__(self, config, *, kind: Optional[str] = None, vae_config=None, vae_params=None, dtype=None):
-    self.config = config
-    self.kind = kind or config.vae.kind
-    if self.kind not in VAE_KINDS:
-      raise ValueError(f"config.vae.kind: expected one of {VAE_KINDS}, got {self.kind!r}")
-    self.chunk_frames = config.video.chunk_frames
-    self.spatial = int(config.video.vae_stride[1])
-    self.temporal = int(config.video.vae_stride[0])
-    c = config.video.latent_channels
-    if self.kind == "identity" and c not in (1, 3):
-      raise ValueError(f"config.vae.kind='identity' needs video.latent_channels 1 or 3 (pixels), got {c}")
-    self.vae = None
-    self.vae_params = None
-    if self.kind == "wan":
-      from dsa_jax.models import vae as vae_lib
-      from dsa_jax.models.dit import _DTYPES
-      if vae_config is None:
-        vae_config, vae_params = _load_wan_vae(config, config.vae.path)
-      if vae_config.z_dim != c:
-        raise ValueError(f"config.vae.path: the VAE has z_dim {vae_config.z_dim}, video.latent_channels is {c}")
-      if vae_config.spatial_factor != self.spatial or vae_config.temporal_factor != self.temporal:
-        raise ValueError(f"config.video.vae_stride {tuple(config.video.vae_stride)} does not match the VAE "
-                         f"(temporal {vae_config.temporal_factor}, spatial {vae_config.spatial_factor})")
-      dtype = dtype or _DTYPES[config.compute.dtype]
-      self.vae = vae_lib.WanVAE(vae_config, dtype=dtype)
-      self.vae_params = vae_params if vae_params is not None else self.vae.init_params(jax.random.PRNGKey(0))
-      self._decode_chunk = jax.jit(self.vae.decode_chunk, static_argnames=("first",))
-      chunk = self.chunk_frames if config.vae.get("chunked", True) else None
-      self._decode_video = jax.jit(functools.partial(self.vae.decode, chunk_size=chunk))
-
-  @classmethod
-  def random(cls, config, dtype=None, seed: int = 0):
-    """A Wan VAE with random weights (benchmarks); see `random_vae_params`."""
-    vcfg = random_wan_vae_config(config)
-    return cls(config, kind="wan", vae_config=vcfg, vae_params=random_vae_params(vcfg, seed), dtype=dtype)
-
-  def num_pixel_frames(self, num_latent_frames: int) -> int:
-    if self.kind == "wan":
-      return 1 + (num_latent_frames - 1) * self.temporal
-    return num_latent_frames
-
-  def _preview(self, latents, scale):
-    x = latents[..., :3]
-    if x.shape[-1] < 3:
-      x = jnp.concatenate([x] + [x[..., -1:]] * (3 - x.shape[-1]), axis=-1)
-    x = jnp.clip(x / scale, -1.0, 1.0)
-    return jnp.repeat(jnp.repeat(x, self.spatial, axis=-3), self.spatial, axis=-2)
-
-  def _identity(self, latents):
-    x = jnp.clip(latents.astype(jnp.float32), -1.0, 1.0)
-    return jnp.repeat(x, 3, axis=-1) if x.shape[-1] == 1 else x
-
-  def decode_video(self, latents):
-    """Whole video -> pixels (device array). 'none': per-video, per-channel normalisation of the preview."""
-    latents = jnp.asarray(latents, jnp.float32)
-    if self.kind == "wan":
-      return self._decode_video(self.vae_params, latents)
-    if self.kind == "identity":
-      return self._identity(latents)
-    x = latents[..., :3]
-    mean = jnp.mean(x, axis=(1, 2, 3), keepdims=True)
-    std = jnp.std(x, axis=(1, 2, 3), keepdims=True) + 1e-6
-    return self._preview((x - mean) / std, 2.5)
-
-  def init_state(self, batch: int):
-    return None
-
-  def decode_chunk(self, latents_chunk, state, first: bool):
-    """One chunk -> (pixels, state). 'none' uses a fixed scale so chunks of a stream look alike."""
-    if self.kind == "wan":
-      return self._decode_chunk(self.vae_params, latents_chunk, None if first else state, first=first)
-    if self.kind == "identity":
-      return self._identity(latents_chunk), state
-    return self._preview(jnp.asarray(latents_chunk, jnp.float32), PREVIEW_SCALE), state
+from dsa_jax.sampling.decode import PixelDecoder
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -184,22 +47,18 @@ def stream(sampler, params, context, controls, rng=None, uncond_context=None, de
   b = context.shape[0]
   dec_state = decoder.init_state(b) if decoder is not None else None
   start = time.perf_counter()
-  try:
-    for i in range(sampler.num_chunks):
-      t0 = time.perf_counter()
-      out, cache = sampler.chunk_step(params, context, uncond_context, controls, rng, cache, np.int32(i),
-                                      use_cfg=use_cfg)
-      pixels = None
-      if decoder is not None:
-        pixels, dec_state = decoder.decode_chunk(out.latents, dec_state, first=(i == 0))
-      host = jax.device_get((out, pixels))
-      o, px = host
-      now = time.perf_counter()
-      yield StreamChunk(index=i, latents=o.latents, steps=o.steps, confidences=o.confidences,
-                        conf_trace=o.conf_trace, iters=int(o.iters), pixels=px, seconds=now - t0,
-                        elapsed=now - start)
-  finally:
-    sampler._caches[(b, use_cfg)] = cache
+  for i in range(sampler.num_chunks):
+    t0 = time.perf_counter()
+    out, cache = sampler.chunk_step(params, context, uncond_context, controls, rng, cache, np.int32(i),
+                                    use_cfg=use_cfg)
+    pixels = None
+    if decoder is not None:
+      pixels, dec_state = decoder.decode_chunk(out.latents, dec_state, first=(i == 0))
+    o, px = jax.device_get((out, pixels))
+    now = time.perf_counter()
+    yield StreamChunk(index=i, latents=o.latents, steps=o.steps, confidences=o.confidences,
+                      conf_trace=o.conf_trace, iters=int(o.iters), pixels=px, seconds=now - t0,
+                      elapsed=now - start)
 
 
 def collect(chunks) -> dict:

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import optax
 
 from dsa_jax.diffusion import flow
+from dsa_jax.diffusion.guidance import guided_velocity as cfg_combine  # noqa: F401  (the one guidance rule)
 
 
 def _f32(x):
@@ -24,11 +25,6 @@ def _f32(x):
 def _frame_mean(x):
   """(B, F, ...) -> (B, F): mean over everything after the frame axis."""
   return jnp.mean(_f32(x), axis=tuple(range(2, x.ndim)))
-
-
-def cfg_combine(cond, uncond, guidance: float):
-  """Self Forcing's guidance: cond + g * (cond - uncond) (standard CFG scale 1 + g)."""
-  return _f32(cond) + guidance * (_f32(cond) - _f32(uncond))
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -21,8 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from dsa_jax.diffusion import flow
+from dsa_jax.diffusion.guidance import guided_velocity
 from dsa_jax.models.dit import WanDiT
-from dsa_jax.training import losses
 
 
 class OdePairsError(ValueError):
@@ -61,7 +61,7 @@ def teacher_x0(tcfg, teacher_params, x_t, t, context, uncond, guidance: float):
   v = model.apply(teacher_params, jnp.concatenate([x_t, x_t]), jnp.concatenate([t, t]),
                   jnp.concatenate([context, unc]))["velocity"]
   x0 = flow.x0_from_velocity(jnp.concatenate([x_t, x_t]), v, jnp.concatenate([sigma, sigma]))
-  return losses.cfg_combine(x0[:b], x0[b:], guidance)
+  return guided_velocity(x0[:b], x0[b:], guidance)
 
 
 def teacher_velocity(tcfg, teacher_params, x_t, t, context, uncond, guidance: float):
@@ -73,7 +73,7 @@ def teacher_velocity(tcfg, teacher_params, x_t, t, context, uncond, guidance: fl
   unc = jnp.broadcast_to(uncond.astype(context.dtype), (b,) + uncond.shape[1:])
   v = model.apply(teacher_params, jnp.concatenate([x_t, x_t]), jnp.concatenate([t, t]),
                   jnp.concatenate([context, unc]))["velocity"]
-  return losses.cfg_combine(v[:b], v[b:], guidance)
+  return guided_velocity(v[:b], v[b:], guidance)
 
 
 def teacher_trajectory(tcfg, teacher_params, noise, context, uncond, grid: np.ndarray, ladder_pos: np.ndarray,

@@ -111,20 +111,12 @@ def optimizers(config) -> dict[str, optax.GradientTransformation]:
 # Initialisation (boxed, so that shardings come from the logical names)
 
 
-def _init_network(config, name: str, key):
-  if name == "head":
-    return factory.init_head(config, key)
-  role = {"generator": "model", "generator_ema": "model", "critic": "critic", "teacher": "teacher",
-          "teacher_ema": "teacher"}[name]
-  return factory.init_dit(factory.dit_config(config, role), config, key)
-
-
 def init_boxed_networks(config, key) -> dict:
   """Boxed params of every network of the stage. The EMA starts equal to the generator; the critic is initialised
   randomly here and replaced by the teacher's weights when the trainer has a teacher of the critic's architecture."""
   names = stage_networks(config.train.stage, config)
   keys = dict(zip(NETWORK_FIELDS, jax.random.split(key, len(NETWORK_FIELDS))))
-  out = {n: _init_network(config, n, keys[n]) for n in names if n not in EMA_OF}
+  out = {n: factory.init_network(config, n, keys[n]) for n in names if n not in EMA_OF}
   out.update({n: out[EMA_OF[n]] for n in names if n in EMA_OF})
   return out
 
@@ -172,6 +164,22 @@ def init_state(config, key, *, networks: dict | None = None) -> TrainState:
                     dbar=jnp.zeros((), jnp.float32), target_range=jnp.zeros((2,), jnp.float32), **nets, **opts)
 
 
+# Fields that never change a compiled program (bookkeeping, data, paths): left out of the cache keys.
+_NON_PROGRAM_TRAIN_FIELDS = ("steps", "log_every", "ckpt_every", "keep", "async_ckpt", "init_from", "teacher_from",
+                             "critic_from", "ode_pairs", "max_time_s", "tensorboard", "compilation_cache")
+
+
+def program_key(config) -> str:
+  """The part of a config that shapes the compiled programs, as JSON."""
+  import json
+  d = json.loads(config.to_json_best_effort())
+  for k in ("data", "text", "vae", "runlocal", "name"):
+    d.pop(k, None)
+  for k in _NON_PROGRAM_TRAIN_FIELDS:
+    d.get("train", {}).pop(k, None)
+  return json.dumps(d, sort_keys=True)
+
+
 _INIT_FNS: dict = {}
 
 
@@ -185,7 +193,6 @@ def create_sharded_state(config, mesh, rules, key, *, networks: dict | None = No
   shardings = state_shardings(config, mesh, rules)
   networks = dict(networks or {})
   names = tuple(sorted(networks))
-  from dsa_jax.training.steps import program_key
   cache_key = (program_key(config), tuple(d.id for d in mesh.devices.flat), mesh.devices.shape, names)
   if cache_key not in _INIT_FNS:
     in_sh = (mesh_lib.replicated(mesh), {n: getattr(shardings, n) for n in names})

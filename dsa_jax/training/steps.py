@@ -32,6 +32,7 @@ from dsa_jax.models.dit import WanDiT
 from dsa_jax.parallel import mesh as mesh_lib
 from dsa_jax.training import losses, ode_pairs, rollout
 from dsa_jax.training import state as state_lib
+from dsa_jax.training.state import program_key
 
 METRIC_DTYPE = jnp.float32
 
@@ -305,22 +306,6 @@ _BUNDLES: dict = {}
 
 def mesh_key(mesh) -> tuple:
   return (tuple(d.id for d in mesh.devices.flat), tuple(mesh.devices.shape), tuple(mesh.axis_names))
-
-
-# Fields that never change a compiled program (bookkeeping, data, paths): left out of the cache keys.
-_NON_PROGRAM_TRAIN_FIELDS = ("steps", "log_every", "ckpt_every", "keep", "async_ckpt", "init_from", "teacher_from",
-                             "critic_from", "ode_pairs", "max_time_s", "tensorboard", "compilation_cache")
-
-
-def program_key(config) -> str:
-  """The part of a config that shapes the compiled programs, as JSON."""
-  import json
-  d = json.loads(config.to_json_best_effort())
-  for k in ("data", "text", "vae", "runlocal", "name"):
-    d.pop(k, None)
-  for k in _NON_PROGRAM_TRAIN_FIELDS:
-    d.get("train", {}).pop(k, None)
-  return json.dumps(d, sort_keys=True)
 
 
 def build_steps(config, mesh, rules, *, state_shardings=None, stored_ode_pairs: bool | None = None) -> StepBundle:

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dsa_jax.checkpoint import loading
 from dsa_jax.models import factory
 from dsa_jax.parallel import mesh as mesh_lib
 from dsa_jax.training import checkpointing, steps as steps_lib
@@ -162,7 +163,7 @@ def load_teacher(config, mesh, rules, shardings):
     _log("WARNING: config.train.teacher_from is empty: the teacher has RANDOM weights (fine for smoke tests only)")
     init = lambda k: steps_lib.frozen_cast(mesh_lib.unbox(factory.init_dit(tcfg, config, k)), tcfg.dtype)
     return jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(int(config.seed) + 17))
-  params, _ = checkpointing.load_model_from_workdir(path, config, ("teacher",))
+  params, _ = loading.load_networks(config, path, ("teacher",), fallbacks={}, log=_log)
   return place(steps_lib.frozen_cast(params["teacher"], tcfg.dtype), shardings)
 
 
@@ -174,16 +175,13 @@ def initial_networks(config, teacher_host: Callable[[], Any]) -> tuple[dict, dic
   init_from = config.train.init_from
   if stage == "teacher":
     if init_from:
-      nets["teacher"] = checkpointing.load_model_from_workdir(init_from, config, ("teacher",))[0]["teacher"]
+      nets["teacher"] = loading.load_networks(config, init_from, ("teacher",), fallbacks={}, log=_log)[0]["teacher"]
       sources["teacher"] = init_from
     return nets, sources
   if init_from:
-    try:
-      nets["generator"] = checkpointing.load_model_from_workdir(init_from, config, ("generator",))[0]["generator"]
-    except checkpointing.CheckpointError:
-      # a converted base model stored as 'teacher' with the generator's architecture (e.g. Wan2.1-1.3B)
-      cfg_t = _with_teacher_as_model(config)
-      nets["generator"] = checkpointing.load_model_from_workdir(init_from, cfg_t, ("teacher",))[0]["teacher"]
+    # a converted base model stored as 'teacher' with the generator's architecture (e.g. Wan2.1-1.3B) also serves
+    nets["generator"] = loading.load_networks(config, init_from, ("generator",),
+                                              fallbacks=loading.INIT_FROM_FALLBACKS, log=_log)[0]["generator"]
     sources["generator"] = init_from
   elif stage == "ode" and config.train.teacher_from and _same_arch(config, "model", "teacher"):
     nets["generator"] = teacher_host()  # CausVid: the causal student starts from the bidirectional teacher
@@ -191,8 +189,8 @@ def initial_networks(config, teacher_host: Callable[[], Any]) -> tuple[dict, dic
   if stage == "dsa":
     critic_from = config.train.get("critic_from", "")
     if critic_from:
-      nets["critic"] = checkpointing.load_model_from_workdir(critic_from, _with_teacher_as_critic(config),
-                                                             ("teacher",))[0]["teacher"]
+      nets["critic"] = loading.load_networks(config, critic_from, ("critic",),
+                                             fallbacks=loading.CRITIC_FROM_FALLBACKS, log=_log)[0]["critic"]
       sources["critic"] = critic_from
     elif config.train.teacher_from and _same_arch(config, "critic", "teacher"):
       nets["critic"] = teacher_host()  # the fake score starts as the real score
@@ -201,18 +199,6 @@ def initial_networks(config, teacher_host: Callable[[], Any]) -> tuple[dict, dic
       nets["critic"] = nets["generator"]
       sources["critic"] = f"the generator {sources['generator']}"
   return nets, sources
-
-
-def _with_teacher_as_model(config):
-  cfg = config.copy_and_resolve_references()
-  cfg.teacher = cfg.model
-  return cfg
-
-
-def _with_teacher_as_critic(config):
-  cfg = config.copy_and_resolve_references()
-  cfg.teacher = cfg.critic
-  return cfg
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -374,7 +360,7 @@ def train(config, workdir: str, *, stop_after: int | None = None, mesh=None, log
     if "p" not in teacher_cache:
       teacher_cache["p"] = jax.tree_util.tree_map(
           lambda x: np.asarray(jax.device_get(x)),
-          checkpointing.load_model_from_workdir(config.train.teacher_from, config, ("teacher",))[0]["teacher"])
+          loading.load_networks(config, config.train.teacher_from, ("teacher",), fallbacks={}, log=_log)[0]["teacher"])
     return teacher_cache["p"]
 
   latest = ck.latest_step()

@@ -44,7 +44,8 @@ def add_arguments(p):
   p.add_argument("--no-vae", action="store_true", help="skip VAE decoding (DiT only)")
   p.add_argument("--runs", type=int, default=3, help="timed runs per measurement (median reported)")
   p.add_argument("--batch-size", type=int, default=1)
-  p.add_argument("--guidance", type=float, default=1.0, help="CFG scale; != 1 doubles the batch (uncond branch)")
+  p.add_argument("--guidance", type=float, default=0.0, help="classifier-free guidance g (cond + g (cond - uncond); "
+                 "0 = off); != 0 doubles the batch (uncond branch)")
   p.add_argument("--no-stream", action="store_true", help="skip the streaming measurements")
   p.add_argument("--no-components", action="store_true", help="skip the per-component split")
   p.add_argument("--json", nargs="?", const="bench_sample.json", default=None,
@@ -80,16 +81,19 @@ def _peak_memory():
   return {k: int(stats[k]) for k in ("peak_bytes_in_use", "bytes_in_use", "bytes_limit") if k in stats}
 
 
-def run_bench(config, *, steps=None, threshold=None, mean_steps=None, vae=True, runs=3, batch=1, guidance=1.0,
+def run_bench(config, *, steps=None, threshold=None, mean_steps=None, vae=True, runs=3, batch=1, guidance=0.0,
               do_stream=True, do_components=True, log=print) -> dict:
   import jax
   import jax.numpy as jnp
 
   from dsa_jax.config_lib import pixel_frames
+  from dsa_jax.checkpoint.loading import cast_params_for_inference
+  from dsa_jax.diffusion import guidance as guidance_lib
   from dsa_jax.models import factory
   from dsa_jax.models.dit import _DTYPES
   from dsa_jax.sampling import sampler as sampler_lib
   from dsa_jax.sampling import stream as stream_lib
+  from dsa_jax.sampling.decode import PixelDecoder
 
   if runs < 1:
     raise ValueError(f"--runs: must be >= 1, got {runs}")
@@ -114,14 +118,14 @@ def run_bench(config, *, steps=None, threshold=None, mean_steps=None, vae=True, 
       raise ValueError(f"--steps: must lie in [1, {L}] (sampling.ladder has {L} steps), got {k}")
     mode = {"kind": "steps", "steps": k}
     ctl_kw = dict(threshold=np.inf, min_steps=1, max_steps=k)
-  use_cfg = guidance != 1.0
+  use_cfg = guidance_lib.is_on(guidance)
   controls = sampler.make_controls(batch, guidance=guidance, seed=0, **ctl_kw)
 
   # Random weights (jitted init: fast even at 1.3B), kernels cast to the compute dtype once.
   t0 = time.perf_counter()
   dcfg = sampler.dcfg
-  params = sampler_lib.random_params(config, dcfg, jax.random.PRNGKey(0), exact=False)
-  params["generator"] = sampler_lib.cast_params_for_inference(params["generator"], dtype)
+  params = factory.random_networks(config, ("generator", "head"), jax.random.PRNGKey(0), exact=False)
+  params["generator"] = cast_params_for_inference(params["generator"], dtype)
   _sync(params)
   init_s = time.perf_counter() - t0
   rs = np.random.RandomState(0)
@@ -131,11 +135,11 @@ def run_bench(config, *, steps=None, threshold=None, mean_steps=None, vae=True, 
   decoder = None
   if vae:
     if config.vae.kind == "wan" and config.vae.path:
-      decoder = stream_lib.PixelDecoder(config)
+      decoder = PixelDecoder(config)
     elif config.vae.kind == "identity":
-      decoder = stream_lib.PixelDecoder(config)  # no decoding cost: latents are pixels
+      decoder = PixelDecoder(config)  # no decoding cost: latents are pixels
     else:
-      decoder = stream_lib.PixelDecoder.random(config)
+      decoder = PixelDecoder.random(config)
   n_pix = pixel_frames(config) if config.vae.kind != "identity" else F
   dev = jax.devices()[0]
   res = {
@@ -362,7 +366,7 @@ def main(args) -> int:
   config = get_config(args.config, args.overrides)
   threshold = None
   if args.threshold is not None:
-    from dsa_jax.commands.sample import parse_threshold
+    from dsa_jax.sampling.sampler import parse_threshold
     threshold = parse_threshold(args.threshold)
   res = run_bench(config, steps=args.steps, threshold=threshold, mean_steps=args.mean_steps, vae=not args.no_vae,
                   runs=args.runs, batch=args.batch_size, guidance=args.guidance, do_stream=not args.no_stream,

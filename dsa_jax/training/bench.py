@@ -21,7 +21,6 @@ remat: those are overhead, not model FLOPs. MFU = model FLOPs / (step time x dev
 from __future__ import annotations
 
 import json
-import os
 import time
 
 import numpy as np
@@ -148,16 +147,13 @@ def run_bench_train(args) -> dict:
     result["videos_per_s"] = b / it_s
   result["peak_bf16_flops_per_device"] = peak
   if args.json:
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    tmp = args.json + ".tmp"
-    with open(tmp, "w") as f:
-      json.dump(result, f, indent=2)
-    os.replace(tmp, args.json)
+    from dsa_jax.atomic import write_text
+    write_text(args.json, json.dumps(result, indent=2))
   return result
 
 
 def main(argv=None):
-  """Standalone entry (until `dsa-jax bench train` is registered): python -m dsa_jax.eval.bench_train ..."""
+  """Standalone entry (until `dsa-jax bench train` is registered): python -m dsa_jax.training.bench ..."""
   import argparse
   import sys
   argv = list(sys.argv[1:] if argv is None else argv)

@@ -1,0 +1,67 @@
+"""Atomic writes: a file or folder appears at its path complete or not at all (a killed run leaves no half file).
+
+Everything that writes outputs goes through here: videos, plots, JSON, datasets, previews, model checkpoints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+
+
+def _umask() -> int:
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+  """Yields a temporary file path beside `path` (same extension, so writers that pick a format by it work) and
+  renames it over `path` when the block succeeds; on an exception the temporary file is removed."""
+  path = os.path.abspath(os.fspath(path))
+  folder = os.path.dirname(path)
+  os.makedirs(folder, exist_ok=True)
+  base, ext = os.path.splitext(os.path.basename(path))
+  fd, tmp = tempfile.mkstemp(prefix=f".{base}.tmp-", suffix=ext, dir=folder)
+  os.close(fd)
+  try:
+    yield tmp
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
+    os.replace(tmp, path)
+  except BaseException:
+    with contextlib.suppress(FileNotFoundError):
+      os.remove(tmp)
+    raise
+
+
+def write_text(path, text: str) -> str:
+  with atomic_path(path) as tmp:
+    with open(tmp, "w", encoding="utf-8") as f:
+      f.write(text)
+  return os.fspath(path)
+
+
+@contextlib.contextmanager
+def atomic_dir(path):
+  """Yields a temporary folder beside `path`; when the block succeeds it replaces `path` (an existing folder is
+  moved aside first and deleted after), else it is deleted."""
+  path = os.path.abspath(os.fspath(path))
+  parent = os.path.dirname(path)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=parent)
+  try:
+    yield tmp
+    if os.path.exists(path):
+      old = path + ".old"
+      shutil.rmtree(old, ignore_errors=True)
+      os.replace(path, old)
+      os.replace(tmp, path)
+      shutil.rmtree(old, ignore_errors=True)
+    else:
+      os.replace(tmp, path)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise

@@ -1,0 +1,166 @@
+"""Reference samplers with Python control flow: the checks that the cached, compiled `Sampler` is right.
+
+`sample_reference` recomputes the full block-causal forward over the sequence prefix at every step (no KV cache);
+`sample_fixed` is Self Forcing's fixed-step sampler. Both draw the sampler's noise (same keys and slots), so they
+reproduce its videos exactly. Slow: tests and parity checks only.
+"""
+
+from __future__ import annotations
+
+import functools
+import weakref
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dsa_jax.diffusion import flow
+from dsa_jax.diffusion.guidance import guided_velocity
+from dsa_jax.sampling import stop_rules
+from dsa_jax.sampling.sampler import Sampler, SampleOutput, SamplingControls, chunk_keys, sample_keys, slot_noise
+
+_JITTED = weakref.WeakKeyDictionary()  # sampler -> {key: jitted function}; kept out of the (immutable) Sampler
+
+
+def _memo(sampler, key, make):
+  fns = _JITTED.setdefault(sampler, {})
+  if key not in fns:
+    fns[key] = make()
+  return fns[key]
+
+
+def _reference_forward(sampler: Sampler):
+  """Jitted full-sequence block-causal forward (no cache) with optional CFG."""
+  c = sampler.chunk_frames
+
+  def fwd(gen, x, t, context, uncond_context, guidance, use_cfg):
+    b = x.shape[0]
+    if use_cfg:
+      out = sampler.dit.apply(gen, jnp.concatenate([x, x]), jnp.concatenate([t, t]),
+                              jnp.concatenate([context, uncond_context]), chunk_frames=c)
+      return guided_velocity(out["velocity"][:b], out["velocity"][b:], guidance), out["features"][:b]
+    out = sampler.dit.apply(gen, x, t, context, chunk_frames=c)
+    return out["velocity"], out["features"]
+
+  return _memo(sampler, "reference", lambda: jax.jit(fwd, static_argnames=("use_cfg",)))
+
+
+def _np_controls(controls):
+  return jax.tree_util.tree_map(np.asarray, controls)
+
+
+def sample_reference(sampler: Sampler, params, context, controls: SamplingControls, rng=None, uncond_context=None):
+  """Recomputes the full block-causal forward over the sequence prefix at every step (no KV cache).
+
+  Same stopping rule, noise and frozen-frame semantics as `Sampler.sample`, with Python loops and numpy
+  bookkeeping: the check that the cached, compiled sampler is right. Returns a SampleOutput of numpy arrays.
+  """
+  params, context, uncond_context = sampler._check_inputs(params, context, controls, uncond_context)
+  use_cfg = uncond_context is not None
+  rng = jax.random.PRNGKey(0) if rng is None else rng
+  ctl = _np_controls(controls)
+  c, L, f = sampler.chunk_frames, sampler.num_steps, sampler.num_frames
+  b = context.shape[0]
+  tn = sampler.num_train_timesteps
+  sig = np.asarray(sampler.sigmas, np.float32)
+  keys = sample_keys(rng, controls.seed)
+  full_forward = _reference_forward(sampler)
+  guidance = jnp.asarray(ctl.guidance)
+
+  lat = np.zeros((b,) + sampler.latent_shape, np.float32)
+  ctx_in = np.zeros_like(lat)  # the clean chunks as the network sees them (noised at context_noise)
+  steps_all = np.zeros((b, f), np.int32)
+  conf_all = np.zeros((b, f), np.float32)
+  trace_all = np.full((b, f, L), np.nan, np.float32)
+  iters = np.zeros((sampler.num_chunks,), np.int32)
+  for i in range(sampler.num_chunks):
+    lo, hi = i * c, (i + 1) * c
+    ckeys = chunk_keys(keys, i)
+    x = np.array(slot_noise(ckeys, 0, sampler.chunk_shape))
+    x0 = np.zeros_like(x)
+    steps = np.zeros((b, c), np.int32)
+    done = np.zeros((b, c), bool)
+    conf = np.zeros((b, c), np.float32)
+    mn = np.clip(ctl.min_steps[:, lo:hi], 1, np.clip(ctl.max_steps[:, lo:hi], 1, L))
+    mx = np.clip(ctl.max_steps[:, lo:hi], 1, L)
+    k = 0
+    while k < L and not done.all():
+      x_in = x.copy()
+      t_in = np.full((b, c), tn * sig[k], np.float32)
+      clean = np.asarray(sampler.context_input(jnp.asarray(x0), ckeys)) if done.any() else None
+      for bi in range(b):
+        for fi in range(c):
+          if done[bi, fi]:
+            if sampler.frozen_mode == "clean":
+              x_in[bi, fi] = clean[bi, fi]
+              t_in[bi, fi] = sampler.context_noise
+            else:
+              t_in[bi, fi] = tn * sig[steps[bi, fi] - 1]
+      x_full = np.concatenate([ctx_in[:, :lo], x_in], axis=1)
+      t_full = np.concatenate([np.full((b, lo), sampler.context_noise, np.float32), t_in], axis=1)
+      v, feats = full_forward(params["generator"], jnp.asarray(x_full), jnp.asarray(t_full), context, uncond_context,
+                              guidance, use_cfg=use_cfg)
+      v = np.asarray(v)[:, lo:hi]
+      feats = feats[:, lo:hi]
+      x0_new = x - sig[k] * v
+      conf_new = np.asarray(sampler.confidence(params["head"], feats, jnp.full((b, c), k, jnp.int32),
+                                               jnp.asarray(t_in)))
+      eps = np.asarray(slot_noise(ckeys, k + 1, sampler.chunk_shape))
+      sig_next = sig[k + 1] if k + 1 < L else 0.0
+      for bi in range(b):
+        tau = float(ctl.threshold[bi])
+        for fi in range(c):
+          if done[bi, fi]:
+            continue
+          steps[bi, fi] = k + 1
+          x0[bi, fi] = x0_new[bi, fi]
+          conf[bi, fi] = conf_new[bi, fi]
+          trace_all[bi, lo + fi, k] = conf_new[bi, fi]
+          if stop_rules.frame_done(True, steps[bi, fi], mn[bi, fi], mx[bi, fi],
+                                   stop_rules.READY["confidence"](conf_new[bi, fi], tau, steps[bi, fi])):
+            done[bi, fi] = True
+          else:
+            x[bi, fi] = (1.0 - sig_next) * x0_new[bi, fi] + sig_next * eps[bi, fi]
+      k += 1
+    iters[i] = k
+    lat[:, lo:hi] = x0
+    ctx_in[:, lo:hi] = np.asarray(sampler.context_input(jnp.asarray(x0), ckeys))
+    steps_all[:, lo:hi] = steps
+    conf_all[:, lo:hi] = conf
+  return SampleOutput(latents=lat, steps=steps_all, confidences=conf_all, conf_trace=trace_all, chunk_iters=iters)
+
+
+def sample_fixed(sampler: Sampler, params, context, num_steps: int, seed=0, rng=None, uncond_context=None,
+                 guidance=None):
+  """Self Forcing's sampler: every frame takes the first `num_steps` ladder steps; KV cache, Python loops.
+
+  The baseline that the DSA sampler must reproduce at tau = +inf (max_steps = num_steps) and at tau = -inf
+  (min_steps = num_steps). Returns latents (B, F, H, W, C) as numpy.
+  """
+  controls = sampler.make_controls(context.shape[0], threshold=np.inf, min_steps=1, max_steps=num_steps,
+                                   guidance=guidance, seed=seed)
+  params, context, uncond_context = sampler._check_inputs(params, context, controls, uncond_context)
+  use_cfg = uncond_context is not None
+  rng = jax.random.PRNGKey(0) if rng is None else rng
+  b, c = context.shape[0], sampler.chunk_frames
+  tn = sampler.num_train_timesteps
+  keys = sample_keys(rng, controls.seed)
+  fwd = _memo(sampler, ("fixed", use_cfg), lambda: jax.jit(functools.partial(sampler.forward, use_cfg=use_cfg)))
+  cache = sampler.new_cache(b, use_cfg)
+  out = []
+  for i in range(sampler.num_chunks):
+    ckeys = chunk_keys(keys, i)
+    x = slot_noise(ckeys, 0, sampler.chunk_shape)
+    x0 = None
+    for k in range(num_steps):
+      sigma = float(sampler.sigmas[k])
+      v, _, cache = fwd(params["generator"], x, jnp.full((b, c), tn * sigma, jnp.float32), context, uncond_context,
+                        controls.guidance, cache, i * c)
+      x0 = x - sigma * v
+      if k + 1 < num_steps:
+        x = flow.renoise(x0, slot_noise(ckeys, k + 1, sampler.chunk_shape), float(sampler.sigmas[k + 1]))
+    _, _, cache = fwd(params["generator"], sampler.context_input(x0, ckeys),
+                      jnp.full((b, c), sampler.context_noise, jnp.float32), context, uncond_context,
+                      controls.guidance, cache, i * c)
+    out.append(np.asarray(x0))
+  return np.concatenate(out, axis=1)
