@@ -275,6 +275,7 @@ def point_command(kind: str, config_spec: str, base_overrides: Sequence[str], po
     ev = ["--evaluator", opts["evaluator"]] if opts.get("evaluator") else []
     return _cmd(["dsa-jax", "eval", "--config", config_spec, "--out", os.path.join(out_dir, "points", point.name),
                  "--num", opts.get("num", 256), "--batch", opts.get("batch", 32), "--seed", opts.get("seed", 0),
+                 "--num-real", opts.get("num_real", 1000), "--fps-prompts", opts.get("fps_prompts", 8),
                  *ckpt, *ev, *over])
   return _cmd(["dsa-jax", "train", "--config", config_spec, "--workdir", train_workdir(out_dir, point), *over])
 
@@ -511,6 +512,9 @@ def run_sweep(kind: str, config_spec: str, out_dir: str, *, axes: Sequence[str] 
   fields = list(dict.fromkeys(f for p in pts for f in p.diff))
   metric = metric or DEFAULT_METRIC[kind] or _first_metric(rows, fields)
   paths = write_table(out_dir, rows, fields, metric, title=f"{kind} sweep of {config_spec}")
+  if metric and "png" not in paths and any(r["status"] == "ok" for r in rows):
+    log(f"note: no plot: metric {metric!r} is not a number in the results (columns: "
+        f"{', '.join(_columns(rows, fields))})")
   summary = {"kind": kind, "rows": rows, "paths": paths, "ran": ran, "skipped": skipped, "failed": failed,
              "metric": metric}
   if kind == "sample":
