@@ -40,6 +40,11 @@ def test_bad_input_fails_before_running(tmp_path, axes, match):
   assert not os.path.exists(out)
 
 
+def test_remote_out_needs_print_commands():
+  with pytest.raises(sweep_lib.SweepError, match="local folder"):
+    sweep_lib.run_sweep("train", "configs/tiny.py", "gs://bucket/x", axes=["train.lr=1e-4"])
+
+
 def test_get_sweep_from_config_file(tmp_path):
   path = tmp_path / "cfg.py"
   path.write_text("import importlib.util, os\n"

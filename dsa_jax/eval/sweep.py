@@ -474,6 +474,9 @@ def run_sweep(kind: str, config_spec: str, out_dir: str, *, axes: Sequence[str] 
   pts = build_points(config_spec, base_overrides, axes, points)
   if kind == "eval":
     EvalRunner.check(pts)
+  if "://" in out_dir:
+    raise SweepError(f"--out {out_dir!r}: the results table and local runs need a local folder (remote workdirs: "
+                     "--print-commands)")
   spec = {"kind": kind, "config": config_spec, "overrides": list(base_overrides)}
   _check_out_dir(out_dir, spec)
   os.makedirs(out_dir, exist_ok=True)
