@@ -112,3 +112,35 @@ def test_cli_print_commands(capsys):
       "--config.train.lr=0.0001",
       "bash launch/gpu_local.sh configs/digits.py:teacher runs/lr/runs/lr=0.0003 --config.runlocal=True "
       "--config.train.lr=0.0003"]
+
+
+def test_eval_points_share_a_benchmark_per_group(tmp_path, monkeypatch):
+  """Threshold / min / max steps are per-run arguments of one Benchmark; other fields get their own."""
+  from dsa_jax.eval import claim
+  from dsa_jax.sampling import sampler as sampler_lib
+
+  made, runs = [], []
+
+  class FakeBenchmark:
+    real_floor = {"fd": 1.0}
+
+    def __init__(self, config, **kw):
+      made.append((config.sampling.guidance, kw["num"]))
+
+    def run(self, sampler, params, *, name, threshold, min_steps, max_steps):
+      runs.append((name, threshold, min_steps, max_steps))
+      return {"name": name, "avg_steps": 2.0, "fd": 10.0 * threshold, "agreement": 0.5, "_arrays": {}}
+
+  monkeypatch.setattr(claim, "Benchmark", FakeBenchmark)
+  monkeypatch.setattr(sampler_lib, "load_sampler_params", lambda config, ckpt, warn: ({}, {"source": "fake"}))
+  monkeypatch.setattr(sampler_lib, "make_sampler", lambda config: object())
+  out = str(tmp_path / "e")
+  res = sweep_lib.run_sweep("eval", "configs/digits.py", out, opts={"num": 4},
+                            axes=["sampling.guidance=1.0,2.0", "sampling.threshold=0.5,0.7"], log=lambda m: None)
+  assert made == [(1.0, 4), (2.0, 4)]
+  assert [r[1] for r in runs] == [0.5, 0.7, 0.5, 0.7]
+  rows = _rows(out)
+  assert [float(r["fd"]) for r in rows] == [5.0, 7.0, 5.0, 7.0] and res["metric"] == "fd"
+  assert os.path.isfile(os.path.join(out, "results.png"))
+  with pytest.raises(sweep_lib.SweepError, match="pixel-space digits config"):
+    sweep_lib.run_sweep("eval", "configs/tiny.py", str(tmp_path / "t"), axes=["sampling.threshold=0.5"])
