@@ -34,7 +34,8 @@ def test_notebook_runs_on_cpu(monkeypatch, tmp_path):
         updates.append(msg["content"]["data"].get("text/html", ""))
       return super().process_message(msg, cell, cell_index)
 
-  client = Client(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": os.path.join(ROOT, "launch")}})
+  client = Client(nb, timeout=600, kernel_name="python3",
+                  resources={"metadata": {"path": os.path.join(ROOT, "launch")}})
   client.execute()
   outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
   errors = [o for o in outputs if o.output_type == "error"]

@@ -29,7 +29,7 @@ import re
 import shlex
 import time
 import traceback
-from typing import Any, Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
