@@ -26,7 +26,7 @@ EXTRAS = {
     "tpu": ["jax[tpu]>=0.10.0,<0.13"],
     # torch==2.13.0 resolves to the CPU build shipped on our CI machines; any torch>=2.4 works for conversion.
     "convert": ["torch>=2.4", "diffusers>=0.35", "transformers>=4.50", "safetensors>=0.4", "sentencepiece>=0.2"],
-    "test": ["pytest>=8", "pytest-xdist>=3.5"],
+    "test": ["pytest>=8", "pytest-xdist>=3.5", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"],
 }
 
 setup(

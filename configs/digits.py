@@ -71,3 +71,13 @@ def runlocal(c):
                  async_ckpt=False)
   c.sampling.checkpoint = ""
   return c
+
+
+def get_sweep(arg=None):
+  """Points of `dsa-jax sweep KIND --config configs/digits.py[:stage]` when no --sweep is given: thresholds around the
+  default for sampling / evaluating the DSA model, learning rates for training a stage."""
+  stage = arg or "dsa"
+  if stage == "dsa":
+    return {"sampling.threshold": [0.4, 0.5, 0.6, 0.7, 0.8, float("inf")]}
+  base = get_config(stage).train.lr
+  return {"train.lr": [round(base * f, 12) for f in (1 / 3, 1, 3)]}

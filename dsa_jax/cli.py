@@ -12,7 +12,7 @@ import importlib
 import importlib.util
 import sys
 
-COMMANDS = ("info", "sample", "bench", "train", "convert", "data", "eval")
+COMMANDS = ("info", "sample", "bench", "train", "convert", "data", "eval", "sweep")
 
 
 def build_parser():
