@@ -118,6 +118,7 @@ def test_eval_points_share_a_benchmark_per_group(tmp_path, monkeypatch):
   """Threshold / min / max steps are per-run arguments of one Benchmark; other fields get their own."""
   from dsa_jax.eval import claim
   from dsa_jax.sampling import sampler as sampler_lib
+  from dsa_jax.checkpoint import loading
 
   made, runs = [], []
 
@@ -132,7 +133,7 @@ def test_eval_points_share_a_benchmark_per_group(tmp_path, monkeypatch):
       return {"name": name, "avg_steps": 2.0, "fd": 10.0 * threshold, "agreement": 0.5, "_arrays": {}}
 
   monkeypatch.setattr(claim, "Benchmark", FakeBenchmark)
-  monkeypatch.setattr(sampler_lib, "load_sampler_params", lambda config, ckpt, warn: ({}, {"source": "fake"}))
+  monkeypatch.setattr(loading, "load_sampler_params", lambda config, ckpt, warn: ({}, {"source": "fake"}))
   monkeypatch.setattr(sampler_lib, "make_sampler", lambda config: object())
   out = str(tmp_path / "e")
   res = sweep_lib.run_sweep("eval", "configs/digits.py", out, opts={"num": 4},
