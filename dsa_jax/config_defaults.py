@@ -96,10 +96,23 @@ def base_config() -> ml_collections.ConfigDict:
       grad_clip=10.0, ema_decay=0.99, ema_start=200, log_every=10, ckpt_every=100, keep=3, async_ckpt=True,
       init_from="", teacher_from="", ode_steps=48, ode_pairs="",
   ))
+  t = c.train
+  t.max_time_s = 0.0  # wall-clock budget in seconds: stop (with a checkpoint) once exceeded; 0 = no limit
+  t.cfg_dropout = 0.1  # teacher stage: fraction of prompts replaced by the empty prompt (classifier-free guidance)
+  t.warmup_steps = 0  # linear learning-rate warmup over this many steps; 0 = none
+  t.lr_decay = "constant"  # learning rate after warmup: 'constant' or 'cosine' (to 0 at train.steps)
+  t.teacher_ema_decay = 0.0  # teacher stage: EMA of the teacher's weights with this decay; 0 = none
+  t.ode_guidance = -1.0  # classifier-free guidance of the ODE-pair teacher solves; negative = dmd.guidance
+  t.exit_steps = 0  # DSA rollout: exit step drawn among the first exit_steps ladder steps; 0 = sampling.max_steps
+  t.rollout_remat = "auto"  # jax.checkpoint around each rollout chunk's exit forward: 'auto', 'chunk' or 'none'
+  t.critic_from = ""  # dsa stage: workdir or checkpoint whose model initialises the critic ('' = teacher or generator)
+  t.compilation_cache = ""  # folder for JAX's persistent compilation cache ('' = off)
+  t.tensorboard = True  # also write TensorBoard event files next to metrics.jsonl
 
   c.data = ml_collections.ConfigDict(dict(
       prompts=ml_collections.ConfigDict(dict(kind="text", path="", column="prompt", name="", split="train")),
       videos="", shuffle=True, num_workers=0,
+      num_videos=100_000,  # size of the generated moving-digits set when data.videos is 'digits[:split]'
   ))
   c.runlocal = False
   return c

@@ -327,7 +327,7 @@ def test_kill_and_resume_reproduces_uninterrupted_run(reference_run, tmp_path):
 
 def test_time_limit_stops_with_checkpoint_and_resumes(reference_run, tmp_path):
   cfg = reference_run[0].copy_and_resolve_references()
-  cfg.train.max_time_s = 1e-6  # not in base_config yet: read with config.get
+  cfg.train.max_time_s = 1e-6
   s, logs = _run(cfg, tmp_path / "t")
   assert s["stopped"] == "max_time_s" and s["end_step"] == 1 and "model" not in s
   assert sorted(os.listdir(tmp_path / "t" / "checkpoints")) == ["1"]

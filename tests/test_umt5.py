@@ -9,11 +9,8 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from dsa_jax.convert.umt5 import (
-    CheckpointMismatchError,
-    load_transformers_umt5,
-    umt5_params_from_transformers,
-)
+from dsa_jax.convert.common import KeyMismatchError
+from dsa_jax.convert.umt5 import load_transformers_umt5, umt5_params_from_transformers
 from dsa_jax.data.text_embeddings import (
     TextEmbeddingFileError,
     TextEmbeddingSource,
@@ -113,7 +110,7 @@ def test_parity_with_transformers(name):
   assert jax.tree_util.tree_structure(fresh) == jax.tree_util.tree_structure(params)
   assert jax.tree_util.tree_map(np.shape, fresh) == jax.tree_util.tree_map(np.shape, params)
   # bfloat16 compute (the accelerator setting) stays close; norms, softmax and residuals are float32.
-  config_bf16 = UMT5Config.from_hf_config(model.config.to_dict(), dtype="bfloat16")
+  config_bf16 = UMT5Config.from_hf_config(model.config.to_dict(), dtype=jnp.bfloat16)
   err_bf16 = _rel_err(np.asarray(encode(params, ids, mask, config_bf16)), ref, mask)
   print(f"[umt5 parity {name}] bfloat16 compute: max abs err / output scale = {err_bf16:.3e}")
   assert err_bf16 <= 5e-2
@@ -218,17 +215,23 @@ def test_key_mismatch_error_lists_all():
   sd["encoder.block.2.layer.1.DenseReluDense.wo.weight"] = np.zeros((48, 95), np.float32)
   # Decoder / LM-head keys of a full seq2seq checkpoint are skipped, not reported.
   sd["decoder.block.0.layer.0.SelfAttention.q.weight"] = np.zeros((48, 48), np.float32)
-  with pytest.raises(CheckpointMismatchError) as e:
+  with pytest.raises(KeyMismatchError) as e:
     umt5_params_from_transformers(sd, config)
   msg = str(e.value)
-  assert "missing (1): encoder.block.1.layer.0.SelfAttention.k.weight" in msg
-  assert "unexpected (1): encoder.block.0.layer.0.SelfAttention.extra.weight" in msg
-  assert "encoder.block.2.layer.1.DenseReluDense.wo.weight: got (48, 95), expected (48, 96)" in msg
+  assert "(1 missing, 1 unexpected, 1 misshaped keys)" in msg
+  assert "missing:\n    encoder.block.1.layer.0.SelfAttention.k.weight\n" in msg
+  assert "unexpected:\n    encoder.block.0.layer.0.SelfAttention.extra.weight\n" in msg
+  assert "encoder.block.2.layer.1.DenseReluDense.wo.weight: (48, 95), expected (48, 96)" in msg
   assert "decoder." not in msg
   with pytest.raises(ValueError, match="feed_forward_proj"):
     UMT5Config.from_hf_config({**cfg, "feed_forward_proj": "gated-foo"})
   with pytest.raises(ValueError, match="model_type"):
     UMT5Config.from_hf_config({**cfg, "model_type": "t5"})
+  # Dtypes: jnp dtypes in the config, names in its JSON form (checkpoint metadata), both accepted.
+  assert UMT5Config(**config.to_dict()) == config and config.to_dict()["param_dtype"] == "float32"
+  assert UMT5Config.from_hf_config(cfg, dtype="bfloat16").dtype is jnp.bfloat16
+  with pytest.raises(ValueError, match="UMT5Config.dtype"):
+    UMT5Config.from_hf_config(cfg, dtype="float64")
 
 
 @pytest.fixture(scope="module")
@@ -297,7 +300,7 @@ def test_text_embeddings_roundtrip(tmp_path):
     src[3]
   # Unpadded / longer padding / dtype cast; pickling (grain workers); grain's MapDataset.
   assert TextEmbeddingSource(path, text_len=0)[1]["context"].shape == (7, 6)
-  assert TextEmbeddingSource(path, text_len=12, dtype="bfloat16")[1]["context"].shape == (12, 6)
+  assert TextEmbeddingSource(path, text_len=12, dtype=jnp.bfloat16)[1]["context"].shape == (12, 6)
   clone = pickle.loads(pickle.dumps(src))
   np.testing.assert_array_equal(clone[1]["context"], emb[1])
   ds = grain.MapDataset.source(src).map(lambda r: r["length"])

@@ -20,6 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from dsa_jax.models.layers import RMSNorm, dtype_name, to_dtype
+
 __all__ = [
     "UMT5Config",
     "UMT5Encoder",
@@ -47,7 +49,11 @@ _ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 
 @dataclasses.dataclass(frozen=True)
 class UMT5Config:
-  """Shape and numerics of a umT5 encoder. Defaults are umT5-XXL as used by Wan2.1 (DESIGN §1.6)."""
+  """Shape and numerics of a umT5 encoder. Defaults are umT5-XXL as used by Wan2.1.
+
+  `dtype` / `param_dtype` follow the model-config convention of `dsa_jax.models.layers` (jnp dtypes; names such as
+  'bfloat16' are accepted and converted).
+  """
 
   vocab_size: int = 256384
   d_model: int = 4096
@@ -60,8 +66,8 @@ class UMT5Config:
   layer_norm_epsilon: float = 1e-6
   feed_forward_proj: str = "gated-gelu"
   # Compute dtype of matmuls; norms, softmax and the residual stream stay float32.
-  dtype: str = "float32"
-  param_dtype: str = "float32"
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
   # Length Wan zero-pads the context to.
   text_len: int = 512
 
@@ -78,10 +84,13 @@ class UMT5Config:
       raise ValueError(f"UMT5Config.layer_norm_epsilon must be > 0, got {self.layer_norm_epsilon!r}")
     self.activation  # validates feed_forward_proj
     for name in ("dtype", "param_dtype"):
-      try:
-        jnp.dtype(getattr(self, name))
-      except TypeError as e:
-        raise ValueError(f"UMT5Config.{name}={getattr(self, name)!r} is not a dtype name") from e
+      object.__setattr__(self, name, to_dtype(getattr(self, name), f"UMT5Config.{name}"))
+
+  def to_dict(self) -> dict:
+    """JSON-ready fields (dtype names), the inverse of `UMT5Config(**d)`."""
+    d = dataclasses.asdict(self)
+    d["dtype"], d["param_dtype"] = dtype_name(self.dtype), dtype_name(self.param_dtype)
+    return d
 
   @property
   def is_gated(self) -> bool:
@@ -167,21 +176,6 @@ def _dense_init(std: float):
   return nn.initializers.normal(stddev=std)
 
 
-class RMSNorm(nn.Module):
-  """T5 layer norm: scale only, no mean subtraction, no bias; statistics in float32."""
-
-  eps: float
-  param_dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
-                       (x.shape[-1],), self.param_dtype)
-    x32 = x.astype(jnp.float32)
-    var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
-    return x32 * jax.lax.rsqrt(var + self.eps) * scale.astype(jnp.float32)
-
-
 class SelfAttention(nn.Module):
   """Bidirectional self-attention with this layer's own relative position bias and no logit scaling."""
 
@@ -190,7 +184,7 @@ class SelfAttention(nn.Module):
   @nn.compact
   def __call__(self, x, key_mask):
     cfg = self.config
-    dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+    dtype, pdtype = cfg.dtype, cfg.param_dtype
     b, length, d = x.shape
     h, dk = cfg.num_heads, cfg.d_kv
 
@@ -230,7 +224,7 @@ class FeedForward(nn.Module):
   @nn.compact
   def __call__(self, x):
     cfg = self.config
-    dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+    dtype, pdtype = cfg.dtype, cfg.param_dtype
     act = _ACTIVATIONS[cfg.activation]
 
     def dense(name, features, std, axes):
@@ -253,10 +247,10 @@ class EncoderBlock(nn.Module):
   @nn.compact
   def __call__(self, x, key_mask):
     cfg = self.config
-    pdtype = jnp.dtype(cfg.param_dtype)
-    h = RMSNorm(cfg.layer_norm_epsilon, pdtype, name="attn_norm")(x)
+    pdtype = cfg.param_dtype
+    h = RMSNorm(cfg.layer_norm_epsilon, param_dtype=pdtype, name="attn_norm")(x)
     x = x + SelfAttention(cfg, name="attn")(h, key_mask).astype(jnp.float32)
-    h = RMSNorm(cfg.layer_norm_epsilon, pdtype, name="ffn_norm")(x)
+    h = RMSNorm(cfg.layer_norm_epsilon, param_dtype=pdtype, name="ffn_norm")(x)
     return x + FeedForward(cfg, name="ffn")(h).astype(jnp.float32)
 
 
@@ -271,7 +265,7 @@ class UMT5Encoder(nn.Module):
     if input_ids.ndim != 2 or attention_mask.shape != input_ids.shape:
       raise ValueError(f"umT5 expects input_ids (B, L) and attention_mask of the same shape, got "
                        f"{input_ids.shape} and {attention_mask.shape}")
-    pdtype = jnp.dtype(cfg.param_dtype)
+    pdtype = cfg.param_dtype
     table = self.param("token_embedding",
                        nn.with_logical_partitioning(nn.initializers.normal(1.0), ("vocab", "embed")),
                        (cfg.vocab_size, cfg.d_model), pdtype)
@@ -279,7 +273,7 @@ class UMT5Encoder(nn.Module):
     key_mask = attention_mask.astype(bool)
     for i in range(cfg.num_layers):
       x = EncoderBlock(cfg, name=f"block_{i}")(x, key_mask)
-    x = RMSNorm(cfg.layer_norm_epsilon, pdtype, name="final_norm")(x)
+    x = RMSNorm(cfg.layer_norm_epsilon, param_dtype=pdtype, name="final_norm")(x)
     return x * key_mask[..., None].astype(x.dtype)
 
 

@@ -36,6 +36,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from dsa_jax.models.layers import RMSNorm
+
 Array = jax.Array
 Dtype = Any
 
@@ -243,20 +245,9 @@ class Conv2dFrames(nn.Module):
     return y.reshape((b, t) + y.shape[1:])
 
 
-class RMSNorm(nn.Module):
-  """x / ||x||_2 (over channels) * sqrt(C) * scale, computed in fp32 (Wan's RMS_norm)."""
-
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: Array) -> Array:
-    c = x.shape[-1]
-    scale = self.param("scale", _part(nn.initializers.ones, ("conv_out",)), (c,), self.param_dtype)
-    xf = x.astype(jnp.float32)
-    norm = jnp.sqrt(jnp.sum(xf * xf, axis=-1, keepdims=True))
-    y = xf / jnp.maximum(norm, 1e-12)
-    return (y.astype(self.dtype) * (math.sqrt(c) * scale.astype(self.dtype))).astype(self.dtype)
+def _rms_norm(name: str, dtype, param_dtype) -> RMSNorm:
+  """Wan's RMS_norm: F.normalize over channels * sqrt(C) * gamma, i.e. an RMSNorm (its 1e-12 norm floor -> eps)."""
+  return RMSNorm(1e-12, axes=("conv_out",), dtype=dtype, param_dtype=param_dtype, name=name)
 
 
 class ResidualBlock(nn.Module):
@@ -275,9 +266,9 @@ class ResidualBlock(nn.Module):
       h, _ = CausalConv3d(self.out_dim, (1, 1, 1), name="conv_shortcut", **ckw)(x)
     else:
       h = x
-    y = nn.silu(RMSNorm(name="norm1", **kw)(x))
+    y = nn.silu(_rms_norm("norm1", **kw)(x))
     y, c1 = CausalConv3d(self.out_dim, name="conv1", **ckw)(y, cache.get("conv1"))
-    y = nn.silu(RMSNorm(name="norm2", **kw)(y))
+    y = nn.silu(_rms_norm("norm2", **kw)(y))
     y, c2 = CausalConv3d(self.out_dim, name="conv2", **ckw)(y, cache.get("conv2"))
     return y + h, {"conv1": c1, "conv2": c2}
 
@@ -293,7 +284,7 @@ class AttentionBlock(nn.Module):
   def __call__(self, x: Array) -> Array:
     b, t, h, w, c = x.shape
     x = x.astype(self.dtype)
-    y = RMSNorm(name="norm", dtype=self.dtype, param_dtype=self.param_dtype)(x)
+    y = _rms_norm("norm", self.dtype, self.param_dtype)(x)
     qkv = _Dense(3 * c, name="to_qkv", dtype=self.dtype, param_dtype=self.param_dtype,
                  precision=self.precision)(y)
     qkv = qkv.reshape(b * t, h * w, 3 * c)
@@ -431,7 +422,7 @@ class Encoder3d(nn.Module):
         x, new[name] = Resample(mode, out_dim, name=name, **kw)(x, cache.get(name), first)
         idx += 1
     x, new["mid_block"] = MidBlock(name="mid_block", **kw)(x, cache.get("mid_block"), first)
-    x = nn.silu(RMSNorm(name="norm_out", dtype=self.dtype, param_dtype=self.param_dtype)(x))
+    x = nn.silu(_rms_norm("norm_out", self.dtype, self.param_dtype)(x))
     x, new["conv_out"] = CausalConv3d(2 * cfg.z_dim, name="conv_out", **kw)(x, cache.get("conv_out"))
     return x, new
 
@@ -485,7 +476,7 @@ class Decoder3d(nn.Module):
       name = f"up_blocks_{i}"
       x, new[name] = UpBlock(out_dim, cfg.num_res_blocks + 1, mode, name=name, **kw)(
           x, cache.get(name), first)
-    x = nn.silu(RMSNorm(name="norm_out", dtype=self.dtype, param_dtype=self.param_dtype)(x))
+    x = nn.silu(_rms_norm("norm_out", self.dtype, self.param_dtype)(x))
     x, new["conv_out"] = CausalConv3d(cfg.out_channels, name="conv_out", **kw)(x, cache.get("conv_out"))
     return x, new
 

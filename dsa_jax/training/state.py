@@ -74,7 +74,7 @@ def make_optimizer(config, network: str) -> optax.GradientTransformation:
   The confidence head is a fresh small MLP: it uses Adam's usual beta1 = 0.9, `train.conf_lr`, no weight decay.
   """
   t = config.train
-  warmup = int(t.get("warmup_steps", 0) or 0)
+  warmup = int(t.warmup_steps)
   if network == "head":
     tx = optax.adamw(_schedule(t.conf_lr, warmup), b1=0.9, b2=0.999, weight_decay=0.0)
   else:

@@ -38,7 +38,7 @@ METRIC_DTYPE = jnp.float32
 
 def ode_guidance(config) -> float:
   """`train.ode_guidance` (Self Forcing's convention, like dmd.guidance); None or negative: use `dmd.guidance`."""
-  g = config.train.get("ode_guidance", None)
+  g = config.train.ode_guidance
   return float(config.dmd.guidance if g is None or g < 0 else g)
 
 
@@ -247,7 +247,7 @@ def make_ode_fns(config, mesh, rules, stored: bool):
 def make_teacher_fns(config, mesh, rules):
   tcfg = factory.dit_config(config, "teacher")
   tx = state_lib.optimizers(config)["teacher"]
-  p_drop = float(config.train.get("cfg_dropout", 0.1))
+  p_drop = float(config.train.cfg_dropout)
   ntt = config.diffusion.num_train_timesteps
 
   def teacher_step(state, teacher, batch, uncond):
