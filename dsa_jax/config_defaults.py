@@ -62,7 +62,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.diffusion = ml_collections.ConfigDict(dict(shift=5.0, num_train_timesteps=1000, train_t_sampler="uniform"))
 
   c.sampling = ml_collections.ConfigDict(dict(
-      ladder=(1000, 750, 500, 250, 125),  # before warping; our reading, DESIGN 1.1
+      ladder=(1000, 750, 500, 250, 125),  # before warping; our reading: Self Forcing's 4 steps plus a 5th
       threshold=0.5, min_steps=1, max_steps=5,
       context_noise=0.0, guidance=1.0, batch_size=1, checkpoint="", use_ema=True,
       # What a finished frame feeds its unfinished chunk neighbours (our reading): 'clean' = its final x0 at

@@ -394,12 +394,11 @@ def test_ode_stage_on_the_fly_and_stored(tmp_path, xla_cache):
   diff = max(np.abs(gen[k] - tea[k]).max() for k in tea)
   assert 0 < diff < 1e-3, diff
 
-  # stored pairs: generate a file with the teacher, train one step from it
-  from dsa_jax.data.text_context import make_text_encoder
-  enc = make_text_encoder(o_cfg)
+  # stored pairs: `dsa-jax data ode-pairs` writes a file with the teacher, the ode stage trains one step from it
+  from dsa_jax import cli
   pairs = tmp_path / "pairs.array_record"
-  ode_pairs.generate_ode_pairs(o_cfg, params["teacher"], [f"p{i}" for i in range(4)], str(pairs), text_encoder=enc,
-                               uncond=enc([""]), batch_size=2)
+  assert cli.main(["data", "ode-pairs", "--config", TINY, "--out", str(pairs), "--num", "4", "--batch", "2"] + BATCH
+                  + [f"--config.train.teacher_from={teacher_model}"]) == 0
   src = ode_pairs.OdePairSource(str(pairs), o_cfg)
   assert len(src) == 4 and src[0]["trajectory"].shape[0] == len(spec.sigmas)
   np.testing.assert_allclose(src[0]["trajectory"][0].std(), 1.0, atol=0.15)  # sigma 1: pure noise

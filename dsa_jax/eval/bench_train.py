@@ -154,20 +154,3 @@ def run_bench_train(args) -> dict:
       json.dump(result, f, indent=2)
     os.replace(tmp, args.json)
   return result
-
-
-def main(argv=None):
-  """Standalone entry (until `dsa-jax bench train` is registered): python -m dsa_jax.eval.bench_train ..."""
-  import argparse
-  import sys
-  argv = list(sys.argv[1:] if argv is None else argv)
-  p = argparse.ArgumentParser(prog="dsa-jax bench train", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  add_bench_train_arguments(p)
-  args = p.parse_args([a for a in argv if not a.startswith("--config.")])
-  args.overrides = [a for a in argv if a.startswith("--config.")]
-  print(json.dumps(run_bench_train(args), indent=2))
-
-
-if __name__ == "__main__":
-  main()

@@ -1,6 +1,6 @@
 """The Wan2.1 diffusion transformer with per-frame timesteps, a block-causal mask and a static-shape KV cache.
 
-Layer details follow the reference (DESIGN 1.2 and 1.6): patchify (1, 2, 2); 3D RoPE; per block self-attention with
+Layer details follow Wan2.1's reference code: patchify (1, 2, 2); 3D RoPE; per block self-attention with
 q/k RMSNorm over the full dim, text cross-attention (LayerNorm with affine, ungated), GELU(tanh) FFN and 6-vector
 AdaLN modulation (time projection + a learned per-block table); output head with 2 modulation vectors. Every frame
 carries its own timestep, so modulation is per frame. Norms and modulation run in float32 as in Wan.
@@ -24,7 +24,7 @@ import jax.numpy as jnp
 
 from dsa_jax.models import rope as rope_lib
 from dsa_jax.models.attention import block_causal_mask, dot_product_attention, resolve_backend
-from dsa_jax.models.layers import DTYPES as _DTYPES
+from dsa_jax.models.layers import DTYPES as _DTYPES  # noqa: F401 - callers still import the table from here
 from dsa_jax.models.layers import RMSNorm, dtype_name, to_dtype
 
 

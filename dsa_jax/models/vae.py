@@ -30,7 +30,7 @@ import dataclasses
 import functools
 import math
 import warnings
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp

@@ -1,4 +1,4 @@
-"""Self Forcing rollout with a sampled exit step (DESIGN 1.4 step 1, 1.6).
+"""Self Forcing rollout with a sampled exit step: the generator's own few-step video, as the sampler makes it.
 
 The generator produces the whole video chunk by chunk exactly as the sampler does (fresh-noise re-noising between
 ladder steps, a cache-fill forward on the finished chunk at t = context_noise), but every chunk stops at one exit
