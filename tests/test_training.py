@@ -400,6 +400,8 @@ def test_ode_stage_on_the_fly_and_stored(tmp_path, xla_cache):
   assert cli.main(["data", "ode-pairs", "--config", TINY, "--out", str(pairs), "--num", "4", "--batch", "2"] + BATCH
                   + [f"--config.train.teacher_from={teacher_model}"]) == 0
   src = ode_pairs.OdePairSource(str(pairs), o_cfg)
+  assert cli.main(["data", "ode-pairs", "--config", TINY, "--out", str(tmp_path / "x")]) == 2  # no teacher: refused
+  assert not os.path.exists(tmp_path / "x")
   assert len(src) == 4 and src[0]["trajectory"].shape[0] == len(spec.sigmas)
   np.testing.assert_allclose(src[0]["trajectory"][0].std(), 1.0, atol=0.15)  # sigma 1: pure noise
   s, _ = _run(tiny("--config.train.stage=ode", "--config.train.steps=1", f"--config.train.ode_pairs={pairs}",
