@@ -62,7 +62,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.diffusion = ml_collections.ConfigDict(dict(shift=5.0, num_train_timesteps=1000, train_t_sampler="uniform"))
 
   c.sampling = ml_collections.ConfigDict(dict(
-      ladder=(1000, 750, 500, 250, 125),  # before warping; our reading, DESIGN 1.1
+      ladder=(1000, 750, 500, 250, 125),  # before warping; our reading: Self Forcing's 4 steps plus a 5th
       threshold=0.5, min_steps=1, max_steps=5,
       # guidance g: classifier-free guidance cond + g (cond - uncond), 0 = off (the convention of dmd.guidance).
       context_noise=0.0, guidance=0.0, batch_size=1, checkpoint="", use_ema=True,
@@ -96,14 +96,24 @@ def base_config() -> ml_collections.ConfigDict:
       steps=600, batch_size=64, lr=2e-6, critic_lr=4e-7, conf_lr=1e-4, b1=0.0, b2=0.999, weight_decay=0.01,
       grad_clip=10.0, ema_decay=0.99, ema_start=200, log_every=10, ckpt_every=100, keep=3, async_ckpt=True,
       init_from="", teacher_from="", ode_steps=48, ode_pairs="",
-      warmup_steps=0,  # linear learning-rate warmup (steps)
-      lr_decay="constant",  # 'constant' | 'cosine' (to 5% of the rate at train.steps)
-      teacher_ema_decay=0.0,  # teacher stage: EMA of the teacher, exported instead of the raw weights (0 = off)
   ))
+  t = c.train
+  t.max_time_s = 0.0  # wall-clock budget in seconds: stop (with a checkpoint) once exceeded; 0 = no limit
+  t.cfg_dropout = 0.1  # teacher stage: fraction of prompts replaced by the empty prompt (classifier-free guidance)
+  t.warmup_steps = 0  # linear learning-rate warmup over this many steps; 0 = none
+  t.lr_decay = "constant"  # learning rate after warmup: 'constant' or 'cosine' (to 5% of the rate at train.steps)
+  t.teacher_ema_decay = 0.0  # teacher stage: EMA of the teacher's weights with this decay, exported instead of the raw weights; 0 = none
+  t.ode_guidance = -1.0  # classifier-free guidance of the ODE-pair teacher solves; negative = dmd.guidance
+  t.exit_steps = 0  # DSA rollout: exit step drawn among the first exit_steps ladder steps; 0 = sampling.max_steps
+  t.rollout_remat = "auto"  # jax.checkpoint around each rollout chunk's exit forward: 'auto', 'chunk' or 'none'
+  t.critic_from = ""  # dsa stage: workdir or checkpoint whose model initialises the critic ('' = teacher or generator)
+  t.compilation_cache = ""  # folder for JAX's persistent compilation cache ('' = off)
+  t.tensorboard = True  # also write TensorBoard event files next to metrics.jsonl
 
   c.data = ml_collections.ConfigDict(dict(
       prompts=ml_collections.ConfigDict(dict(kind="text", path="", column="prompt", name="", split="train")),
       videos="", shuffle=True, num_workers=0,
+      num_videos=100_000,  # size of the generated moving-digits set when data.videos is 'digits[:split]'
   ))
   c.runlocal = False
   return c

@@ -37,10 +37,10 @@ def _load_module(spec: str):
   return module
 
 
-def load_config_file(spec: str) -> ml_collections.ConfigDict:
-  """Loads `file.py[:arg]` by calling its `get_config(arg)`."""
+def load_config_file(spec: str, module=None) -> ml_collections.ConfigDict:
+  """Loads `file.py[:arg]` by calling its `get_config(arg)` (`module`: the file, if already loaded)."""
   path, _, arg = spec.partition(":")
-  module = _load_module(spec)
+  module = module or _load_module(spec)
   if not hasattr(module, "get_config"):
     raise ConfigError(f"config file {path!r} defines no get_config(arg)")
   config = module.get_config(arg or None)
@@ -95,13 +95,16 @@ def get_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.Confi
   """Loads, overrides and validates a config.
 
   `--config.runlocal=True` asks for the toy-size variant: a config file that defines `runlocal(config)` shrinks the
-  config there (after the other overrides), so one recipe serves both a GPU/TPU run and a few-minute CPU check.
+  config there, before the other command-line overrides (as in big_vision), so they apply to the toy size too and
+  one recipe serves both a GPU/TPU run and a few-minute CPU check.
   """
-  config = apply_overrides(load_config_file(spec), overrides)
-  if config.get("runlocal", False):
-    module = _load_module(spec)
-    if hasattr(module, "runlocal"):
-      config = module.runlocal(config)
+  module = _load_module(spec)
+  config = load_config_file(spec, module)
+  is_runlocal = lambda o: o.removeprefix("--").partition("=")[0] == "config.runlocal"
+  config = apply_overrides(config, [o for o in overrides if is_runlocal(o)])
+  if config.runlocal and hasattr(module, "runlocal"):
+    config = module.runlocal(config)
+  config = apply_overrides(config, [o for o in overrides if not is_runlocal(o)])
   validate_config(config)
   return config
 

@@ -31,7 +31,9 @@ def test_shipped_model_loads_and_samples(repo_root):
   # A trained model draws bright digits on a dark canvas: mostly background (-1), a few bright pixels.
   assert np.median(frames) < -0.7 and np.percentile(frames, 99.5) > 0.3
   dyn = sampler.sample(params, ctx, sampler.make_controls(1, threshold=0.6, seed=0))
-  assert 1 <= float(np.asarray(dyn.steps).mean()) <= 5
+  steps = np.asarray(dyn.steps)
+  # The head spends a different number of steps on different frames, on average fewer than the maximum.
+  assert len(np.unique(steps)) > 1 and 1 < steps.mean() < config.sampling.max_steps, steps
 
 
 def test_runlocal_chain_teacher_ode_dsa(repo_root, tmp_path, capsys):
@@ -45,9 +47,14 @@ def test_runlocal_chain_teacher_ode_dsa(repo_root, tmp_path, capsys):
                    "--config.train.ode_steps=4"] + common) == 0
   assert cli.main(["train", "--config", cfg + ":dsa", "--workdir", d, f"--config.train.teacher_from={t}/model",
                    f"--config.train.init_from={o}/model"] + common) == 0
-  log = capsys.readouterr().out + capsys.readouterr().err
+  cap = capsys.readouterr()
+  log = cap.out + cap.err
   for stage in ("teacher", "ode", "dsa"):
     assert os.path.isfile(os.path.join(tmp_path, stage, "model", "dsa_meta.json"))
+    assert f"[{stage}] done: 3 steps" in log
+  # each stage starts from the previous one's model
+  assert f"[ode] initialised generator from the teacher {t}/model" in log
+  assert f"[dsa] initialised generator from {o}/model" in log
   out = tmp_path / "sample"
   assert cli.main(["sample", "--config", cfg, "--config.runlocal=True", "--ckpt", f"{d}/model", "--out", str(out),
                    "--prompt", "digit 3 moves fast"]) == 0

@@ -327,7 +327,7 @@ def test_kill_and_resume_reproduces_uninterrupted_run(reference_run, tmp_path):
 
 def test_time_limit_stops_with_checkpoint_and_resumes(reference_run, tmp_path):
   cfg = reference_run[0].copy_and_resolve_references()
-  cfg.train.max_time_s = 1e-6  # not in base_config yet: read with config.get
+  cfg.train.max_time_s = 1e-6
   s, logs = _run(cfg, tmp_path / "t")
   assert s["stopped"] == "max_time_s" and s["end_step"] == 1 and "model" not in s
   assert sorted(os.listdir(tmp_path / "t" / "checkpoints")) == ["1"]
@@ -394,13 +394,14 @@ def test_ode_stage_on_the_fly_and_stored(tmp_path, xla_cache):
   diff = max(np.abs(gen[k] - tea[k]).max() for k in tea)
   assert 0 < diff < 1e-3, diff
 
-  # stored pairs: generate a file with the teacher, train one step from it
-  from dsa_jax.data.text_context import make_text_encoder
-  enc = make_text_encoder(o_cfg)
+  # stored pairs: `dsa-jax data ode-pairs` writes a file with the teacher, the ode stage trains one step from it
+  from dsa_jax import cli
   pairs = tmp_path / "pairs.array_record"
-  ode_pairs.generate_ode_pairs(o_cfg, params["teacher"], [f"p{i}" for i in range(4)], str(pairs), text_encoder=enc,
-                               uncond=enc([""]), batch_size=2)
+  assert cli.main(["data", "ode-pairs", "--config", TINY, "--out", str(pairs), "--num", "4", "--batch", "2"] + BATCH
+                  + [f"--config.train.teacher_from={teacher_model}"]) == 0
   src = ode_pairs.OdePairSource(str(pairs), o_cfg)
+  assert cli.main(["data", "ode-pairs", "--config", TINY, "--out", str(tmp_path / "x")]) == 2  # no teacher: refused
+  assert not os.path.exists(tmp_path / "x")
   assert len(src) == 4 and src[0]["trajectory"].shape[0] == len(spec.sigmas)
   np.testing.assert_allclose(src[0]["trajectory"][0].std(), 1.0, atol=0.15)  # sigma 1: pure noise
   s, _ = _run(tiny("--config.train.stage=ode", "--config.train.steps=1", f"--config.train.ode_pairs={pairs}",

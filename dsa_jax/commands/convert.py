@@ -144,14 +144,12 @@ def _convert_dit(args):
 
 
 def _convert_vae(args):
-  import dataclasses as dc
-
   from dsa_jax.convert.vae import load_diffusers_vae
   src = _pipeline_sub(args.src, "vae")
   t0 = time.time()
   _log(f"reading {src}")
   params, cfg = load_diffusers_vae(src)
-  arch = cfg.to_dict() if hasattr(cfg, "to_dict") else dc.asdict(cfg)
+  arch = cfg.to_dict()
   _log(f"vae: {_param_summary(params)}, converted in {time.time() - t0:.1f}s")
   _save(args.out, {"vae": params}, {"arch": {"vae": arch},
                                     "source": {"command": "convert vae", "path": os.path.abspath(src)}})
@@ -164,8 +162,6 @@ def _copy_atomic(src: str, dst: str):
 
 
 def _convert_umt5(args):
-  import dataclasses as dc
-
   from dsa_jax.convert.umt5 import load_transformers_umt5
   tok = args.tokenizer
   if os.path.isdir(args.src) and os.path.isfile(os.path.join(args.src, "model_index.json")) and tok is None:
@@ -177,7 +173,7 @@ def _convert_umt5(args):
   t0 = time.time()
   _log(f"reading {src}")
   params, cfg = load_transformers_umt5(src)
-  arch = cfg.to_dict() if hasattr(cfg, "to_dict") else dc.asdict(cfg)
+  arch = cfg.to_dict()
   _log(f"text_encoder: {_param_summary(params)}, converted in {time.time() - t0:.1f}s")
   meta = {"arch": {"text_encoder": arch}, "source": {"command": "convert umt5", "path": os.path.abspath(src)}}
   if tok is not None:

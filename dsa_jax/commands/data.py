@@ -6,6 +6,12 @@
 writes the moving-digits benchmark (ArrayRecord clips, prompts.txt, meta.json) and, so that people can look at
 what they made, preview.gif (K clips side by side, a coloured strip under each marking its frame's event) and
 preview.png (a filmstrip with the event names).
+
+  dsa-jax data ode-pairs --config CFG --out FILE [--num N] [--batch B] [--seed S] [--config.FIELD=VALUE ...]
+
+solves the teacher's ODE (`train.teacher_from`, `train.ode_steps`, `train.ode_guidance`) once for the config's
+prompts and stores the trajectories, so that the ode stage reads them (`--config.train.ode_pairs=FILE`) instead of
+running the teacher in every step.
 """
 
 from __future__ import annotations
@@ -32,12 +38,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   p.add_argument("--digit-size", type=int, default=None, help="digit side in pixels (default 3/8 of --size)")
   p.add_argument("--preview", type=int, default=8, help="clips shown in preview.gif / preview.png (0: none)")
   p.set_defaults(data_main=_digits_main)
+  p = sub.add_parser("ode-pairs", help="store the teacher's ODE trajectories for the ode stage (train.ode_pairs)",
+                     description="Runs the teacher of a config on its prompts and writes (trajectory, x0) pairs.")
+  p.add_argument("--config", required=True, help="config file (path[:arg]); train.teacher_from names the teacher")
+  p.add_argument("--out", required=True, help="ArrayRecord file to write (then train with --config.train.ode_pairs)")
+  p.add_argument("--num", type=int, default=None, help="number of prompts (default: all of data.prompts)")
+  p.add_argument("--batch", type=int, default=1, help="prompts per teacher call")
+  p.add_argument("--seed", type=int, default=0, help="noise seed")
+  p.set_defaults(data_main=_ode_pairs_main)
 
 
 def main(args: argparse.Namespace) -> int:
   fn = getattr(args, "data_main", None)
   if fn is None:
-    print("dsa-jax data: choose a dataset (digits)", file=sys.stderr)
+    print("dsa-jax data: choose a dataset (digits, ode-pairs)", file=sys.stderr)
     return 2
   return fn(args)
 
@@ -102,11 +116,31 @@ def _digits_main(args: argparse.Namespace) -> int:
   return 0
 
 
-def _standalone(argv=None) -> int:
-  parser = argparse.ArgumentParser(prog="dsa-jax data")
-  add_arguments(parser)
-  return main(parser.parse_args(argv))
+def _ode_pairs_main(args: argparse.Namespace) -> int:
+  import numpy as np  # pylint: disable=g-import-not-at-top
 
-
-if __name__ == "__main__":
-  sys.exit(_standalone())
+  from dsa_jax.config_lib import get_config  # pylint: disable=g-import-not-at-top
+  from dsa_jax.training import checkpointing, ode_pairs, trainer  # pylint: disable=g-import-not-at-top
+  config = get_config(args.config, args.overrides)
+  if not config.train.teacher_from:
+    raise ValueError("config.train.teacher_from is empty: ODE pairs need a trained teacher (workdir or model folder)")
+  if args.batch < 1 or (args.num is not None and args.num < 1):
+    raise ValueError(f"--batch and --num must be positive, got {args.batch} and {args.num}")
+  prompt_config = config.copy_and_resolve_references()
+  prompt_config.train.update(stage="ode", ode_pairs="")  # the prompts the ode stage would draw
+  source = trainer.make_source(prompt_config)
+  prompts = [source[i] for i in range(min(len(source), args.num or len(source)))]
+  if not all(isinstance(p, str) for p in prompts):
+    raise ValueError(f"config.data.prompts.kind={config.data.prompts.kind!r}: ODE pairs need text prompts")
+  teacher = checkpointing.load_model_from_workdir(config.train.teacher_from, config, ("teacher",))[0]["teacher"]
+  text_encoder = trainer.make_text_encoder(config)
+  uncond = np.asarray(text_encoder([config.text.negative_prompt]), np.float32)
+  t0 = time.time()
+  print(f"dsa-jax data ode-pairs: {len(prompts)} prompts, teacher {config.train.teacher_from}, "
+        f"{config.train.ode_steps} Euler steps", file=sys.stderr)
+  ode_pairs.generate_ode_pairs(config, teacher, prompts, args.out, text_encoder=text_encoder, uncond=uncond,
+                               batch_size=args.batch, seed=args.seed)
+  print(f"wrote {len(prompts)} pairs in {time.time() - t0:.1f}s; train with --config.train.ode_pairs={args.out}",
+        file=sys.stderr)
+  print(args.out)
+  return 0

@@ -3,7 +3,7 @@
 One table (`param_table`) names every tensor three ways: its diffusers key (`WanTransformer3DModel`), its original
 Wan key (`wan/modules/model.py`, which Self Forcing and CausVid keep), and its path in our params, plus how the
 array is laid out on each side. Converting, checking and exporting all read that table, so the three layouts cannot
-drift apart. Layout facts (DESIGN 1.6):
+drift apart. Layout facts (read in the public Wan2.1 / Self Forcing code):
   * torch Linear weights are (out, in), our kernels (in, out); q/k/v kernels are (dim, heads, head_dim), the output
     projection (heads, head_dim, dim), and the q/k RMSNorm (over the full dim) scale is (heads, head_dim);
   * the patch Conv3d weight (dim, C, pt, ph, pw) becomes (pt, ph, pw, C, dim) (our patches flatten (ph, pw, C));

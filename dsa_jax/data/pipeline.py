@@ -90,11 +90,6 @@ class Loader(grain.DatasetIterator):
     if inner_state is not None:
       self._it.set_state(inner_state)
 
-  @property
-  def steps_per_epoch(self) -> int:
-    """Batches per host per epoch (without filtering)."""
-    return self._len // (self.batch_size * self.shard_count)
-
   def __next__(self):
     self._assert_not_closed()
     return next(self._it)

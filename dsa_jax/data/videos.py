@@ -210,11 +210,3 @@ class VideoClipSource(grain.sources.RandomAccessDataSource):
 
   def __repr__(self) -> str:
     return f"VideoClipSource({self.paths}, n={len(self)})"
-
-
-def to_float_video(clip: dict[str, Any], *, key: str = "video") -> dict[str, Any]:
-  """A grain map transform: uint8 frames -> float32 in [-1, 1] (pixel-space models); float clips pass as float32."""
-  out = dict(clip)
-  v = clip[key]
-  out[key] = (v.astype(np.float32) / 127.5 - 1.0) if v.dtype == np.uint8 else v.astype(np.float32)
-  return out

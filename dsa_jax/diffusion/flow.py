@@ -1,4 +1,4 @@
-"""Flow matching as Wan2.1 uses it (DESIGN 1.1).
+"""Flow matching as Wan2.1 uses it.
 
 x_sigma = (1 - sigma) * x0 + sigma * eps, the network predicts v = eps - x0, t = 1000 * sigma, and a shift s warps
 sigmas as s*sigma / (1 + (s - 1)*sigma). All functions broadcast: sigma may be a scalar, per sample or per frame.
@@ -27,10 +27,6 @@ def warp_ladder(ladder: Sequence[float], shift: float, num_train_timesteps: int 
   """
   sig = np.asarray(ladder, np.float64) / num_train_timesteps
   return shift_sigma(sig, shift).astype(np.float32)
-
-
-def sigma_to_t(sigma, num_train_timesteps: int = 1000):
-  return sigma * num_train_timesteps
 
 
 def expand_per_frame(sigma, x):

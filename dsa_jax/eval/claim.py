@@ -5,7 +5,7 @@ contexts and event labels, the evaluator and the Fréchet statistics of real tes
 the prompts with one sampler at one setting and scores the result (FD, prompt agreement, steps and confidences per
 frame and per event label, FPS).
 
-`run_claim` is the sweep of issue 6 item 4, all on the same prompts, seeds and evaluator:
+`run_claim` is the sweep that tests the claim, all on the same prompts, seeds and evaluator:
   (a) fixed 1..5 steps (tau = +inf, max_steps = k) with the DMD-target checkpoint (Self Forcing's sampler);
   (b) DSA with the 'dmd'-target head at >= 5 thresholds;
   (c) DSA with the 'consistency'-target checkpoint at >= 5 thresholds;
@@ -552,7 +552,7 @@ def run_claim(config, ckpt_dmd: str, ckpt_consistency: str | None, out_dir: str,
               data_seed: int = 0, num_real: int = 1000, fps_prompts: int = 8,
               targets: Sequence[float] = DEFAULT_TARGETS,
               log: Callable[[str], None] = _say, bench: Benchmark | None = None) -> dict[str, Any]:
-  """The sweep of issue 6 item 4; writes claim.md / claim.json / claim.png / steps_by_event.png into `out_dir`."""
+  """The claim sweep (see the module docstring); writes claim.md / claim.json / claim.png / steps_by_event.png into `out_dir`."""
   import jax.numpy as jnp
 
   from dsa_jax.eval import heuristic

@@ -26,7 +26,6 @@ in its dsa_meta.json under evaluator.test.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import sys
 import time
@@ -510,22 +509,7 @@ def load_evaluator(path: str | None = None) -> Evaluator:
   return Evaluator(params, cfg, meta, path)
 
 
-def main_train(argv: Sequence[str] | None = None) -> int:  # pragma: no cover - thin wrapper
-  """`python -m dsa_jax.eval.evaluator --out DIR [--steps N]`."""
-  import argparse
-  p = argparse.ArgumentParser()
-  p.add_argument("--out", default=DEFAULT_DIR)
-  p.add_argument("--steps", type=int, default=1200)
-  p.add_argument("--batch", type=int, default=16)
-  p.add_argument("--seed", type=int, default=0)
-  a = p.parse_args(argv)
-  s = train_evaluator(a.out, a.steps, a.batch, a.seed)
-  s.pop("params")
-  print(json.dumps(s, indent=1))
-  return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-  if len(sys.argv) > 1 and sys.argv[1] == "--_gen":
-    sys.exit(_gen_main(sys.argv[2:]))
-  sys.exit(main_train())
+if __name__ == "__main__":  # pragma: no cover - the data-generation worker of `make_clip_arrays`
+  if len(sys.argv) < 2 or sys.argv[1] != "--_gen":
+    sys.exit("train the evaluator with `dsa-jax eval train-evaluator`")
+  sys.exit(_gen_main(sys.argv[2:]))

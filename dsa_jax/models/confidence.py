@@ -1,4 +1,4 @@
-"""The DSA confidence head (DESIGN 1.3, our reading).
+"""The DSA confidence head (our reading of the method).
 
 Per frame it reads the generator's final hidden states (mean-pooled over the frame's tokens), the step index k and
 the step's timestep t_k, and predicts one logit: the confidence that the current x0 prediction is already reliable.

@@ -1,6 +1,6 @@
 """The Wan2.1 diffusion transformer with per-frame timesteps, a block-causal mask and a static-shape KV cache.
 
-Layer details follow the reference (DESIGN 1.2 and 1.6): patchify (1, 2, 2); 3D RoPE; per block self-attention with
+Layer details follow Wan2.1's reference code: patchify (1, 2, 2); 3D RoPE; per block self-attention with
 q/k RMSNorm over the full dim, text cross-attention (LayerNorm with affine, ungated), GELU(tanh) FFN and 6-vector
 AdaLN modulation (time projection + a learned per-block table); output head with 2 modulation vectors. Every frame
 carries its own timestep, so modulation is per frame. Norms and modulation run in float32 as in Wan.
@@ -21,12 +21,11 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from dsa_jax.models import rope as rope_lib
 from dsa_jax.models.attention import block_causal_mask, dot_product_attention, resolve_backend
-
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+from dsa_jax.models.layers import DTYPES as _DTYPES  # noqa: F401 - callers still import the table from here
+from dsa_jax.models.layers import RMSNorm, dtype_name, to_dtype
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,19 +64,18 @@ class DiTConfig:
         eps=model_cfg.eps, rope_theta=model_cfg.rope_theta, rope_max_frames=model_cfg.rope_max_frames,
         cross_attn_norm=model_cfg.cross_attn_norm)
     if compute_cfg is not None:
-      dtype = _DTYPES[compute_cfg.dtype]
+      dtype = to_dtype(compute_cfg.dtype, "compute.dtype")
       backend = resolve_backend(compute_cfg.attention)
       if backend == "cudnn" and dtype == jnp.float32:
         backend = "xla"  # cuDNN flash attention needs 16-bit inputs
-      kw.update(dtype=dtype, param_dtype=_DTYPES[compute_cfg.param_dtype], attention=backend,
+      kw.update(dtype=dtype, param_dtype=to_dtype(compute_cfg.param_dtype, "compute.param_dtype"), attention=backend,
                 scan_layers=compute_cfg.scan_layers, remat=compute_cfg.remat)
     kw.update(overrides)
     return cls(**kw)
 
   def to_dict(self) -> dict:
     d = dataclasses.asdict(self)
-    inv = {v: k for k, v in _DTYPES.items()}
-    d["dtype"], d["param_dtype"] = inv[self.dtype], inv[self.param_dtype]
+    d["dtype"], d["param_dtype"] = dtype_name(self.dtype), dtype_name(self.param_dtype)
     d["patch_size"] = list(self.patch_size)
     return d
 
@@ -116,19 +114,6 @@ class LayerNorm32(nn.Module):
     return y
 
 
-class HeadRMSNorm(nn.Module):
-  """RMSNorm over the full model dim of a (..., H, D) tensor, before RoPE (Wan's q/k norm)."""
-  eps: float = 1e-6
-
-  @nn.compact
-  def __call__(self, x):
-    h, d = x.shape[-2:]
-    w = self.param("scale", _partitioned(nn.initializers.ones, ("heads", "kv")), (h, d), jnp.float32)
-    x32 = x.astype(jnp.float32)
-    y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=(-2, -1), keepdims=True) + self.eps)
-    return (y * w).astype(x.dtype)
-
-
 class Attention(nn.Module):
   """Multi-head attention with q/k RMSNorm; self-attention takes RoPE, masks and the KV cache."""
   cfg: DiTConfig
@@ -144,8 +129,8 @@ class Attention(nn.Module):
   def __call__(self, x, context=None, rope=None, mask=None, cache=None, cache_offset=None):
     c = self.cfg
     kv_in = context if self.cross else x
-    q = HeadRMSNorm(c.eps, name="norm_q")(self._proj("q", x))
-    k = HeadRMSNorm(c.eps, name="norm_k")(self._proj("k", kv_in))
+    q = RMSNorm(c.eps, axes=("heads", "kv"), name="norm_q")(self._proj("q", x))
+    k = RMSNorm(c.eps, axes=("heads", "kv"), name="norm_k")(self._proj("k", kv_in))
     v = self._proj("v", kv_in)
     new_cache = None
     kv_lengths = None
@@ -329,7 +314,3 @@ def init_cache(cfg: DiTConfig, batch: int, num_frames: int, tokens_per_frame: in
 
 def cache_logical_axes():
   return {"k": ("layers", "batch", "kv_length", "heads", "kv"), "v": ("layers", "batch", "kv_length", "heads", "kv")}
-
-
-def count_params(tree) -> int:
-  return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(tree)))

@@ -1,4 +1,4 @@
-"""Device mesh, logical-axis shardings and multi-host start-up (DESIGN 2).
+"""Device mesh, logical-axis shardings and multi-host start-up.
 
 The mesh has the axes ('data', 'fsdp', 'tensor'); `config.mesh.shape` gives their sizes, one of which may be -1
 ("all remaining devices"). Parameters carry logical axis names (flax `LogicallyPartitioned` boxes); the rules in
@@ -140,11 +140,6 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
-  """Leading axis over data x fsdp, the rest replicated."""
-  return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
-
-
 def batch_divisor(mesh: Mesh) -> int:
   sizes = mesh_sizes(mesh)
   return sizes["data"] * sizes["fsdp"]
@@ -173,13 +168,6 @@ def check_process_batch_layout(mesh: Mesh):
     raise MeshError(f"config.mesh.shape {sizes}: the 'tensor' axis spans hosts, so several hosts would have to feed "
                     f"the same batch rows ({len(shared)} of {len(owners)} batch blocks); keep tensor parallelism "
                     "within a host (tensor <= devices per host)")
-
-
-def logical_shardings(tree_of_names, shapes, mesh: Mesh, rules):
-  """NamedShardings for activations or caches given a tree of logical-name tuples and a matching shape tree."""
-  return jax.tree_util.tree_map(
-      lambda names, s: NamedSharding(mesh, logical_to_spec(names, s.shape, mesh, rules)), tree_of_names, shapes,
-      is_leaf=lambda x: isinstance(x, tuple) and all(isinstance(n, (str, type(None))) for n in x))
 
 
 def constrain(x, names: Sequence[str | None], mesh: Mesh | None, rules):

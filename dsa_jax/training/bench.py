@@ -150,20 +150,3 @@ def run_bench_train(args) -> dict:
     from dsa_jax.atomic import write_text
     write_text(args.json, json.dumps(result, indent=2))
   return result
-
-
-def main(argv=None):
-  """Standalone entry (until `dsa-jax bench train` is registered): python -m dsa_jax.training.bench ..."""
-  import argparse
-  import sys
-  argv = list(sys.argv[1:] if argv is None else argv)
-  p = argparse.ArgumentParser(prog="dsa-jax bench train", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  add_bench_train_arguments(p)
-  args = p.parse_args([a for a in argv if not a.startswith("--config.")])
-  args.overrides = [a for a in argv if a.startswith("--config.")]
-  print(json.dumps(run_bench_train(args), indent=2))
-
-
-if __name__ == "__main__":
-  main()

@@ -1,4 +1,4 @@
-"""Training objectives (DESIGN 1.4): teacher flow matching, ODE regression, DMD, critic, confidence; calibration.
+"""Training objectives: teacher flow matching, ODE regression, DMD, critic, confidence; calibration.
 
 Every loss is computed in float32 whatever the compute dtype (Self Forcing computes DMD in float64; fp32 is our
 floor). Latents are channels-last (B, F, H, W, C); per-frame quantities are (B, F).

@@ -1,4 +1,4 @@
-"""ODE-pair initialisation of the causal student (CausVid; DESIGN 1.4, last paragraph).
+"""ODE-pair initialisation of the causal student (CausVid's regression onto the teacher's ODE solutions).
 
 The frozen bidirectional teacher integrates the flow ODE dx/dsigma = v from pure noise to a clean video with many
 Euler steps (`train.ode_steps`, with classifier-free guidance `train.ode_guidance`, default `dmd.guidance`, Self
@@ -6,9 +6,9 @@ Forcing's convention). The integration grid passes exactly through every samplin
 is recorded at the sigmas the student will meet. The student then learns, under the block-causal mask, to map
 x_{sigma_k} (a ladder index k drawn per chunk) to the trajectory's end x0.
 
-Pairs are generated on the fly inside the training step, or once with `write_ode_pairs` into an ArrayRecord file
-(the clip format of `dsa_jax.data.videos`: `video` = x0, extra `trajectory` = (K, F, H, W, C), the prompt) named
-by `train.ode_pairs`.
+Pairs are generated on the fly inside the training step, or once by `dsa-jax data ode-pairs` (`generate_ode_pairs`)
+into an ArrayRecord file (the clip format of `dsa_jax.data.videos`: `video` = x0, extra `trajectory` =
+(K, F, H, W, C), the prompt) that the ode stage reads when `train.ode_pairs` names it.
 """
 
 from __future__ import annotations
@@ -49,10 +49,12 @@ def ode_grid(ladder_sigmas: Sequence[float], num_steps: int) -> tuple[np.ndarray
   return grid.astype(np.float32), pos
 
 
-def teacher_x0(tcfg, teacher_params, x_t, t, context, uncond, guidance: float):
-  """x0 of the (bidirectional) teacher with Self Forcing's guidance cond + g (cond - uncond); g = 0 skips uncond."""
+def teacher_x0(tcfg, teacher_params, x_t, t, context, uncond, guidance: float, num_train_timesteps: int):
+  """x0 of the (bidirectional) teacher with Self Forcing's guidance cond + g (cond - uncond); g = 0 skips uncond.
+
+  `t` is in [0, num_train_timesteps] (`config.diffusion.num_train_timesteps`), the model's timestep scale."""
   model = WanDiT(tcfg)
-  sigma = t / 1000.0
+  sigma = t / num_train_timesteps
   if guidance == 0.0:
     v = model.apply(teacher_params, x_t, t, context)["velocity"]
     return flow.x0_from_velocity(x_t, v, sigma)
@@ -153,7 +155,8 @@ def generate_ode_pairs(config, teacher_params, prompts: Sequence[str], path: str
   grid, pos = ode_grid(spec.sigmas, int(config.train.ode_steps))
   from dsa_jax.training.steps import ode_guidance
   guidance = ode_guidance(config)
-  fn = jax.jit(lambda p, n, c, u: teacher_trajectory(tcfg, p, n, c, u, grid, pos, guidance))
+  ntt = int(config.diffusion.num_train_timesteps)
+  fn = jax.jit(lambda p, n, c, u: teacher_trajectory(tcfg, p, n, c, u, grid, pos, guidance, ntt))
   key = jax.random.PRNGKey(seed)
   with VideoRecordWriter(path) as w:
     for start in range(0, len(prompts), batch_size):

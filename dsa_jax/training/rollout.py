@@ -1,4 +1,4 @@
-"""Self Forcing rollout with a sampled exit step (DESIGN 1.4 step 1, 1.6).
+"""Self Forcing rollout with a sampled exit step: the generator's own few-step video, as the sampler makes it.
 
 The generator produces the whole video chunk by chunk exactly as the sampler does (fresh-noise re-noising between
 ladder steps, a cache-fill forward on the finished chunk at t = context_noise), but every chunk stops at one exit
@@ -57,14 +57,14 @@ class RolloutSpec:
   def from_config(cls, config) -> "RolloutSpec":
     lh, lw = latent_hw(config)
     sig = flow.warp_ladder(config.sampling.ladder, config.diffusion.shift, config.diffusion.num_train_timesteps)
-    steps = int(config.train.get("exit_steps", 0) or config.sampling.max_steps)
+    steps = int(config.train.exit_steps or config.sampling.max_steps)
     steps = max(1, min(steps, len(sig)))
     return cls(num_frames=config.video.num_frames, chunk_frames=config.video.chunk_frames, height=lh, width=lw,
                channels=config.model.in_channels, tokens_per_frame=tokens_per_frame(config),
                sigmas=tuple(float(s) for s in sig), num_steps=steps,
                context_sigma=float(config.sampling.context_noise) / config.diffusion.num_train_timesteps,
                num_train_timesteps=config.diffusion.num_train_timesteps,
-               remat=str(config.train.get("rollout_remat", "auto")))
+               remat=str(config.train.rollout_remat))
 
 
 def sample_exit_index(key, spec: RolloutSpec):

@@ -60,7 +60,7 @@ def check_stage(stage: str):
 
 def stage_networks(stage: str, config=None) -> tuple[str, ...]:
   check_stage(stage)
-  if stage == "teacher" and config is not None and float(config.train.get("teacher_ema_decay", 0.0) or 0.0) > 0:
+  if stage == "teacher" and config is not None and float(config.train.teacher_ema_decay) > 0:
     return ("teacher", "teacher_ema")
   return {"teacher": ("teacher",), "ode": ("generator", "generator_ema", "head"),
           "dsa": ("generator", "generator_ema", "head", "critic")}[stage]
@@ -74,8 +74,8 @@ def learning_rate(config, lr: float):
   """`train.warmup_steps` of linear warmup, then constant or cosine decay to 5% of `lr` at `train.steps`
   (`train.lr_decay`). A decaying rate is what lets a long run settle instead of hopping between checkpoints."""
   t = config.train
-  warmup = int(t.get("warmup_steps", 0) or 0)
-  decay = str(t.get("lr_decay", "constant"))
+  warmup = int(t.warmup_steps)
+  decay = str(t.lr_decay)
   if decay not in ("constant", "cosine"):
     raise ValueError(f"config.train.lr_decay: expected 'constant' or 'cosine', got {decay!r}")
   if decay == "cosine":

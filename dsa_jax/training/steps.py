@@ -1,4 +1,4 @@
-"""Jitted, sharded training steps for the stages 'teacher', 'ode' and 'dsa' (DESIGN 1.4, 2).
+"""Jitted, sharded training steps for the stages 'teacher', 'ode' and 'dsa'.
 
 Every step is `jax.jit` with explicit `in_shardings` / `out_shardings` (parameters and optimiser states by their
 logical axes, the batch over data x fsdp, scalars replicated) and donates the state. The frozen teacher is an
@@ -39,7 +39,7 @@ METRIC_DTYPE = jnp.float32
 
 def ode_guidance(config) -> float:
   """`train.ode_guidance` (Self Forcing's convention, like dmd.guidance); None or negative: use `dmd.guidance`."""
-  g = config.train.get("ode_guidance", None)
+  g = config.train.ode_guidance
   return float(config.dmd.guidance if g is None or g < 0 else g)
 
 
@@ -151,7 +151,7 @@ def make_dsa_fns(config, mesh, rules):
       ex = rollout.exit_forward(gcfg, gp, ctx, roll["x_in"], exit_index, roll["cache"], spec, mesh=mesh, rules=rules)
       x0 = ex["x0"]
       x_t = flow.add_noise(jax.lax.stop_gradient(x0), eps, sig_f)
-      x0_real = ode_pairs.teacher_x0(tcfg, teacher, x_t, t_dmd, ctx, uncond, guidance)
+      x0_real = ode_pairs.teacher_x0(tcfg, teacher, x_t, t_dmd, ctx, uncond, guidance, ntt)
       v_fake = WanDiT(ccfg).apply(state.critic, x_t, t_dmd, ctx)["velocity"]
       x0_fake = flow.x0_from_velocity(x_t, v_fake, sig_f)
       g, d, norm = losses.dmd_direction(x0, x0_real, x0_fake)
@@ -257,8 +257,8 @@ def make_ode_fns(config, mesh, rules, stored: bool):
 def make_teacher_fns(config, mesh, rules):
   tcfg = factory.dit_config(config, "teacher")
   tx = state_lib.optimizers(config)["teacher"]
-  p_drop = float(config.train.get("cfg_dropout", 0.1))
-  teacher_ema_decay = float(config.train.get("teacher_ema_decay", 0.0) or 0.0)
+  p_drop = float(config.train.cfg_dropout)
+  teacher_ema_decay = float(config.train.teacher_ema_decay)
   ntt = config.diffusion.num_train_timesteps
 
   def teacher_step(state, teacher, batch, uncond):

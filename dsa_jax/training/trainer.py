@@ -64,7 +64,7 @@ def make_video_source(config):
     if config.video.height != config.video.width:
       raise TrainingError(f"config.data.videos={spec!r}: moving digits are square, video is "
                           f"{config.video.height}x{config.video.width}")
-    return MovingDigitsSource(int(config.data.get("num_videos", 100_000)), split=split, seed=0,
+    return MovingDigitsSource(int(config.data.num_videos), split=split, seed=0,
                               frames=int(config.video.num_frames), size=int(config.video.height))
   from dsa_jax.data import digits as digits_lib
   if os.path.isdir(spec) and os.path.isfile(os.path.join(spec, digits_lib.META_FILE)):
@@ -168,8 +168,8 @@ def load_teacher(config, mesh, rules, shardings):
 
 
 def initial_networks(config, teacher_host: Callable[[], Any]) -> tuple[dict, dict]:
-  """Host params that replace fresh initialisation at step 0 of a stage (see DESIGN 1.4 and issue 5), and where
-  each came from."""
+  """Host params that replace fresh initialisation at step 0 of a stage (the previous stage's model, the teacher as
+  the ODE student's and the critic's start), and where each came from."""
   stage = config.train.stage
   nets, sources = {}, {}
   init_from = config.train.init_from
@@ -187,7 +187,7 @@ def initial_networks(config, teacher_host: Callable[[], Any]) -> tuple[dict, dic
     nets["generator"] = teacher_host()  # CausVid: the causal student starts from the bidirectional teacher
     sources["generator"] = f"the teacher {config.train.teacher_from}"
   if stage == "dsa":
-    critic_from = config.train.get("critic_from", "")
+    critic_from = config.train.critic_from
     if critic_from:
       nets["critic"] = loading.load_networks(config, critic_from, ("critic",),
                                              fallbacks=loading.CRITIC_FROM_FALLBACKS, log=_log)[0]["critic"]
@@ -267,7 +267,7 @@ def progress_line(stage, step, total, scalars, it_s, eta_s) -> str:
 
 
 def setup_compilation_cache(config):
-  path = config.train.get("compilation_cache", "")
+  path = config.train.compilation_cache
   if path:
     jax.config.update("jax_compilation_cache_dir", os.path.expanduser(path))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
@@ -337,14 +337,14 @@ def train(config, workdir: str, *, stop_after: int | None = None, mesh=None, log
   mesh_lib.check_batch(global_batch, mesh)
   mesh_lib.check_process_batch_layout(mesh)
   local_batch = global_batch // jax.process_count()
-  max_time = float(config.train.get("max_time_s", 0) or 0)
+  max_time = float(config.train.max_time_s)
   emit(f"[{stage}] {mesh_lib.describe(mesh)}; global batch {global_batch}; {total} steps; workdir {workdir}")
 
   # Data first: a bad prompt or video file fails before anything is compiled.
   from dsa_jax.data.pipeline import make_loader
   source = make_source(config)
   loader = make_loader(source, batch_size=local_batch, seed=int(config.seed), shuffle=bool(config.data.shuffle),
-                       num_threads=max(1, int(config.data.get("num_workers", 0) or 1)))
+                       num_threads=max(1, int(config.data.num_workers or 1)))
   text_encoder = make_text_encoder(config)
   uncond = np.asarray(text_encoder([config.text.negative_prompt]), np.float32)
 
@@ -379,7 +379,7 @@ def train(config, workdir: str, *, stop_after: int | None = None, mesh=None, log
       emit(f"[{stage}] initialised {n} from {sources[n]}")
   uncond_dev = place(uncond, mesh_lib.replicated(mesh))
   prep = BatchPreparer(config, bundle.batch_sharding, text_encoder, global_batch)
-  metrics_log = MetricLog(workdir, enable_tb=bool(config.train.get("tensorboard", True)))
+  metrics_log = MetricLog(workdir, enable_tb=bool(config.train.tensorboard))
 
   start = int(jax.device_get(state.step))
   log_every, ckpt_every = max(1, int(config.train.log_every)), max(1, int(config.train.ckpt_every))
