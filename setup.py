@@ -39,5 +39,5 @@ setup(
     python_requires=">=3.11",
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
-    entry_points={"console_scripts": ["dsa-jax=dsa_jax.cli:main"]},
+    entry_points={"console_scripts": ["dsa-jax=dsa_jax.cli:console_main"]},
 )

@@ -23,7 +23,8 @@ HELP = "sample videos (mp4/gif) with per-frame steps and confidences (json + plo
 
 
 def add_arguments(p):
-  p.add_argument("--config", required=True, help="config file (path[:arg])")
+  p.add_argument("--config", required=True, help="config: a shipped one by name (digits, tiny, wan_1_3b) or a "
+                 "file, with an optional :arg (digits:teacher, path.py:arg)")
   p.add_argument("--ckpt", default=None, help="model checkpoint folder or training workdir "
                  "(default: config.sampling.checkpoint; empty: random weights)")
   p.add_argument("--out", required=True, help="output folder")
@@ -34,9 +35,9 @@ def add_arguments(p):
                  "config.sampling.threshold)")
   p.add_argument("--min-steps", type=int, default=None, help="default config.sampling.min_steps")
   p.add_argument("--max-steps", type=int, default=None, help="default config.sampling.max_steps")
-  p.add_argument("--seed", type=int, default=None, help="noise seed of the first prompt (prompt i gets seed+i); "
+  p.add_argument("--seed", type=_int_arg("--seed"), default=None, help="noise seed of the first prompt (prompt i gets seed+i); "
                  "default config.seed")
-  p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale; 1 = off (default "
+  p.add_argument("--guidance", type=_float_arg("--guidance"), default=None, help="classifier-free guidance scale; 1 = off (default "
                  "config.sampling.guidance); the unconditional branch uses config.text.negative_prompt")
   p.add_argument("--name", default=None, help="output name (with several prompts: NAME_000, NAME_001, ...)")
   p.add_argument("--batch-size", type=int, default=None, help="prompts per compiled batch (default "
@@ -44,6 +45,68 @@ def add_arguments(p):
   p.add_argument("--stream", action="store_true", help="sample chunk by chunk with per-chunk progress")
   p.add_argument("--formats", default="mp4,gif", help="video files to write: mp4, gif or both (default mp4,gif)")
   p.add_argument("--no-ema", action="store_true", help="use 'generator' even where 'generator_ema' exists")
+  p.add_argument("--strict-prompts", action="store_true", help="words the text encoder does not know are an error "
+                 "(default: a warning listing them)")
+  p.add_argument("--no-compile-cache", action="store_true", help="do not use the persistent compilation cache")
+  p.add_argument("--compile-cache", default=None, help="compilation cache folder (default $DSA_JAX_CACHE or "
+                 "~/.cache/dsa_jax/xla): a later call with the same shapes skips most of the compile")
+
+
+def _int_arg(name):
+  def parse(text):
+    try:
+      return int(text)
+    except ValueError:
+      raise ValueError(f"{name}: expected an integer, got {text!r}") from None
+  parse.__name__ = "integer"
+  return parse
+
+
+def _float_arg(name):
+  def parse(text):
+    from dsa_jax.sampling.guards import check_finite_number
+    return check_finite_number(text, name)
+  parse.__name__ = "number"
+  return parse
+
+
+def check_out_dir(out: str):
+  """--out must be a folder we can write (created if missing): checked before anything is compiled."""
+  import os
+  import tempfile
+  if os.path.exists(out) and not os.path.isdir(out):
+    raise ValueError(f"--out: {out!r} is a file, expected a folder")
+  try:
+    os.makedirs(out, exist_ok=True)
+    with tempfile.TemporaryFile(dir=out):
+      pass
+  except OSError as e:
+    raise ValueError(f"--out: cannot write into {out!r} ({e.strerror or e})") from None
+
+
+def default_cache_dir() -> str:
+  import os
+  base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  return os.environ.get("DSA_JAX_CACHE") or os.path.join(base, "dsa_jax", "xla")
+
+
+def enable_compile_cache(path=None) -> str | None:
+  """Turns on jax's persistent compilation cache in `path` (default: default_cache_dir()) unless a cache folder is
+  configured already (JAX_COMPILATION_CACHE_DIR); an unusable folder only costs the speed-up, with a note."""
+  import os
+
+  import jax
+  if jax.config.jax_compilation_cache_dir:
+    return jax.config.jax_compilation_cache_dir
+  path = os.path.expanduser(path or default_cache_dir())
+  try:
+    os.makedirs(path, exist_ok=True)
+  except OSError as e:
+    print(f"note: no compilation cache ({path!r}: {e.strerror or e})", file=sys.stderr)
+    return None
+  jax.config.update("jax_compilation_cache_dir", path)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  return path
 
 
 def parse_threshold(text) -> float:
@@ -70,13 +133,23 @@ def read_prompts(args) -> list[str]:
 
 
 def output_names(prompts, name=None) -> list[str]:
+  """One file name per prompt: its slug, plus a short hash of the prompt when the slug is empty (a non-ASCII
+  prompt) or shared by several prompts, so that no two prompts overwrite each other's files."""
+  import collections
+  import hashlib
   from dsa_jax.sampling.outputs import slugify
   if name is not None:
     base = slugify(name, max_len=80)
     return [base] if len(prompts) == 1 else [f"{base}_{i:03d}" for i in range(len(prompts))]
+  slugs = [slugify(p) for p in prompts]
+  counts = collections.Counter(slugs)
+  raw = [slugify(p, max_len=10**6) for p in prompts]
+  for i, p in enumerate(prompts):
+    if counts[slugs[i]] > 1 or not any(c.isalnum() for c in p.lower() if c.isascii()) or raw[i] != slugs[i]:
+      slugs[i] = f"{slugs[i]}_{hashlib.sha1(p.encode('utf-8')).hexdigest()[:6]}"
   if len(prompts) == 1:
-    return [slugify(prompts[0])]
-  return [f"{i:03d}_{slugify(p)}" for i, p in enumerate(prompts)]
+    return slugs
+  return [f"{i:03d}_{s}" for i, s in enumerate(slugs)]
 
 
 def resolve_steps(config, min_steps, max_steps):
@@ -125,12 +198,18 @@ def main(args):
   prompts = read_prompts(args)
   names = output_names(prompts, args.name)
   ckpt = config.sampling.checkpoint if args.ckpt is None else args.ckpt
-  guidance = config.sampling.guidance if args.guidance is None else args.guidance
+  from dsa_jax.sampling import guards
+  guidance = guards.check_finite_number(config.sampling.guidance if args.guidance is None else args.guidance,
+                                        "--guidance" if args.guidance is not None else "config.sampling.guidance")
   seed = config.seed if args.seed is None else args.seed
-  batch = args.batch_size or config.sampling.batch_size
+  guards.check_seeds(seed, len(prompts), "--seed" if args.seed is not None else "config.seed")
+  batch = config.sampling.batch_size if args.batch_size is None else args.batch_size
   if batch < 1:
     raise ValueError(f"--batch-size: must be >= 1, got {batch}")
   batch = min(batch, len(prompts))
+  check_out_dir(args.out)
+  if not args.no_compile_cache:
+    enable_compile_cache(args.compile_cache)
 
   import jax
   import jax.numpy as jnp
@@ -148,7 +227,8 @@ def main(args):
     params["generator"] = sampler_lib.cast_params_for_inference(params["generator"], dtype)
   sampler = sampler_lib.make_sampler(config)
   decoder = stream_lib.PixelDecoder(config)
-  encode = make_text_encoder(config)
+  encode = make_text_encoder(config, strict=args.strict_prompts, warn=warn)
+  encode(prompts)  # unknown words and truncation are reported (or refused) before anything is compiled
   use_cfg = guidance != 1.0
   uncond = encode([config.text.negative_prompt]) if use_cfg else None
   _say(f"sampling {len(prompts)} video(s) of {config.video.num_frames} latent frames ({sampler.num_chunks} chunks "
@@ -193,6 +273,9 @@ def main(args):
       out = jax.device_get(sampler.sample(params, context, controls, uncond_context=uc))
       sample_s = time.perf_counter() - t0
       lat, steps, conf, trace, iters = out.latents, out.steps, out.confidences, out.conf_trace, out.chunk_iters
+    guards.check_sample(lat[:n_real], conf[:n_real], guidance=guidance, source=source.get("path", ""),
+                        dtype=config.compute.dtype)
+    if not args.stream:
       t1 = time.perf_counter()
       pixels = np.asarray(decoder.decode_video(lat[:n_real]))
       decode_s = time.perf_counter() - t1

@@ -225,6 +225,7 @@ def _load_from_checkpoints(path, config, networks, step):
     raise TrainCheckpointError(f"checkpoint {ck._step_dir(step)!r} could not be read (corrupt or truncated?): "
                                f"{type(e).__name__}: {str(e)[:400]}") from e
   params = {n: jax.tree_util.tree_map(np.asarray, out[n]) for n in networks}
+  params_io.check_finite(params, ck._step_dir(step))
   try:
     meta["config"] = json.dumps(ck.read_json(step, "config"))
   except TrainCheckpointError:

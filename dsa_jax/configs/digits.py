@@ -19,7 +19,7 @@ import os
 
 from dsa_jax.config_defaults import base_config, wan_model
 
-_ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "dsa_jax", "assets")
+_ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.realpath(__file__))), "assets")
 DEFAULT_MODEL = os.path.join(_ASSETS, "digits_model")
 
 
