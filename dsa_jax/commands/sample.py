@@ -13,6 +13,7 @@ prompt (a slug; with several prompts prefixed by their index) or from --name. --
 
 from __future__ import annotations
 
+import argparse
 import math
 import sys
 import time
@@ -57,16 +58,17 @@ def _int_arg(name):
     try:
       return int(text)
     except ValueError:
-      raise ValueError(f"{name}: expected an integer, got {text!r}") from None
-  parse.__name__ = "integer"
+      raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
   return parse
 
 
 def _float_arg(name):
   def parse(text):
     from dsa_jax.sampling.guards import check_finite_number
-    return check_finite_number(text, name)
-  parse.__name__ = "number"
+    try:
+      return check_finite_number(text, name)
+    except ValueError as e:
+      raise argparse.ArgumentTypeError(str(e).split(": ", 1)[1]) from None
   return parse
 
 

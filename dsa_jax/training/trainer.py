@@ -277,7 +277,8 @@ def _fmt_time(s: float) -> str:
 
 def progress_line(stage, step, total, scalars, it_s, eta_s) -> str:
   parts = [f"{_SHORT[k]} {scalars[k]:.4g}" for k in _SHORT if k in scalars]
-  return (f"[{stage}] step {step}/{total} | " + " ".join(parts) + f" | {it_s:.3g} it/s | ETA {_fmt_time(eta_s)}")
+  rate = f"{it_s:.3g}" if math.isfinite(it_s) else "?"  # unknown until a step after compilation
+  return f"[{stage}] step {step}/{total} | " + " ".join(parts) + f" | {rate} it/s | ETA {_fmt_time(eta_s)}"
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -543,7 +544,9 @@ def _train_locked(config, workdir: str, *, stop_after=None, mesh=None, log=None)
           if done > step_last:
             rate = (done - step_last) / max(now - t_last, 1e-9)
             t_last, step_last = now, done
-          scalars.update(it_per_s=rate, samples_per_s=rate * global_batch, frames_per_s=rate * global_batch * frames)
+          if math.isfinite(rate):  # none before a step that did not compile
+            scalars.update(it_per_s=rate, samples_per_s=rate * global_batch,
+                           frames_per_s=rate * global_batch * frames)
           emit(progress_line(stage, done, total, scalars, rate, (total - done) / rate if rate > 0 else float("nan")))
           metrics_log.write(done, scalars)
           summary["last_metrics"] = scalars
