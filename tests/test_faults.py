@@ -372,7 +372,7 @@ def test_nonfinite_batches_skipped_up_to_budget(train_cfg, tmp_path, monkeypatch
 
 def test_corrupt_latest_checkpoint_falls_back_and_is_kept(train_cfg, tmp_path):
   from dsa_jax.training import checkpointing, trainer
-  trainer.train(train_cfg, str(tmp_path), stop_after=4)  # checkpoints 2 and 4, no export
+  trainer.train(train_cfg, str(tmp_path))  # checkpoints 2 and 4
   gen_dir = tmp_path / "checkpoints" / "4" / "generator"
   for root, _, files in os.walk(gen_dir):
     for name in files:
@@ -381,6 +381,7 @@ def test_corrupt_latest_checkpoint_falls_back_and_is_kept(train_cfg, tmp_path):
           f.write(b"\x00garbage")
   with pytest.raises(checkpointing.CheckpointError):
     checkpointing.load_model_from_workdir(str(tmp_path), train_cfg)  # reading alone never moves anything
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "4"]
   logs = []
   summary = trainer.train(train_cfg, str(tmp_path), log=logs.append)
   assert summary["start_step"] == 2 and summary["end_step"] == 4

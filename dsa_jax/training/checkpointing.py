@@ -83,9 +83,12 @@ class Checkpointer:
         os.makedirs(self.directory, exist_ok=True)
       elif not os.path.isdir(self.directory):
         raise TrainCheckpointError(f"{self.workdir!r} holds no {CKPT_DIR}/ folder (not a training workdir)")
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=not read_only,
+    options = ocp.CheckpointManagerOptions(max_to_keep=None if read_only else keep,
+                                           save_interval_steps=0 if read_only else 1,
+                                           enable_async_checkpointing=async_save, create=not read_only,
                                            cleanup_tmp_directories=not read_only, read_only=read_only)
-    self.manager = ocp.CheckpointManager(self.directory, options=options)
+    with _quiet_read_only_notice():
+      self.manager = ocp.CheckpointManager(self.directory, options=options)
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -142,6 +145,28 @@ class Checkpointer:
   def close(self):
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+class _DropReadOnlyNotice:
+  def filter(self, record):
+    return "read only" not in record.getMessage()
+
+
+def _quiet_read_only_notice():
+  """orbax logs 'Given directory is read only' for every reader: noise for `sample --ckpt WORKDIR`."""
+  import contextlib
+  import logging
+
+  @contextlib.contextmanager
+  def quiet():
+    f = _DropReadOnlyNotice()
+    logger = logging.getLogger("absl")
+    logger.addFilter(f)
+    try:
+      yield
+    finally:
+      logger.removeFilter(f)
+  return quiet()
 
 
 def _check_meta(meta: dict, config, where: str):
