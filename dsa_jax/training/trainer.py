@@ -171,8 +171,8 @@ def load_teacher(config, mesh, rules, shardings):
 
 
 def initial_networks(config, teacher_host: Callable[[], Any]) -> tuple[dict, dict]:
-  """Host params that replace fresh initialisation at step 0 of a stage (see DESIGN 1.4 and issue 5), and where
-  each came from."""
+  """Host params that replace fresh initialisation at step 0 of a stage (the previous stage's model, or the teacher
+  where the architectures match), and where each came from."""
   stage = config.train.stage
   nets, sources = {}, {}
   init_from = config.train.init_from
