@@ -193,8 +193,8 @@ def test_strict_prompts_cli_fails_before_compiling(tmp_path, capsys):
 
 
 def test_cli_argument_forms():
-  assert cli.split_overrides(["sample", "--config.x", "0.7", "--threshold", "-inf", "--config.y=1", "--seed", "-1"]) == (
-      ["--config.x=0.7", "--config.y=1"], ["sample", "--threshold=-inf", "--seed", "-1"])
+  argv = ["sample", "--config.x", "0.7", "--threshold", "-inf", "--config.y=1", "--seed", "-1"]
+  assert cli.split_overrides(argv) == (["--config.x=0.7", "--config.y=1"], ["sample", "--threshold=-inf", "--seed", "-1"])
   from dsa_jax.commands.sample import add_arguments, parse_threshold
   import argparse
   p = argparse.ArgumentParser()

@@ -36,10 +36,10 @@ def add_arguments(p):
                  "config.sampling.threshold)")
   p.add_argument("--min-steps", type=int, default=None, help="default config.sampling.min_steps")
   p.add_argument("--max-steps", type=int, default=None, help="default config.sampling.max_steps")
-  p.add_argument("--seed", type=_int_arg("--seed"), default=None, help="noise seed of the first prompt (prompt i gets seed+i); "
-                 "default config.seed")
-  p.add_argument("--guidance", type=_float_arg("--guidance"), default=None, help="classifier-free guidance scale; 1 = off (default "
-                 "config.sampling.guidance); the unconditional branch uses config.text.negative_prompt")
+  p.add_argument("--seed", type=_int_arg("--seed"), default=None, help="noise seed of the first prompt (prompt i "
+                 "gets seed+i), in [0, 2**32); default config.seed")
+  p.add_argument("--guidance", type=_float_arg("--guidance"), default=None, help="classifier-free guidance scale; 1 = "
+                 "off (default config.sampling.guidance); the unconditional branch uses config.text.negative_prompt")
   p.add_argument("--name", default=None, help="output name (with several prompts: NAME_000, NAME_001, ...)")
   p.add_argument("--batch-size", type=int, default=None, help="prompts per compiled batch (default "
                  "config.sampling.batch_size)")

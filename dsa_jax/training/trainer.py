@@ -516,6 +516,7 @@ def _train_locked(config, workdir: str, *, stop_after=None, mesh=None, log=None)
           emit(f"[{stage}] compiling the {name} step (takes a while on first use) ...")
         before = backup(state) if backup is not None else None
         state, metrics = bundle(name, state, teacher, batch, uncond_dev)
+        compiled_names.add(name)
         bad = nonfinite_metrics(metrics)
         if bad:
           what = ", ".join(f"{k}={v}" for k, v in sorted(bad.items()))
@@ -535,7 +536,6 @@ def _train_locked(config, workdir: str, *, stop_after=None, mesh=None, log=None)
           jax.block_until_ready(metrics)
           summary["first_step_s"] = time.time() - t0
         if compiling:
-          compiled_names.add(name)
           jax.block_until_ready(metrics)
           t_last, step_last = time.time(), done  # the rate and ETA count compiled steps only
         if done % log_every == 0 or done == total:
