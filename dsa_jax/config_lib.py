@@ -240,6 +240,8 @@ def validate_config(config: ml_collections.ConfigDict):
 
   _require(s.stop_rule in ("confidence", "x0_delta"), "sampling.stop_rule",
            f"must be 'confidence' or 'x0_delta', got {s.stop_rule!r}")
+  _require(isinstance(s.guidance, (int, float)) and math.isfinite(s.guidance), "sampling.guidance",
+           f"must be a finite number (1 = off), got {s.guidance!r}")
 
   c = config.compute
   _require(c.dtype in ("float32", "bfloat16", "float16"), "compute.dtype",

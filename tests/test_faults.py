@@ -230,6 +230,14 @@ def test_config_syntax_error_names_file_and_line(tmp_path, capsys):
   assert rc == 2 and len(err.strip().splitlines()) == 1
 
 
+def test_config_with_nan_guidance_is_refused(tmp_path):
+  f = tmp_path / "g.py"
+  f.write_text("from dsa_jax.config_defaults import base_config\n\n\ndef get_config(arg=None):\n"
+               "  c = base_config()\n  c.sampling.guidance = float('nan')\n  return c\n")
+  with pytest.raises(ConfigError, match="sampling.guidance: must be a finite number"):
+    get_config(str(f))
+
+
 def test_library_errors_keep_their_traceback(monkeypatch):
   """A ValueError raised inside numpy is a bug, not bad input: the CLI must not turn it into one quiet line."""
   from dsa_jax.commands import info
