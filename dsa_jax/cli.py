@@ -73,15 +73,7 @@ def is_input_error(e: BaseException) -> bool:
   return tb is not None and os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(package + os.sep)
 
 
-def _quiet_exit():
-  """Leaves at once: background threads of orbax / asyncio otherwise print an unrelated "Event loop is closed"
-  traceback while the interpreter shuts down after an error."""
-  sys.stdout.flush()
-  sys.stderr.flush()
-  os._exit(2)
-
-
-def main(argv=None) -> int:
+def main(argv=None, *, exit_on_error: bool = False) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   overrides, rest = split_overrides(argv)
   parser = build_parser()
@@ -93,15 +85,18 @@ def main(argv=None) -> int:
     if os.environ.get("DSA_JAX_DEBUG") or not is_input_error(e):
       raise
     print(f"dsa-jax {args.command}: error: {e}", file=sys.stderr)
+    if exit_on_error:
+      # Leave at once: releasing the error's frames lets orbax's background threads print an unrelated
+      # "Event loop is closed" traceback while the interpreter shuts down.
+      sys.stdout.flush()
+      sys.stderr.flush()
+      os._exit(2)
     return 2
 
 
 def console_main():
-  """The `dsa-jax` executable: main() plus a quiet exit after input errors."""
-  rc = main()
-  if rc == 2:
-    _quiet_exit()
-  sys.exit(rc)
+  """The `dsa-jax` executable."""
+  sys.exit(main(exit_on_error=True))
 
 
 if __name__ == "__main__":

@@ -99,7 +99,8 @@ def load_params(path: str, networks=None) -> tuple[dict, dict]:
   try:
     restored = ocp.PyTreeCheckpointer().restore(params_dir)
   except Exception as e:  # orbax raises many types for truncated or corrupt files
-    raise CheckpointError(f"checkpoint {path!r} could not be read (corrupt or truncated?): {e}") from e
+    detail = str(e).split(" [tensorstore_spec")[0][:300]  # not the multi-kilobyte TensorStore spec
+    raise CheckpointError(f"checkpoint {path!r} could not be read (corrupt or truncated?): {detail}") from e
   if networks is not None:
     missing = [n for n in networks if n not in restored]
     if missing:
