@@ -1,14 +1,17 @@
 """Samples videos with the DSA sampler and writes, per prompt, DIR/<name>.mp4 (+ .gif), DIR/<name>.steps.json
 (steps and confidences per latent frame, timings, a config summary) and DIR/<name>.steps.png (their plot).
 
-  dsa-jax sample --config configs/tiny.py --out out/tiny --prompt "a red ball"
-  dsa-jax sample --config configs/wan_1_3b.py --ckpt ckpts/dsa --out out --prompts prompts.txt --threshold 0.7
-  dsa-jax sample --config configs/wan_1_3b.py --ckpt ckpts/dsa --out out --prompt "..." --threshold inf \\
+  dsa-jax sample --config digits --out out/digits --prompt "digit 3 moves slowly"
+  dsa-jax sample --config wan_1_3b --ckpt ckpts/dsa --out out --prompts prompts.txt --threshold 0.7
+  dsa-jax sample --config wan_1_3b --ckpt ckpts/dsa --out out --prompt "..." --threshold inf \\
       --max-steps 4        # fixed 4 steps: the Self Forcing sampler
 
 --threshold inf always takes --max-steps steps per frame, --threshold -inf always --min-steps. Names come from the
-prompt (a slug; with several prompts prefixed by their index) or from --name. --stream shows per-chunk progress
-(the streaming API); otherwise the whole video is one compiled program and progress is per batch.
+prompt (a slug, plus a short hash of the prompt when the slug is empty, cut or shared; with several prompts prefixed
+by their index) or from --name. --stream shows per-chunk progress (the streaming API); otherwise the whole video is
+one compiled program and progress is per batch. The output folder, the numbers and the prompts are checked before
+anything is compiled; a sample with NaN/inf latents or confidences is an error, not a video. Compiled programs are
+cached on disk (--compile-cache), so later calls with the same shapes start faster.
 """
 
 from __future__ import annotations
