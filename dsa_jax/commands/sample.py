@@ -248,7 +248,8 @@ def main(args):
     n_real = len(group)
     padded = group + [group[-1]] * (batch - n_real)  # one compiled shape for every batch
     context = encode(padded)
-    seeds = np.arange(seed + start, seed + start + batch)
+    seeds = np.arange(seed + start, seed + start + n_real)
+    seeds = np.concatenate([seeds, np.repeat(seeds[-1:], batch - n_real)])  # padding stays within uint32
     controls = sampler.make_controls(batch, threshold=threshold, min_steps=min_steps, max_steps=max_steps,
                                      guidance=guidance, seed=seeds)
     uc = None if uncond is None else np.broadcast_to(uncond, (batch,) + uncond.shape[1:])
