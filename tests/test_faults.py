@@ -114,6 +114,16 @@ def test_seeds_outside_uint32_are_refused(tmp_path, capsys, extra, message):
   assert rc == 2 and "seed" in err and "[0, 2**32" in err and message in err, err
 
 
+def test_last_valid_seeds_sample_with_a_padded_batch(tmp_path):
+  prompts = tmp_path / "three.txt"
+  prompts.write_text("a\nb\nc\n")
+  rc = cli.main(["sample", "--config", TINY, "--out", str(tmp_path / "o"), "--prompts", str(prompts), "--seed",
+                 str(2**32 - 3), "--batch-size", "2", "--threshold", "inf", "--max-steps", "1", "--formats", "gif"])
+  assert rc == 0
+  rec = json.loads((tmp_path / "o" / "002_c.steps.json").read_text())
+  assert rec["seed"] == 2**32 - 1
+
+
 def test_sampler_controls_refuse_nan_guidance_and_bad_seeds(tiny_config):
   from dsa_jax.sampling.sampler import make_sampler
   s = make_sampler(tiny_config)
