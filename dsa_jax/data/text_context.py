@@ -61,7 +61,8 @@ def _prompt_checker(enc, strict: bool, warn):
       if strict:
         raise UnknownWordsError(msg)
       seen_words.update(unknown)
-      warn(f"warning: {msg}; they are ignored (--strict-prompts makes this an error)")
+      warn(f"warning: {msg}; they all map to one unknown-word vector, so the video cannot follow them "
+           "(--strict-prompts makes this an error)")
     for p in prompts:
       n = len(tokenize(p))
       if n > enc.text_len and p not in seen_cut:
