@@ -86,16 +86,27 @@ def main(argv=None, *, exit_on_error: bool = False) -> int:
       raise
     print(f"dsa-jax {args.command}: error: {e}", file=sys.stderr)
     if exit_on_error:
-      # Leave at once: releasing the error's frames lets orbax's background threads print an unrelated
-      # "Event loop is closed" traceback while the interpreter shuts down.
+      # Leave at once: nothing useful is left to do, and orbax's background threads must not print more.
       sys.stdout.flush()
       sys.stderr.flush()
       os._exit(2)
     return 2
 
 
+def _drop_closed_loop_noise(default_hook):
+  """An unraisable-exception hook without orbax's "Event loop is closed" (its background threads after a failed
+  restore): that traceback is noise after the real error, printed from another thread at a random moment."""
+  def hook(unraisable):
+    exc = unraisable.exc_value
+    if isinstance(exc, RuntimeError) and "Event loop is closed" in str(exc):
+      return
+    default_hook(unraisable)
+  return hook
+
+
 def console_main():
   """The `dsa-jax` executable."""
+  sys.unraisablehook = _drop_closed_loop_noise(sys.unraisablehook)
   sys.exit(main(exit_on_error=True))
 
 

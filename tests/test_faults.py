@@ -370,12 +370,30 @@ def _poison(monkeypatch, bad_calls):
 def test_nonfinite_loss_stops_before_saving(train_cfg, tmp_path, monkeypatch):
   from dsa_jax.training import trainer
   _poison(monkeypatch, {3})  # the third batch
+  cfg = train_cfg.copy_and_resolve_references()
+  cfg.train.update(keep=1, ckpt_every=1)  # saving step 3 would rotate the last good checkpoint away
   logs = []
   with pytest.raises(trainer.NonFiniteError, match=r"step 3: non-finite .*nonfinite_skip"):
-    trainer.train(train_cfg, str(tmp_path), log=logs.append)
-  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]  # step 2 saved; nothing after the NaN
+    trainer.train(cfg, str(tmp_path), log=logs.append)
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]  # the newest finite one stays
   assert not os.path.exists(tmp_path / "model")
   assert not (tmp_path / "train.lock").read_text()  # released
+
+
+def test_nonfinite_parameters_are_never_saved():
+  from dsa_jax.training import trainer
+
+  class State:
+    def __init__(self, x):
+      self.x = x
+
+    def networks(self):
+      return {"generator": {"w": self.x}}
+  trainer._check_before_save(State(np.ones(3, np.float32)), 5)
+  with pytest.raises(trainer.NonFiniteError, match="step 5: the parameters hold NaN"):
+    trainer._check_before_save(State(np.array([1.0, np.inf], np.float32)), 5)
+  with pytest.raises(trainer.TrainingError, match="nonfinite_skip"):
+    trainer.nonfinite_skip_budget(get_config(TINY, ["--config.train.nonfinite_skip=-1"]))
 
 
 def test_nonfinite_batches_skipped_up_to_budget(train_cfg, tmp_path, monkeypatch):
