@@ -409,7 +409,7 @@ def test_nonfinite_batches_skipped_up_to_budget(train_cfg, tmp_path, monkeypatch
   assert not params_io.nonfinite_leaves(params)
 
 
-def test_corrupt_latest_checkpoint_falls_back_and_is_kept(train_cfg, tmp_path):
+def test_corrupt_latest_checkpoint_falls_back_and_is_kept(train_cfg, tmp_path, caplog):
   from dsa_jax.training import checkpointing, trainer
   trainer.train(train_cfg, str(tmp_path))  # checkpoints 2 and 4
   gen_dir = tmp_path / "checkpoints" / "4" / "generator"
@@ -418,9 +418,11 @@ def test_corrupt_latest_checkpoint_falls_back_and_is_kept(train_cfg, tmp_path):
       if name not in ("_METADATA", "_sharding", "manifest.ocdbt"):
         with open(os.path.join(root, name), "wb") as f:
           f.write(b"\x00garbage")
+  caplog.clear()
   with pytest.raises(checkpointing.CheckpointError):
     checkpointing.load_model_from_workdir(str(tmp_path), train_cfg)  # reading alone never moves anything
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "4"]
+  assert not [r for r in caplog.records if "read only" in r.getMessage()]  # orbax's notices to every reader
   logs = []
   summary = trainer.train(train_cfg, str(tmp_path), log=logs.append)
   assert summary["start_step"] == 2 and summary["end_step"] == 4
