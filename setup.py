@@ -1,6 +1,6 @@
 """dsa_jax: autoregressive video diffusion with Dynamic Step Allocation, in JAX/Flax."""
 
-from setuptools import find_packages, setup
+from setuptools import find_namespace_packages, find_packages, setup
 
 # Ranges admit jax 0.10.2 (Python 3.11, CPU) and jax 0.11.2 (Python 3.12, CUDA).
 INSTALL_REQUIRES = [
@@ -33,11 +33,13 @@ setup(
     name="dsa_jax",
     version="0.1.0",
     description="Fast autoregressive video generation with Dynamic Step Allocation (JAX/Flax)",
-    packages=find_packages(include=["dsa_jax", "dsa_jax.*"]),
+    # The asset folders (model checkpoints) are listed as namespace packages: setuptools otherwise warns about
+    # every folder of data files that looks importable.
+    packages=find_packages(include=["dsa_jax", "dsa_jax.*"]) + find_namespace_packages(include=["dsa_jax.assets.*"]),
     package_data={"dsa_jax": ["assets/**/*"]},
     include_package_data=True,
     python_requires=">=3.11",
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
-    entry_points={"console_scripts": ["dsa-jax=dsa_jax.cli:main"]},
+    entry_points={"console_scripts": ["dsa-jax=dsa_jax.cli:console_main"]},
 )

@@ -1,8 +1,11 @@
 """`dsa-jax` command line: one subcommand per module in `dsa_jax/commands/`.
 
 Each command module defines `HELP`, `add_arguments(parser)` and `main(args) -> int | None`. Config overrides
-(`--config.train.steps=10`) are collected from the remaining arguments and handed to the command as
-`args.overrides`.
+(`--config.train.steps=10` or `--config.train.steps 10`) are collected from the remaining arguments and handed to
+the command as `args.overrides`.
+
+Errors of bad input (the project's own error classes, and ValueError / OSError raised by its own code) print one
+line and exit 2; anything else is a bug and keeps its traceback. DSA_JAX_DEBUG=1 shows every traceback.
 """
 
 from __future__ import annotations
@@ -10,6 +13,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import os
+import re
 import sys
 
 COMMANDS = ("info", "sample", "bench", "train", "convert", "data", "eval", "sweep")
@@ -30,24 +35,80 @@ def build_parser():
   return parser
 
 
-def main(argv=None) -> int:
+_NEGATIVE_WORD = re.compile(r"^-(inf|infinity|nan)$", re.IGNORECASE)
+
+
+def split_overrides(argv) -> tuple[list[str], list[str]]:
+  """(overrides as '--config.FIELD=VALUE', other arguments). Accepts `--config.FIELD VALUE` too, and lets an option
+  take a value such as -inf (`--threshold -inf`), which argparse would read as an unknown option."""
+  overrides, rest = [], []
+  i = 0
+  while i < len(argv):
+    a = argv[i]
+    if a.startswith("--config.") and "=" not in a and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+      overrides.append(f"{a}={argv[i + 1]}")
+      i += 2
+      continue
+    if a.startswith("--config."):
+      overrides.append(a)
+    elif _NEGATIVE_WORD.match(a) and rest and rest[-1].startswith("--") and "=" not in rest[-1]:
+      rest[-1] = f"{rest[-1]}={a}"
+    else:
+      rest.append(a)
+    i += 1
+  return overrides, rest
+
+
+def is_input_error(e: BaseException) -> bool:
+  """The project's own error classes, and ValueError / OSError raised by a `raise` in dsa_jax code (its messages);
+  the same types raised inside a library are bugs and keep their traceback."""
+  if any(c.__module__.startswith("dsa_jax") for c in type(e).__mro__):
+    return True
+  if not isinstance(e, (ValueError, OSError)):
+    return False
+  tb = e.__traceback__
+  while tb is not None and tb.tb_next is not None:
+    tb = tb.tb_next
+  package = os.path.dirname(os.path.abspath(__file__))
+  return tb is not None and os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(package + os.sep)
+
+
+def main(argv=None, *, exit_on_error: bool = False) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
-  overrides = [a for a in argv if a.startswith("--config.")]
-  rest = [a for a in argv if not a.startswith("--config.")]
+  overrides, rest = split_overrides(argv)
   parser = build_parser()
   args = parser.parse_args(rest)
   args.overrides = overrides
-  from dsa_jax.config_lib import ConfigError
   try:
     return int(args._module.main(args) or 0)
-  except (ConfigError, FileNotFoundError, ValueError) as e:
-    # Bad input: one clear line, no traceback (DSA_JAX_DEBUG=1 shows it).
-    import os
-    if os.environ.get("DSA_JAX_DEBUG"):
+  except Exception as e:  # pylint: disable=broad-except  (filtered: real bugs are re-raised)
+    if os.environ.get("DSA_JAX_DEBUG") or not is_input_error(e):
       raise
     print(f"dsa-jax {args.command}: error: {e}", file=sys.stderr)
+    if exit_on_error:
+      # Leave at once: nothing useful is left to do, and orbax's background threads must not print more.
+      sys.stdout.flush()
+      sys.stderr.flush()
+      os._exit(2)
     return 2
 
 
+def _drop_closed_loop_noise(default_hook):
+  """An unraisable-exception hook without orbax's "Event loop is closed" (its background threads after a failed
+  restore): that traceback is noise after the real error, printed from another thread at a random moment."""
+  def hook(unraisable):
+    exc = unraisable.exc_value
+    if isinstance(exc, RuntimeError) and "Event loop is closed" in str(exc):
+      return
+    default_hook(unraisable)
+  return hook
+
+
+def console_main():
+  """The `dsa-jax` executable."""
+  sys.unraisablehook = _drop_closed_loop_noise(sys.unraisablehook)
+  sys.exit(main(exit_on_error=True))
+
+
 if __name__ == "__main__":
-  sys.exit(main())
+  console_main()

@@ -96,6 +96,9 @@ def base_config() -> ml_collections.ConfigDict:
       steps=600, batch_size=64, lr=2e-6, critic_lr=4e-7, conf_lr=1e-4, b1=0.0, b2=0.999, weight_decay=0.01,
       grad_clip=10.0, ema_decay=0.99, ema_start=200, log_every=10, ckpt_every=100, keep=3, async_ckpt=True,
       init_from="", teacher_from="", ode_steps=48, ode_pairs="",
+      # Batches whose loss or gradient is NaN/inf that may be skipped (the update undone) before the run stops;
+      # 0 stops at the first. Above 0 the trainer keeps a second copy of the training state in device memory.
+      nonfinite_skip=0,
   ))
   t = c.train
   t.max_time_s = 0.0  # wall-clock budget in seconds: stop (with a checkpoint) once exceeded; 0 = no limit

@@ -1,6 +1,8 @@
 """Loading and validating ml_collections configs (big_vision style: one `get_config(arg)` per file).
 
-A config is named on the command line as `--config path/to/file.py[:arg]` and overridden field by field with
+A config is named on the command line as `--config path/to/file.py[:arg]` or by the name of a shipped config
+(`--config digits:teacher`, from dsa_jax/configs/, so an installed package needs no repository checkout) and
+overridden field by field with
 `--config.train.steps=10`. Every config goes through `validate_config`, so a wrong value fails at load with a
 message naming the field, not deep inside a jitted function.
 """
@@ -20,6 +22,28 @@ class ConfigError(ValueError):
   """A config value is invalid; the message names the field and what was expected."""
 
 
+BUILTIN_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+
+
+def builtin_configs() -> list[str]:
+  """Names of the configs shipped inside the package (dsa_jax/configs/NAME.py)."""
+  return sorted(f[:-3] for f in os.listdir(BUILTIN_DIR) if f.endswith(".py") and not f.startswith("_"))
+
+
+def resolve_config_path(path: str) -> str:
+  """A config file path, or the name of a shipped config ('digits', 'digits.py', 'configs/digits.py' when no such
+  file exists here): installed packages and other working directories find the shipped configs by name."""
+  if os.path.isfile(path):
+    return path
+  name = os.path.basename(path)
+  name = name[:-3] if name.endswith(".py") else name
+  shipped = os.path.join(BUILTIN_DIR, name + ".py")
+  if os.path.dirname(path) in ("", "configs") and name in builtin_configs():
+    return shipped
+  raise FileNotFoundError(f"config {path!r}: no such file, and not a shipped config (one of "
+                          f"{', '.join(builtin_configs())})")
+
+
 # Confidence-head training targets (dsa_jax.training.losses): 'remaining' (default) = how little the frame's x0 would
 # still change by the last ladder step; 'consistency' = the same with a fixed/mean scale; 'dmd' = teacher/critic
 # disagreement on the exit x0.
@@ -27,20 +51,34 @@ CONF_TARGETS = ("remaining", "consistency", "dmd")
 
 
 def _load_module(spec: str):
-  path = spec.partition(":")[0]
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"config file {path!r} does not exist")
+  path = resolve_config_path(spec.partition(":")[0])
   module_name = "dsa_jax_config_" + os.path.splitext(os.path.basename(path))[0]
   module_spec = importlib.util.spec_from_file_location(module_name, path)
   module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
+  try:
+    module_spec.loader.exec_module(module)
+  except SyntaxError as e:
+    raise ConfigError(f"{path}:{e.lineno}: syntax error: {e.msg}") from None
+  except Exception as e:  # pylint: disable=broad-except  (the user's file failed: say where, in one line)
+    raise ConfigError(f"{_where(e, path)}: {type(e).__name__}: {e}") from None
   return module
+
+
+def _where(error: BaseException, path: str) -> str:
+  """'path:line' of the deepest traceback frame inside the config file."""
+  line, tb = None, error.__traceback__
+  while tb is not None:
+    if os.path.abspath(tb.tb_frame.f_code.co_filename) == os.path.abspath(path):
+      line = tb.tb_lineno
+    tb = tb.tb_next
+  return f"{path}:{line}" if line else path
 
 
 def load_config_file(spec: str, module=None) -> ml_collections.ConfigDict:
   """Loads `file.py[:arg]` by calling its `get_config(arg)` (`module`: the file, if already loaded)."""
   path, _, arg = spec.partition(":")
   module = module or _load_module(spec)
+  path = module.__file__
   if not hasattr(module, "get_config"):
     raise ConfigError(f"config file {path!r} defines no get_config(arg)")
   config = module.get_config(arg or None)
@@ -211,6 +249,8 @@ def validate_config(config: ml_collections.ConfigDict):
 
   _require(s.stop_rule in ("confidence", "x0_delta"), "sampling.stop_rule",
            f"must be 'confidence' or 'x0_delta', got {s.stop_rule!r}")
+  _require(isinstance(s.guidance, (int, float)) and math.isfinite(s.guidance), "sampling.guidance",
+           f"must be a finite number (1 = off), got {s.guidance!r}")
 
   c = config.compute
   _require(c.dtype in ("float32", "bfloat16", "float16"), "compute.dtype",

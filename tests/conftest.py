@@ -20,3 +20,7 @@ def repo_root():
 def tiny_config():
   from dsa_jax.config_lib import get_config
   return get_config(os.path.join(ROOT, "configs", "tiny.py"))
+
+
+# `dsa-jax sample` turns on jax's persistent compilation cache; tests keep it out of the home folder.
+os.environ.setdefault("DSA_JAX_CACHE", os.path.join(__import__("tempfile").gettempdir(), "dsa_jax_test_xla_cache"))

@@ -346,12 +346,10 @@ def test_corrupt_checkpoint_gives_clear_error(reference_run, tmp_path):
           f.write(b"\x00garbage")
   cfg6 = tiny("--config.train.steps=6", "--config.train.ckpt_every=2")
   with pytest.raises(checkpointing.TrainCheckpointError, match=r"checkpoints/4.*corrupt"):
-    _run(cfg6, work)
-  with pytest.raises(checkpointing.CheckpointError):
     checkpointing.load_model_from_workdir(str(work), cfg6)
+  # (training falls back to the previous checkpoint: test_faults.py)
   # another stage in the same workdir is refused with a message naming both stages
   cfg_ode = tiny("--config.train.stage=ode", "--config.train.steps=6")
-  shutil.rmtree(work / "checkpoints" / "4")
   with pytest.raises(checkpointing.TrainCheckpointError, match="stage 'dsa'.*stage 'ode'"):
     _run(cfg_ode, work)
 

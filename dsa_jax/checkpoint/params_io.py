@@ -85,13 +85,34 @@ def load_params(path: str, networks=None) -> tuple[dict, dict]:
   try:
     restored = ocp.PyTreeCheckpointer().restore(params_dir)
   except Exception as e:  # orbax raises many types for truncated or corrupt files
-    raise CheckpointError(f"checkpoint {path!r} could not be read (corrupt or truncated?): {e}") from e
+    detail = str(e).split(" [tensorstore_spec")[0][:300]  # not the multi-kilobyte TensorStore spec
+    raise CheckpointError(f"checkpoint {path!r} could not be read (corrupt or truncated?): {detail}") from e
   if networks is not None:
     missing = [n for n in networks if n not in restored]
     if missing:
       raise CheckpointError(f"checkpoint {path!r} lacks {missing}; it holds {sorted(restored)}")
     restored = {n: restored[n] for n in networks}
+  check_finite(restored, path)
   return restored, meta
+
+
+def nonfinite_leaves(tree) -> list[str]:
+  """Key paths of the floating-point leaves holding NaN or inf (host arrays; device arrays are fetched)."""
+  bad = []
+  for k, v in jax.tree_util.tree_leaves_with_path(tree):
+    a = np.asarray(v)
+    if a.dtype.kind in "fc" or a.dtype.name == "bfloat16":
+      if not np.isfinite(a.astype(np.float32) if a.dtype.name == "bfloat16" else a).all():
+        bad.append(jax.tree_util.keystr(k))
+  return bad
+
+
+def check_finite(tree, path: str = "checkpoint"):
+  """Every array finite: a flipped bit in a data file otherwise loads silently and samples a grey NaN video."""
+  bad = nonfinite_leaves(tree)
+  if bad:
+    raise CheckpointError(f"checkpoint {path!r} holds non-finite values (NaN/inf) in {len(bad)} array(s), e.g. "
+                          f"{', '.join(bad[:3])}: it is corrupt (or was saved from a diverged run)")
 
 
 def check_tree_shapes(params, abstract, name: str, path: str = "checkpoint"):

@@ -50,6 +50,28 @@ def arch_meta(config, networks) -> dict:
   return arch
 
 
+class _DropReadOnlyNotice:
+  def filter(self, record):
+    return "read only" not in record.getMessage()
+
+
+def _quiet_read_only_notice():
+  """orbax logs 'Given directory is read only' for every reader: noise for `sample --ckpt WORKDIR`."""
+  import contextlib
+  import logging
+
+  @contextlib.contextmanager
+  def quiet():
+    f = _DropReadOnlyNotice()
+    logger = logging.getLogger("absl")
+    logger.addFilter(f)
+    try:
+      yield
+    finally:
+      logger.removeFilter(f)
+  return quiet()
+
+
 class Workdir:
   """A run's `checkpoints/` folder through an orbax `CheckpointManager` (read-only unless `read_only=False`)."""
 
@@ -63,9 +85,12 @@ class Workdir:
         os.makedirs(self.directory, exist_ok=True)
       elif not os.path.isdir(self.directory):
         raise TrainCheckpointError(f"{self.workdir!r} holds no {CKPT_DIR}/ folder (not a training workdir)")
-    options = o.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=not read_only,
+    options = o.CheckpointManagerOptions(max_to_keep=None if read_only else keep,
+                                         save_interval_steps=0 if read_only else 1,
+                                         enable_async_checkpointing=async_save, create=not read_only,
                                          cleanup_tmp_directories=not read_only, read_only=read_only)
-    self.manager = o.CheckpointManager(self.directory, options=options)
+    with _quiet_read_only_notice():
+      self.manager = o.CheckpointManager(self.directory, options=options)
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -197,6 +222,7 @@ def _load_from_checkpoints(path, config, networks, step, roles):
     raise TrainCheckpointError(f"checkpoint {ck._step_dir(step)!r} could not be read (corrupt or truncated?): "
                                f"{type(e).__name__}: {str(e)[:400]}") from e
   params = {n: jax.tree_util.tree_map(np.asarray, out[n]) for n in networks}
+  params_io.check_finite(params, ck._step_dir(step))
   try:
     meta["config"] = json.dumps(ck.read_json(step, "config"))
   except TrainCheckpointError:

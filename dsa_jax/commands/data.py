@@ -21,6 +21,7 @@ import os
 import sys
 import time
 
+HELP = "write datasets: moving handwritten digits (clips, prompts, preview)"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
   """Adds the `data` subcommands to the `data` subparser."""
@@ -92,6 +93,9 @@ def _digits_main(args: argparse.Namespace) -> int:
     return 2
   if args.num <= 0:
     print(f"dsa-jax data digits: --num must be positive, got {args.num}", file=sys.stderr)
+    return 2
+  if os.path.exists(args.out) and not os.path.isdir(args.out):
+    print(f"dsa-jax data digits: --out {args.out!r} is a file, expected a folder", file=sys.stderr)
     return 2
   print(f"writing {args.num} {args.split} clips of {spec.frames}x{spec.size}x{spec.size} "
         f"(digits {spec.resolved_digit_size}px, seed {args.seed}) to {args.out}", file=sys.stderr)

@@ -11,9 +11,9 @@ Three actions (a positional word; `run` when omitted):
 
   dsa-jax eval sweep --config configs/digits.py --ckpt DMD_MODEL --ckpt-consistency CONS_MODEL --out docs/claim
       [--num 256] [--thresholds ...] [--deltas ...]
-    the claim sweep (also `--sweep`): fixed 1-5 steps, DSA (dmd and consistency targets) at >= 5 thresholds and
-    the x0-change heuristic at several deltas; writes claim.md, claim.json, claim.png, steps_by_event.png
-    (see dsa_jax/eval/claim.py).
+    the quality-vs-steps comparison (also `--sweep`): fixed 1-5 steps, DSA (dmd and consistency targets) at >= 5
+    thresholds and the x0-change heuristic at several deltas; writes claim.md, claim.json, claim.png,
+    steps_by_event.png (see dsa_jax/eval/claim.py).
 
   dsa-jax eval train-evaluator --out dsa_jax/assets/evaluator [--steps 1200] [--size 32 --frames 16]
     trains the evaluator once on the real training split (see dsa_jax/eval/evaluator.py); the repo ships its output.

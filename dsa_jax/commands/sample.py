@@ -1,18 +1,23 @@
 """Samples videos with the DSA sampler and writes, per prompt, DIR/<name>.mp4 (+ .gif), DIR/<name>.steps.json
 (steps and confidences per latent frame, timings, a config summary) and DIR/<name>.steps.png (their plot).
 
-  dsa-jax sample --config configs/tiny.py --out out/tiny --prompt "a red ball"
-  dsa-jax sample --config configs/wan_1_3b.py --ckpt ckpts/dsa --out out --prompts prompts.txt --threshold 0.7
-  dsa-jax sample --config configs/wan_1_3b.py --ckpt ckpts/dsa --out out --prompt "..." --threshold inf \\
+  dsa-jax sample --config digits --out out/digits --prompt "digit 3 moves slowly"
+  dsa-jax sample --config wan_1_3b --ckpt ckpts/dsa --out out --prompts prompts.txt --threshold 0.7
+  dsa-jax sample --config wan_1_3b --ckpt ckpts/dsa --out out --prompt "..." --threshold inf \\
       --max-steps 4        # fixed 4 steps: the Self Forcing sampler
 
 --threshold inf always takes --max-steps steps per frame, --threshold -inf always --min-steps. Names come from the
-prompt (a slug; with several prompts prefixed by their index) or from --name. --stream shows per-chunk progress
-(the streaming API); otherwise the whole video is one compiled program and progress is per batch.
+prompt (a slug, plus a short hash of the prompt when the slug is empty, cut or shared; with several prompts prefixed
+by their index) or from --name. --stream shows per-chunk progress (the streaming API); otherwise the whole video is
+one compiled program and progress is per batch. The output folder, the numbers and the prompts are checked before
+anything is compiled; a sample with NaN/inf latents or confidences is an error, not a video. Compiled programs are
+cached on disk (--compile-cache), so later calls with the same shapes start faster.
 """
 
 from __future__ import annotations
 
+import argparse
+import math
 import sys
 import time
 
@@ -24,7 +29,8 @@ HELP = "sample videos (mp4/gif) with per-frame steps and confidences (json + plo
 
 
 def add_arguments(p):
-  p.add_argument("--config", required=True, help="config file (path[:arg])")
+  p.add_argument("--config", required=True, help="config: a shipped one by name (digits, tiny, wan_1_3b) or a "
+                 "file, with an optional :arg (digits:teacher, path.py:arg)")
   p.add_argument("--ckpt", default=None, help="model checkpoint folder or training workdir "
                  "(default: config.sampling.checkpoint; empty: random weights)")
   p.add_argument("--out", required=True, help="output folder")
@@ -35,16 +41,79 @@ def add_arguments(p):
                  "config.sampling.threshold)")
   p.add_argument("--min-steps", type=int, default=None, help="default config.sampling.min_steps")
   p.add_argument("--max-steps", type=int, default=None, help="default config.sampling.max_steps")
-  p.add_argument("--seed", type=int, default=None, help="noise seed of the first prompt (prompt i gets seed+i); "
-                 "default config.seed")
-  p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance g: cond + g (cond - uncond), 0 = "
-                 "off (default config.sampling.guidance); the unconditional branch uses config.text.negative_prompt")
+  p.add_argument("--seed", type=_int_arg("--seed"), default=None, help="noise seed of the first prompt (prompt i "
+                 "gets seed+i), in [0, 2**32); default config.seed")
+  p.add_argument("--guidance", type=_float_arg("--guidance"), default=None, help="classifier-free guidance g: "
+                 "cond + g (cond - uncond), 0 = off (default config.sampling.guidance); the unconditional branch uses config.text.negative_prompt")
   p.add_argument("--name", default=None, help="output name (with several prompts: NAME_000, NAME_001, ...)")
   p.add_argument("--batch-size", type=int, default=None, help="prompts per compiled batch (default "
                  "config.sampling.batch_size)")
   p.add_argument("--stream", action="store_true", help="sample chunk by chunk with per-chunk progress")
   p.add_argument("--formats", default="mp4,gif", help="video files to write: mp4, gif or both (default mp4,gif)")
   p.add_argument("--no-ema", action="store_true", help="use 'generator' even where 'generator_ema' exists")
+  p.add_argument("--strict-prompts", action="store_true", help="words the text encoder does not know are an error "
+                 "(default: a warning listing them)")
+  p.add_argument("--no-compile-cache", action="store_true", help="do not use the persistent compilation cache")
+  p.add_argument("--compile-cache", default=None, help="compilation cache folder (default $DSA_JAX_CACHE or "
+                 "~/.cache/dsa_jax/xla): a later call with the same shapes skips most of the compile")
+
+
+def _int_arg(name):
+  def parse(text):
+    try:
+      return int(text)
+    except ValueError:
+      raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+  return parse
+
+
+def _float_arg(name):
+  def parse(text):
+    from dsa_jax.sampling.guards import check_finite_number
+    try:
+      return check_finite_number(text, name)
+    except ValueError as e:
+      raise argparse.ArgumentTypeError(str(e).split(": ", 1)[1]) from None
+  return parse
+
+
+def check_out_dir(out: str):
+  """--out must be a folder we can write (created if missing): checked before anything is compiled."""
+  import os
+  import tempfile
+  if os.path.exists(out) and not os.path.isdir(out):
+    raise ValueError(f"--out: {out!r} is a file, expected a folder")
+  try:
+    os.makedirs(out, exist_ok=True)
+    with tempfile.TemporaryFile(dir=out):
+      pass
+  except OSError as e:
+    raise ValueError(f"--out: cannot write into {out!r} ({e.strerror or e})") from None
+
+
+def default_cache_dir() -> str:
+  import os
+  base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  return os.environ.get("DSA_JAX_CACHE") or os.path.join(base, "dsa_jax", "xla")
+
+
+def enable_compile_cache(path=None) -> str | None:
+  """Turns on jax's persistent compilation cache in `path` (default: default_cache_dir()) unless a cache folder is
+  configured already (JAX_COMPILATION_CACHE_DIR); an unusable folder only costs the speed-up, with a note."""
+  import os
+
+  import jax
+  if jax.config.jax_compilation_cache_dir:
+    return jax.config.jax_compilation_cache_dir
+  path = os.path.expanduser(path or default_cache_dir())
+  try:
+    os.makedirs(path, exist_ok=True)
+  except OSError as e:
+    print(f"note: no compilation cache ({path!r}: {e.strerror or e})", file=sys.stderr)
+    return None
+  jax.config.update("jax_compilation_cache_dir", path)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  return path
 
 
 def read_prompts(args) -> list[str]:
@@ -60,13 +129,23 @@ def read_prompts(args) -> list[str]:
 
 
 def output_names(prompts, name=None) -> list[str]:
+  """One file name per prompt: its slug, plus a short hash of the prompt when the slug is empty (a non-ASCII
+  prompt) or shared by several prompts, so that no two prompts overwrite each other's files."""
+  import collections
+  import hashlib
   from dsa_jax.sampling.outputs import slugify
   if name is not None:
     base = slugify(name, max_len=80)
     return [base] if len(prompts) == 1 else [f"{base}_{i:03d}" for i in range(len(prompts))]
+  slugs = [slugify(p) for p in prompts]
+  counts = collections.Counter(slugs)
+  raw = [slugify(p, max_len=10**6) for p in prompts]
+  for i, p in enumerate(prompts):
+    if counts[slugs[i]] > 1 or not any(c.isalnum() for c in p.lower() if c.isascii()) or raw[i] != slugs[i]:
+      slugs[i] = f"{slugs[i]}_{hashlib.sha1(p.encode('utf-8')).hexdigest()[:6]}"
   if len(prompts) == 1:
-    return [slugify(prompts[0])]
-  return [f"{i:03d}_{slugify(p)}" for i, p in enumerate(prompts)]
+    return slugs
+  return [f"{i:03d}_{s}" for i, s in enumerate(slugs)]
 
 
 def resolve_steps(config, min_steps, max_steps):
@@ -115,12 +194,18 @@ def main(args):
   prompts = read_prompts(args)
   names = output_names(prompts, args.name)
   ckpt = config.sampling.checkpoint if args.ckpt is None else args.ckpt
-  guidance = config.sampling.guidance if args.guidance is None else args.guidance
+  from dsa_jax.sampling import guards
+  guidance = guards.check_finite_number(config.sampling.guidance if args.guidance is None else args.guidance,
+                                        "--guidance" if args.guidance is not None else "config.sampling.guidance")
   seed = config.seed if args.seed is None else args.seed
-  batch = args.batch_size or config.sampling.batch_size
+  guards.check_seeds(seed, len(prompts), "--seed" if args.seed is not None else "config.seed")
+  batch = config.sampling.batch_size if args.batch_size is None else args.batch_size
   if batch < 1:
     raise ValueError(f"--batch-size: must be >= 1, got {batch}")
   batch = min(batch, len(prompts))
+  check_out_dir(args.out)
+  if not args.no_compile_cache:
+    enable_compile_cache(args.compile_cache)
 
   import jax
 
@@ -136,7 +221,8 @@ def main(args):
   params, source = load_sampler_params(config, ckpt, use_ema=not args.no_ema, warn=warn, cast=True)
   sampler = sampler_lib.make_sampler(config)
   decoder = PixelDecoder(config)
-  encode = make_text_encoder(config)
+  encode = make_text_encoder(config, strict=args.strict_prompts, warn=warn)
+  encode(prompts)  # unknown words and truncation are reported (or refused) before anything is compiled
   use_cfg = is_on(guidance)
   uncond = encode([config.text.negative_prompt]) if use_cfg else None
   _say(f"sampling {len(prompts)} video(s) of {config.video.num_frames} latent frames ({sampler.num_chunks} chunks "
@@ -151,7 +237,8 @@ def main(args):
     n_real = len(group)
     padded = group + [group[-1]] * (batch - n_real)  # one compiled shape for every batch
     context = encode(padded)
-    seeds = np.arange(seed + start, seed + start + batch)
+    seeds = np.arange(seed + start, seed + start + n_real)
+    seeds = np.concatenate([seeds, np.repeat(seeds[-1:], batch - n_real)])  # padding stays within uint32
     controls = sampler.make_controls(batch, threshold=threshold, min_steps=min_steps, max_steps=max_steps,
                                      guidance=guidance, seed=seeds)
     uc = None if uncond is None else np.broadcast_to(uncond, (batch,) + uncond.shape[1:])
@@ -181,6 +268,9 @@ def main(args):
       out = jax.device_get(sampler.sample(params, context, controls, uncond_context=uc))
       sample_s = time.perf_counter() - t0
       lat, steps, conf, trace, iters = out.latents, out.steps, out.confidences, out.conf_trace, out.chunk_iters
+    guards.check_sample(lat[:n_real], conf[:n_real], guidance=guidance, source=source.get("path", ""),
+                        dtype=config.compute.dtype)
+    if not args.stream:
       t1 = time.perf_counter()
       pixels = np.asarray(decoder.decode_video(lat[:n_real]))
       decode_s = time.perf_counter() - t1

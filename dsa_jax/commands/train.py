@@ -14,7 +14,8 @@ HELP = "train a stage (teacher / ode / dsa) in a workdir; resumes from its lates
 
 
 def add_arguments(p):
-  p.add_argument("--config", required=True, help="config file (path[:arg])")
+  p.add_argument("--config", required=True, help="config: a shipped one by name (digits, tiny, wan_1_3b) or a "
+                 "file, with an optional :arg (digits:teacher, path.py:arg)")
   p.add_argument("--workdir", required=True, help="run folder: checkpoints/, tb/, model/")
   p.add_argument("--coordinator", default=None,
                  help="multi-process runs without auto-detection: coordinator host:port (with --num-processes and "

@@ -43,12 +43,51 @@ def _random_encoder(text_len, text_dim) -> TextEncoder:
   return encode
 
 
-def _bow_encoder(path, text_len, text_dim) -> TextEncoder:
+class UnknownWordsError(ValueError):
+  """A prompt holds words the bag-of-words encoder does not know (with strict prompts)."""
+
+
+def _prompt_checker(enc, strict: bool, warn):
+  """Reports once per word: unknown words (a bag-of-words encoder maps them all to one vector, so the video ignores
+  them) and prompts cut to text_len words."""
+  seen_words, seen_cut = set(), set()
+
+  def check(prompts):
+    from dsa_jax.data.bow_text import tokenize
+    unknown = [w for w in enc.unknown_words(prompts) if w not in seen_words]
+    if unknown:
+      msg = (f"prompt words unknown to the text encoder (it knows {len(enc.vocab)} words, e.g. "
+             f"{', '.join(enc.vocab[:6])}): {', '.join(unknown[:20])}{' ...' if len(unknown) > 20 else ''}")
+      if strict:
+        raise UnknownWordsError(msg)
+      seen_words.update(unknown)
+      warn(f"warning: {msg}; they all map to one unknown-word vector, so the video cannot follow them "
+           "(--strict-prompts makes this an error)")
+    for p in prompts:
+      n = len(tokenize(p))
+      if n > enc.text_len and p not in seen_cut:
+        seen_cut.add(p)
+        warn(f"warning: a prompt of {n} words is cut to the first {enc.text_len} (model.text_len): {p[:60]!r}...")
+  return check
+
+
+def _warn_stderr(msg):
+  import sys
+  print(msg, file=sys.stderr, flush=True)
+
+
+def _bow_encoder(path, text_len, text_dim, strict=False, warn=_warn_stderr) -> TextEncoder:
   from dsa_jax.data.bow_text import BagOfWordsEncoder
   if path == "digits":  # the moving-digits grammar: a fixed encoder needs no file
     from dsa_jax.data.digits import PROMPT_VOCAB
     enc = BagOfWordsEncoder(PROMPT_VOCAB, text_len, text_dim, seed=0)
-    return lambda prompts: enc.encode(_check_prompts(prompts)).astype(np.float32)
+    check = _prompt_checker(enc, strict, warn)
+
+    def encode_digits(prompts):
+      prompts = _check_prompts(prompts)
+      check(prompts)
+      return enc.encode(prompts).astype(np.float32)
+    return encode_digits
   if not path or not os.path.isfile(path):
     raise FileNotFoundError(f"config.text.path: bag-of-words encoder file {path!r} does not exist")
   with open(path) as f:
@@ -60,12 +99,16 @@ def _bow_encoder(path, text_len, text_dim) -> TextEncoder:
     raise ValueError(f"config.text.path: encoder {path!r} makes ({enc.text_len}, {enc.text_dim}) contexts, the "
                      f"model expects (text_len, text_dim) = ({text_len}, {text_dim})")
 
+  check = _prompt_checker(enc, strict, warn)
+
   def encode(prompts):
-    return enc.encode(_check_prompts(prompts)).astype(np.float32)
+    prompts = _check_prompts(prompts)
+    check(prompts)
+    return enc.encode(prompts).astype(np.float32)
   return encode
 
 
-def _umt5_encoder(path, tokenizer_path, text_len, text_dim) -> TextEncoder:
+def _umt5_encoder(path, tokenizer_path, text_len, text_dim, warn=_warn_stderr) -> TextEncoder:
   import jax
 
   from dsa_jax.checkpoint.loading import load_text_encoder
@@ -76,20 +119,30 @@ def _umt5_encoder(path, tokenizer_path, text_len, text_dim) -> TextEncoder:
   tok = umt5.UMT5Tokenizer(tokenizer_path, max_length=text_len)
   enc_fn = jax.jit(lambda p, ids, mask: umt5.pad_to(umt5.encode(p, ids, mask, ucfg), mask, text_len))
 
+  cut = set()
+
   def encode(prompts):
     ids, mask = tok(_check_prompts(prompts))
+    for p, m in zip(prompts, np.asarray(mask)):
+      if m.all() and p not in cut:  # every position used: the prompt may have been cut (the last is EOS)
+        cut.add(p)
+        warn(f"warning: a prompt fills all {text_len} text tokens (model.text_len) and may be cut: {p[:60]!r}...")
     return np.asarray(enc_fn(params, ids, mask), np.float32)
   return encode
 
 
-def make_text_encoder(config) -> TextEncoder:
-  """Returns prompts -> np.ndarray (B, model.text_len, model.text_dim) float32."""
+def make_text_encoder(config, *, strict: bool = False, warn=_warn_stderr) -> TextEncoder:
+  """Returns prompts -> np.ndarray (B, model.text_len, model.text_dim) float32.
+
+  Encoders with a vocabulary warn (via `warn`, once per word) about unknown words, an error with `strict`; every
+  encoder that cuts long prompts warns when it does.
+  """
   kind = config.text.kind
   text_len, text_dim = config.model.text_len, config.model.text_dim
   if kind == "random":
     return _random_encoder(text_len, text_dim)
   if kind == "bow":
-    return _bow_encoder(config.text.path, text_len, text_dim)
+    return _bow_encoder(config.text.path, text_len, text_dim, strict=strict, warn=warn)
   if kind == "umt5":
-    return _umt5_encoder(config.text.path, config.text.tokenizer, text_len, text_dim)
+    return _umt5_encoder(config.text.path, config.text.tokenizer, text_len, text_dim, warn=warn)
   raise ValueError(f"config.text.kind: expected 'random', 'bow' or 'umt5', got {kind!r}")

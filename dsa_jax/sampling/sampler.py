@@ -253,7 +253,11 @@ class Sampler:
       raise ValueError(f"sampling min_steps must not exceed max_steps (got min {mn.min()}..{mn.max()}, "
                        f"max {mx.min()}..{mx.max()})")
     g = np.broadcast_to(np.asarray(guidance, np.float32), (b,))
+    if not np.isfinite(g).all():
+      raise ValueError(f"sampling guidance: expected a finite number, got {guidance!r}")
     sd = np.asarray(seed)
+    if sd.dtype.kind not in "iu" or sd.min() < 0 or sd.max() + (b - 1 if sd.ndim == 0 else 0) >= 2**32:
+      raise ValueError(f"sampling seed: expected integers in [0, 2**32) (one per sample), got {seed!r}")
     sd = (sd + np.arange(b)) if sd.ndim == 0 else np.broadcast_to(sd, (b,))
     return SamplingControls(threshold=jnp.asarray(th, jnp.float32), min_steps=jnp.asarray(mn, jnp.int32),
                             max_steps=jnp.asarray(mx, jnp.int32), guidance=jnp.asarray(g, jnp.float32),

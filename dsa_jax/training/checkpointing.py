@@ -81,6 +81,8 @@ class Checkpointer(Workdir):
     return state, (out["data"] or None)
 
 
+
+
 def _check_meta(meta: dict, config, where: str):
   stage = config.train.stage
   if meta.get("stage") != stage:

@@ -42,6 +42,10 @@ class TrainingError(ValueError):
   """A training setup problem (missing data for the stage, shapes that do not match the config)."""
 
 
+class NonFiniteError(TrainingError):
+  """A loss, gradient norm or parameter became NaN/inf; the run stops before saving it."""
+
+
 def _log(msg: str):
   if jax.process_index() == 0:
     print(msg, flush=True)
@@ -259,7 +263,84 @@ def _fmt_time(s: float) -> str:
 
 def progress_line(stage, step, total, scalars, it_s, eta_s) -> str:
   parts = [f"{_SHORT[k]} {scalars[k]:.4g}" for k in _SHORT if k in scalars]
-  return (f"[{stage}] step {step}/{total} | " + " ".join(parts) + f" | {it_s:.3g} it/s | ETA {_fmt_time(eta_s)}")
+  rate = f"{it_s:.3g}" if math.isfinite(it_s) else "?"  # unknown until a step after compilation
+  return f"[{stage}] step {step}/{total} | " + " ".join(parts) + f" | {rate} it/s | ETA {_fmt_time(eta_s)}"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Guards: non-finite values, corrupt checkpoints
+
+
+def nonfinite_metrics(metrics) -> dict:
+  """The losses and gradient norms of a step that are NaN/inf ({} when all are finite); waits for the step."""
+  keys = [k for k in metrics if k.startswith(("loss_", "grad_norm"))]
+  host = jax.device_get({k: metrics[k] for k in keys})
+  return {k: float(v) for k, v in host.items() if not np.isfinite(v)}
+
+
+@jax.jit
+def _all_finite(tree):
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+
+def networks_finite(state) -> bool:
+  """Whether every parameter of every network of `state` is finite (one small reduction program)."""
+  return bool(jax.device_get(_all_finite(state.networks())))
+
+
+def nonfinite_skip_budget(config) -> int:
+  n = config.train.get("nonfinite_skip", 0)
+  if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+    raise TrainingError(f"config.train.nonfinite_skip: expected an int >= 0 (batches with a non-finite loss or "
+                        f"gradient to skip before stopping), got {n!r}")
+  return n
+
+
+def set_aside(ck, step: int, emit) -> str:
+  """Moves a bad checkpoint step folder to WORKDIR/corrupt_checkpoints/ (never deleted: it may be inspected)."""
+  src = ck._step_dir(step)
+  dst_dir = os.path.join(ck.workdir, "corrupt_checkpoints")
+  os.makedirs(dst_dir, exist_ok=True)
+  dst = os.path.join(dst_dir, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+  os.replace(src, dst)
+  ck.manager.reload()
+  return dst
+
+
+def restore_latest_readable(ck, target, config, emit):
+  """(state, data_state, step) of the newest checkpoint that reads and holds finite parameters.
+
+  A corrupt or non-finite latest checkpoint is moved aside with a warning naming its step and the previous one is
+  tried; the error names every bad step only when none is readable. Returns (None, None, None) without checkpoints.
+  """
+  stage = config.train.stage
+  bad = []
+  while True:
+    step = ck.latest_step()
+    if step is None:
+      if bad:
+        raise checkpointing.TrainCheckpointError(
+            f"no readable checkpoint in {ck.directory}: " + "; ".join(bad) + " (moved to corrupt_checkpoints/)")
+      return None, None, None
+    try:
+      state, data_state = ck.restore(step, target, config=config)
+      if not networks_finite(state):
+        raise checkpointing.TrainCheckpointError(f"checkpoint {ck._step_dir(step)!r} holds non-finite parameters")
+      return state, data_state, step
+    except checkpointing.TrainCheckpointError as e:
+      if "saved by stage" in str(e) or "another architecture" in str(e) or is_remote(ck.workdir):
+        raise  # a config mismatch, not damage: moving it would not help
+      if jax.process_index() == 0:
+        dst = set_aside(ck, step, emit)
+      if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(f"dsa_jax_set_aside_{step}")
+        ck.manager.reload()
+      msg = str(e).split(". It is corrupt")[0][:300]
+      emit(f"[{stage}] WARNING: checkpoint step {step} is unreadable ({msg}); moved it to "
+           f"{dst if jax.process_index() == 0 else 'corrupt_checkpoints/'} and falling back to the previous one")
+      bad.append(f"step {step}")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -319,8 +400,24 @@ def train(config, workdir: str, *, stop_after: int | None = None, mesh=None, log
   Stops early, with a checkpoint at the current step and without exporting, on SIGTERM / SIGINT or after
   `train.max_time_s` seconds (0: no limit); the same command resumes. `stop_after`: leave after this many steps of
   this invocation without saving or exporting (tests use it to simulate a crash; checkpoints exist only where
-  `train.ckpt_every` put them).
+  `train.ckpt_every` put them). A local workdir is locked (WORKDIR/train.lock) by process 0 for the whole run.
   """
+  from dsa_jax.training.workdir_lock import WorkdirLock, WorkdirLockedError
+  lock = None
+  if not is_remote(workdir) and jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    try:
+      lock = WorkdirLock(os.path.abspath(workdir), log or _log).acquire()
+    except WorkdirLockedError as e:
+      raise TrainingError(str(e)) from None
+  try:
+    return _train_locked(config, workdir, stop_after=stop_after, mesh=mesh, log=log)
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _train_locked(config, workdir: str, *, stop_after=None, mesh=None, log=None) -> dict:
   emit = log or _log
   config = config.copy_and_resolve_references()
   stage = config.train.stage
@@ -366,7 +463,8 @@ def train(config, workdir: str, *, stop_after: int | None = None, mesh=None, log
   latest = ck.latest_step()
   if latest is not None:
     target = state_lib.abstract_state(config, shardings)
-    state, data_state = ck.restore(latest, target, config=config)
+    state, data_state, latest = restore_latest_readable(ck, target, config, emit)
+  if latest is not None:
     if data_state:
       loader.set_state(data_state)
     emit(f"[{stage}] resumed from {ck._step_dir(latest)}")
@@ -388,25 +486,54 @@ def train(config, workdir: str, *, stop_after: int | None = None, mesh=None, log
   step_last, rate = start, float("nan")
   summary: dict[str, Any] = {"start_step": start, "workdir": workdir, "stopped": None}
   done = start
+  skip_budget, skipped = nonfinite_skip_budget(config), 0
+  # Skipping a batch needs the state from before the step (the step donates its input): a second copy in memory.
+  backup = jax.jit(lambda s: jax.tree_util.tree_map(jnp.copy, s), out_shardings=shardings) if skip_budget else None
+  compiled_names: set = set()
   try:
     with StopFlag() as stop:
-      for step in range(start, total):
+      step = start
+      while step < total:
         t0 = time.time()
         batch = prep(next(loader))
         name = bundle.step_name(step, config)
+        compiling = name not in compiled_names
+        if compiling:
+          emit(f"[{stage}] compiling the {name} step (takes a while on first use) ...")
+        before = backup(state) if backup is not None else None
         state, metrics = bundle(name, state, teacher, batch, uncond_dev)
+        compiled_names.add(name)
+        bad = nonfinite_metrics(metrics)
+        if bad:
+          what = ", ".join(f"{k}={v}" for k, v in sorted(bad.items()))
+          if skipped < skip_budget:
+            skipped += 1
+            state = before
+            emit(f"[{stage}] WARNING: step {step + 1}: non-finite {what}; skipped this batch ({skipped} of "
+                 f"train.nonfinite_skip={skip_budget})")
+            continue
+          raise NonFiniteError(f"step {step + 1}: non-finite {what}; stopped before saving (the last checkpoint "
+                               f"is the newest finite one; lower train.lr, check the data, or allow skipping a few "
+                               f"batches with --config.train.nonfinite_skip=N)")
         metrics_log.add(metrics)
-        done = step + 1
+        step += 1
+        done = step
         if "first_step_s" not in summary:
           jax.block_until_ready(metrics)
           summary["first_step_s"] = time.time() - t0
+        if compiling:
+          jax.block_until_ready(metrics)
+          t_last, step_last = time.time(), done  # the rate and ETA count compiled steps only
         if done % log_every == 0 or done == total:
           scalars = metrics_log.flush()
           now = time.time()
-          rate = (done - step_last) / max(now - t_last, 1e-9)
-          t_last, step_last = now, done
-          scalars.update(it_per_s=rate, samples_per_s=rate * global_batch, frames_per_s=rate * global_batch * frames)
-          emit(progress_line(stage, done, total, scalars, rate, (total - done) / max(rate, 1e-9)))
+          if done > step_last:
+            rate = (done - step_last) / max(now - t_last, 1e-9)
+            t_last, step_last = now, done
+          if math.isfinite(rate):  # none before a step that did not compile
+            scalars.update(it_per_s=rate, samples_per_s=rate * global_batch,
+                           frames_per_s=rate * global_batch * frames)
+          emit(progress_line(stage, done, total, scalars, rate, (total - done) / rate if rate > 0 else float("nan")))
           metrics_log.write(done, scalars)
           summary["last_metrics"] = scalars
         if stop_after is not None and done - start >= stop_after:
@@ -415,6 +542,7 @@ def train(config, workdir: str, *, stop_after: int | None = None, mesh=None, log
         reason = "signal" if stop.agreed() else (
             "max_time_s" if max_time and time.time() - t_start > max_time else None)
         if done % ckpt_every == 0 or done == total or reason:
+          _check_before_save(state, done)
           ck.save(done, state, config=config, data_state=loader.get_state())
         if reason:
           summary["stopped"] = reason
@@ -424,6 +552,7 @@ def train(config, workdir: str, *, stop_after: int | None = None, mesh=None, log
     summary["end_step"] = done
     if done >= total and summary["stopped"] is None:
       if ck.latest_step() != done:
+        _check_before_save(state, done)
         ck.save(done, state, config=config, data_state=loader.get_state())
         ck.wait()
       summary["model"] = _export(config, state, workdir, done, emit)
@@ -433,6 +562,12 @@ def train(config, workdir: str, *, stop_after: int | None = None, mesh=None, log
     loader.close()
   summary["state"] = state
   return summary
+
+
+def _check_before_save(state, step: int):
+  if not networks_finite(state):
+    raise NonFiniteError(f"step {step}: the parameters hold NaN/inf although the losses were finite; stopped "
+                         "before saving (the last checkpoint is the newest finite one)")
 
 
 def _export(config, state, workdir: str, step: int, emit) -> str | None:

@@ -4,12 +4,11 @@
 bag-of-words text encoder over the digits grammar. Three stages, each a `dsa-jax train` run that resumes from the
 previous stage's exported model (arg = stage):
 
-  dsa-jax train --config configs/digits.py:teacher --workdir runs/digits/teacher
-  dsa-jax train --config configs/digits.py:ode --workdir runs/digits/ode \\
-      --config.train.teacher_from=runs/digits/teacher/model
-  dsa-jax train --config configs/digits.py:dsa --workdir runs/digits/dsa \\
+  dsa-jax train --config digits:teacher --workdir runs/digits/teacher
+  dsa-jax train --config digits:ode --workdir runs/digits/ode --config.train.teacher_from=runs/digits/teacher/model
+  dsa-jax train --config digits:dsa --workdir runs/digits/dsa \\
       --config.train.teacher_from=runs/digits/teacher/model --config.train.init_from=runs/digits/ode/model
-  dsa-jax sample --config configs/digits.py --ckpt runs/digits/dsa/model --out out/digits --prompt "digit 3 moves slowly"
+  dsa-jax sample --config digits --ckpt runs/digits/dsa/model --out out/digits --prompt "digit 3 moves slowly"
 
 Add `--config.runlocal=True` to any stage for the toy-size CPU variant (a few minutes for the whole chain).
 Stage 'dsa' with `--config.conf.target=consistency` trains the alternative confidence target.
@@ -19,7 +18,7 @@ import os
 
 from dsa_jax.config_defaults import base_config, wan_model
 
-_ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "dsa_jax", "assets")
+_ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.realpath(__file__))), "assets")
 DEFAULT_MODEL = os.path.join(_ASSETS, "digits_model")
 
 
