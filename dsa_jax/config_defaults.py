@@ -71,6 +71,9 @@ def base_config() -> ml_collections.ConfigDict:
       frozen_frames="clean",
       # 'confidence' (DSA: the head) or 'x0_delta' (the training-free baseline: x0 changed less than threshold).
       stop_rule="confidence",
+      # A step budget instead of `threshold`: average denoising steps per frame, turned into tau by the calibration
+      # table stored with the model (`dsa-jax calibrate`); 0 = use `threshold`.
+      mean_steps=0.0,
   ))
 
   c.conf = ml_collections.ConfigDict(dict(

@@ -39,6 +39,11 @@ def add_arguments(p):
   g.add_argument("--prompts", default=None, help="text file, one prompt per line ('#' comments)")
   p.add_argument("--threshold", default=None, help="confidence threshold tau (a number, inf or -inf; default "
                  "config.sampling.threshold)")
+  p.add_argument("--mean-steps", type=float, default=None, help="average denoising steps per frame (a step budget): "
+                 "picks tau from the model's calibration table (dsa-jax calibrate); default config.sampling.mean_steps "
+                 "(0 = use the threshold)")
+  p.add_argument("--target-fps", type=float, default=None, help="with --stream: adjust tau chunk by chunk from "
+                 "measured chunk times to hold this many frames per second (needs the calibration table)")
   p.add_argument("--min-steps", type=int, default=None, help="default config.sampling.min_steps")
   p.add_argument("--max-steps", type=int, default=None, help="default config.sampling.max_steps")
   p.add_argument("--seed", type=_int_arg("--seed"), default=None, help="noise seed of the first prompt (prompt i "
@@ -177,6 +182,26 @@ def config_summary(config, sampler) -> dict:
   }
 
 
+def resolve_budget(config, args, threshold: float, source: dict, ckpt: str, warn) -> tuple[float, str]:
+  """tau from a step budget (--mean-steps, else config.sampling.mean_steps) and the model's calibration table.
+
+  An explicit --mean-steps without a table is an error that says how to make one; a budget that comes from the
+  config falls back to config.sampling.threshold with a warning (models without a table still sample)."""
+  from dsa_jax.sampling import budget
+  if args.threshold is not None:
+    return threshold, ""
+  m = args.mean_steps if args.mean_steps is not None else float(config.sampling.mean_steps or 0.0)
+  if not m:
+    return threshold, ""
+  table = source.get("calibration")
+  if table is None and args.mean_steps is None:
+    warn(f"warning: config.sampling.mean_steps={m:g} but {ckpt or 'the model'!r} has no calibration table "
+         f"(dsa-jax calibrate); using config.sampling.threshold={threshold:g}")
+    return threshold, ""
+  tau = budget.threshold_for(table, m, source=repr(ckpt or "the model"))
+  return tau, f" (from --mean-steps {m:g})" if args.mean_steps is not None else f" (from mean_steps {m:g})"
+
+
 def _say(msg):
   print(msg, flush=True)
 
@@ -186,6 +211,10 @@ def main(args):
 
   config = get_config(args.config, args.overrides)
   threshold = config.sampling.threshold if args.threshold is None else parse_threshold(args.threshold)
+  if args.mean_steps is not None and args.threshold is not None:
+    raise ValueError("--mean-steps and --threshold: give one of them (a step budget or a raw threshold)")
+  if args.target_fps is not None and not args.stream:
+    raise ValueError("--target-fps: only with --stream (the rate is held chunk by chunk)")
   min_steps, max_steps = resolve_steps(config, args.min_steps, args.max_steps)
   formats = [f.strip() for f in args.formats.split(",") if f.strip()]
   from dsa_jax.sampling.outputs import VIDEO_FORMATS
@@ -219,6 +248,12 @@ def main(args):
 
   warn = lambda m: print(m, file=sys.stderr, flush=True)
   params, source = load_sampler_params(config, ckpt, use_ema=not args.no_ema, warn=warn, cast=True)
+  threshold, budget_note = resolve_budget(config, args, threshold, source, ckpt, warn)
+  fps_controller = None
+  if args.target_fps is not None:
+    from dsa_jax.sampling.budget import FpsController
+    fps_controller = FpsController(source.get("calibration"), args.target_fps,
+                                   initial_steps=args.mean_steps or config.sampling.mean_steps or None)
   sampler = sampler_lib.make_sampler(config)
   decoder = PixelDecoder(config)
   encode = make_text_encoder(config, strict=args.strict_prompts, warn=warn)
@@ -226,7 +261,7 @@ def main(args):
   use_cfg = is_on(guidance)
   uncond = encode([config.text.negative_prompt]) if use_cfg else None
   _say(f"sampling {len(prompts)} video(s) of {config.video.num_frames} latent frames ({sampler.num_chunks} chunks "
-       f"of {sampler.chunk_frames}) on {jax.devices()[0].device_kind}: tau={threshold:g} steps in "
+       f"of {sampler.chunk_frames}) on {jax.devices()[0].device_kind}: tau={threshold:g}{budget_note} steps in "
        f"[{min_steps}, {max_steps}] of a {sampler.num_steps}-step ladder, guidance {guidance:g}, "
        f"weights: {source.get('path', 'random')}")
   summary = config_summary(config, sampler)
@@ -246,7 +281,8 @@ def main(args):
     pixels = None
     if args.stream:
       chunks = []
-      for ch in stream_lib.stream(sampler, params, context, controls, uncond_context=uc, decoder=decoder):
+      for ch in stream_lib.stream(sampler, params, context, controls, uncond_context=uc, decoder=decoder,
+                                  fps_controller=fps_controller):
         chunks.append(ch)
         note = " (includes compilation)" if ch.index == 0 and compile_s is None else ""
         _say(f"  [{start + 1}-{start + n_real}/{len(prompts)}] chunk {ch.index + 1}/{sampler.num_chunks}: "

@@ -80,7 +80,10 @@ def calibration_table(sampler, params, contexts: np.ndarray, thresholds: Sequenc
 def calibration_prompts(config, num: int) -> list[str]:
   """The config's training prompts (first `num`): calibration never sees the held-out evaluation prompts."""
   from dsa_jax.data import prompts as prompts_lib
-  src = prompts_lib.prompt_source_from_config(config.data.prompts)
+  try:
+    src = prompts_lib.prompt_source_from_config(config.data.prompts)
+  except prompts_lib.PromptFileError as e:
+    raise BudgetError(f"calibration prompts come from config.data.prompts: {e}") from None
   n = min(int(num), len(src))
   out = []
   for i in range(n):

@@ -13,6 +13,7 @@ import time
 from typing import Iterator, Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from dsa_jax.sampling.decode import PixelDecoder
@@ -37,10 +38,12 @@ class StreamChunk:
 
 
 def stream(sampler, params, context, controls, rng=None, uncond_context=None, decoder: Optional[PixelDecoder] = None,
-           ) -> Iterator[StreamChunk]:
+           fps_controller=None) -> Iterator[StreamChunk]:
   """Yields a StreamChunk per chunk as soon as it is done (same result as `sampler.sample`).
 
   Compiles the per-chunk function on first use (once per batch size and CFG use; never for new controls).
+  fps_controller (`budget.FpsController`): sets every chunk's threshold from the measured times of the chunks before
+  it, so that the stream holds its target frame rate (the threshold is traced: nothing recompiles).
   """
   args, use_cfg = sampler.prepare(params, context, controls, rng, uncond_context)
   params, context, uncond_context, controls, rng, cache = args
@@ -49,6 +52,8 @@ def stream(sampler, params, context, controls, rng=None, uncond_context=None, de
   start = time.perf_counter()
   for i in range(sampler.num_chunks):
     t0 = time.perf_counter()
+    if fps_controller is not None:
+      controls = controls.replace(threshold=jnp.full_like(controls.threshold, fps_controller.threshold))
     out, cache = sampler.chunk_step(params, context, uncond_context, controls, rng, cache, np.int32(i),
                                     use_cfg=use_cfg)
     pixels = None
@@ -56,6 +61,8 @@ def stream(sampler, params, context, controls, rng=None, uncond_context=None, de
       pixels, dec_state = decoder.decode_chunk(out.latents, dec_state, first=(i == 0))
     o, px = jax.device_get((out, pixels))
     now = time.perf_counter()
+    if fps_controller is not None:
+      fps_controller.update(int(px.shape[1]) if px is not None else sampler.chunk_frames, now - t0)
     yield StreamChunk(index=i, latents=o.latents, steps=o.steps, confidences=o.confidences,
                       conf_trace=o.conf_trace, iters=int(o.iters), pixels=px, seconds=now - t0,
                       elapsed=now - start)
