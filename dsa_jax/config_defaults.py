@@ -77,7 +77,7 @@ def base_config() -> ml_collections.ConfigDict:
   ))
 
   c.conf = ml_collections.ConfigDict(dict(
-      hidden=256, embed_dim=64, detach_trunk=True, target="remaining", target_ema=0.99, consistency_scale=0.0,
+      hidden=256, embed_dim=64, detach_trunk=True, target="dmd", target_ema=0.99, consistency_scale=0.0,
       loss_weight=1.0,
   ))
 

@@ -44,9 +44,10 @@ def resolve_config_path(path: str) -> str:
                           f"{', '.join(builtin_configs())})")
 
 
-# Confidence-head training targets (dsa_jax.training.losses): 'remaining' (default) = how little the frame's x0 would
-# still change by the last ladder step; 'consistency' = the same with a fixed/mean scale; 'dmd' = teacher/critic
-# disagreement on the exit x0.
+# Confidence-head training targets (dsa_jax.training.losses): 'dmd' (default: the best quality per step on moving
+# digits, docs/claim.md) = teacher/critic disagreement on the exit x0; 'remaining' = how little the frame's x0 would
+# still change by the last ladder step (log-quantile normalised; its confidence rises with every step);
+# 'consistency' = the same distance with a fixed or running-mean scale.
 CONF_TARGETS = ("remaining", "consistency", "dmd")
 
 

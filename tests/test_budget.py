@@ -64,8 +64,9 @@ def test_calibrate_then_sample_with_a_budget(tmp_path, repo_root, capsys):
   assert cli.main(["calibrate", "--config", tiny, "--ckpt", str(model), "--num", "2", "--batch", "2",
                    "--config.data.prompts.kind=digits"]) == 0
   table = json.loads((model / "dsa_meta.json").read_text())["calibration"]
-  assert len(table["thresholds"]) == len(table["mean_steps"]) == len(budget.DEFAULT_THRESHOLDS)
-  assert table["mean_steps"][0] <= table["mean_steps"][-1] and table["num_prompts"] == 2
+  assert len(table["thresholds"]) == len(table["mean_steps"]) >= len(budget.DEFAULT_THRESHOLDS)
+  assert table["thresholds"] == sorted(table["thresholds"]) and table["num_prompts"] == 2
+  assert table["mean_steps"][0] <= table["mean_steps"][-1]
   rc = cli.main(["sample", "--config", tiny, "--ckpt", str(model), "--out", str(out), "--prompt", "a", "--mean-steps",
                  "2.5"])
   assert rc == 0
