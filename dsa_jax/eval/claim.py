@@ -165,14 +165,17 @@ class Benchmark:
 
   # -- sampling ------------------------------------------------------------------------------------------------------
 
-  def sample(self, sampler, params, *, threshold: float, min_steps: int | None = None,
-             max_steps: int | None = None) -> dict[str, Any]:
-    """Samples all prompts in batches of `batch` (last one padded); returns arrays and the steady-state time."""
+  def sample(self, sampler, params, *, threshold: float, min_steps=None, max_steps=None,
+             time_batch1: bool = True) -> dict[str, Any]:
+    """Samples all prompts in batches of `batch` (last one padded); returns arrays and the steady-state time.
+
+    min_steps / max_steps: ints, or (num, F) arrays of per-frame bounds (a forced step allocation)."""
     import jax
 
     cfg = self.config.sampling
-    min_steps = cfg.min_steps if min_steps is None else int(min_steps)
-    max_steps = cfg.max_steps if max_steps is None else int(max_steps)
+    per_frame = np.ndim(min_steps) == 2 or np.ndim(max_steps) == 2
+    min_steps = cfg.min_steps if min_steps is None else (np.asarray(min_steps) if per_frame else int(min_steps))
+    max_steps = cfg.max_steps if max_steps is None else (np.asarray(max_steps) if per_frame else int(max_steps))
     b = self.batch
     key = (id(sampler), b, self.uncond is not None)
     uc = None if self.uncond is None else np.broadcast_to(self.uncond, (b,) + self.uncond.shape[1:])
@@ -180,7 +183,8 @@ class Benchmark:
 
     def batch_args(start):
       idx = np.minimum(np.arange(start, start + b), self.num - 1)
-      controls = sampler.make_controls(b, threshold=threshold, min_steps=min_steps, max_steps=max_steps,
+      rows = (lambda a: a[idx] if np.ndim(a) == 2 else a)
+      controls = sampler.make_controls(b, threshold=threshold, min_steps=rows(min_steps), max_steps=rows(max_steps),
                                        guidance=cfg.guidance, seed=self.seed + np.arange(start, start + b))
       return self.context[idx], controls
 
@@ -203,7 +207,8 @@ class Benchmark:
     res["chunk_iters"] = np.stack([o["chunk_iters"] for o in outs])  # (batches, chunks)
     res["seconds"] = seconds
     res["batches"] = len(outs)
-    res["seconds_b1"] = self._time_batch1(sampler, params, threshold, min_steps, max_steps)
+    res["seconds_b1"] = self._time_batch1(sampler, params, threshold, min_steps, max_steps) if (
+        time_batch1 and not per_frame) else None
     return res
 
   def sample_teacher(self, params, num_steps: int, guidance: float | None = None) -> dict[str, Any]:
@@ -274,28 +279,11 @@ class Benchmark:
   def run_allocation(self, sampler, params, steps: np.ndarray, *, name: str, extra: dict | None = None
                      ) -> dict[str, Any]:
     """Samples every prompt with a given number of steps per frame (steps (N, F): min = max = steps) and scores it."""
-    import jax
-
     steps = np.asarray(steps, np.int32)
     if steps.shape != (self.num, self.frames):
       raise BenchmarkError(f"allocation: expected steps of shape ({self.num}, {self.frames}), got {steps.shape}")
-    b, outs, seconds = self.batch, [], 0.0
-    uc = None if self.uncond is None else np.broadcast_to(self.uncond, (b,) + self.uncond.shape[1:])
-    for start in range(0, self.num, b):
-      idx = np.minimum(np.arange(start, start + b), self.num - 1)
-      controls = sampler.make_controls(b, threshold=float("inf"), min_steps=steps[idx], max_steps=steps[idx],
-                                       guidance=self.config.sampling.guidance,
-                                       seed=self.seed + np.arange(start, start + b))
-      t0 = time.perf_counter()
-      out = jax.device_get(sampler.sample(params, self.context[idx], controls, uncond_context=uc))
-      seconds += time.perf_counter() - t0
-      n = min(b, self.num - start)
-      outs.append({"latents": np.asarray(out.latents)[:n], "steps": np.asarray(out.steps)[:n],
-                   "confidences": np.asarray(out.confidences)[:n], "conf_trace": np.asarray(out.conf_trace)[:n],
-                   "chunk_iters": np.asarray(out.chunk_iters)})
-    res = {k: np.concatenate([o[k] for o in outs]) for k in ("latents", "steps", "confidences", "conf_trace")}
-    res.update(chunk_iters=np.stack([o["chunk_iters"] for o in outs]), seconds=seconds, seconds_b1=None)
-    r = self.score(res, name=name, extra=extra)
+    r = self.score(self.sample(sampler, params, threshold=float("inf"), min_steps=steps, max_steps=steps),
+                   name=name, extra=extra)
     self.log(f"  {name:<28} avg steps {r['avg_steps']:.3f}  FD {r['fd']:.3f} (+-{r['fd_bootstrap_std']:.3f})  "
              f"agreement {r['agreement']:.3f}")
     return r
