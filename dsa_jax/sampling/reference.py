@@ -7,7 +7,6 @@ reproduce its videos exactly. Slow: tests and parity checks only.
 
 from __future__ import annotations
 
-import functools
 import weakref
 
 import jax
@@ -145,7 +144,10 @@ def sample_fixed(sampler: Sampler, params, context, num_steps: int, seed=0, rng=
   b, c = context.shape[0], sampler.chunk_frames
   tn = sampler.num_train_timesteps
   keys = sample_keys(rng, controls.seed)
-  fwd = _memo(sampler, ("fixed", use_cfg), lambda: jax.jit(functools.partial(sampler.forward, use_cfg=use_cfg)))
+  def forward(gen, x, t, ctx, uctx, guidance, cache, i):  # the sampler's cache placement (ring slots with a window)
+    return sampler.forward(gen, x, t, ctx, uctx, guidance, cache, None, use_cfg, sampler.placement(i))
+
+  fwd = _memo(sampler, ("fixed", use_cfg), lambda: jax.jit(forward))
   cache = sampler.new_cache(b, use_cfg)
   out = []
   for i in range(sampler.num_chunks):
@@ -155,12 +157,12 @@ def sample_fixed(sampler: Sampler, params, context, num_steps: int, seed=0, rng=
     for k in range(num_steps):
       sigma = float(sampler.sigmas[k])
       v, _, cache = fwd(params["generator"], x, jnp.full((b, c), tn * sigma, jnp.float32), context, uncond_context,
-                        controls.guidance, cache, i * c)
+                        controls.guidance, cache, i)
       x0 = x - sigma * v
       if k + 1 < num_steps:
         x = flow.renoise(x0, slot_noise(ckeys, k + 1, sampler.chunk_shape), float(sampler.sigmas[k + 1]))
     _, _, cache = fwd(params["generator"], sampler.context_input(x0, ckeys),
                       jnp.full((b, c), sampler.context_noise, jnp.float32), context, uncond_context,
-                      controls.guidance, cache, i * c)
+                      controls.guidance, cache, i)
     out.append(np.asarray(x0))
   return np.concatenate(out, axis=1)
