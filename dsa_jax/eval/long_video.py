@@ -56,7 +56,7 @@ def _speed_one(config_name: str, frames: int, window: int, sink: int, steps: int
 
 def speed(args) -> int:
   rows = []
-  for window, sink in ((args.window, args.sink), (0, 0)) if args.whole else ((args.window, args.sink),):
+  for window, sink in ((args.window, args.sink), (0, 0)) if args.whole and args.window else ((args.window, args.sink),):
     for f in [int(x) for x in args.frames.split(",")]:
       cmd = [sys.executable, "-m", "dsa_jax.eval.long_video", "_speed_one", "--config", args.config, "--frames",
              str(f), "--window", str(window), "--sink", str(sink), "--steps", str(args.steps)]
@@ -73,9 +73,9 @@ def speed(args) -> int:
           f"cache {r['cache_frames']} frames ({r['cache_gib']:.2f} GiB), chunk {r['chunk_s_median'] * 1e3:.0f} ms "
           f"(last 10: {r['chunk_s_last10'] * 1e3:.0f} ms), peak {r['peak_gib']:.2f} GiB" if "error" not in r
           else r["error"]), flush=True)
-  if args.json:
-    with open(args.json, "w") as fh:
-      json.dump(rows, fh, indent=1)
+      if args.json:  # after every row: a run cut short keeps what it measured
+        with open(args.json, "w") as fh:
+          json.dump(rows, fh, indent=1)
   return 0
 
 
