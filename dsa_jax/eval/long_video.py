@@ -2,7 +2,7 @@
 quality along a long digits video (FD and prompt agreement per window of frames, plotted against time).
 
   python -m dsa_jax.eval.long_video speed --config wan_1_3b --frames 21,102,204 --window 18 --sink 3 --json s.json
-  python -m dsa_jax.eval.long_video drift --out docs/long_video --frames 160 --num 64
+  python -m dsa_jax.eval.long_video drift --out docs/long_video --frames 160 --num 24 --settings 16:0,14:2
 
 `speed` streams one video per length in a fresh process (so peak memory is per length; the per-chunk function is
 compiled once per cache shape and shared through the compilation cache) with every frame taking --steps steps.
@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -51,7 +52,8 @@ def _speed_one(config_name: str, frames: int, window: int, sink: int, steps: int
           "cache_frames": sampler.cache_frames, "cache_gib": sum(a.nbytes for a in cache.values()) / 2**30,
           "first_chunk_s": secs[0], "chunk_s_median": statistics.median(warm),
           "chunk_s_last10": statistics.median(secs[-10:]), "chunk_s": secs, "init_s": init_s,
-          "peak_gib": stats.get("peak_bytes_in_use", float("nan")) / 2**30, "device": jax.devices()[0].device_kind}
+          "peak_gib": stats.get("peak_bytes_in_use", float("nan")) / 2**30, "device": jax.devices()[0].device_kind,
+          "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}  # host memory (KiB on Linux)
 
 
 def speed(args) -> int:
@@ -71,11 +73,14 @@ def speed(args) -> int:
       r = rows[-1]
       print(f"window {window:3d} sink {sink}: {f:4d} latent frames: " + (
           f"cache {r['cache_frames']} frames ({r['cache_gib']:.2f} GiB), chunk {r['chunk_s_median'] * 1e3:.0f} ms "
-          f"(last 10: {r['chunk_s_last10'] * 1e3:.0f} ms), peak {r['peak_gib']:.2f} GiB" if "error" not in r
+          f"(last 10: {r['chunk_s_last10'] * 1e3:.0f} ms), peak device {r['peak_gib']:.2f} GiB, host RSS "
+          f"{r['peak_rss_gib']:.2f} GiB" if "error" not in r
           else r["error"]), flush=True)
       if args.json:  # after every row: a run cut short keeps what it measured
         with open(args.json, "w") as fh:
           json.dump(rows, fh, indent=1)
+  if args.json:
+    plot_speed(rows, os.path.splitext(args.json)[0] + ".png")
   return 0
 
 
@@ -104,10 +109,16 @@ def drift(args) -> int:
   real_mu, real_cov = metrics.feature_stats(ev.features(real["video"]))
   context = np.asarray(make_text_encoder(base)(prompts), np.float32)
   params, _ = load_sampler_params(base, base.sampling.checkpoint, cast=True)
-  settings = [("whole video", 0, 0), (f"window {args.window}", args.window, 0),
-              (f"window {args.window - args.sink} + {args.sink} sinks", args.window - args.sink, args.sink)]
+  settings = []
+  for item in args.settings.split(","):
+    window, sink = (int(v) for v in item.split(":"))
+    name = "whole video" if not window else f"window {window}" + (f" + {sink} sinks" if sink else "")
+    settings.append((name, window, sink))
+  # The FD a perfect generator would get with this many clips (the estimate is biased upward at small n).
+  floor = ev_lib.make_clip_arrays(args.num, split="test", seed=2, frames=clip, size=base.video.height)
+  floor_fd = metrics.frechet_from_stats(*metrics.feature_stats(ev.features(floor["video"])), real_mu, real_cov)
   results = {"frames": args.frames, "clip": clip, "num": args.num, "stride": args.stride, "threshold": args.threshold,
-             "settings": []}
+             "real_floor_fd": floor_fd, "settings": []}
   for name, window, sink in settings:
     config = get_config("digits")
     config.sampling.update(window_frames=window, sink_frames=sink)
@@ -146,6 +157,32 @@ def drift(args) -> int:
   return 0
 
 
+def plot_speed(rows: list, path: str):
+  """Median seconds per chunk and KV-cache size against the video length, one line per setting."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+  groups = {}
+  for r in rows:
+    if "chunk_s" in r:
+      groups.setdefault((r["window_frames"], r["sink_frames"]), []).append(r)
+  for (w, sk), rs in groups.items():
+    name = "whole-video cache" if not w else f"window {w}" + (f" + {sk} sinks" if sk else "")
+    x = [r["latent_frames"] for r in rs]
+    axes[0].plot(x, [r["chunk_s_median"] for r in rs], marker="o", label=name)
+    axes[1].plot(x, [r["cache_gib"] * 1024 for r in rs], marker="o", label=name)
+  for ax, label in zip(axes, ("median seconds per chunk", "KV cache (MiB, batch 1)")):
+    ax.set_xlabel("video length (latent frames)")
+    ax.set_ylabel(label)
+    ax.set_ylim(bottom=0)
+  axes[0].legend(fontsize=8)
+  fig.suptitle(f"{rows[0]['device']}, {rows[0]['steps']} steps per frame", fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
 def _plot(results: dict, path: str):
   import matplotlib
   matplotlib.use("Agg")
@@ -160,6 +197,7 @@ def _plot(results: dict, path: str):
     ax.set_title(title, fontsize=9)
     ax.set_xlabel(f"latent frame (centre of a {results['clip']}-frame window)")
     ax.axvline(results["clip"], color="#999999", lw=0.8, ls=":")
+  axes[0].axhline(results["real_floor_fd"], color="#2ca02c", lw=0.8, ls="--", label="real clips")
   axes[0].legend(fontsize=8)
   fig.suptitle(f"digits model, {results['frames']}-frame videos ({results['frames'] // results['clip']}x the trained "
                f"length), {results['num']} prompts, tau {results['threshold']:g}", fontsize=10)
@@ -189,8 +227,8 @@ def main(argv=None) -> int:
   d.add_argument("--num", type=int, default=64)
   d.add_argument("--num-real", type=int, default=500)
   d.add_argument("--batch", type=int, default=32)
-  d.add_argument("--window", type=int, default=16)
-  d.add_argument("--sink", type=int, default=2)
+  d.add_argument("--settings", default="16:0,14:2", help="window_frames:sink_frames per setting, comma-separated "
+                 "(0:0 = the whole-video cache)")
   d.add_argument("--stride", type=int, default=8)
   d.add_argument("--threshold", type=float, default=0.6)
   d.add_argument("--gif", action="store_true")
