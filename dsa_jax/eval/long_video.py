@@ -190,13 +190,12 @@ def _plot(results: dict, path: str):
   fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
   for row in results["settings"]:
     x = np.asarray(row["start"]) + results["clip"] / 2
-    for ax, key in zip(axes, ("fd", "agreement", "mean_steps")):
+    for ax, key in zip(axes, ("fd", "digit_f1", "mean_steps")):
       ax.plot(x, row[key], marker="o", ms=3, label=row["name"])
-  for ax, title in zip(axes, ("FD to real clips (lower is better)", "prompt agreement (exact digit set)",
+  for ax, title in zip(axes, ("FD to real clips (lower is better)", "prompt agreement (digit-set F1)",
                               "mean denoising steps per frame")):
     ax.set_title(title, fontsize=9)
     ax.set_xlabel(f"latent frame (centre of a {results['clip']}-frame window)")
-    ax.axvline(results["clip"], color="#999999", lw=0.8, ls=":")
   axes[0].axhline(results["real_floor_fd"], color="#2ca02c", lw=0.8, ls="--", label="real clips")
   axes[0].legend(fontsize=8)
   fig.suptitle(f"digits model, {results['frames']}-frame videos ({results['frames'] // results['clip']}x the trained "
