@@ -165,3 +165,16 @@ def test_bad_long_video_inputs(tiny_config, base, params, context):
     base.sample(params, context[:, None], ctl, prompt_index=[0, 0])
   with pytest.raises(ValueError, match="with a prompt schedule expected"):
     base.sample(params, context, ctl, prompt_index=[0, 0, 0])
+
+
+def test_given_frames_in_noisy_frozen_mode(tiny_config, params, context):
+  cfg = tiny_config.copy_and_resolve_references()
+  cfg.sampling.frozen_frames = "noisy"
+  sm = S.make_sampler(cfg)
+  ctl = sm.make_controls(2, threshold=np.inf, max_steps=2, seed=1)
+  full = _np(sm.sample(params, context, ctl))
+  part = _np(sm.sample(params, context, ctl, init_latents=full.latents[:, :3]))
+  np.testing.assert_array_equal(part.latents[:, :3], full.latents[:, :3])
+  assert (part.steps[:, :3] == 0).all() and (part.steps[:, 3:] == 2).all() and np.isfinite(part.latents).all()
+  whole = _np(sm.sample(params, context, ctl, init_latents=full.latents[:, :2]))
+  np.testing.assert_allclose(whole.latents, full.latents, atol=TOL)

@@ -103,3 +103,17 @@ def test_schedule_forms(tmp_path):
     inputs.parse_schedule(str(tmp_path / "c.json"))
   with pytest.raises(ValueError, match="the prompt at frame 8 is empty"):
     inputs.parse_schedule("0:a; 8: ")
+
+
+def test_wan_vae_encodes_given_frames(tmp_path, tiny_config):
+  """A Wan config encodes 1 + 4k pixel frames to 1 + k latents (extra frames dropped from the start)."""
+  from dsa_jax.sampling import decode
+  cfg = tiny_config.copy_and_resolve_references()
+  cfg.vae.kind = "wan"
+  dec = decode.PixelDecoder.random(cfg)
+  rs = np.random.RandomState(0)
+  clip = _gif(tmp_path / "clip.gif", [rs.randint(0, 255, (40, 48, 3)).astype(np.uint8) for _ in range(7)])
+  said = []
+  lat = inputs.load_init(cfg, clip, "--init-video", vae=(dec.vae, dec.vae_params), say=said.append)
+  assert lat.shape == (2, 8, 12, 4) and np.isfinite(lat).all()
+  assert "7 frame(s)" in said[0] and "dropped the first 2 of 7 frames" in said[0] and "cropped the centre" in said[0]
