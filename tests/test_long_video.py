@@ -115,7 +115,8 @@ def test_continuation_from_own_frames_equals_the_uninterrupted_video(tiny_config
   entries = sm.program._cache_size()
   part = _np(sm.sample(params, context, ctl, init_latents=full.latents[0, :3]))
   assert sm.program._cache_size() == entries
-  np.testing.assert_array_equal(part.latents[:, :3], np.broadcast_to(full.latents[:1, :3], (2, 3) + full.latents.shape[2:]))
+  given = np.broadcast_to(full.latents[:1, :3], (2, 3) + full.latents.shape[2:])
+  np.testing.assert_array_equal(part.latents[:, :3], given)
   assert (part.steps[:, :3] == 0).all() and (part.steps[:, 3:] > 0).all() and np.isfinite(part.latents).all()
   # Streaming gives the same continuation.
   col = ST.collect(ST.stream(sm, params, context, ctl, init_latents=full.latents[:, :4]))

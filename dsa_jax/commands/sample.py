@@ -11,7 +11,8 @@ Long videos and continuation (see the README):
   dsa-jax sample --config digits --out out/long --prompt "digit 3 moves slowly" --num-frames 160 \\
       --config.sampling.window_frames=8 --config.sampling.sink_frames=2
   dsa-jax sample --config digits --out out/cont --prompt "digit 3 moves slowly" --init-video clip.gif
-  dsa-jax sample --config digits --out out/sched --num-frames 32 --prompt-schedule "0:digit 3 moves fast; 16:digit 8 moves slowly"
+  dsa-jax sample --config digits --out out/sched --num-frames 32 \\
+      --prompt-schedule "0:digit 3 moves fast; 16:digit 8 moves slowly"
 
 --threshold inf always takes --max-steps steps per frame, --threshold -inf always --min-steps. Names come from the
 prompt (a slug, plus a short hash of the prompt when the slug is empty, cut or shared; with several prompts prefixed
@@ -284,8 +285,8 @@ def main(args):
   use_cfg = is_on(guidance)
   uncond = encode([config.text.negative_prompt]) if use_cfg else None
   _say(f"sampling {len(prompts)} video(s) of {sampler.num_frames} latent frames ({sampler.num_chunks} chunks "
-       f"of {sampler.chunk_frames}{_window_note(sampler)}) on {jax.devices()[0].device_kind}: tau={threshold:g} steps in "
-       f"[{min_steps}, {max_steps}] of a {sampler.num_steps}-step ladder, guidance {guidance:g}, "
+       f"of {sampler.chunk_frames}{_window_note(sampler)}) on {jax.devices()[0].device_kind}: tau={threshold:g} "
+       f"steps in [{min_steps}, {max_steps}] of a {sampler.num_steps}-step ladder, guidance {guidance:g}, "
        f"weights: {source.get('path', 'random')}")
   summary = config_summary(config, sampler)
   compile_s = None
