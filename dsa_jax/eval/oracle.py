@@ -42,7 +42,8 @@ def _trace_program(sampler: Sampler):
       def step(carry, k):
         x, cache = carry
         t = jnp.full((b, c), tn * sig[k], jnp.float32)
-        v, feats, cache = sampler.forward(gen, x, t, context, None, controls.guidance, cache, offset, False)
+        v, feats, cache = sampler.forward(gen, x, t, context, None, controls.guidance, cache, offset, False,
+                                          sampler.placement(i))
         x0 = flow.x0_from_velocity(x, v, sig[k])
         conf = sampler.confidence(hp, feats, jnp.full((b, c), k, jnp.int32), t)
         x_next = flow.renoise(x0, slot_noise(ckeys, k + 1, x.shape[1:]), sig[k + 1])
