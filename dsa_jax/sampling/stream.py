@@ -45,7 +45,8 @@ def stream(sampler, params, context, controls, rng=None, uncond_context=None, de
   Compiles the per-chunk function on first use (once per batch size and CFG use; never for new controls, new
   schedules or a new number of given frames).
   fps_controller (`budget.FpsController`): sets every chunk's threshold from the measured times of the chunks before
-  it, so that the stream holds its target frame rate (the threshold is traced: nothing recompiles).
+  it (the first chunk, which may include compilation, is not measured), so that the stream holds its target frame
+  rate (the threshold is traced: nothing recompiles).
   """
   args, use_cfg = sampler.prepare(params, context, controls, rng, uncond_context, init_latents, prompt_index)
   params, context, uncond_context, controls, rng, cache, cond = args
@@ -63,7 +64,7 @@ def stream(sampler, params, context, controls, rng=None, uncond_context=None, de
       pixels, dec_state = decoder.decode_chunk(out.latents, dec_state, first=(i == 0))
     o, px = jax.device_get((out, pixels))
     now = time.perf_counter()
-    if fps_controller is not None:
+    if fps_controller is not None and i > 0:  # the first chunk's time may include compilation: not a measurement
       fps_controller.update(int(px.shape[1]) if px is not None else sampler.chunk_frames, now - t0)
     yield StreamChunk(index=i, latents=o.latents, steps=o.steps, confidences=o.confidences,
                       conf_trace=o.conf_trace, iters=int(o.iters), pixels=px, seconds=now - t0,
