@@ -40,7 +40,7 @@ def shared_cache_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def xla_cache(tmp_path_factory):
   """Persistent compilation cache shared with the CLI subprocesses (identical programs compile once)."""
-  from jax._src import compilation_cache as cc  # jax decides once per process whether to use the cache
+  from jax.experimental.compilation_cache import compilation_cache as cc  # jax decides once per process
   path = str(shared_cache_dir(tmp_path_factory))
   old = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
   jax.config.update("jax_compilation_cache_dir", path)
