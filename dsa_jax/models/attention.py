@@ -22,6 +22,7 @@ on any platform (tests on CPU); off TPU without it, 'splash' is an error.
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 
 import jax
@@ -137,9 +138,15 @@ def _splash_kernel(lq: int, lk: int, heads: int, causal_block: int | None, mask_
   blocks = sk.BlockSizes(block_q=block_q, block_kv=block_kv, block_kv_compute=block_kv, block_q_dkv=block_q,
                          block_kv_dkv=block_kv, block_kv_dkv_compute=block_kv, block_q_dq=block_q,
                          block_kv_dq=block_kv)
-  with jax.ensure_compile_time_eval():  # the mask tables are constants, also when first built inside a trace
-    return sk.make_splash_mha(sm.MultiHeadMask([base] * heads), block_sizes=blocks, head_shards=1, q_seq_shards=1,
-                              interpret=interpret)
+  build = lambda: sk.make_splash_mha(sm.MultiHeadMask([base] * heads), block_sizes=blocks, head_shards=1,
+                                     q_seq_shards=1, interpret=interpret)
+  # The kernel holds its mask tables as jax arrays; built inside a trace (flax's scan traces its body with partial
+  # evaluation) they would be that trace's values, so it is built on a thread of its own (jax's trace state is
+  # per thread) and cached as numpy.
+  with concurrent.futures.ThreadPoolExecutor(1) as pool:
+    kernel = pool.submit(build).result()
+  leaves, treedef = jax.tree_util.tree_flatten(kernel)
+  return treedef, [np.asarray(x) for x in leaves]
 
 
 def _splash_attention(q, k, v, mask, kv_lengths, causal_block, interpret):
@@ -160,7 +167,8 @@ def _splash_attention(q, k, v, mask, kv_lengths, causal_block, interpret):
     padded[:lq, :lk] = np.asarray(mask, bool)
     padded[lq:, :] = True  # padded query rows (dropped) must see a key
     mask_bytes = padded.tobytes()
-  kernel = _splash_kernel(lq_p, lk_p, h, causal_block, mask_bytes, bq, bk, bool(interpret))
+  kernel = jax.tree_util.tree_unflatten(*_splash_kernel(lq_p, lk_p, h, causal_block, mask_bytes, bq, bk,
+                                                        bool(interpret)))
   valid = lk if kv_lengths is None else jnp.minimum(jnp.asarray(kv_lengths, jnp.int32), lk)
   valid = jnp.broadcast_to(valid, (b,))
   segments = sk.SegmentIds(q=jnp.zeros((b, lq_p), jnp.int32),
