@@ -255,7 +255,9 @@ class WanDiT(nn.Module):
                                              bias_init=_partitioned(nn.initializers.zeros, names[1:]), name=name)
     e = dense32(c.dim, ("freq", "embed"), "time_embedding_1")(emb)
     e = dense32(c.dim, ("embed", "embed_out"), "time_embedding_2")(nn.silu(e))  # (B, F, D)
+    e = constrain_activation(e, ("activation_batch", None, "activation_embed"))
     e0 = dense32(6 * c.dim, ("embed", "mod"), "time_projection")(nn.silu(e)).reshape(b, f, 6, c.dim)
+    e0 = constrain_activation(e0, ("activation_batch", None, None, "activation_embed"))
 
     ctx = nn.Dense(c.dim, dtype=c.dtype, param_dtype=c.param_dtype,
                    kernel_init=_partitioned(_dense_init(), ("text_embed", "embed")),
@@ -265,6 +267,7 @@ class WanDiT(nn.Module):
                    kernel_init=_partitioned(_dense_init(), ("embed", "embed_out")),
                    bias_init=_partitioned(nn.initializers.zeros, ("embed",)), name="text_embedding_2")(
                        nn.gelu(ctx, approximate=True))
+    ctx = constrain_activation(ctx, ("activation_batch", "activation_length", "activation_embed"))
 
     tables = rope_lib.rope_tables(c.head_dim, c.rope_max_frames, gh, gw, c.rope_theta)
     rope = rope_lib.rope_for_grid(tables, frame_offset, f, gh, gw)
