@@ -78,6 +78,14 @@ def _worker(out_path: str):
       r["stream_max_diff"] = float(np.abs(streamed["latents"] - ref.latents).max())
       r["stream_steps_equal"] = bool((streamed["steps"] == ref.steps).all())
 
+  # The TPU attention kernel (Pallas interpret mode) per shard on the mesh gives the same video.
+  cfg_splash = cfg.copy_and_resolve_references()
+  cfg_splash.compute.update(attention="splash", splash_interpret=True)
+  sm = S.make_sampler(cfg_splash, mesh=mesh_lib.make_mesh(cfg, shape=MESHES["data2_tensor4"]))
+  out = jax.device_get(sm.sample(params, ctx, controls(sm, tau)))
+  report["splash_max_diff"] = float(np.abs(out.latents - ref.latents).max())
+  report["splash_steps_equal"] = bool((out.steps == ref.steps).all())
+
   # Changed rules: activations' tokens over 'tensor' (sequence parallelism). Only effective constraints can make
   # the compiled programs hold the residual stream that way.
   rules = tuple((n, "tensor" if n == "activation_length" else a) for n, a in mesh_lib.rules_from_config(cfg))
@@ -148,6 +156,10 @@ def test_placements(report):
 def test_streaming_on_a_mesh(report):
   r = report["data2_tensor4"]
   assert r["stream_steps_equal"] and r["stream_max_diff"] < 1e-4
+
+
+def test_splash_kernel_per_shard(report):
+  assert report["splash_steps_equal"] and report["splash_max_diff"] < 1e-4, report["splash_max_diff"]
 
 
 def test_activation_shardings_in_compiled_programs(report):

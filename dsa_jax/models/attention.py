@@ -16,7 +16,8 @@ axis. 512 x 512 tiles keep the MXU busy for Wan's head dim 128 in bf16 (q, k, v,
 tile pair stay a few hundred KB, far below VMEM on v4/v5), and larger tiles halve the per-tile overhead against
 256; but Wan's frames are 1560 tokens (480x832) and chunks 4680, which no power of two divides, so the padding rule
 picks 256 for a 3-frame chunk of queries (3.9 % padding; 512 would waste 9 %) and 512 for a 21-frame cache (0.02 %).
-128 is the smallest tile the TPU lane width allows. `interpret=True` runs the same kernel in Pallas interpret mode
+128 is the smallest tile the TPU lane width allows. On a mesh the kernel runs per shard under `shard_map` (batch
+and heads split as the activation rules say; XLA cannot partition a Pallas call). `interpret=True` runs the same kernel in Pallas interpret mode
 on any platform (tests on CPU); off TPU without it, 'splash' is an error.
 """
 
@@ -149,11 +150,9 @@ def _splash_kernel(lq: int, lk: int, heads: int, causal_block: int | None, mask_
   return treedef, [np.asarray(x) for x in leaves]
 
 
-def _splash_attention(q, k, v, mask, kv_lengths, causal_block, interpret):
+def _splash_local(q, k, v, mask, kv_lengths, causal_block, interpret):
+  """Splash attention on the arrays of one device (or one shard)."""
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
-  if not interpret and jax.devices()[0].platform != "tpu":
-    raise RuntimeError("compute.attention='splash' is TPU only; use 'auto', 'xla' or 'cudnn' on this platform "
-                       "(or compute.splash_interpret=True to run the kernel in Pallas interpret mode, for tests)")
   b, lq, h, d = q.shape
   lk = k.shape[1]
   bq, bk = splash_block(lq), splash_block(lk)
@@ -182,6 +181,29 @@ def _splash_attention(q, k, v, mask, kv_lengths, causal_block, interpret):
   else:
     out = jax.vmap(lambda a, b_, c, s: kernel(a, b_, c, segment_ids=s))(qs, ks, vs, segments)
   return jnp.swapaxes(out, 1, 2)[:, :lq].astype(q.dtype)
+
+
+def _splash_attention(q, k, v, mask, kv_lengths, causal_block, interpret):
+  """Splash attention; on a mesh (inside `activation_context`) per shard under `shard_map`, batch over the batch
+  axes and heads over the heads axis of the activation rules, since XLA cannot partition a Pallas kernel."""
+  if not interpret and jax.devices()[0].platform != "tpu":
+    raise RuntimeError("compute.attention='splash' is TPU only; use 'auto', 'xla' or 'cudnn' on this platform "
+                       "(or compute.splash_interpret=True to run the kernel in Pallas interpret mode, for tests)")
+  from dsa_jax.parallel import mesh as mesh_lib
+  active = mesh_lib.active_mesh()
+  if active is None:
+    return _splash_local(q, k, v, mask, kv_lengths, causal_block, interpret)
+  mesh, rules = active
+  spec = mesh_lib.logical_to_spec(("activation_batch", None, "activation_heads", None), q.shape, mesh, rules)
+  batch_spec = jax.sharding.PartitionSpec(spec[0])
+  if kv_lengths is None:
+    fn = lambda q, k, v: _splash_local(q, k, v, mask, None, causal_block, interpret)
+    args, specs = (q, k, v), (spec, spec, spec)
+  else:
+    fn = lambda q, k, v, n: _splash_local(q, k, v, mask, n, causal_block, interpret)
+    lengths = jnp.broadcast_to(jnp.asarray(kv_lengths, jnp.int32), (q.shape[0],))
+    args, specs = (q, k, v, lengths), (spec, spec, spec, batch_spec)
+  return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=spec, check_vma=False)(*args)
 
 
 def dot_product_attention(q, k, v, *, mask=None, kv_lengths=None, causal_block: int | None = None,

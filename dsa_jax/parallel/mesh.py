@@ -196,7 +196,7 @@ def activation_context(mesh: Mesh | None, rules, *, model_constraints: bool = Tr
     return
   with contextlib.ExitStack() as stack:
     stack.enter_context(jax.set_mesh(mesh))
-    token = _ACTIVATIONS.set((mesh, tuple(rules)) if model_constraints and mesh.size > 1 else None)
+    token = _ACTIVATIONS.set((mesh, tuple(rules), model_constraints) if mesh.size > 1 else None)
     stack.callback(_ACTIVATIONS.reset, token)
     yield
 
@@ -204,9 +204,16 @@ def activation_context(mesh: Mesh | None, rules, *, model_constraints: bool = Tr
 def constrain_activation(x, names: Sequence[str | None]):
   """Constrains a model activation by logical names inside `activation_context`; a no-op elsewhere."""
   active = _ACTIVATIONS.get()
-  if active is None:
+  if active is None or not active[2]:
     return x
-  return constrain(x, names, *active)
+  return constrain(x, names, active[0], active[1])
+
+
+def active_mesh():
+  """(mesh, rules) of the enclosing `activation_context` over more than one device, else None (kernels that XLA
+  cannot partition, like splash attention, run per shard under `shard_map` with it)."""
+  active = _ACTIVATIONS.get()
+  return None if active is None else active[:2]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
