@@ -519,6 +519,13 @@ class Sampler:
       return functools.partial(self.program, use_cfg=use_cfg)
     return self._sharded("program", args, use_cfg)
 
+  def lower(self, args, use_cfg: bool):
+    """The whole-video program lowered for these (possibly abstract) arguments."""
+    with mesh_lib.activation_context(self.mesh, self.rules):
+      if self.mesh is None:
+        return self.program.lower(*args, use_cfg=use_cfg)
+      return self._sharded("program", args, use_cfg).lower(*args)
+
   def sample(self, params, context, controls: SamplingControls, rng=None, uncond_context=None) -> SampleOutput:
     """Samples a whole video batch in one compiled program (asynchronous: arrays are ready when read)."""
     args, use_cfg = self.prepare(params, context, controls, rng, uncond_context)
@@ -532,8 +539,7 @@ class Sampler:
     shape use it); returns the compile time in seconds (tracing + lowering + XLA compilation)."""
     args, use_cfg = self.prepare(params, context, controls, rng, uncond_context)
     t0 = time.perf_counter()
-    with mesh_lib.activation_context(self.mesh, self.rules):
-      compiled = self._whole_video(args, use_cfg).lower(*args).compile()
+    compiled = self.lower(args, use_cfg).compile()
     dt = time.perf_counter() - t0
     self._compiled[_signature(args, use_cfg)] = compiled
     return dt
