@@ -69,13 +69,16 @@ def _compiled_memory(compiled) -> dict:
 
 def sampling_memory(config, mesh, batch: int, use_cfg: bool | None = None) -> dict:
   """Per-device bytes of the whole-video sampler for `batch` videos (CFG per config.sampling.guidance)."""
+  from dsa_jax.checkpoint.loading import cast_params_for_inference
   from dsa_jax.diffusion.guidance import is_on
   from dsa_jax.models import factory
   from dsa_jax.sampling import sampler as sampler_lib
 
   sm = sampler_lib.make_sampler(config, mesh=mesh)
   use_cfg = is_on(config.sampling.guidance) if use_cfg is None else use_cfg
-  gen = mesh_lib.unbox(factory.abstract_dit_params(sm.dcfg, config))
+  # the generator's matmul kernels in the compute dtype, as `dsa-jax sample` loads them
+  gen = jax.eval_shape(lambda k: cast_params_for_inference(mesh_lib.unbox(factory.init_dit(sm.dcfg, config, k)),
+                                                           sm.dcfg.dtype), jax.random.PRNGKey(0))
   head = mesh_lib.unbox(factory.abstract_head_params(config))
   params = {"generator": gen, "head": head}
   ctx = jax.ShapeDtypeStruct((batch, sm.dcfg.text_len, sm.dcfg.text_dim), jnp.float32)
