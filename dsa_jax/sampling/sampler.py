@@ -531,7 +531,7 @@ class Sampler:
     args, use_cfg = self.prepare(params, context, controls, rng, uncond_context)
     compiled = self._compiled.get(_signature(args, use_cfg))
     with mesh_lib.activation_context(self.mesh, self.rules):
-      out, _ = (compiled or self._whole_video(args, use_cfg))(*args)
+      out, _ = (compiled if compiled is not None else self._whole_video(args, use_cfg))(*args)
     return out
 
   def compile(self, params, context, controls, rng=None, uncond_context=None) -> float:
