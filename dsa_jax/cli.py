@@ -17,7 +17,7 @@ import os
 import re
 import sys
 
-COMMANDS = ("info", "sample", "bench", "train", "convert", "data", "eval", "sweep")
+COMMANDS = ("info", "sample", "calibrate", "bench", "train", "convert", "data", "eval", "sweep")
 
 
 def build_parser():

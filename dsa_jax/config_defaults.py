@@ -80,10 +80,17 @@ def base_config() -> ml_collections.ConfigDict:
       frozen_frames="clean",
       # 'confidence' (DSA: the head) or 'x0_delta' (the training-free baseline: x0 changed less than threshold).
       stop_rule="confidence",
+      # Long videos: attend to the last window_frames latent frames (the chunk being made included) plus the first
+      # sink_frames (attention sinks) in a ring-buffer KV cache of sink + window frames; 0 = the whole video.
+      # Both are multiples of video.chunk_frames.
+      window_frames=0, sink_frames=0,
+      # A step budget instead of `threshold`: average denoising steps per frame, turned into tau by the calibration
+      # table stored with the model (`dsa-jax calibrate`); 0 = use `threshold`.
+      mean_steps=0.0,
   ))
 
   c.conf = ml_collections.ConfigDict(dict(
-      hidden=256, embed_dim=64, detach_trunk=True, target="remaining", target_ema=0.99, consistency_scale=0.0,
+      hidden=256, embed_dim=64, detach_trunk=True, target="dmd", target_ema=0.99, consistency_scale=0.0,
       loss_weight=1.0,
   ))
 

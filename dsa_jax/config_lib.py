@@ -44,9 +44,10 @@ def resolve_config_path(path: str) -> str:
                           f"{', '.join(builtin_configs())})")
 
 
-# Confidence-head training targets (dsa_jax.training.losses): 'remaining' (default) = how little the frame's x0 would
-# still change by the last ladder step; 'consistency' = the same with a fixed/mean scale; 'dmd' = teacher/critic
-# disagreement on the exit x0.
+# Confidence-head training targets (dsa_jax.training.losses): 'dmd' (default: the best quality per step on moving
+# digits, docs/claim.md) = teacher/critic disagreement on the exit x0; 'remaining' = how little the frame's x0 would
+# still change by the last ladder step (log-quantile normalised; its confidence rises with every step);
+# 'consistency' = the same distance with a fixed or running-mean scale.
 CONF_TARGETS = ("remaining", "consistency", "dmd")
 
 
@@ -239,6 +240,9 @@ def validate_config(config: ml_collections.ConfigDict):
            f"must lie in [1, len(sampling.ladder)={len(ladder)}], got {s.min_steps}")
   _require(s.min_steps <= s.max_steps <= len(ladder), "sampling.max_steps",
            f"must lie in [sampling.min_steps={s.min_steps}, len(sampling.ladder)={len(ladder)}], got {s.max_steps}")
+  _require(s.mean_steps == 0 or s.min_steps <= s.mean_steps <= s.max_steps, "sampling.mean_steps",
+           f"must be 0 (use sampling.threshold) or lie in [min_steps, max_steps] = [{s.min_steps}, {s.max_steps}], "
+           f"got {s.mean_steps}")
   _require(isinstance(s.threshold, float) and not math.isnan(s.threshold), "sampling.threshold",
            f"must be a float (inf allowed), got {s.threshold!r}")
   _require(0.0 <= s.context_noise < d.num_train_timesteps, "sampling.context_noise",
@@ -265,6 +269,8 @@ def validate_config(config: ml_collections.ConfigDict):
   h = config.conf
   _require(h.hidden > 0, "conf.hidden", "must be positive")
   _require(h.target in CONF_TARGETS, "conf.target", f"must be one of {CONF_TARGETS}, got {h.target!r}")
+  _require(not (config.train.stage == "head" and h.target == "dmd"), "conf.target",
+           "the 'head' stage has no teacher or critic: use 'remaining' or 'consistency', not 'dmd'")
 
   if "mesh" in config:
     shape = dict(config.mesh.shape)

@@ -3,6 +3,7 @@
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 
@@ -283,15 +284,22 @@ def test_claim_sweep_tiny(digits_toy_config, tiny_evaluator, tmp_path):
   ev_dir, _, _ = tiny_evaluator
   bench = claim.Benchmark(digits_toy_config, num=4, evaluator=ev_dir, num_real=6, batch=4, fps_prompts=0,
                           log=lambda s: None)
-  res = claim.run_claim(digits_toy_config, "", None, str(tmp_path), fixed=(1, 3), thresholds=[0.3, 0.6],
-                        deltas=[0.0, 1e9], bench=bench, log=lambda s: None)
+  res = claim.run_claim(digits_toy_config, {"remaining": ""}, str(tmp_path), fixed=(1, 3), thresholds=[0.3, 0.6],
+                        deltas=[0.0, 1e9], budgets=(1.5, 2.0), bench=bench, log=lambda s: None)
   g = res["groups"]
   assert [r["avg_steps"] for r in g["fixed"]] == [1, 3]
-  assert len(g["dsa_dmd"]) == 2 and g["dsa_consistency"] == []
+  assert len(g["dsa_remaining"]) == 2
   assert [r["avg_steps"] for r in g["heuristic"]] == [digits_toy_config.sampling.max_steps, 2]
+  assert [r["avg_steps"] for r in g["oracle"]] == [1.5, 2.0]  # the oracle spends exactly its budget
+  head = res["heads"]["remaining"]
+  assert len(head["median_conf_by_step"]) == len(digits_toy_config.sampling.ladder)
+  assert head["median_remaining_by_step"][-1] == 0.0 and head["median_remaining_by_step"][0] > 0
+  assert [r["budget"] for r in res["efficiency"]["remaining"]] == [1.5, 2.0]
   md = (tmp_path / "claim.md").read_text()
-  assert "(a) fixed steps" in md and "(d) x0-change heuristic" in md and "real test clips" in md
+  assert "fixed steps" in md and "x0-change heuristic" in md and "oracle allocation" in md and "real test clips" in md
+  assert "Allocation efficiency" in md and "median c, step 1" in md
   assert (tmp_path / "claim.png").stat().st_size > 0 and (tmp_path / "claim.json").is_file()
+  assert (tmp_path / "steps_by_place.png").stat().st_size > 0
 
 
 def test_eval_command_errors(tmp_path, repo_root):
@@ -301,3 +309,48 @@ def test_eval_command_errors(tmp_path, repo_root):
   rc = cli.main(["eval", "--config", os.path.join(repo_root, "configs", "tiny.py"), "--out", str(tmp_path),
                  "--ckpt", ""])
   assert rc == 2  # not a pixel-space config
+
+
+def test_trace_rollout_is_the_full_ladder_sampler(digits_toy_config):
+  """The oracle's trace runs the sampler's own program: its last-step x0 is the fixed-L video and its confidences
+  are the sampler's conf_trace."""
+  from dsa_jax.eval import oracle
+  from dsa_jax.sampling import sampler as sampler_lib
+  cfg = digits_toy_config
+  s = sampler_lib.make_sampler(cfg)
+  params = s.init_params(jax.random.PRNGKey(3))
+  L = s.num_steps
+  ctx = np.random.default_rng(0).standard_normal((2, cfg.model.text_len, cfg.model.text_dim)).astype(np.float32)
+  controls = s.make_controls(2, threshold=float("inf"), min_steps=L, max_steps=L, guidance=0.0, seed=5)
+  ref = s.sample(params, ctx, controls)
+  t = oracle.trace_rollout(s, params, ctx, controls)
+  assert t["x0"].shape[:3] == (2, cfg.video.num_frames, L)
+  np.testing.assert_allclose(t["x0"][:, :, -1], np.asarray(ref.latents), atol=1e-5)
+  np.testing.assert_allclose(t["conf"], np.asarray(ref.conf_trace), atol=1e-5)
+  assert np.all(t["remaining"][..., -1] == 0) and np.all(t["remaining"][..., 0] > 0)
+
+
+def test_oracle_allocation_greedy_by_gain():
+  from dsa_jax.eval import oracle
+  # frame 0 gains a lot from step 2 only; frame 1 gains steadily; frame 2 is done after one step
+  rem = np.array([[10.0, 1.0, 0.9, 0.0], [6.0, 4.0, 2.0, 0.0], [0.01, 0.005, 0.001, 0.0]])
+  np.testing.assert_array_equal(oracle.oracle_allocation(rem, 1.0), [1, 1, 1])
+  np.testing.assert_array_equal(oracle.oracle_allocation(rem, 4 / 3), [2, 1, 1])  # 9 > 2 > 0.005
+  np.testing.assert_array_equal(oracle.oracle_allocation(rem, 5 / 3), [2, 2, 1])
+  np.testing.assert_array_equal(oracle.oracle_allocation(rem, 4.0), [4, 4, 4])
+  alloc = oracle.oracle_allocation(np.random.default_rng(0).random((8, 6, 5)), 2.5, 1, 5)
+  assert alloc.shape == (8, 6) and alloc.mean() == 2.5 and alloc.min() >= 1 and alloc.max() <= 5
+  with pytest.raises(ValueError, match="budget"):
+    oracle.oracle_allocation(rem, 4.5)
+
+
+def test_head_report_reads_a_rising_confidence():
+  from dsa_jax.eval import oracle
+  rng = np.random.default_rng(0)
+  rem = np.sort(rng.random((16, 4, 5)), axis=-1)[..., ::-1].copy()
+  rem[..., -1] = 0.0
+  good = oracle.remaining_target(rem, oracle.remaining_log_range(rem))
+  rep = oracle.head_report({"conf": good, "remaining": rem})
+  assert rep["conf_rises"] and rep["ece_vs_remaining"] < 1e-9
+  flat = oracle.head_report({"conf": np.full_like(rem, 0.9), "remaining": rem})  # overconfident, flat
+  assert not flat["conf_rises"] and flat["step1_spread"] == 0.0 and flat["ece_vs_remaining"] > 0.1

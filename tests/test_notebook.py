@@ -23,7 +23,7 @@ def test_notebook_runs_on_cpu(monkeypatch, tmp_path):
   i = next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", []))
   # Like papermill: a cell after the parameters cell overrides them (already installed, no widgets, no Wan).
   nb.cells.insert(i + 1, nbformat.v4.new_code_cell("INSTALL = False\nUSE_WIDGETS = False\nRUN_WAN = False\n"
-                                                   "STREAM = True\nBUDGET = 0.6"))
+                                                   "STREAM = True\nBUDGET = 2.0"))
   monkeypatch.setenv("JAX_PLATFORMS", "cpu")  # the kernel inherits the environment
   monkeypatch.setenv("TMPDIR", str(tmp_path))
   updates = []

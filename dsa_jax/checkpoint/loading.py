@@ -161,6 +161,9 @@ def load_sampler_params(config, ckpt: str = "", *, use_ema: Optional[bool] = Non
     return out, {"source": "random"}
   kind = "checkpoint" if workdir.is_model_dir(ckpt) else "workdir"
   source = {"source": kind, "path": ckpt, "generator": chosen[gen]}
+  if kind == "checkpoint":  # what the model records about its head: its target, the step-budget calibration
+    meta = params_io.read_meta(ckpt)
+    source.update({k: meta[k] for k in ("conf_target", "calibration") if k in meta})
   if chosen["head"] == RANDOM:
     source["head"] = RANDOM
   return out, source

@@ -43,6 +43,16 @@ def save_params(path: str, params: dict, meta: dict) -> str:
   return path
 
 
+def update_meta(path: str, **fields) -> dict:
+  """Adds or replaces top-level fields of a model checkpoint's metadata (atomically; the parameters are untouched),
+  e.g. the step-budget calibration table written by `dsa-jax calibrate`."""
+  from dsa_jax.atomic import write_text
+  meta = read_meta(path)
+  meta.update(fields)
+  write_text(os.path.join(path, META_FILE), json.dumps(meta, indent=2, sort_keys=True))
+  return meta
+
+
 def read_meta(path: str) -> dict:
   meta_path = os.path.join(path, META_FILE)
   if not os.path.isdir(path):

@@ -9,11 +9,11 @@ Three actions (a positional word; `run` when omitted):
     1 ... red = max) and OUT/steps_by_event.png (steps per frame against the frames' event labels, as predicted
     by the evaluator on the generated frames, and per frame index).
 
-  dsa-jax eval sweep --config configs/digits.py --ckpt DMD_MODEL --ckpt-consistency CONS_MODEL --out docs/claim
-      [--num 256] [--thresholds ...] [--deltas ...]
-    the quality-vs-steps comparison (also `--sweep`): fixed 1-5 steps, DSA (dmd and consistency targets) at >= 5
-    thresholds and the x0-change heuristic at several deltas; writes claim.md, claim.json, claim.png,
-    steps_by_event.png (see dsa_jax/eval/claim.py).
+  dsa-jax eval sweep --config configs/digits.py --model remaining=MODEL [--model dmd=MODEL2 ...] --out docs/claim
+      [--num 512] [--thresholds ...] [--deltas ...] [--budgets 1.5 2 2.5 3]
+    the quality-vs-steps comparison (also `--sweep`): fixed 1-5 steps, DSA with each model (named by its confidence
+    target) at >= 5 thresholds, the x0-change heuristic at several deltas and the oracle allocation at each budget;
+    writes claim.md, claim.json, claim.png, steps_by_event.png, steps_by_place.png (see dsa_jax/eval/claim.py).
 
   dsa-jax eval train-evaluator --out dsa_jax/assets/evaluator [--steps 1200] [--size 32 --frames 16]
     trains the evaluator once on the real training split (see dsa_jax/eval/evaluator.py); the repo ships its output.
@@ -40,7 +40,10 @@ def add_arguments(p):
   p.add_argument("--config", default=None, help="config file (path[:arg]); required for run and sweep")
   p.add_argument("--ckpt", default=None, help="model checkpoint folder or training workdir (default: "
                  "config.sampling.checkpoint; empty string: random weights); the dmd-target model for sweep")
-  p.add_argument("--ckpt-consistency", default=None, help="sweep: the consistency-target model (optional)")
+  p.add_argument("--model", action="append", default=None, metavar="TARGET=PATH", help="sweep: a DSA model named by "
+                 "its confidence target (repeat for several; default: --ckpt, named by its config's conf.target)")
+  p.add_argument("--budgets", nargs="+", type=float, default=None, help="sweep: average-steps budgets of the oracle "
+                 "allocation (default 1.5 2 2.5 3)")
   p.add_argument("--out", required=True, help="output folder")
   p.add_argument("--num", type=int, default=256, help="held-out prompts to sample (default 256)")
   p.add_argument("--thresholds", nargs="+", default=None, help="confidence thresholds (numbers, inf, -inf); run: "
@@ -64,6 +67,19 @@ def add_arguments(p):
   p.add_argument("--size", type=int, default=None, help="train-evaluator: canvas size (default: --config's, else 32)")
   p.add_argument("--frames", type=int, default=None, help="train-evaluator: clip frames (default: --config's, else 16)")
   p.add_argument("--num-train", type=int, default=6000, help="train-evaluator: training clips generated (default 6000)")
+
+
+def parse_models(values) -> dict[str, str]:
+  """['remaining=PATH', 'dmd=PATH'] -> {'remaining': PATH, 'dmd': PATH} (order kept: the first serves the baselines)."""
+  out = {}
+  for v in values:
+    name, sep, path = v.partition("=")
+    if not sep or not name or not path:
+      raise ValueError(f"--model: expected TARGET=PATH (e.g. remaining=runs/digits/dsa/model), got {v!r}")
+    if name in out:
+      raise ValueError(f"--model: {name!r} given twice")
+    out[name] = path
+  return out
 
 
 def parse_thresholds(values) -> list[float]:
@@ -115,8 +131,10 @@ def main(args):
     return 0
   if action == "sweep":
     from dsa_jax.eval.claim import run_claim
-    run_claim(config, ckpt, args.ckpt_consistency, args.out, thresholds=thresholds, deltas=args.deltas,
-              fixed=tuple(args.fixed) if args.fixed else (1, 2, 3, 4, 5), **common)
+    models = parse_models(args.model) if args.model else {str(config.conf.target): ckpt}
+    run_claim(config, models, args.out, thresholds=thresholds, deltas=args.deltas,
+              fixed=tuple(args.fixed) if args.fixed else (1, 2, 3, 4, 5),
+              budgets=tuple(args.budgets) if args.budgets else (1.5, 2.0, 2.5, 3.0), **common)
     return 0
   from dsa_jax.eval.evaluate import evaluate
   evaluate(config, ckpt, args.out, thresholds=thresholds, fixed=args.fixed, gif_clips=args.gif_clips, **common)

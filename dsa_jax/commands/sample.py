@@ -6,6 +6,14 @@
   dsa-jax sample --config wan_1_3b --ckpt ckpts/dsa --out out --prompt "..." --threshold inf \\
       --max-steps 4        # fixed 4 steps: the Self Forcing sampler
 
+Long videos and continuation (see the README):
+
+  dsa-jax sample --config digits --out out/long --prompt "digit 3 moves slowly" --num-frames 160 \\
+      --config.sampling.window_frames=8 --config.sampling.sink_frames=2
+  dsa-jax sample --config digits --out out/cont --prompt "digit 3 moves slowly" --init-video clip.gif
+  dsa-jax sample --config digits --out out/sched --num-frames 32 \\
+      --prompt-schedule "0:digit 3 moves fast; 16:digit 8 moves slowly"
+
 --threshold inf always takes --max-steps steps per frame, --threshold -inf always --min-steps. Names come from the
 prompt (a slug, plus a short hash of the prompt when the slug is empty, cut or shared; with several prompts prefixed
 by their index) or from --name. --stream shows per-chunk progress (the streaming API); otherwise the whole video is
@@ -37,8 +45,24 @@ def add_arguments(p):
   g = p.add_mutually_exclusive_group()
   g.add_argument("--prompt", default=None, help="one prompt")
   g.add_argument("--prompts", default=None, help="text file, one prompt per line ('#' comments)")
+  g.add_argument("--prompt-schedule", default=None, help="one video whose prompt changes at chunk boundaries: "
+                 "'0:PROMPT; 8:PROMPT; ...' (latent frame indices, multiples of video.chunk_frames, from 0) or a "
+                 ".json file ({\"0\": PROMPT, ...} or [{\"frame\": 0, \"prompt\": PROMPT}, ...])")
+  p.add_argument("--num-frames", type=_int_arg("--num-frames"), default=None, help="latent frames to sample, any "
+                 "multiple of video.chunk_frames (default video.num_frames); for long videos also set "
+                 "--config.sampling.window_frames (and sink_frames) so that memory and time per chunk stay flat")
+  init = p.add_mutually_exclusive_group()
+  init.add_argument("--init-video", default=None, help="continue this video (mp4/gif): its frames, fitted to the "
+                    "config's size and encoded, are the start of every sample")
+  init.add_argument("--init-image", default=None, help="image-to-video (png/jpg/gif: the first frame): the image "
+                    "is the first frame of every sample")
   p.add_argument("--threshold", default=None, help="confidence threshold tau (a number, inf or -inf; default "
                  "config.sampling.threshold)")
+  p.add_argument("--mean-steps", type=float, default=None, help="average denoising steps per frame (a step budget): "
+                 "picks tau from the model's calibration table (dsa-jax calibrate); default config.sampling.mean_steps "
+                 "(0 = use the threshold)")
+  p.add_argument("--target-fps", type=float, default=None, help="with --stream: adjust tau chunk by chunk from "
+                 "measured chunk times to hold this many frames per second (needs the calibration table)")
   p.add_argument("--min-steps", type=int, default=None, help="default config.sampling.min_steps")
   p.add_argument("--max-steps", type=int, default=None, help="default config.sampling.max_steps")
   p.add_argument("--seed", type=_int_arg("--seed"), default=None, help="noise seed of the first prompt (prompt i "
@@ -121,11 +145,14 @@ def read_prompts(args) -> list[str]:
     from dsa_jax.data.prompts import TextPromptSource
     src = TextPromptSource(args.prompts)
     return [src[i] for i in range(len(src))]
+  if getattr(args, "prompt_schedule", None) is not None:
+    from dsa_jax.sampling.inputs import parse_schedule
+    return [p for _, p in parse_schedule(args.prompt_schedule)]
   if args.prompt is not None:
     if not args.prompt.strip():
       raise ValueError("--prompt: the prompt is empty")
     return [args.prompt.strip()]
-  raise ValueError("no prompt: give --prompt \"...\" or --prompts FILE")
+  raise ValueError("no prompt: give --prompt \"...\", --prompts FILE or --prompt-schedule \"0:...; 8:...\"")
 
 
 def output_names(prompts, name=None) -> list[str]:
@@ -172,13 +199,63 @@ def config_summary(config, sampler) -> dict:
                 "chunk_frames": config.video.chunk_frames, "fps": config.video.fps},
       "ladder": list(config.sampling.ladder), "sigmas": [float(s) for s in sampler.sigmas],
       "shift": config.diffusion.shift, "context_noise": config.sampling.context_noise,
-      "frozen_frames": sampler.frozen_mode, "vae": config.vae.kind, "text": config.text.kind,
+      "frozen_frames": sampler.frozen_mode, "window_frames": sampler.window_frames,
+      "sink_frames": sampler.sink_frames, "vae": config.vae.kind, "text": config.text.kind,
       "dtype": config.compute.dtype, "attention": sampler.dcfg.attention,
   }
 
 
+def resolve_budget(config, args, threshold: float, source: dict, ckpt: str, warn) -> tuple[float, str]:
+  """tau from a step budget (--mean-steps, else config.sampling.mean_steps) and the model's calibration table.
+
+  An explicit --mean-steps without a table is an error that says how to make one; a budget that comes from the
+  config falls back to config.sampling.threshold with a warning (models without a table still sample)."""
+  from dsa_jax.sampling import budget
+  if args.threshold is not None:
+    return threshold, ""
+  m = args.mean_steps if args.mean_steps is not None else float(config.sampling.mean_steps or 0.0)
+  if not m:
+    return threshold, ""
+  table = source.get("calibration")
+  if table is None and args.mean_steps is None:
+    warn(f"warning: config.sampling.mean_steps={m:g} but {ckpt or 'the model'!r} has no calibration table "
+         f"(dsa-jax calibrate); using config.sampling.threshold={threshold:g}")
+    return threshold, ""
+  tau = budget.threshold_for(table, m, source=repr(ckpt or "the model"))
+  return tau, f" (from --mean-steps {m:g})" if args.mean_steps is not None else f" (from mean_steps {m:g})"
+
+
 def _say(msg):
   print(msg, flush=True)
+
+
+def _window_note(sampler) -> str:
+  if not sampler.window_frames:
+    return ""
+  sinks = f"{sampler.sink_frames} sink + " if sampler.sink_frames else ""
+  return f"; attention over {sinks}the last {sampler.window_frames} frames"
+
+
+def _long_video_inputs(args, config, sampler, decoder, schedule, warn):
+  """(init latents or None, per-chunk prompt index or None) from --init-video/--init-image and --prompt-schedule,
+  checked against the sampler before anything is compiled."""
+  from dsa_jax.sampling import inputs
+  if sampler.num_frames > config.video.num_frames and not sampler.window_frames:
+    warn(f"note: no window: the KV cache holds all {sampler.num_frames} frames, so memory and time per chunk grow "
+         f"with the length (set --config.sampling.window_frames)")
+  init = None
+  flag, path = ("--init-video", args.init_video) if args.init_video is not None else ("--init-image", args.init_image)
+  if path is not None:
+    vae = (decoder.vae, decoder.vae_params) if decoder.vae is not None else None
+    init = inputs.load_init(config, path, flag, vae=vae, say=_say)
+    try:
+      sampler.conditioning(1, init_latents=init)
+    except ValueError as e:
+      raise ValueError(f"{flag}: {path}: {str(e).split(': ', 1)[1]}") from None
+  index = None
+  if schedule:
+    index = inputs.schedule_index(schedule, sampler.num_frames, sampler.chunk_frames)
+  return init, index
 
 
 def main(args):
@@ -186,13 +263,21 @@ def main(args):
 
   config = get_config(args.config, args.overrides)
   threshold = config.sampling.threshold if args.threshold is None else parse_threshold(args.threshold)
+  if args.mean_steps is not None and args.threshold is not None:
+    raise ValueError("--mean-steps and --threshold: give one of them (a step budget or a raw threshold)")
+  if args.target_fps is not None and not args.stream:
+    raise ValueError("--target-fps: only with --stream (the rate is held chunk by chunk)")
   min_steps, max_steps = resolve_steps(config, args.min_steps, args.max_steps)
   formats = [f.strip() for f in args.formats.split(",") if f.strip()]
   from dsa_jax.sampling.outputs import VIDEO_FORMATS
   if not formats or any(f not in VIDEO_FORMATS for f in formats):
     raise ValueError(f"--formats: expected a comma-separated subset of {','.join(VIDEO_FORMATS)}, got {args.formats!r}")
   prompts = read_prompts(args)
-  names = output_names(prompts, args.name)
+  schedule = None
+  if args.prompt_schedule is not None:  # one video; its prompts become the schedule's contexts
+    from dsa_jax.sampling.inputs import parse_schedule
+    schedule = parse_schedule(args.prompt_schedule)
+  names = output_names(prompts[:1] if schedule else prompts, args.name)
   ckpt = config.sampling.checkpoint if args.ckpt is None else args.ckpt
   from dsa_jax.sampling import guards
   guidance = guards.check_finite_number(config.sampling.guidance if args.guidance is None else args.guidance,
@@ -202,7 +287,7 @@ def main(args):
   batch = config.sampling.batch_size if args.batch_size is None else args.batch_size
   if batch < 1:
     raise ValueError(f"--batch-size: must be >= 1, got {batch}")
-  batch = min(batch, len(prompts))
+  batch = 1 if schedule else min(batch, len(prompts))
   check_out_dir(args.out)
   if not args.no_compile_cache:
     enable_compile_cache(args.compile_cache)
@@ -220,16 +305,25 @@ def main(args):
 
   warn = lambda m: print(m, file=sys.stderr, flush=True)
   params, source = load_sampler_params(config, ckpt, use_ema=not args.no_ema, warn=warn, cast=True)
-  sampler = sampler_lib.make_sampler(config)
+  threshold, budget_note = resolve_budget(config, args, threshold, source, ckpt, warn)
+  fps_controller = None
+  if args.target_fps is not None:
+    from dsa_jax.sampling.budget import FpsController
+    fps_controller = FpsController(source.get("calibration"), args.target_fps,
+                                   initial_steps=args.mean_steps or config.sampling.mean_steps or None)
+  sampler = sampler_lib.make_sampler(config, num_frames=args.num_frames)
   decoder = PixelDecoder(config)
   encode = make_text_encoder(config, strict=args.strict_prompts, warn=warn)
   encode(prompts)  # unknown words and truncation are reported (or refused) before anything is compiled
+  init_latents, prompt_index = _long_video_inputs(args, config, sampler, decoder, schedule, warn)
+  if schedule:
+    prompts = [args.prompt_schedule]
   use_cfg = is_on(guidance)
   uncond = encode([config.text.negative_prompt]) if use_cfg else None
-  _say(f"sampling {len(prompts)} video(s) of {config.video.num_frames} latent frames ({sampler.num_chunks} chunks "
-       f"of {sampler.chunk_frames}) on {jax.devices()[0].device_kind}"
-       f"{'' if sampler.mesh is None else ' (' + mesh_describe(sampler.mesh) + ')'}: tau={threshold:g} steps in "
-       f"[{min_steps}, {max_steps}] of a {sampler.num_steps}-step ladder, guidance {guidance:g}, "
+  _say(f"sampling {len(prompts)} video(s) of {sampler.num_frames} latent frames ({sampler.num_chunks} chunks "
+       f"of {sampler.chunk_frames}{_window_note(sampler)}) on {jax.devices()[0].device_kind}"
+       f"{'' if sampler.mesh is None else ' (' + mesh_describe(sampler.mesh) + ')'}: tau={threshold:g}{budget_note} "
+       f"steps in [{min_steps}, {max_steps}] of a {sampler.num_steps}-step ladder, guidance {guidance:g}, "
        f"weights: {source.get('path', 'random')}")
   summary = config_summary(config, sampler)
   compile_s = None
@@ -238,17 +332,19 @@ def main(args):
     group = prompts[start:start + batch]
     n_real = len(group)
     padded = group + [group[-1]] * (batch - n_real)  # one compiled shape for every batch
-    context = encode(padded)
+    context = encode([p for _, p in schedule])[None] if schedule else encode(padded)
     seeds = np.arange(seed + start, seed + start + n_real)
     seeds = np.concatenate([seeds, np.repeat(seeds[-1:], batch - n_real)])  # padding stays within uint32
     controls = sampler.make_controls(batch, threshold=threshold, min_steps=min_steps, max_steps=max_steps,
                                      guidance=guidance, seed=seeds)
     uc = None if uncond is None else np.broadcast_to(uncond, (batch,) + uncond.shape[1:])
+    extra = {"init_latents": init_latents, "prompt_index": prompt_index}
     t0 = time.perf_counter()
     pixels = None
     if args.stream:
       chunks = []
-      for ch in stream_lib.stream(sampler, params, context, controls, uncond_context=uc, decoder=decoder):
+      for ch in stream_lib.stream(sampler, params, context, controls, uncond_context=uc, decoder=decoder,
+                                  fps_controller=fps_controller, **extra):
         chunks.append(ch)
         note = " (includes compilation)" if ch.index == 0 and compile_s is None else ""
         _say(f"  [{start + 1}-{start + n_real}/{len(prompts)}] chunk {ch.index + 1}/{sampler.num_chunks}: "
@@ -264,10 +360,10 @@ def main(args):
     else:
       if compile_s is None:
         _say("compiling the sampler ...")
-        compile_s = sampler.compile(params, context, controls, uncond_context=uc)
+        compile_s = sampler.compile(params, context, controls, uncond_context=uc, **extra)
         _say(f"compiled in {compile_s:.1f} s")
         t0 = time.perf_counter()
-      out = jax.device_get(sampler.sample(params, context, controls, uncond_context=uc))
+      out = jax.device_get(sampler.sample(params, context, controls, uncond_context=uc, **extra))
       sample_s = time.perf_counter() - t0
       lat, steps, conf, trace, iters = out.latents, out.steps, out.confidences, out.conf_trace, out.chunk_iters
     guards.check_sample(lat[:n_real], conf[:n_real], guidance=guidance, source=source.get("path", ""),
@@ -282,6 +378,8 @@ def main(args):
       i = start + j
       record = {
           "name": names[i], "prompt": prompts[i], "index": i, "seed": int(seeds[j]),
+          "prompt_schedule": [{"frame": f, "prompt": p} for f, p in schedule] if schedule else None,
+          "init": args.init_video or args.init_image, "given_frames": 0 if init_latents is None else len(init_latents),
           "threshold": threshold, "min_steps": min_steps, "max_steps": max_steps, "guidance": guidance,
           "steps": steps[j], "confidences": conf[j], "conf_trace": trace[j],
           "mean_steps": float(np.mean(steps[j])), "chunk_iters_batch": iters,

@@ -6,17 +6,18 @@ the prompts with one sampler at one setting and scores the result (FD, prompt ag
 frame and per event label, FPS).
 
 `run_claim` is the sweep that tests the claim, all on the same prompts, seeds and evaluator:
-  (a) fixed 1..5 steps (tau = +inf, max_steps = k) with the DMD-target checkpoint (Self Forcing's sampler);
-  (b) DSA with the 'dmd'-target head at >= 5 thresholds;
-  (c) DSA with the 'consistency'-target checkpoint at >= 5 thresholds;
-  (d) the training-free x0-change early exit (`heuristic.py`) at several deltas.
-Thresholds and deltas default to values picked from a max-steps run's per-step trace so that their average steps
-spread over [1, max_steps] (`heuristic.pick_thresholds`); pass them to pin them. Outputs in `out_dir`: claim.md
-(the table and a verdict computed from it), claim.json, claim.png (FD and agreement vs. average steps),
-steps_by_event.png (DSA steps per frame by event label).
+  * fixed 1..5 steps (tau = +inf, max_steps = k) with the first model's generator (Self Forcing's sampler);
+  * DSA with each given model (one per confidence target) at >= 5 thresholds, and what its head's confidence
+    means on full-ladder rollouts (`oracle.head_report`);
+  * the training-free x0-change early exit (`heuristic.py`) at several deltas;
+  * the oracle allocation at fixed budgets (`oracle.py`), and DSA's allocation efficiency against it.
+Thresholds and deltas default to values picked from a max-steps trace so that their average steps spread over
+[1, max_steps] (`heuristic.pick_thresholds`); pass them to pin them. Outputs in `out_dir`: claim.md (tables and a
+verdict computed from them), claim.json, claim.png (FD and agreement vs. average steps), steps_by_event.png (DSA
+steps per frame by event label), steps_by_place.png (first chunk / event / plain frames: DSA vs. oracle).
 
-  dsa-jax eval sweep --config configs/digits.py --ckpt runs/digits/dsa/model \\
-      --ckpt-consistency runs/digits/dsa_consistency/model --out docs/claim --num 256
+  dsa-jax eval sweep --config configs/digits.py --model remaining=runs/digits/dsa/model \\
+      --model dmd=runs/digits/dsa_dmd/model --out docs/claim --num 512
 """
 
 from __future__ import annotations
@@ -164,14 +165,17 @@ class Benchmark:
 
   # -- sampling ------------------------------------------------------------------------------------------------------
 
-  def sample(self, sampler, params, *, threshold: float, min_steps: int | None = None,
-             max_steps: int | None = None) -> dict[str, Any]:
-    """Samples all prompts in batches of `batch` (last one padded); returns arrays and the steady-state time."""
+  def sample(self, sampler, params, *, threshold: float, min_steps=None, max_steps=None,
+             time_batch1: bool = True) -> dict[str, Any]:
+    """Samples all prompts in batches of `batch` (last one padded); returns arrays and the steady-state time.
+
+    min_steps / max_steps: ints, or (num, F) arrays of per-frame bounds (a forced step allocation)."""
     import jax
 
     cfg = self.config.sampling
-    min_steps = cfg.min_steps if min_steps is None else int(min_steps)
-    max_steps = cfg.max_steps if max_steps is None else int(max_steps)
+    per_frame = np.ndim(min_steps) == 2 or np.ndim(max_steps) == 2
+    min_steps = cfg.min_steps if min_steps is None else (np.asarray(min_steps) if per_frame else int(min_steps))
+    max_steps = cfg.max_steps if max_steps is None else (np.asarray(max_steps) if per_frame else int(max_steps))
     b = self.batch
     key = (id(sampler), b, self.uncond is not None)
     uc = None if self.uncond is None else np.broadcast_to(self.uncond, (b,) + self.uncond.shape[1:])
@@ -179,7 +183,8 @@ class Benchmark:
 
     def batch_args(start):
       idx = np.minimum(np.arange(start, start + b), self.num - 1)
-      controls = sampler.make_controls(b, threshold=threshold, min_steps=min_steps, max_steps=max_steps,
+      rows = (lambda a: a[idx] if np.ndim(a) == 2 else a)
+      controls = sampler.make_controls(b, threshold=threshold, min_steps=rows(min_steps), max_steps=rows(max_steps),
                                        guidance=cfg.guidance, seed=self.seed + np.arange(start, start + b))
       return self.context[idx], controls
 
@@ -202,7 +207,8 @@ class Benchmark:
     res["chunk_iters"] = np.stack([o["chunk_iters"] for o in outs])  # (batches, chunks)
     res["seconds"] = seconds
     res["batches"] = len(outs)
-    res["seconds_b1"] = self._time_batch1(sampler, params, threshold, min_steps, max_steps)
+    res["seconds_b1"] = self._time_batch1(sampler, params, threshold, min_steps, max_steps) if (
+        time_batch1 and not per_frame) else None
     return res
 
   def sample_teacher(self, params, num_steps: int, guidance: float | None = None) -> dict[str, Any]:
@@ -253,6 +259,33 @@ class Benchmark:
                    extra={"group": "teacher", "teacher_steps": int(num_steps), "guidance": g})
     self.log(f"  {r['name']:<28} FD {r['fd']:.3f} (+-{r['fd_bootstrap_std']:.3f})  agreement {r['agreement']:.3f}  "
              f"F1 {r['digit_f1']:.3f}  ({r['seconds']:.1f}s)")
+    return r
+
+  def trace(self, sampler, params) -> dict[str, np.ndarray]:
+    """Full-ladder rollouts of every prompt with every step's confidence and remaining x0 change
+    (`dsa_jax.eval.oracle.trace_rollout`; no guidance): {'conf', 'remaining'} of shape (N, F, L)."""
+    from dsa_jax.eval import oracle
+
+    b, L, outs = self.batch, len(self.config.sampling.ladder), []
+    for start in range(0, self.num, b):
+      idx = np.minimum(np.arange(start, start + b), self.num - 1)
+      controls = sampler.make_controls(b, threshold=float("inf"), min_steps=L, max_steps=L, guidance=0.0,
+                                       seed=self.seed + np.arange(start, start + b))
+      t = oracle.trace_rollout(sampler, params, self.context[idx], controls)
+      n = min(b, self.num - start)
+      outs.append({"conf": t["conf"][:n], "remaining": t["remaining"][:n]})
+    return {k: np.concatenate([o[k] for o in outs]) for k in ("conf", "remaining")}
+
+  def run_allocation(self, sampler, params, steps: np.ndarray, *, name: str, extra: dict | None = None
+                     ) -> dict[str, Any]:
+    """Samples every prompt with a given number of steps per frame (steps (N, F): min = max = steps) and scores it."""
+    steps = np.asarray(steps, np.int32)
+    if steps.shape != (self.num, self.frames):
+      raise BenchmarkError(f"allocation: expected steps of shape ({self.num}, {self.frames}), got {steps.shape}")
+    r = self.score(self.sample(sampler, params, threshold=float("inf"), min_steps=steps, max_steps=steps),
+                   name=name, extra=extra)
+    self.log(f"  {name:<28} avg steps {r['avg_steps']:.3f}  FD {r['fd']:.3f} (+-{r['fd_bootstrap_std']:.3f})  "
+             f"agreement {r['agreement']:.3f}")
     return r
 
   def _time_batch1(self, sampler, params, threshold, min_steps, max_steps) -> float | None:
@@ -379,12 +412,12 @@ def verdict(groups: dict[str, list[dict]], metric: str = "fd", lower_is_better: 
   out = {}
   sign = 1.0 if lower_is_better else -1.0
   std_key = {"fd": "fd_bootstrap_std"}.get(metric, f"{metric}_std")
-  for dsa_name in ("dsa_dmd", "dsa_consistency"):
+  for dsa_name in [g for g in groups if g.startswith("dsa_")]:
     pts = groups.get(dsa_name) or []
     if not pts:
       continue
     per = {}
-    for base in ("fixed", "heuristic"):
+    for base in ("fixed", "heuristic", "oracle"):
       bpts = groups.get(base) or []
       if len(bpts) < 2:
         continue
@@ -418,17 +451,25 @@ def _fmt(x, nd=3) -> str:
   return f"{x:.{nd}f}" if isinstance(x, float) else str(x)
 
 
+def group_label(g: str) -> str:
+  """Display name of a result group: 'fixed', 'heuristic', 'oracle' or 'dsa_<confidence target>'."""
+  if g.startswith("dsa_"):
+    return f"DSA, {g[4:]} target"
+  return {"fixed": "fixed steps", "heuristic": "x0-change heuristic", "oracle": "oracle allocation"}.get(g, g)
+
+
 def markdown_table(groups: dict[str, list[dict]], bench: Benchmark | None = None,
                    verdicts: dict | None = None) -> str:
   """The claim table (markdown); `verdicts` maps a metric name to `verdict(...)`'s output."""
-  labels = {"fixed": "(a) fixed steps", "dsa_dmd": "(b) DSA, dmd target", "dsa_consistency": "(c) DSA, consistency "
-            "target", "heuristic": "(d) x0-change heuristic"}
+  labels = {g: group_label(g) for g in groups}
   lines = ["| method | setting | avg steps/frame | FD (lower better) | agreement | digit F1 | FPS (batch 1) | "
            "FPS (batch B) |", "|---|---|---:|---:|---:|---:|---:|---:|"]
-  for g in ("fixed", "dsa_dmd", "dsa_consistency", "heuristic"):
+  for g in groups:
     for r in groups.get(g) or []:
       if g == "fixed":
         setting = f"{r['max_steps']} steps"
+      elif g == "oracle":
+        setting = f"budget {r['budget']:g}"
       elif g == "heuristic":
         setting = f"delta = {_fmt(r['threshold'], 4)}"
       else:
@@ -459,9 +500,17 @@ def plot_claim(path: str, groups: dict[str, list[dict]], bench: Benchmark | None
 
   from dsa_jax.atomic import atomic_path
 
-  style = {"fixed": ("(a) fixed steps", "k", "s", "-"), "dsa_dmd": ("(b) DSA (dmd)", "#c44e52", "o", "-"),
-           "dsa_consistency": ("(c) DSA (consistency)", "#8172b2", "^", "-"),
-           "heuristic": ("(d) x0-change heuristic", "#55a868", "D", "--")}
+  palette = iter(["#c44e52", "#8172b2", "#dd8452", "#4c72b0"])
+  style = {}
+  for g in groups:
+    if g == "fixed":
+      style[g] = (group_label(g), "k", "s", "-")
+    elif g == "heuristic":
+      style[g] = (group_label(g), "#55a868", "D", "--")
+    elif g == "oracle":
+      style[g] = (group_label(g), "#937860", "*", ":")
+    else:
+      style[g] = (group_label(g), next(palette, "#64b5cd"), "o", "-")
   fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=110)
   try:
     for g, (label, color, marker, ls) in style.items():
@@ -546,21 +595,27 @@ def _pick(trace, rule, targets, min_steps, max_steps, fallback) -> list[float]:
   return picked
 
 
-def run_claim(config, ckpt_dmd: str, ckpt_consistency: str | None, out_dir: str, num: int = 256, *,
+def run_claim(config, models: dict[str, str], out_dir: str, num: int = 256, *,
               thresholds: Sequence[float] | None = None, deltas: Sequence[float] | None = None,
-              fixed: Sequence[int] = (1, 2, 3, 4, 5), evaluator=None, batch: int = 32, seed: int = 0,
-              data_seed: int = 0, num_real: int = 1000, fps_prompts: int = 8,
-              targets: Sequence[float] = DEFAULT_TARGETS,
+              fixed: Sequence[int] = (1, 2, 3, 4, 5), budgets: Sequence[float] = (1.5, 2.0, 2.5, 3.0),
+              evaluator=None, batch: int = 32, seed: int = 0, data_seed: int = 0, num_real: int = 1000,
+              fps_prompts: int = 8, targets: Sequence[float] = DEFAULT_TARGETS,
               log: Callable[[str], None] = _say, bench: Benchmark | None = None) -> dict[str, Any]:
-  """The claim sweep (see the module docstring); writes claim.md / claim.json / claim.png / steps_by_event.png into `out_dir`."""
+  """Quality vs. average steps: fixed steps, DSA for each model in `models` ({confidence target: checkpoint}; the
+  first one's generator also serves the baselines), the x0-change heuristic and the oracle allocation at `budgets`;
+  the head report of each model and DSA's allocation efficiency. Writes claim.md / claim.json / claim.png /
+  steps_by_event.png / steps_by_place.png into `out_dir`."""
   import jax.numpy as jnp
 
+  from dsa_jax.checkpoint import loading
   from dsa_jax.eval import heuristic
+  from dsa_jax.eval import oracle
   from dsa_jax.models.dit import _DTYPES
   from dsa_jax.sampling import outputs
-  from dsa_jax.checkpoint import loading
   from dsa_jax.sampling import sampler as sampler_lib
 
+  if not models:
+    raise BenchmarkError("models: give at least one DSA checkpoint")
   os.makedirs(out_dir, exist_ok=True)
   t_all = time.time()
   bench = bench or Benchmark(config, num=num, evaluator=evaluator, data_seed=data_seed, num_real=num_real,
@@ -579,60 +634,67 @@ def run_claim(config, ckpt_dmd: str, ckpt_consistency: str | None, out_dir: str,
     return params, source
 
   sampler = sampler_lib.make_sampler(config)
-  groups: dict[str, list[dict]] = {"fixed": [], "dsa_dmd": [], "dsa_consistency": [], "heuristic": []}
-  sources = {}
-  params_dmd, sources["dmd"] = load(ckpt_dmd)
+  names = list(models)
+  groups: dict[str, list[dict]] = {"fixed": [], **{f"dsa_{n}": [] for n in names}, "heuristic": [], "oracle": []}
+  sources, heads, traces = {}, {}, {}
+  params = {}
+  for n in names:
+    params[n], sources[n] = load(models[n])
+  primary = params[names[0]]
 
-  log("(a) fixed steps")
-  max_run_dmd = None  # a max-steps run: its confidence trace picks the thresholds when none are given
-  for k in sorted({int(k) for k in fixed} | (set() if thresholds else {mx})):
-    r = bench.run(sampler, params_dmd, name=f"fixed-{k}", threshold=float("inf"), min_steps=1, max_steps=k,
-                  extra={"group": "fixed"})
-    if k in {int(f) for f in fixed}:
-      groups["fixed"].append(r)
-    if k == mx:
-      max_run_dmd = r
+  log("fixed steps")
+  for k in sorted({int(k) for k in fixed}):
+    groups["fixed"].append(bench.run(sampler, primary, name=f"fixed-{k}", threshold=float("inf"), min_steps=1,
+                                     max_steps=k, extra={"group": "fixed"}))
   fallback_tau = (0.2, 0.35, 0.5, 0.65, 0.8, 0.9, 0.95)
-
-  def dsa(params, group, max_run, label):
-    taus = list(thresholds) if thresholds else _pick(max_run["_arrays"]["conf_trace"], "confidence", targets, mn, mx,
-                                                     fallback_tau)
-    log(f"{label}: thresholds {[round(t, 4) for t in taus]}")
+  for n in names:
+    log(f"DSA, {n} target: full-ladder trace (head report)")
+    traces[n] = bench.trace(sampler, params[n])
+    log_range = (sources[n].get("conf_target") or {}).get("log_range")
+    heads[n] = oracle.head_report(traces[n], log_range)
+    h = heads[n]
+    log(f"  median confidence by step {[round(c, 3) for c in h['median_conf_by_step']]}; step-1 spread "
+        f"{h['step1_spread']:.3f}; ECE vs the remaining target {h['ece_vs_remaining']:.3f}")
+    taus = list(thresholds) if thresholds else _pick(traces[n]["conf"], "confidence", targets, mn, mx, fallback_tau)
+    log(f"  thresholds {[round(t, 4) for t in taus]}")
     for tau in taus:
-      groups[group].append(bench.run(sampler, params, name=f"{group}-tau{tau:.3g}", threshold=float(tau),
-                                     min_steps=mn, max_steps=mx, extra={"group": group}))
+      groups[f"dsa_{n}"].append(bench.run(sampler, params[n], name=f"dsa_{n}-tau{tau:.3g}", threshold=float(tau),
+                                          min_steps=mn, max_steps=mx, extra={"group": f"dsa_{n}"}))
 
-  dsa(params_dmd, "dsa_dmd", max_run_dmd, "(b) DSA, dmd target")
-  if ckpt_consistency:
-    params_c, sources["consistency"] = load(ckpt_consistency)
-    max_run_c = None if thresholds else bench.run(
-        sampler, params_c, name=f"consistency-fixed-{mx}", threshold=float("inf"), min_steps=1, max_steps=mx,
-        extra={"group": "consistency_reference"})
-    dsa(params_c, "dsa_consistency", max_run_c, "(c) DSA, consistency target")
-    del params_c
-  else:
-    log("(c) skipped: no consistency-target checkpoint given")
-
-  log("(d) x0-change heuristic")
+  log("x0-change heuristic")
   hsampler = heuristic.make_heuristic_sampler(config)
   if deltas:
     ds = list(deltas)
   else:
-    never = bench.run(hsampler, params_dmd, name="heuristic-delta0", threshold=0.0, min_steps=mn, max_steps=mx,
+    never = bench.run(hsampler, primary, name="heuristic-delta0", threshold=0.0, min_steps=mn, max_steps=mx,
                       extra={"group": "heuristic_reference"})
     ds = _pick(never["_arrays"]["conf_trace"], heuristic.RULE, targets, mn, mx, (0.005, 0.01, 0.02, 0.04, 0.08))
   log(f"  deltas {[round(d, 5) for d in ds]}")
   for d in ds:
-    groups["heuristic"].append(bench.run(hsampler, params_dmd, name=f"heuristic-delta{d:.3g}", threshold=float(d),
+    groups["heuristic"].append(bench.run(hsampler, primary, name=f"heuristic-delta{d:.3g}", threshold=float(d),
                                          min_steps=mn, max_steps=mx, extra={"group": "heuristic"}))
 
+  log("oracle allocation (greedy by each frame's measured gain of one more step, on the full-ladder rollout)")
+  for budget in budgets:
+    alloc = oracle.oracle_allocation(traces[names[0]]["remaining"], float(budget), mn, mx)
+    groups["oracle"].append(bench.run_allocation(sampler, primary, alloc, name=f"oracle-{budget:g}",
+                                                 extra={"group": "oracle", "budget": float(budget),
+                                                        "threshold": float("nan"), "min_steps": mn,
+                                                        "max_steps": mx}))
+
   verdicts = {"fd": verdict(groups, "fd", True), "agreement": verdict(groups, "agreement", False)}
+  efficiency = {n: allocation_efficiency(groups, f"dsa_{n}", budgets) for n in names}
   table = markdown_table(groups, bench, verdicts)
   paths = {"md": os.path.join(out_dir, "claim.md"), "json": os.path.join(out_dir, "claim.json"),
-           "plot": os.path.join(out_dir, "claim.png"), "events": os.path.join(out_dir, "steps_by_event.png")}
+           "plot": os.path.join(out_dir, "claim.png"), "events": os.path.join(out_dir, "steps_by_event.png"),
+           "places": os.path.join(out_dir, "steps_by_place.png")}
   plot_claim(paths["plot"], groups, bench)
-  ev_runs = groups["dsa_dmd"] or groups["fixed"]
-  plot_steps_by_event(paths["events"], ev_runs, bench.event_names, title="DSA (dmd target): where the steps go")
+  ev_runs = groups[f"dsa_{names[0]}"] or groups["fixed"]
+  plot_steps_by_event(paths["events"], ev_runs, bench.event_names,
+                      title=f"DSA ({names[0]} target): where the steps go")
+  places = {g: steps_by_place(_closest(groups[g], 2.5), bench) for g in groups
+            if g.startswith("dsa_") or g == "oracle" if groups[g]}
+  plot_steps_by_place(paths["places"], places)
   header = (f"# Moving digits: quality vs. average steps per frame\n\n"
             f"{bench.num} held-out test prompts, {bench.num_real} real test clips as the FD reference, evaluator "
             f"`{bench.evaluator.path}` (held-out set accuracy "
@@ -642,17 +704,115 @@ def run_claim(config, ckpt_dmd: str, ckpt_consistency: str | None, out_dir: str,
             f"of steady-state sampling (compilation excluded), one video at a time over the first {bench.fps_prompts} "
             f"prompts (batch 1) and at batch B = {bench.batch} (where a chunk's loop runs until its slowest frame is "
             f"done, so DSA saves less).\n\n")
+  text = header + table + head_table(heads) + efficiency_table(efficiency) + places_table(places)
   with outputs.atomic_path(paths["md"]) as tmp:
     with open(tmp, "w") as f:
-      f.write(header + table)
+      f.write(text)
   result = {"benchmark": bench.describe(), "sources": sources, "config": config.name,
             "groups": {g: [public(r) for r in rs] for g, rs in groups.items()}, "verdict": verdicts,
-            "seconds": time.time() - t_all}
+            "heads": heads, "efficiency": efficiency, "steps_by_place": places, "seconds": time.time() - t_all}
   outputs.write_json(paths["json"], result)
-  log(table)
+  log(text)
   log(f"wrote {', '.join(paths.values())}")
   result["paths"] = paths
   return result
+
+
+def allocation_efficiency(groups: dict[str, list[dict]], dsa_group: str, budgets: Sequence[float]) -> list[dict]:
+  """At each budget: (FD gain of DSA over fixed steps) / (FD gain of the oracle over fixed steps), with fixed steps
+  and DSA linearly interpolated at the budget's average steps and the oracle run at the budget itself."""
+  rows = []
+  fixed = sorted(groups.get("fixed") or [], key=lambda r: r["avg_steps"])
+  dsa = sorted(groups.get(dsa_group) or [], key=lambda r: r["avg_steps"])
+  oracle = {r["budget"]: r for r in groups.get("oracle") or []}
+  for b in budgets:
+    f = _interp(b, [r["avg_steps"] for r in fixed], [r["fd"] for r in fixed]) if len(fixed) > 1 else math.nan
+    d = _interp(b, [r["avg_steps"] for r in dsa], [r["fd"] for r in dsa]) if len(dsa) > 1 else math.nan
+    o = oracle.get(float(b), {}).get("fd", math.nan)
+    eff = (f - d) / (f - o) if (f - o) > 0 else math.nan
+    rows.append({"budget": float(b), "fd_fixed": f, "fd_dsa": d, "fd_oracle": o, "efficiency": eff})
+  return rows
+
+
+def _closest(runs: Sequence[dict], avg: float) -> dict:
+  return min(runs, key=lambda r: abs(r["avg_steps"] - avg))
+
+
+def steps_by_place(run: dict, bench: Benchmark) -> dict[str, Any]:
+  """Mean steps in the first chunk, on frames of later chunks with an event in the prompt's clip, and on plain
+  later frames (events from the real clip's labels: enter, swap, cut, ...)."""
+  steps = np.asarray(run["_arrays"]["steps"], np.float64)
+  labels = np.asarray(bench.prompt_labels)
+  c = bench.config.video.chunk_frames
+  later = np.zeros_like(steps, bool)
+  later[:, c:] = True
+  event = later & (labels > 0)
+  plain = later & (labels == 0)
+  mean = lambda m: float(steps[m].mean()) if m.any() else math.nan
+  return {"run": run["name"], "avg_steps": run["avg_steps"], "first_chunk": mean(~later), "event_frames": mean(event),
+          "plain_frames": mean(plain), "event_count": int(event.sum()), "plain_count": int(plain.sum())}
+
+
+def plot_steps_by_place(path: str, places: dict[str, dict]) -> str:
+  import matplotlib
+  matplotlib.use("Agg", force=False)
+  import matplotlib.pyplot as plt
+
+  from dsa_jax.atomic import atomic_path
+
+  keys = ("first_chunk", "event_frames", "plain_frames")
+  fig, ax = plt.subplots(figsize=(6, 3.4), dpi=110)
+  try:
+    n = max(len(places), 1)
+    w = 0.8 / n
+    for i, (g, p) in enumerate(places.items()):
+      ax.bar(np.arange(3) + (i - (n - 1) / 2) * w, [p[k] for k in keys], w,
+             label=f"{group_label(g)} ({p['run']}, avg {p['avg_steps']:.2f})")
+    ax.set_xticks(np.arange(3))
+    ax.set_xticklabels(["first chunk", "event frames", "plain frames"])
+    ax.set_ylabel("mean steps per frame")
+    ax.legend(fontsize=6)
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+      fig.savefig(tmp, format="png")
+  finally:
+    plt.close(fig)
+  return path
+
+
+def head_table(heads: dict[str, dict]) -> str:
+  if not heads:
+    return ""
+  L = len(next(iter(heads.values()))["median_conf_by_step"])
+  text = ("\nWhat the head's confidence means (full-ladder rollouts of the same prompts: median confidence after each "
+          "step, its 10th-90th percentile spread at step 1, and its calibration against the 'remaining' target of the "
+          "same steps):\n\n| target | " + " | ".join(f"median c, step {k + 1}" for k in range(L))
+          + " | rises | step-1 spread | ECE vs remaining |\n|---|" + "---:|" * (L + 3) + "\n")
+  for n, h in heads.items():
+    text += (f"| {n} | " + " | ".join(f"{c:.3f}" for c in h["median_conf_by_step"])
+             + f" | {'yes' if h['conf_rises'] else 'no'} | {h['step1_spread']:.3f} | {h['ece_vs_remaining']:.3f} |\n")
+  return text
+
+
+def efficiency_table(efficiency: dict[str, list[dict]]) -> str:
+  text = ("\nAllocation efficiency = (FD gain of DSA over fixed steps) / (FD gain of the oracle over fixed steps) at "
+          "the same average steps:\n\n| target | budget | FD fixed | FD DSA | FD oracle | efficiency |\n"
+          "|---|---:|---:|---:|---:|---:|\n")
+  for n, rows in efficiency.items():
+    for r in rows:
+      text += (f"| {n} | {r['budget']:g} | {_fmt(r['fd_fixed'], 1)} | {_fmt(r['fd_dsa'], 1)} | "
+               f"{_fmt(r['fd_oracle'], 1)} | {_fmt(r['efficiency'], 2)} |\n")
+  return text
+
+
+def places_table(places: dict[str, dict]) -> str:
+  text = ("\nWhere the steps go (the run closest to 2.5 average steps; events from the prompt's real clip):\n\n"
+          "| method | run | avg steps | first chunk | event frames | plain frames |\n|---|---|---:|---:|---:|---:|\n")
+  for g, p in places.items():
+    text += (f"| {group_label(g)} | {p['run']} | {p['avg_steps']:.2f} | {_fmt(p['first_chunk'], 2)} | "
+             f"{_fmt(p['event_frames'], 2)} | {_fmt(p['plain_frames'], 2)} |\n")
+  return text
 
 
 def evaluate_teacher(config, ckpt: str, out_dir: str, steps: Sequence[int], *, num: int = 256, evaluator=None,

@@ -9,7 +9,10 @@ Three ways to call it (`WanDiT.__call__`):
   * full sequence, `chunk_frames=None`: bidirectional (the teacher / critic);
   * full sequence, `chunk_frames=c`: block-causal (training the causal student, ODE regression);
   * one chunk with `cache=` and `frame_offset=`: the chunk's keys/values are written into the cache at the offset and
-    its queries attend to everything up to the chunk's end (the sampler and the rollout).
+    its queries attend to everything up to the chunk's end (the sampler and the rollout). A ring-buffer cache (long
+    videos) also passes `cache_slot=` (where the chunk goes), `kv_frames=` (how many cache frames are filled) and,
+    with attention sinks, `sink_frames=` / `sink_shift=` (the first cache frames are moved `sink_shift` frames later
+    in time for this call only, so they sit right before the window; see `Sampler`).
 """
 
 from __future__ import annotations
@@ -130,7 +133,7 @@ class Attention(nn.Module):
                            bias_init=_partitioned(nn.initializers.zeros, ("heads", "kv")), name=name)(x)
 
   @nn.compact
-  def __call__(self, x, context=None, rope=None, cache=None, cache_offset=None):
+  def __call__(self, x, context=None, rope=None, cache=None, cache_pos=None):
     c = self.cfg
     kv_in = context if self.cross else x
     q = RMSNorm(c.eps, axes=("heads", "kv"), name="norm_q")(self._proj("q", x))
@@ -144,12 +147,18 @@ class Attention(nn.Module):
       k = rope_lib.apply_rope(k, cos, sin)
       if cache is not None:
         ck, cv = cache
+        cache_offset, kv_length, sink = cache_pos
         start = (0, cache_offset, 0, 0)
         k = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), start)
         v = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), start)
         new_cache = (k, v)
-        kv_lengths = jnp.full((x.shape[0],), cache_offset + x.shape[1], jnp.int32)
+        if kv_length is None:
+          kv_length = cache_offset + x.shape[1]
+        kv_lengths = jnp.full((x.shape[0],), kv_length, jnp.int32)
         k, v = k.astype(q.dtype), v.astype(q.dtype)
+        if sink is not None:  # attention sinks, re-positioned for this call (the cache keeps them as written)
+          n = sink[0].shape[0]
+          k = jnp.concatenate([rope_lib.apply_rope(k[:, :n], *sink), k[:, n:]], axis=1)
     causal_block = self.causal_block if not self.cross and cache is None else None
     q = constrain_activation(q, ("activation_batch", "activation_length", "activation_heads", "activation_kv"))
     out = dot_product_attention(q, k, v, kv_lengths=kv_lengths, causal_block=causal_block, backend=c.attention,
@@ -171,7 +180,7 @@ class WanBlock(nn.Module):
   causal_block: int | None = None
 
   @nn.compact
-  def __call__(self, x, cache, e0, context, rope, cache_offset):
+  def __call__(self, x, cache, e0, context, rope, cache_pos):
     c = self.cfg
     b, l, _ = x.shape
     f = e0.shape[1]
@@ -188,7 +197,7 @@ class WanBlock(nn.Module):
 
     h = modulate(LayerNorm32(c.eps, name="norm1")(x), shift_msa, scale_msa)
     y, new_cache = Attention(c, causal_block=self.causal_block, name="self_attn")(h, rope=rope, cache=cache,
-                                                                                  cache_offset=cache_offset)
+                                                                                  cache_pos=cache_pos)
     x = x + gated(y, gate_msa).astype(x.dtype)
 
     h = LayerNorm32(c.eps, affine=True, name="norm_cross")(x) if c.cross_attn_norm else x
@@ -227,7 +236,8 @@ class WanDiT(nn.Module):
     return block
 
   @nn.compact
-  def __call__(self, x, t, context, *, chunk_frames: int | None = None, cache=None, frame_offset=0):
+  def __call__(self, x, t, context, *, chunk_frames: int | None = None, cache=None, frame_offset=0, cache_slot=None,
+               kv_frames=None, sink_frames: int = 0, sink_shift=0):
     c = self.cfg
     b, f, hh, ww, ch = x.shape
     pt, ph, pw = c.patch_size
@@ -272,14 +282,18 @@ class WanDiT(nn.Module):
     tables = rope_lib.rope_tables(c.head_dim, c.rope_max_frames, gh, gw, c.rope_theta)
     rope = rope_lib.rope_for_grid(tables, frame_offset, f, gh, gw)
     causal_block = None
-    cache_offset = None
+    cache_pos = None
     if cache is None:
       if chunk_frames is not None:
         if f % chunk_frames:
           raise ValueError(f"{f} frames do not divide into chunks of {chunk_frames}")
         causal_block = tokens * chunk_frames
     else:
-      cache_offset = jnp.asarray(frame_offset, jnp.int32) * tokens
+      slot = frame_offset if cache_slot is None else cache_slot
+      cache_offset = jnp.asarray(slot, jnp.int32) * tokens
+      kv_length = None if kv_frames is None else jnp.asarray(kv_frames, jnp.int32) * tokens
+      sink = rope_lib.temporal_shift(tables, sink_shift, sink_frames * tokens) if sink_frames else None
+      cache_pos = (cache_offset, kv_length, sink)
       cache = (cache["k"], cache["v"])
 
     block_cls = self._block_cls()
@@ -287,12 +301,12 @@ class WanDiT(nn.Module):
       stack = nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True},
                       in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
                       length=c.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
-      h, new_cache = stack(c, causal_block, name="blocks")(h, cache, e0, ctx, rope, cache_offset)
+      h, new_cache = stack(c, causal_block, name="blocks")(h, cache, e0, ctx, rope, cache_pos)
     else:
       new_k, new_v = [], []
       for i in range(c.num_layers):
         layer_cache = None if cache is None else (cache[0][i], cache[1][i])
-        h, lc = block_cls(c, causal_block, name=f"blocks_{i}")(h, layer_cache, e0, ctx, rope, cache_offset)
+        h, lc = block_cls(c, causal_block, name=f"blocks_{i}")(h, layer_cache, e0, ctx, rope, cache_pos)
         if lc is not None:
           new_k.append(lc[0])
           new_v.append(lc[1])

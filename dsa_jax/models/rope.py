@@ -48,6 +48,17 @@ def rope_for_grid(tables, frame_offset, num_frames: int, height: int, width: int
   return grid(tc, hc, wc), grid(ts, hs, ws)
 
 
+def temporal_shift(tables, shift, num_tokens: int):
+  """(cos, sin) of shape (num_tokens, D/2) that move already-rotated tokens `shift` frames later in time (height and
+  width untouched): RoPE rotations compose, R(p + s) = R(s) R(p)."""
+  (tc, ts), (hc, _), (wc, _) = tables
+  shift = jnp.asarray(shift, jnp.int32)
+  rest = hc.shape[-1] + wc.shape[-1]
+  cos = jnp.concatenate([jnp.asarray(tc)[shift], jnp.ones((rest,), jnp.float32)])
+  sin = jnp.concatenate([jnp.asarray(ts)[shift], jnp.zeros((rest,), jnp.float32)])
+  return jnp.broadcast_to(cos, (num_tokens, cos.shape[0])), jnp.broadcast_to(sin, (num_tokens, sin.shape[0]))
+
+
 def apply_rope(x, cos, sin):
   """Rotates interleaved pairs (x[2i], x[2i+1]) of x (B, L, H, D) by the angles of cos/sin (L, D/2)."""
   dtype = x.dtype

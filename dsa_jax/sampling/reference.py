@@ -7,7 +7,6 @@ reproduce its videos exactly. Slow: tests and parity checks only.
 
 from __future__ import annotations
 
-import functools
 import weakref
 
 import jax
@@ -145,7 +144,10 @@ def sample_fixed(sampler: Sampler, params, context, num_steps: int, seed=0, rng=
   b, c = context.shape[0], sampler.chunk_frames
   tn = sampler.num_train_timesteps
   keys = sample_keys(rng, controls.seed)
-  fwd = _memo(sampler, ("fixed", use_cfg), lambda: jax.jit(functools.partial(sampler.forward, use_cfg=use_cfg)))
+  def forward(gen, x, t, ctx, uctx, guidance, cache, i):  # the sampler's cache placement (ring slots with a window)
+    return sampler.forward(gen, x, t, ctx, uctx, guidance, cache, None, use_cfg, sampler.placement(i))
+
+  fwd = _memo(sampler, ("fixed", use_cfg), lambda: jax.jit(forward))
   cache = sampler.new_cache(b, use_cfg)
   out = []
   for i in range(sampler.num_chunks):
@@ -155,12 +157,53 @@ def sample_fixed(sampler: Sampler, params, context, num_steps: int, seed=0, rng=
     for k in range(num_steps):
       sigma = float(sampler.sigmas[k])
       v, _, cache = fwd(params["generator"], x, jnp.full((b, c), tn * sigma, jnp.float32), context, uncond_context,
-                        controls.guidance, cache, i * c)
+                        controls.guidance, cache, i)
       x0 = x - sigma * v
       if k + 1 < num_steps:
         x = flow.renoise(x0, slot_noise(ckeys, k + 1, sampler.chunk_shape), float(sampler.sigmas[k + 1]))
     _, _, cache = fwd(params["generator"], sampler.context_input(x0, ckeys),
                       jnp.full((b, c), sampler.context_noise, jnp.float32), context, uncond_context,
-                      controls.guidance, cache, i * c)
+                      controls.guidance, cache, i)
+    out.append(np.asarray(x0))
+  return np.concatenate(out, axis=1)
+
+
+def sample_window_reference(sampler: Sampler, params, context, num_steps: int, seed=0, rng=None):
+  """The windowed (sinks + rolling window) fixed-step sampler with a plain, linear KV cache rebuilt for every chunk.
+
+  Keeps each finished chunk's keys/values and, per chunk, lays out the ones it may see (the sink chunks, then the
+  last window chunks in time order) at the start of a fresh cache: the check that the sampler's ring buffer (slots
+  modulo the window, eviction, filled length) is right. Returns latents (B, F, H, W, C) as numpy.
+  """
+  params, context, _ = sampler._check_inputs(params, context, sampler.make_controls(context.shape[0]), None)
+  rng = jax.random.PRNGKey(0) if rng is None else rng
+  b, c, tn = context.shape[0], sampler.chunk_frames, sampler.num_train_timesteps
+  s, cap, tok = sampler.sink_frames, sampler.cache_frames, sampler.tokens_per_frame
+  keys = sample_keys(rng, sampler.make_controls(b, seed=seed).seed)
+  fwd = _memo(sampler, "window", lambda: jax.jit(lambda gen, x, t, ctx, cache, place: sampler.dit.apply(
+      gen, x, t, ctx, cache=cache, sink_frames=s, **place)))
+  kv = {}  # chunk -> its (k, v) as written by its cache-fill forward
+  out = []
+  for i in range(sampler.num_chunks):
+    sinks = [j for j in range(min(s // c, i))]
+    window = [j for j in range(max(s // c, i - (cap - s) // c + 1), i)]
+    seen = sinks + window
+    cache = sampler.new_cache(b)
+    for n, j in enumerate(seen):
+      cache = {a: cache[a].at[:, :, n * c * tok:(n + 1) * c * tok].set(kv[j][a]) for a in ("k", "v")}
+    slot = len(seen) * c
+    shift = max(0, window[0] * c - s) if window else 0  # sinks sit right before the window
+    place = {"frame_offset": i * c, "cache_slot": slot, "sink_shift": shift}
+    ckeys = chunk_keys(keys, i)
+    x, x0 = slot_noise(ckeys, 0, sampler.chunk_shape), None
+    for k in range(num_steps):
+      sigma = float(sampler.sigmas[k])
+      o = fwd(params["generator"], x, jnp.full((b, c), tn * sigma, jnp.float32), context, cache, place)
+      x0 = x - sigma * o["velocity"]
+      if k + 1 < num_steps:
+        x = flow.renoise(x0, slot_noise(ckeys, k + 1, sampler.chunk_shape), float(sampler.sigmas[k + 1]))
+    o = fwd(params["generator"], sampler.context_input(x0, ckeys), jnp.full((b, c), sampler.context_noise, jnp.float32),
+            context, cache, place)
+    kv[i] = {a: o["cache"][a][:, :, slot * tok:(slot + c) * tok] for a in ("k", "v")}
     out.append(np.asarray(x0))
   return np.concatenate(out, axis=1)

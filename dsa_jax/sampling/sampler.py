@@ -23,6 +23,29 @@ only on its own seed (not on its batch neighbours), and the reference samplers (
 A Sampler holds only what its config fixes and its compiled programs: every call allocates its own KV cache, so
 sampling and streaming never write state into the object. Loading weights is `dsa_jax.checkpoint.loading`'s job.
 
+Long videos. `make_sampler(config, num_frames=N)` samples N latent frames (any multiple of the chunk size). With
+`sampling.window_frames = W` the KV cache is a ring buffer of S + W frames (S = `sampling.sink_frames`): the first
+S frames stay (attention sinks), later chunks take the ring slot of the oldest window chunk, so a chunk attends to
+the sinks and the last W frames (itself included). The cache, and so memory and time per chunk, is the same for
+every N; N changes only the loop's trip count and the size of the outputs. W = 0 (the default) caches the whole
+video, as before.
+
+Positions. Keys are cached after RoPE at their absolute frame positions (the RoPE table grows to N rows; it is built
+in float64, so large positions cost no precision). RoPE scores depend only on position differences, so a query sees
+its window at distances 0 .. W-1 exactly as it would with window-relative positions: nothing is re-rotated and no
+distance exceeds the window. Sinks would drift ever further into the past, so for each call they are rotated (not
+in the cache, only for that attention) to sit right before the window, as in StreamingLLM's rolling positions:
+sink j appears at position (window start - S + j). Until the ring wraps (N <= S + W) nothing moves and the video
+equals the whole-video sampler's exactly.
+
+Continuation. `init_latents` (P given frames, P <= S + W and P < N) are written as finished frames: chunks they
+fill take no denoising step (their cache-fill forward at context_noise writes them into the cache as it would a
+sampled chunk); in the chunk they fill partly the given frames start out done (steps 0), feeding the others as
+finished frames do, and the remaining frames are sampled. Given frames report steps 0 and confidence 1.
+
+Prompt schedule. With a context of K prompts (B, K, text_len, text_dim) and `prompt_index` (B, num_chunks), chunk i
+uses prompt prompt_index[:, i] (index values are traced: a new schedule of the same K never recompiles).
+
 Over a mesh (`config.mesh`, more than one device): parameters are sharded by the training rules (FSDP over the
 model dim, tensor parallelism over heads and the FFN), the KV cache over batch (data x fsdp) and heads (tensor),
 context, controls and outputs over batch; each program is still one `jax.jit`, with in/out shardings per batch
@@ -32,6 +55,7 @@ size and the cache donated, traced with the model's activation constraints on. O
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
 import time
 from typing import Any, Optional
@@ -74,6 +98,19 @@ class SamplingControls:
   max_steps: jax.Array
   guidance: jax.Array
   seed: jax.Array
+
+
+@flax.struct.dataclass
+class Conditioning:
+  """Optional per-call inputs beyond the prompt (None: not used). Shapes are static per sampler, so the number of
+  given frames and the schedule are traced.
+
+  init_latents (B, cache_frames, h, w, C) float32: the given first frames, zero-padded; init_frames (B,) int32: how
+  many are given. prompt_index (B, num_chunks) int32: the prompt of each chunk (the context is (B, K, L, D)).
+  """
+  init_latents: Optional[jax.Array] = None
+  init_frames: Optional[jax.Array] = None
+  prompt_index: Optional[jax.Array] = None
 
 
 @flax.struct.dataclass
@@ -190,16 +227,27 @@ class Sampler:
   Immutable apart from two memos: `compile()`'s ahead-of-time executables and the trace counts.
   """
 
-  def __init__(self, config, dit_cfg: Optional[DiTConfig] = None, mesh=None):
+  def __init__(self, config, dit_cfg: Optional[DiTConfig] = None, num_frames: Optional[int] = None,
+               mesh=None):
     self.config = config
+    v = config.video
+    self.chunk_frames = c = v.chunk_frames
+    self.num_frames = v.num_frames if num_frames is None else num_frames
+    if isinstance(self.num_frames, bool) or not isinstance(self.num_frames, (int, np.integer)) or \
+        self.num_frames < c or self.num_frames % c:
+      raise ValueError(f"num_frames: expected a positive multiple of video.chunk_frames = {c} latent frames, got "
+                       f"{self.num_frames!r}")
+    self.num_frames = int(self.num_frames)
+    self.num_chunks = self.num_frames // c
+    self.window_frames, self.sink_frames = _window(config.sampling, c)
+    self.cache_frames = min(self.sink_frames + self.window_frames, self.num_frames) if self.window_frames else \
+        self.num_frames
     self.dcfg = dit_cfg or DiTConfig.from_config(config.model, config.compute)
+    if self.num_frames > self.dcfg.rope_max_frames:  # positions are absolute: the table covers the whole video
+      self.dcfg = dataclasses.replace(self.dcfg, rope_max_frames=self.num_frames)
     self.hcfg = ConfidenceConfig.from_config(config)
     self.dit = WanDiT(self.dcfg)
     self.head = ConfidenceHead(self.hcfg)
-    v = config.video
-    self.num_frames = v.num_frames
-    self.chunk_frames = v.chunk_frames
-    self.num_chunks = v.num_frames // v.chunk_frames
     self.latent_hw = latent_hw(config)
     self.channels = self.dcfg.in_channels
     self.tokens_per_frame = tokens_per_frame(config)
@@ -358,17 +406,65 @@ class Sampler:
                             seed=jnp.asarray(sd.astype(np.uint32)))
 
   def new_cache(self, batch: int, use_cfg: bool = False):
-    """A zeroed KV cache for the whole video (doubled batch with CFG), made in place on the mesh."""
-    make = functools.partial(init_cache, self.dcfg, batch * (2 if use_cfg else 1), self.num_frames,
+    """A zeroed KV cache of `cache_frames` frames: the whole video, or sinks + window (doubled batch with CFG); made
+    in place on the mesh."""
+    make = functools.partial(init_cache, self.dcfg, batch * (2 if use_cfg else 1), self.cache_frames,
                              self.tokens_per_frame)
     if self.mesh is None:
       return make()
     return jax.jit(make, out_shardings=self.cache_shardings(jax.eval_shape(make)))()
 
-  def _check_inputs(self, params, context, controls, uncond_context):
+  def conditioning(self, batch: int, init_latents=None, prompt_index=None, num_prompts: Optional[int] = None
+                   ) -> Optional[Conditioning]:
+    """Checked, padded `Conditioning` (None when neither is given).
+
+    init_latents: (P, h, w, C) or (B, P, h, w, C) given first frames, 1 <= P <= cache_frames and P < num_frames.
+    prompt_index: (num_chunks,) or (B, num_chunks) ints in [0, num_prompts).
+    """
+    if init_latents is None and prompt_index is None:
+      return None
+    init, count, index = None, None, None
+    if init_latents is not None:
+      init = np.asarray(init_latents, np.float32)
+      if init.ndim == 4:
+        init = init[None]
+      shape = tuple(self.latent_hw) + (self.channels,)
+      if init.ndim != 5 or init.shape[2:] != shape or init.shape[0] not in (1, batch):
+        raise ValueError(f"init_latents: expected (P, {', '.join(map(str, shape))}) or (B, P, ...) with B = {batch}, "
+                         f"got {init.shape}")
+      p = init.shape[1]
+      if p < 1:
+        raise ValueError("init_latents: zero frames given")
+      if p > self.cache_frames:
+        raise ValueError(f"init_latents: {p} given frames exceed the attention window of {self.cache_frames} frames "
+                         f"(sampling.sink_frames + sampling.window_frames); give at most {self.cache_frames}")
+      if p >= self.num_frames:
+        raise ValueError(f"init_latents: {p} given frames leave nothing to sample in a video of {self.num_frames}")
+      if not np.isfinite(init).all():
+        raise ValueError("init_latents: contains NaN or inf")
+      pad = np.zeros((batch, self.cache_frames) + shape, np.float32)
+      pad[:, :p] = init
+      init, count = jnp.asarray(pad), jnp.full((batch,), p, jnp.int32)
+    if prompt_index is not None:
+      idx = np.asarray(prompt_index)
+      if idx.dtype.kind not in "iu" or idx.shape[-1:] != (self.num_chunks,) or idx.ndim not in (1, 2) or \
+          (idx.ndim == 2 and idx.shape[0] not in (1, batch)):
+        raise ValueError(f"prompt_index: expected integers of shape ({self.num_chunks},) or (B, {self.num_chunks}) "
+                         f"(one prompt per chunk), got {idx.dtype} {idx.shape}")
+      if num_prompts is not None and (idx.min() < 0 or idx.max() >= num_prompts):
+        raise ValueError(f"prompt_index: values must lie in [0, {num_prompts}) (the context holds {num_prompts} "
+                         f"prompts), got {np.unique(idx).tolist()}")
+      index = jnp.asarray(np.broadcast_to(idx, (batch, self.num_chunks)).astype(np.int32))
+    return Conditioning(init_latents=init, init_frames=count, prompt_index=index)
+
+  def _check_inputs(self, params, context, controls, uncond_context, scheduled: bool = False):
     context = jnp.asarray(context, jnp.float32)
     want = (self.dcfg.text_len, self.dcfg.text_dim)
-    if context.ndim != 3 or context.shape[1:] != want:
+    if scheduled:
+      if context.ndim != 4 or context.shape[2:] != want:
+        raise ValueError(f"context: with a prompt schedule expected (B, prompts, text_len, text_dim) = "
+                         f"(B, K, {want[0]}, {want[1]}), got {context.shape}")
+    elif context.ndim != 3 or context.shape[1:] != want:
       raise ValueError(f"context: expected (B, text_len, text_dim) = (B, {want[0]}, {want[1]}), got {context.shape}")
     b = context.shape[0]
     if controls.threshold.shape != (b,) or controls.min_steps.shape != (b, self.num_frames):
@@ -386,16 +482,34 @@ class Sampler:
 
   # -- the network calls ------------------------------------------------------------------------------------------
 
-  def forward(self, gen_params, x, t, context, uncond_context, guidance, cache, frame_offset, use_cfg: bool):
-    """One cache-mode DiT forward on a chunk -> (velocity (B,c,H,W,C) f32, features (B,c,T,D), new cache)."""
+  def placement(self, chunk_index) -> dict:
+    """The DiT's cache arguments for chunk `chunk_index` (traced): its RoPE frame offset and, with a window, its ring
+    slot, the filled cache frames and the sinks' shift (see the module docstring)."""
+    c = self.chunk_frames
+    f0 = jnp.asarray(chunk_index, jnp.int32) * c
+    if not self.window_frames:
+      return {"frame_offset": f0}
+    s, n = self.sink_frames, self.cache_frames
+    ring = max(n - s, c)
+    place = {"frame_offset": f0, "cache_slot": jnp.where(f0 < s, f0, s + (f0 - s) % ring),
+             "kv_frames": jnp.minimum(f0 + c, n)}
+    if s:
+      place.update(sink_frames=s, sink_shift=jnp.maximum(f0 + c - n, 0))
+    return place
+
+  def forward(self, gen_params, x, t, context, uncond_context, guidance, cache, frame_offset, use_cfg: bool,
+              place: Optional[dict] = None):
+    """One cache-mode DiT forward on a chunk -> (velocity (B,c,H,W,C) f32, features (B,c,T,D), new cache).
+    `place` (from `placement`) overrides `frame_offset` for a windowed cache."""
+    place = {"frame_offset": frame_offset} if place is None else place
     if use_cfg:
       x2 = jnp.concatenate([x, x], 0)
       t2 = jnp.concatenate([t, t], 0)
       ctx2 = jnp.concatenate([context, uncond_context], 0)
-      out = self.dit.apply(gen_params, x2, t2, ctx2, cache=cache, frame_offset=frame_offset)
+      out = self.dit.apply(gen_params, x2, t2, ctx2, cache=cache, **place)
       b = x.shape[0]
       return guided_velocity(out["velocity"][:b], out["velocity"][b:], guidance), out["features"][:b], out["cache"]
-    out = self.dit.apply(gen_params, x, t, context, cache=cache, frame_offset=frame_offset)
+    out = self.dit.apply(gen_params, x, t, context, cache=cache, **place)
     return out["velocity"], out["features"], out["cache"]
 
   def confidence(self, head_params, features, step, t):
@@ -410,11 +524,13 @@ class Sampler:
 
   # -- one chunk ----------------------------------------------------------------------------------------------------
 
-  def denoise_chunk(self, params, context, uncond_context, controls, keys, cache, chunk_index, use_cfg: bool):
+  def denoise_chunk(self, params, context, uncond_context, controls, keys, cache, chunk_index, use_cfg: bool,
+                    cond: Optional[Conditioning] = None):
     """The while-loop over denoising steps of chunk `chunk_index` (traced) -> (SamplerState after the loop)."""
     c, L = self.chunk_frames, self.num_steps
     b = context.shape[0]
     offset = jnp.asarray(chunk_index, jnp.int32) * c
+    place = self.placement(chunk_index)
     sig = jnp.asarray(np.append(self.sigmas, np.float32(0.0)))  # (L + 1,): the last entry is never used as a target
     max_s = jnp.clip(jax.lax.dynamic_slice_in_dim(controls.max_steps, offset, c, axis=1), 1, L)
     min_s = jnp.clip(jax.lax.dynamic_slice_in_dim(controls.min_steps, offset, c, axis=1), 1, max_s)
@@ -422,6 +538,9 @@ class Sampler:
     ckeys = chunk_keys(keys, chunk_index)
     tn = self.num_train_timesteps
     gen, hp = params["generator"], params.get("head")
+    given = None  # (B, c) bool: frames given as continuation input
+    if cond is not None and cond.init_frames is not None:
+      given = (offset + jnp.arange(c))[None, :] < cond.init_frames[:, None]
 
     def body(s: SamplerState) -> SamplerState:
       active = ~s.done
@@ -433,10 +552,13 @@ class Sampler:
       else:
         frozen_x = s.x
         frozen_t = tn * sig[jnp.maximum(s.steps - 1, 0)]
+        if given is not None:  # given frames took no step: they feed their clean input, like context frames
+          frozen_x = jnp.where(_bcast(given, s.x), self.context_input(s.x0, ckeys), frozen_x)
+          frozen_t = jnp.where(given, self.context_noise, frozen_t)
       x_in = jnp.where(a5, s.x, frozen_x)
       t_in = jnp.where(active, tn * sigma_k, frozen_t)
       v, feats, cache = self.forward(gen, x_in, t_in, context, uncond_context, controls.guidance, s.cache, offset,
-                                     use_cfg)
+                                     use_cfg, place)
       x0_new = flow.x0_from_velocity(s.x, v, sigma_k)
       steps = jnp.where(active, s.k + 1, s.steps)
       if self.stop_rule == "x0_delta":  # the change is recorded where the confidence would be
@@ -455,15 +577,19 @@ class Sampler:
       return SamplerState(k=s.k + 1, x=x, x0=x0, steps=steps, done=s.done | stop, conf=conf, trace=trace,
                           keys=s.keys, cache=cache)
 
-    def cond(s: SamplerState):
+    def cond_fn(s: SamplerState):
       return (s.k < L) & ~jnp.all(s.done)
 
     shape = (b,) + self.chunk_shape
+    x0, done, conf = jnp.zeros(shape, jnp.float32), jnp.zeros((b, c), bool), jnp.zeros((b, c), jnp.float32)
+    if given is not None:
+      init = jax.lax.dynamic_slice_in_dim(cond.init_latents, offset, c, axis=1)
+      x0, done, conf = jnp.where(_bcast(given, x0), init, x0), given, jnp.where(given, 1.0, conf)
     state = SamplerState(
-        k=jnp.zeros((), jnp.int32), x=slot_noise(ckeys, 0, self.chunk_shape), x0=jnp.zeros(shape, jnp.float32),
-        steps=jnp.zeros((b, c), jnp.int32), done=jnp.zeros((b, c), bool), conf=jnp.zeros((b, c), jnp.float32),
+        k=jnp.zeros((), jnp.int32), x=slot_noise(ckeys, 0, self.chunk_shape), x0=x0,
+        steps=jnp.zeros((b, c), jnp.int32), done=done, conf=conf,
         trace=jnp.full((b, c, L), jnp.nan, jnp.float32), keys=ckeys, cache=cache)
-    return jax.lax.while_loop(cond, body, state)
+    return jax.lax.while_loop(cond_fn, body, state)
 
   def fill_cache(self, params, context, uncond_context, controls, x0, ckeys, cache, chunk_index, use_cfg: bool):
     """The cache-fill forward: the clean chunk at t = context_noise overwrites the chunk's K/V slot."""
@@ -471,22 +597,27 @@ class Sampler:
     offset = jnp.asarray(chunk_index, jnp.int32) * self.chunk_frames
     t = jnp.full((b, c), self.context_noise, jnp.float32)
     _, _, cache = self.forward(params["generator"], self.context_input(x0, ckeys), t, context, uncond_context,
-                               controls.guidance, cache, offset, use_cfg)
+                               controls.guidance, cache, offset, use_cfg, self.placement(chunk_index))
     return cache
 
-  def run_chunk(self, params, context, uncond_context, controls, keys, cache, chunk_index, use_cfg: bool):
-    s = self.denoise_chunk(params, context, uncond_context, controls, keys, cache, chunk_index, use_cfg)
+  def run_chunk(self, params, context, uncond_context, controls, keys, cache, chunk_index, use_cfg: bool,
+                cond: Optional[Conditioning] = None):
+    if cond is not None and cond.prompt_index is not None:  # this chunk's prompt of the schedule
+      pick = jax.lax.dynamic_index_in_dim(cond.prompt_index, chunk_index, axis=1, keepdims=False)
+      context = jnp.take_along_axis(context, pick[:, None, None, None], axis=1)[:, 0]
+    s = self.denoise_chunk(params, context, uncond_context, controls, keys, cache, chunk_index, use_cfg, cond)
     cache = self.fill_cache(params, context, uncond_context, controls, s.x0, s.keys, s.cache, chunk_index, use_cfg)
     return ChunkOutput(latents=s.x0, steps=s.steps, confidences=s.conf, conf_trace=s.trace, iters=s.k), cache
 
-  def _chunk_step(self, params, context, uncond_context, controls, rng, cache, chunk_index, use_cfg: bool = False):
+  def _chunk_step(self, params, context, uncond_context, controls, rng, cache, chunk_index, cond=None,
+                  use_cfg: bool = False):
     self.trace_counts["chunk_step"] += 1
     keys = sample_keys(rng, controls.seed)
-    return self.run_chunk(params, context, uncond_context, controls, keys, cache, chunk_index, use_cfg)
+    return self.run_chunk(params, context, uncond_context, controls, keys, cache, chunk_index, use_cfg, cond)
 
   # -- the whole video ---------------------------------------------------------------------------------------------
 
-  def _program(self, params, context, uncond_context, controls, rng, cache, use_cfg: bool = False):
+  def _program(self, params, context, uncond_context, controls, rng, cache, cond=None, use_cfg: bool = False):
     self.trace_counts["program"] += 1
     b = context.shape[0]
     c, L = self.chunk_frames, self.num_steps
@@ -494,7 +625,7 @@ class Sampler:
 
     def body(i, carry):
       cache, lat, steps, conf, trace, iters = carry
-      out, cache = self.run_chunk(params, context, uncond_context, controls, keys, cache, i, use_cfg)
+      out, cache = self.run_chunk(params, context, uncond_context, controls, keys, cache, i, use_cfg, cond)
       put = lambda a, u: jax.lax.dynamic_update_slice_in_dim(a, u, i * c, axis=1)
       return (cache, put(lat, out.latents), put(steps, out.steps), put(conf, out.confidences),
               put(trace, out.conf_trace), iters.at[i].set(out.iters))
@@ -505,13 +636,17 @@ class Sampler:
     cache, lat, steps, conf, trace, iters = jax.lax.fori_loop(0, self.num_chunks, body, init)
     return SampleOutput(latents=lat, steps=steps, confidences=conf, conf_trace=trace, chunk_iters=iters), cache
 
-  def prepare(self, params, context, controls, rng=None, uncond_context=None):
-    """Validated program arguments: (args tuple, use_cfg), with a fresh KV cache (donated by the call)."""
-    params, context, uncond_context = self._check_inputs(params, context, controls, uncond_context)
+  def prepare(self, params, context, controls, rng=None, uncond_context=None, init_latents=None, prompt_index=None):
+    """Validated program arguments: (args tuple, use_cfg), with a fresh KV cache (donated by the call) and the
+    `Conditioning` (None without init frames or a prompt schedule) last."""
+    scheduled = prompt_index is not None
+    params, context, uncond_context = self._check_inputs(params, context, controls, uncond_context, scheduled)
     use_cfg = uncond_context is not None
     rng = jax.random.PRNGKey(0) if rng is None else rng
-    cache = self.new_cache(context.shape[0], use_cfg)
-    return self.place((params, context, uncond_context, controls, rng, cache)), use_cfg
+    b = context.shape[0]
+    cond = self.conditioning(b, init_latents, prompt_index, context.shape[1] if scheduled else None)
+    cache = self.new_cache(b, use_cfg)
+    return self.place((params, context, uncond_context, controls, rng, cache, cond)), use_cfg
 
   def _whole_video(self, args, use_cfg):
     """The whole-video jitted program for these arguments (sharded over the mesh, if any)."""
@@ -526,18 +661,24 @@ class Sampler:
         return self.program.lower(*args, use_cfg=use_cfg)
       return self._sharded("program", args, use_cfg).lower(*args)
 
-  def sample(self, params, context, controls: SamplingControls, rng=None, uncond_context=None) -> SampleOutput:
-    """Samples a whole video batch in one compiled program (asynchronous: arrays are ready when read)."""
-    args, use_cfg = self.prepare(params, context, controls, rng, uncond_context)
+  def sample(self, params, context, controls: SamplingControls, rng=None, uncond_context=None, *, init_latents=None,
+             prompt_index=None) -> SampleOutput:
+    """Samples a whole video batch in one compiled program (asynchronous: arrays are ready when read).
+
+    init_latents: given first frames to continue from; prompt_index: the prompt of each chunk, with a context of
+    several prompts (B, K, text_len, text_dim). See the module docstring.
+    """
+    args, use_cfg = self.prepare(params, context, controls, rng, uncond_context, init_latents, prompt_index)
     compiled = self._compiled.get(_signature(args, use_cfg))
     with mesh_lib.activation_context(self.mesh, self.rules):
       out, _ = (compiled if compiled is not None else self._whole_video(args, use_cfg))(*args)
     return out
 
-  def compile(self, params, context, controls, rng=None, uncond_context=None) -> float:
+  def compile(self, params, context, controls, rng=None, uncond_context=None, *, init_latents=None,
+              prompt_index=None) -> float:
     """Compiles the whole-video program ahead of time for this batch size / CFG use (later `sample` calls of that
     shape use it); returns the compile time in seconds (tracing + lowering + XLA compilation)."""
-    args, use_cfg = self.prepare(params, context, controls, rng, uncond_context)
+    args, use_cfg = self.prepare(params, context, controls, rng, uncond_context, init_latents, prompt_index)
     t0 = time.perf_counter()
     compiled = self.lower(args, use_cfg).compile()
     dt = time.perf_counter() - t0
@@ -545,7 +686,23 @@ class Sampler:
     return dt
 
 
-def make_sampler(config, dit_cfg: Optional[DiTConfig] = None, mesh=None) -> Sampler:
-  """The compiled DSA sampler of `config` (model, video size, ladder, context noise, frozen-frame mode) over
-  `mesh` (default: `config.mesh` over all devices)."""
-  return Sampler(config, dit_cfg, mesh)
+def _window(s, chunk: int) -> tuple[int, int]:
+  """(window_frames, sink_frames) of config.sampling, checked: multiples of the chunk size, sinks only with a
+  window."""
+  out = []
+  for name in ("window_frames", "sink_frames"):
+    v = s.get(name, 0)
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0 or v % chunk:
+      raise ValueError(f"config.sampling.{name}: expected a multiple of video.chunk_frames = {chunk} (0 = off), "
+                       f"got {v!r}")
+    out.append(int(v))
+  if out[1] and not out[0]:
+    raise ValueError("config.sampling.sink_frames: sinks need a window (set sampling.window_frames)")
+  return out[0], out[1]
+
+
+def make_sampler(config, dit_cfg: Optional[DiTConfig] = None, num_frames: Optional[int] = None, mesh=None) -> Sampler:
+  """The compiled DSA sampler of `config` (model, video size, ladder, context noise, frozen-frame mode, window) for
+  videos of `num_frames` latent frames (default video.num_frames) over `mesh` (default: `config.mesh` over all
+  devices)."""
+  return Sampler(config, dit_cfg, num_frames, mesh)

@@ -13,6 +13,7 @@ import time
 from typing import Iterator, Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from dsa_jax.sampling.decode import PixelDecoder
@@ -37,25 +38,33 @@ class StreamChunk:
 
 
 def stream(sampler, params, context, controls, rng=None, uncond_context=None, decoder: Optional[PixelDecoder] = None,
-           ) -> Iterator[StreamChunk]:
-  """Yields a StreamChunk per chunk as soon as it is done (same result as `sampler.sample`).
+           *, init_latents=None, prompt_index=None, fps_controller=None) -> Iterator[StreamChunk]:
+  """Yields a StreamChunk per chunk as soon as it is done (same result as `sampler.sample`, init frames and prompt
+  schedule included; given frames come back as they went in).
 
-  Compiles the per-chunk function on first use (once per batch size and CFG use; never for new controls).
+  Compiles the per-chunk function on first use (once per batch size and CFG use; never for new controls, new
+  schedules or a new number of given frames).
+  fps_controller (`budget.FpsController`): sets every chunk's threshold from the measured times of the chunks before
+  it, so that the stream holds its target frame rate (the threshold is traced: nothing recompiles).
   """
-  args, use_cfg = sampler.prepare(params, context, controls, rng, uncond_context)
-  params, context, uncond_context, controls, rng, cache = args
+  args, use_cfg = sampler.prepare(params, context, controls, rng, uncond_context, init_latents, prompt_index)
+  params, context, uncond_context, controls, rng, cache, cond = args
   b = context.shape[0]
   dec_state = decoder.init_state(b) if decoder is not None else None
   start = time.perf_counter()
   for i in range(sampler.num_chunks):
     t0 = time.perf_counter()
-    out, cache = sampler.chunk_step(params, context, uncond_context, controls, rng, cache, np.int32(i),
+    if fps_controller is not None:
+      controls = controls.replace(threshold=jnp.full_like(controls.threshold, fps_controller.threshold))
+    out, cache = sampler.chunk_step(params, context, uncond_context, controls, rng, cache, np.int32(i), cond,
                                     use_cfg=use_cfg)
     pixels = None
     if decoder is not None:
       pixels, dec_state = decoder.decode_chunk(out.latents, dec_state, first=(i == 0))
     o, px = jax.device_get((out, pixels))
     now = time.perf_counter()
+    if fps_controller is not None:
+      fps_controller.update(int(px.shape[1]) if px is not None else sampler.chunk_frames, now - t0)
     yield StreamChunk(index=i, latents=o.latents, steps=o.steps, confidences=o.confidences,
                       conf_trace=o.conf_trace, iters=int(o.iters), pixels=px, seconds=now - t0,
                       elapsed=now - start)

@@ -98,18 +98,24 @@ def _check_meta(meta: dict, config, where: str):
 
 def export_networks(state_or_params, config, out_dir: str, *, step: int | None = None, source: str = "") -> str:
   """Writes a params_io model checkpoint from a TrainState (or {name: params}) of this process (single host)."""
+  stage = config.train.stage
+  conf_target = {"kind": str(config.conf.target)}
   if isinstance(state_or_params, state_lib.TrainState):
     nets = state_or_params.networks()
     step = int(jax.device_get(state_or_params.step)) if step is None else step
+    if stage in ("dsa", "head") and conf_target["kind"] == "remaining" and state_or_params.target_range is not None:
+      # the normalisation the head was trained with: what its confidence means (evaluation reads it back)
+      conf_target["log_range"] = [float(x) for x in np.asarray(jax.device_get(state_or_params.target_range))]
   else:
     nets = dict(state_or_params)
-  stage = config.train.stage
   if stage == "teacher" and "teacher_ema" in nets:
     nets["teacher"] = nets.pop("teacher_ema")  # the EMA is the teacher that later stages use
   names = ("teacher",) if stage == "teacher" else tuple(n for n in SAMPLER_NETWORKS if n in nets)
   host = {n: jax.tree_util.tree_map(lambda x: np.asarray(jax.device_get(x)), nets[n]) for n in names}
   meta = {"arch": arch_meta(config, names), "config": config.to_json_best_effort(), "stage": stage,
           "step": step, "source": source}
+  if "head" in names:
+    meta["conf_target"] = conf_target
   return params_io.save_params(out_dir, host, meta)
 
 

@@ -4,7 +4,9 @@ Which networks a state holds depends on the stage:
   * 'teacher': teacher (trained) + teacher_opt, and teacher_ema (its EMA, what is exported) when
                `train.teacher_ema_decay` > 0;
   * 'ode':     generator + generator_ema + gen_opt, and an untrained head (exported so the sampler can run fixed-step);
-  * 'dsa':     generator, generator_ema, head, critic + their optimiser states, and the DMD running mean d_bar.
+  * 'dsa':     generator, generator_ema, head, critic + their optimiser states, and the DMD running mean d_bar;
+  * 'head':    a frozen generator (from train.init_from) and the confidence head, the only network trained: a head
+               for an existing few-step generator (e.g. a converted Self Forcing checkpoint), no teacher needed.
 Absent networks are None (an empty pytree). The frozen teacher of 'ode'/'dsa' is not part of the state: it is
 loaded once, sharded, never donated and never saved with the run.
 
@@ -24,7 +26,7 @@ import optax
 from dsa_jax.models import factory
 from dsa_jax.parallel import mesh as mesh_lib
 
-STAGES = ("teacher", "ode", "dsa")
+STAGES = ("teacher", "ode", "dsa", "head")
 NETWORK_FIELDS = ("generator", "generator_ema", "head", "critic", "teacher", "teacher_ema")
 # Networks that are an EMA copy of another: same architecture, initialised equal to it, never optimised.
 EMA_OF = {"generator_ema": "generator", "teacher_ema": "teacher"}
@@ -63,11 +65,12 @@ def stage_networks(stage: str, config=None) -> tuple[str, ...]:
   if stage == "teacher" and config is not None and float(config.train.teacher_ema_decay) > 0:
     return ("teacher", "teacher_ema")
   return {"teacher": ("teacher",), "ode": ("generator", "generator_ema", "head"),
-          "dsa": ("generator", "generator_ema", "head", "critic")}[stage]
+          "dsa": ("generator", "generator_ema", "head", "critic"), "head": ("generator", "head")}[stage]
 
 
 def trained_networks(stage: str) -> tuple[str, ...]:
-  return {"teacher": ("teacher",), "ode": ("generator",), "dsa": ("generator", "head", "critic")}[stage]
+  return {"teacher": ("teacher",), "ode": ("generator",), "dsa": ("generator", "head", "critic"),
+          "head": ("head",)}[stage]
 
 
 def learning_rate(config, lr: float):

@@ -205,6 +205,53 @@ def make_dsa_fns(config, mesh, rules):
   return {"gen": gen_step, "critic": critic_step}
 
 
+def make_head_fns(config, mesh, rules):
+  """The 'head' stage: the confidence head alone on rollouts of a frozen generator (targets 'remaining' or
+  'consistency', which need no teacher). Same rollout, exit step and target as the 'dsa' stage's head update."""
+  spec = rollout.RolloutSpec.from_config(config)
+  gcfg = factory.dit_config(config, "model")
+  hcfg = ConfidenceConfig.from_config(config)
+  tx = state_lib.optimizers(config)["head"]
+  target = str(config.conf.target)
+  c_scale = float(config.conf.consistency_scale)
+  decay = float(config.conf.target_ema)
+
+  def head_step(state, teacher, batch, uncond):
+    del teacher, uncond
+    k_exit, k_roll = jax.random.split(jax.random.fold_in(state.rng, state.step))
+    ctx = batch["context"].astype(jnp.float32)
+    b, f = ctx.shape[0], spec.num_frames
+    exit_index = rollout.sample_exit_index(k_exit, spec)
+    roll = rollout.rollout_no_grad(gcfg, state.generator, ctx, k_roll, exit_index, spec, continue_to_last=True,
+                                   mesh=mesh, rules=rules)
+    ex = jax.lax.stop_gradient(rollout.exit_forward(gcfg, state.generator, ctx, roll["x_in"], exit_index,
+                                                    roll["cache"], spec, mesh=mesh, rules=rules))
+    disc = losses.consistency_discrepancy(ex["x0"], roll["x0_last"])
+    dbar = losses.update_running_mean(state.dbar, disc, decay)
+    log_range = state.target_range
+    if target == "remaining":
+      log_range = losses.update_log_range(state.target_range, disc, decay, exit_index < spec.num_steps - 1)
+      y = losses.remaining_targets(disc, log_range)
+    else:
+      y = losses.discrepancy_targets(disc, jnp.float32(c_scale) if c_scale > 0 else dbar)
+    step_idx = jnp.full((b, f), exit_index, jnp.int32)
+
+    def loss_fn(hp):
+      logits = ConfidenceHead(hcfg).apply(hp, ex["features"], step_idx, ex["t"])
+      return losses.confidence_loss(logits, y), logits
+
+    (l_conf, logits), g = jax.value_and_grad(loss_fn, has_aux=True)(state.head)
+    head, head_opt = _apply(tx, g, state.head_opt, state.head)
+    metrics = {"loss_conf": l_conf, "discrepancy": jnp.mean(disc), "grad_norm_head": optax.tree.norm(g),
+               "exit_step": (exit_index + 1).astype(METRIC_DTYPE),
+               "rollout_mismatch": jnp.max(jnp.abs(ex["x0"] - roll["x0"]))}
+    metrics.update(losses.calibration_metrics(logits, y))
+    state = state.replace(head=head, head_opt=head_opt, dbar=dbar, target_range=log_range, step=state.step + 1)
+    return state, jax.tree_util.tree_map(lambda x: x.astype(METRIC_DTYPE), metrics)
+
+  return {"head": head_step}
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # ODE regression
 
@@ -294,8 +341,8 @@ def make_teacher_fns(config, mesh, rules):
 
 
 def teacher_shardings(config, mesh, rules):
-  """Shardings of the frozen teacher (logical axes like every DiT); None for the 'teacher' stage."""
-  if config.train.stage == "teacher":
+  """Shardings of the frozen teacher (logical axes like every DiT); None for the stages without one."""
+  if config.train.stage in ("teacher", "head"):
     return None
   boxed = factory.abstract_dit_params(factory.dit_config(config, "teacher"), config)
   return mesh_lib.param_shardings(boxed, mesh, rules)
@@ -331,6 +378,8 @@ def _build_steps(config, mesh, rules, *, state_shardings=None, stored_ode_pairs:
   t_sh = teacher_shardings(config, mesh, rules)
   if stage == "dsa":
     fns = make_dsa_fns(config, mesh, rules)
+  elif stage == "head":
+    fns = make_head_fns(config, mesh, rules)
   elif stage == "ode":
     stored = bool(config.train.ode_pairs) if stored_ode_pairs is None else stored_ode_pairs
     fns = make_ode_fns(config, mesh, rules, stored)

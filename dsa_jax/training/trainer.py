@@ -171,6 +171,10 @@ def load_teacher(config, mesh, rules, shardings):
   return place(steps_lib.frozen_cast(params["teacher"], tcfg.dtype), shardings)
 
 
+# The head stage reads the generator a sampler would use: the EMA where the model has one.
+HEAD_STAGE_FALLBACKS = {"generator": ("generator_ema", "teacher")}
+
+
 def initial_networks(config, teacher_host: Callable[[], Any]) -> tuple[dict, dict]:
   """Host params that replace fresh initialisation at step 0 of a stage (the previous stage's model, the teacher as
   the ODE student's and the critic's start), and where each came from."""
@@ -181,6 +185,14 @@ def initial_networks(config, teacher_host: Callable[[], Any]) -> tuple[dict, dic
     if init_from:
       nets["teacher"] = loading.load_networks(config, init_from, ("teacher",), fallbacks={}, log=_log)[0]["teacher"]
       sources["teacher"] = init_from
+    return nets, sources
+  if stage == "head":
+    if not init_from:
+      raise TrainingError("config.train.init_from: stage 'head' trains a confidence head for an existing generator; "
+                          "give its model folder or workdir")
+    nets["generator"] = loading.load_networks(config, init_from, ("generator",), fallbacks=HEAD_STAGE_FALLBACKS,
+                                              log=_log)[0]["generator"]
+    sources["generator"] = init_from
     return nets, sources
   if init_from:
     # a converted base model stored as 'teacher' with the generator's architecture (e.g. Wan2.1-1.3B) also serves
@@ -450,7 +462,7 @@ def _train_locked(config, workdir: str, *, stop_after=None, mesh=None, log=None)
   bundle = steps_lib.build_steps(config, mesh, rules, state_shardings=shardings)
   teacher = None
   teacher_cache: dict = {}
-  if stage != "teacher":
+  if stage in ("ode", "dsa"):
     teacher = load_teacher(config, mesh, rules, bundle.teacher_shardings)
 
   def teacher_host():

@@ -1,0 +1,36 @@
+"""Step-budget calibration: records tau -> average steps per frame in a model's metadata, so that sampling can ask
+for an average number of steps (`dsa-jax sample --mean-steps 2.5`) instead of a raw threshold.
+
+  dsa-jax calibrate --config digits --ckpt runs/digits/dsa/model [--num 256]
+
+The prompts are the config's training prompts (config.data.prompts), never the held-out evaluation prompts.
+"""
+
+from __future__ import annotations
+
+HELP = "store the threshold -> average steps table in a model (for --mean-steps)"
+
+
+def add_arguments(p):
+  p.add_argument("--config", required=True, help="config file or shipped config name (path[:arg])")
+  p.add_argument("--ckpt", default=None, help="model folder (default config.sampling.checkpoint)")
+  p.add_argument("--num", type=int, default=256, help="calibration prompts (default 256)")
+  p.add_argument("--batch", type=int, default=64, help="prompts per compiled batch (default 64)")
+  p.add_argument("--seed", type=int, default=0, help="noise seed of the first prompt")
+  p.add_argument("--dry-run", action="store_true", help="print the table without writing it")
+
+
+def main(args):
+  import json
+
+  from dsa_jax.config_lib import get_config
+  from dsa_jax.sampling import budget
+
+  config = get_config(args.config, args.overrides)
+  ckpt = config.sampling.checkpoint if args.ckpt is None else args.ckpt
+  table = budget.calibrate(config, ckpt, num=args.num, batch=args.batch, seed=args.seed, write=not args.dry_run)
+  rows = [f"  tau {t:.3f} -> {m:.3f} steps" for t, m in zip(table["thresholds"], table["mean_steps"])]
+  print("\n".join(rows[::4] + [rows[-1]]))
+  if args.dry_run:
+    print(json.dumps(table))
+  return 0

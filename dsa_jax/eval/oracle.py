@@ -1,0 +1,166 @@
+"""What each extra step is worth to each frame, and the allocation that knows it (the oracle).
+
+`trace_rollout` runs the sampler's own chunk program at the full ladder (every frame takes every step) and records
+every step's x0 prediction and head confidence. From it:
+  * the frame's *remaining change* after k steps, r_k = mean (x0_k - x0_last)^2 (0 at the last step);
+  * the marginal gain of step k+1, r_{k-1} - r_k;
+  * the oracle allocation at an average budget: every frame starts at min_steps, and the next step always goes to
+    the frame whose next step gains the most (greedy by marginal gain) until the budget is spent;
+  * what the head says about the same steps: the median confidence per step (it must rise), its spread at step 1,
+    and its calibration against the 'remaining' target computed from the trace.
+The oracle is computed on the full-ladder rollout: a frame given fewer steps becomes slightly different context for
+later chunks, which the oracle ignores (it is an upper reference, not a sampler).
+"""
+
+from __future__ import annotations
+
+import heapq
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dsa_jax.diffusion import flow
+from dsa_jax.sampling.sampler import Sampler, chunk_keys, sample_keys, slot_noise
+
+
+def _trace_program(sampler: Sampler):
+  c, L = sampler.chunk_frames, sampler.num_steps
+  tn = sampler.num_train_timesteps
+  sig = jnp.asarray(np.append(sampler.sigmas, np.float32(0.0)))
+
+  def program(params, context, controls, rng):
+    b = context.shape[0]
+    keys = sample_keys(rng, controls.seed)
+    gen, hp = params["generator"], params["head"]
+
+    def chunk(cache, i):
+      ckeys = chunk_keys(keys, i)
+      offset = i * c
+
+      def step(carry, k):
+        x, cache = carry
+        t = jnp.full((b, c), tn * sig[k], jnp.float32)
+        v, feats, cache = sampler.forward(gen, x, t, context, None, controls.guidance, cache, offset, False,
+                                          sampler.placement(i))
+        x0 = flow.x0_from_velocity(x, v, sig[k])
+        conf = sampler.confidence(hp, feats, jnp.full((b, c), k, jnp.int32), t)
+        x_next = flow.renoise(x0, slot_noise(ckeys, k + 1, x.shape[1:]), sig[k + 1])
+        return (x_next, cache), (x0, conf)
+
+      (_, cache), (x0s, confs) = jax.lax.scan(step, (slot_noise(ckeys, 0, sampler.chunk_shape), cache),
+                                              jnp.arange(L, dtype=jnp.int32))
+      cache = sampler.fill_cache(params, context, None, controls, x0s[-1], ckeys, cache, i, False)
+      return cache, (x0s, confs)
+
+    _, (x0s, confs) = jax.lax.scan(chunk, sampler.new_cache(b), jnp.arange(sampler.num_chunks, dtype=jnp.int32))
+    # (N, L, B, c, ...) -> (B, N*c, L, ...)
+    x0s = jnp.moveaxis(x0s, 2, 0)  # (B, N, L, c, ...)
+    x0s = jnp.swapaxes(x0s, 2, 3).reshape((b, sampler.num_frames, L) + x0s.shape[4:])
+    confs = jnp.swapaxes(jnp.moveaxis(confs, 2, 0), 2, 3).reshape((b, sampler.num_frames, L))
+    return x0s, confs
+
+  return jax.jit(program)
+
+
+_PROGRAMS: dict = {}
+
+
+def trace_rollout(sampler: Sampler, params, context, controls, rng=None) -> dict[str, np.ndarray]:
+  """Full-ladder rollout without guidance -> {'x0': (B, F, L, H, W, C), 'conf': (B, F, L), 'remaining': (B, F, L)}.
+
+  Equal to `sampler.sample` at threshold +inf and max_steps = L: the x0 of the last step is its output and the
+  confidences its conf_trace (tests check both)."""
+  params, context, _ = sampler._check_inputs(params, context, controls, None)
+  rng = jax.random.PRNGKey(0) if rng is None else rng
+  if id(sampler) not in _PROGRAMS:
+    _PROGRAMS[id(sampler)] = (sampler, _trace_program(sampler))
+  x0s, confs = jax.device_get(_PROGRAMS[id(sampler)][1](params, context, controls, rng))
+  x0s = np.asarray(x0s, np.float32)
+  return {"x0": x0s, "conf": np.asarray(confs, np.float32), "remaining": remaining_change(x0s)}
+
+
+def remaining_change(x0s: np.ndarray) -> np.ndarray:
+  """(B, F, L, ...) x0 per step -> (B, F, L): mean squared distance of each step's x0 to the last step's."""
+  d = x0s - x0s[:, :, -1:]
+  return np.mean(np.square(d), axis=tuple(range(3, d.ndim)))
+
+
+def oracle_allocation(remaining: np.ndarray, budget: float, min_steps: int = 1, max_steps: int | None = None
+                      ) -> np.ndarray:
+  """Steps per frame (same shape as remaining[..., 0]) with mean `budget`, greedy by marginal gain.
+
+  remaining (..., L): remaining change after 1..L steps. Every frame starts at `min_steps`; each further step goes to
+  the frame whose next step lowers its remaining change the most (ties: the earlier frame)."""
+  r = np.asarray(remaining, np.float64)
+  shape, L = r.shape[:-1], r.shape[-1]
+  max_steps = L if max_steps is None else int(max_steps)
+  if not 1 <= min_steps <= max_steps <= L:
+    raise ValueError(f"oracle: need 1 <= min_steps ({min_steps}) <= max_steps ({max_steps}) <= ladder ({L})")
+  if not min_steps <= budget <= max_steps:
+    raise ValueError(f"oracle: budget {budget} outside [min_steps, max_steps] = [{min_steps}, {max_steps}]")
+  flat = r.reshape(-1, L)
+  n = flat.shape[0]
+  steps = np.full(n, min_steps, np.int64)
+  extra = int(round(budget * n)) - steps.sum()
+  heap = [(-(flat[i, min_steps - 1] - flat[i, min_steps]), i) for i in range(n) if min_steps < max_steps]
+  heapq.heapify(heap)
+  while extra > 0 and heap:
+    _, i = heapq.heappop(heap)
+    steps[i] += 1
+    extra -= 1
+    s = steps[i]
+    if s < max_steps:
+      heapq.heappush(heap, (-(flat[i, s - 1] - flat[i, s]), i))
+  return steps.reshape(shape).astype(np.int32)
+
+
+def remaining_log_range(remaining: np.ndarray) -> tuple[float, float]:
+  """(10th, 90th) percentiles of log remaining change over all steps but the last (where it is 0): the
+  normalisation of the 'remaining' target when the model does not record the one it was trained with."""
+  r = np.asarray(remaining)[..., :-1].reshape(-1)
+  lr = np.log(r + 1e-12)
+  return float(np.percentile(lr, 10)), float(np.percentile(lr, 90))
+
+
+def remaining_target(remaining: np.ndarray, log_range) -> np.ndarray:
+  """The 'remaining' training target (see `dsa_jax.training.losses.remaining_targets`), in numpy."""
+  lo, hi = float(log_range[0]), float(log_range[1])
+  lr = np.log(np.asarray(remaining, np.float64) + 1e-12)
+  return np.clip((hi - lr) / max(hi - lo, 1e-3), 0.0, 1.0)
+
+
+def expected_calibration_error(conf: np.ndarray, target: np.ndarray, bins: int = 10) -> float:
+  """Sum over confidence bins of (share) * |mean confidence - mean target| (soft targets)."""
+  p = np.asarray(conf, np.float64).reshape(-1)
+  y = np.asarray(target, np.float64).reshape(-1)
+  idx = np.clip((p * bins).astype(int), 0, bins - 1)
+  err = 0.0
+  for b in range(bins):
+    m = idx == b
+    if m.any():
+      err += m.mean() * abs(p[m].mean() - y[m].mean())
+  return float(err)
+
+
+def head_report(trace: dict[str, np.ndarray], log_range=None) -> dict[str, Any]:
+  """What the head's confidence means on a full-ladder trace: per-step medians (should rise), the 10th-90th
+  percentile spread at step 1, and calibration against the 'remaining' target of the same steps."""
+  conf, rem = trace["conf"], trace["remaining"]
+  L = conf.shape[-1]
+  source = "model" if log_range is not None else "eval set"
+  log_range = remaining_log_range(rem) if log_range is None else tuple(log_range)
+  target = remaining_target(rem, log_range)
+  med = [float(np.median(conf[..., k])) for k in range(L)]
+  first = conf[..., 0].reshape(-1)
+  return {
+      "median_conf_by_step": med,
+      "conf_rises": bool(all(b > a for a, b in zip(med, med[1:]))),
+      "step1_p10": float(np.percentile(first, 10)), "step1_p90": float(np.percentile(first, 90)),
+      "step1_spread": float(np.percentile(first, 90) - np.percentile(first, 10)),
+      "median_target_by_step": [float(np.median(target[..., k])) for k in range(L)],
+      "ece_vs_remaining": expected_calibration_error(conf, target),
+      "remaining_log_range": list(map(float, log_range)), "log_range_from": source,
+      "median_remaining_by_step": [float(np.median(rem[..., k])) for k in range(L)],
+  }

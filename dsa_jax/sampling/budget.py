@@ -1,0 +1,165 @@
+"""A step budget instead of a raw threshold: `mean_steps` -> tau through a calibration table stored with the model.
+
+What a threshold tau means depends on the model's head, so users ask for an average number of denoising steps per
+frame instead. `calibrate` samples a set of calibration prompts (the config's training prompts, not the held-out
+ones) at a grid of thresholds and records the average steps of each; the table lives in the model checkpoint's
+metadata (`calibration`), written by `dsa-jax calibrate`. `threshold_for` inverts it by linear interpolation on the
+monotone envelope (average steps never fall as tau rises).
+
+For streams, `FpsController` moves tau chunk by chunk from measured chunk times so that a stream holds a target
+frame rate where the hardware allows it.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+
+DEFAULT_THRESHOLDS = tuple(float(t) for t in np.round(np.linspace(0.02, 0.98, 49), 4))
+
+
+class BudgetError(ValueError):
+  """A step budget cannot be honoured (no calibration table, or a budget outside what the table covers)."""
+
+
+def _table(calibration: dict) -> tuple[np.ndarray, np.ndarray]:
+  taus = np.asarray(calibration["thresholds"], np.float64)
+  steps = np.maximum.accumulate(np.asarray(calibration["mean_steps"], np.float64))
+  return taus, steps
+
+
+def threshold_for(calibration: Optional[dict], mean_steps: float, *, source: str = "the model") -> float:
+  """tau whose calibrated average steps per frame is `mean_steps` (+inf / -inf at the table's ends)."""
+  if not calibration:
+    raise BudgetError(f"{source} has no step-budget calibration table; make one with `dsa-jax calibrate --config "
+                      "CONFIG --ckpt MODEL` (or pass --threshold instead of --mean-steps)")
+  m = float(mean_steps)
+  if not math.isfinite(m):
+    raise BudgetError(f"--mean-steps: expected a finite number, got {mean_steps!r}")
+  lo, hi = float(calibration["min_steps"]), float(calibration["max_steps"])
+  if not lo <= m <= hi:
+    raise BudgetError(f"--mean-steps {m:g}: must lie in [min_steps, max_steps] = [{lo:g}, {hi:g}]")
+  taus, steps = _table(calibration)
+  if m <= steps[0]:
+    return float("-inf") if m <= lo else float(taus[0])
+  if m >= steps[-1]:
+    return float("inf") if m >= hi else float(taus[-1])
+  i = int(np.searchsorted(steps, m, side="left"))
+  s0, s1, t0, t1 = steps[i - 1], steps[i], taus[i - 1], taus[i]
+  return float(t0 if s1 == s0 else t0 + (m - s0) * (t1 - t0) / (s1 - s0))
+
+
+def calibration_table(sampler, params, contexts: np.ndarray, thresholds: Sequence[float] = DEFAULT_THRESHOLDS, *,
+                      batch: int = 64, seed: int = 0, guidance: float = 0.0, uncond=None, refine_gap: float = 0.15,
+                      refine_rounds: int = 3, log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+  """Average steps per frame at each threshold over `contexts` (N, text_len, text_dim); one compiled program.
+
+  Where neighbouring thresholds differ by more than `refine_gap` average steps (a head's confidences often bunch in
+  a narrow band of tau), their midpoint is added, for up to `refine_rounds` rounds, so that interpolating the table
+  lands within a small fraction of a step of the request."""
+  s = sampler.config.sampling
+  n = contexts.shape[0]
+  b = min(batch, n)
+  uc = None if uncond is None else np.broadcast_to(uncond, (b,) + uncond.shape[1:])
+  t0 = time.time()
+
+  def mean_steps(tau):
+    total = 0.0
+    for start in range(0, n, b):
+      idx = np.minimum(np.arange(start, start + b), n - 1)
+      controls = sampler.make_controls(b, threshold=float(tau), guidance=guidance,
+                                       seed=seed + np.arange(start, start + b))
+      out = sampler.sample(params, contexts[idx], controls, uncond_context=uc)
+      total += float(np.asarray(out.steps)[:min(b, n - start)].sum())
+    return total / (n * sampler.num_frames)
+
+  table = {float(t): mean_steps(t) for t in thresholds}
+  for _ in range(int(refine_rounds)):
+    taus = sorted(table)
+    new = [(a + c) / 2 for a, c in zip(taus, taus[1:]) if abs(table[c] - table[a]) > refine_gap]
+    if not new:
+      break
+    table.update({float(t): mean_steps(t) for t in new})
+  taus = sorted(table)
+  log(f"calibrated {len(taus)} thresholds on {n} prompts in {time.time() - t0:.1f}s")
+  return {"thresholds": taus, "mean_steps": [table[t] for t in taus], "num_prompts": int(n),
+          "min_steps": int(s.min_steps), "max_steps": int(s.max_steps), "seed": int(seed)}
+
+
+def calibration_prompts(config, num: int) -> list[str]:
+  """The config's training prompts (first `num`): calibration never sees the held-out evaluation prompts."""
+  from dsa_jax.data import prompts as prompts_lib
+  try:
+    src = prompts_lib.prompt_source_from_config(config.data.prompts)
+  except prompts_lib.PromptFileError as e:
+    raise BudgetError(f"calibration prompts come from config.data.prompts: {e}") from None
+  n = min(int(num), len(src))
+  out = []
+  for i in range(n):
+    item = src[i]
+    out.append(item["prompt"] if isinstance(item, dict) else str(item))
+  return out
+
+
+class FpsController:
+  """Chunk-by-chunk threshold control for streams: after each chunk, the measured seconds per frame move tau so that
+  the stream holds `target_fps` (fewer steps when too slow, more when there is time to spare).
+
+  Multiplicative control on the step budget: budget <- budget * (measured fps / target fps) ** gain, clipped to
+  [min_steps, max_steps]; tau follows from the calibration table. The clock is injectable (tests simulate it)."""
+
+  def __init__(self, calibration: dict, target_fps: float, *, initial_steps: Optional[float] = None,
+               gain: float = 0.7):
+    if not target_fps > 0 or not math.isfinite(target_fps):
+      raise BudgetError(f"--target-fps: expected a positive number, got {target_fps!r}")
+    if not calibration:
+      raise BudgetError("--target-fps needs the model's step-budget calibration table (dsa-jax calibrate)")
+    self.calibration, self.target, self.gain = calibration, float(target_fps), float(gain)
+    self.lo, self.hi = float(calibration["min_steps"]), float(calibration["max_steps"])
+    self.budget = float(initial_steps) if initial_steps is not None else (self.lo + self.hi) / 2
+
+  @property
+  def threshold(self) -> float:
+    return threshold_for(self.calibration, self.budget)
+
+  def update(self, frames: int, seconds: float) -> float:
+    """Records one chunk (`frames` frames in `seconds`) and returns the threshold for the next chunk."""
+    if seconds > 0 and frames > 0:
+      fps = frames / seconds
+      self.budget = float(np.clip(self.budget * (fps / self.target) ** self.gain, self.lo, self.hi))
+    return self.threshold
+
+
+def calibrate(config, ckpt: str, *, num: int = 256, thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
+              batch: int = 64, seed: int = 0, write: bool = True, log: Callable[[str], None] = print
+              ) -> dict[str, Any]:
+  """Makes the calibration table of the model at `ckpt` (a model folder) on the config's training prompts and, with
+  `write`, stores it in the model's metadata, where `--mean-steps` finds it."""
+  import os
+
+  from dsa_jax.checkpoint import loading, params_io
+  from dsa_jax.data.text_context import make_text_encoder
+  from dsa_jax.sampling.sampler import make_sampler
+
+  if not ckpt or not os.path.isfile(os.path.join(ckpt, params_io.META_FILE)):
+    raise BudgetError(f"--ckpt {ckpt!r}: expected an exported model folder (with {params_io.META_FILE}); the table "
+                      "is stored in its metadata (export a training workdir first)")
+  if int(num) < 1:
+    raise BudgetError(f"--num: expected at least 1 calibration prompt, got {num}")
+  params, source = loading.load_sampler_params(config, ckpt, warn=log, cast=True)
+  sampler = make_sampler(config)
+  encode = make_text_encoder(config)
+  prompts = calibration_prompts(config, num)
+  contexts = np.asarray(encode(prompts), np.float32)
+  g = float(config.sampling.guidance)
+  uncond = np.asarray(encode([config.text.negative_prompt]), np.float32) if g != 0.0 else None
+  table = calibration_table(sampler, params, contexts, thresholds, batch=batch, seed=seed, guidance=g, uncond=uncond,
+                            log=log)
+  table["prompts"] = f"config.data.prompts ({config.data.prompts.kind}), first {len(prompts)}"
+  if write:
+    params_io.update_meta(ckpt, calibration=table)
+    log(f"wrote the calibration table into {os.path.join(ckpt, params_io.META_FILE)}")
+  return table

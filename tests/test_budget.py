@@ -1,0 +1,75 @@
+"""Step budgets: the calibration table, tau from a requested average, the stream's frame-rate controller."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from dsa_jax.sampling import budget
+
+TABLE = {"thresholds": [0.1, 0.3, 0.5, 0.7, 0.9], "mean_steps": [1.2, 1.8, 2.6, 3.4, 4.6], "min_steps": 1,
+         "max_steps": 5}
+
+
+def test_threshold_for_inverts_the_table():
+  assert budget.threshold_for(TABLE, 2.6) == pytest.approx(0.5)
+  assert budget.threshold_for(TABLE, 2.2) == pytest.approx(0.4)  # linear between 1.8 @ 0.3 and 2.6 @ 0.5
+  assert budget.threshold_for(TABLE, 1.0) == float("-inf") and budget.threshold_for(TABLE, 5.0) == float("inf")
+  wobbly = dict(TABLE, mean_steps=[1.2, 1.9, 1.85, 3.4, 4.6])  # noise in a table: its monotone envelope is used
+  assert 0.3 < budget.threshold_for(wobbly, 2.5) < 0.7
+  with pytest.raises(budget.BudgetError, match="dsa-jax calibrate"):
+    budget.threshold_for(None, 2.5, source="'m'")
+  with pytest.raises(budget.BudgetError, match=r"\[1, 5\]"):
+    budget.threshold_for(TABLE, 6.0)
+
+
+def test_fps_controller_on_a_simulated_clock():
+  """A device whose chunk time grows with the steps taken: the controller finds the budget that holds the rate."""
+  ctl = budget.FpsController(TABLE, target_fps=10.0, initial_steps=4.5)
+  seconds_per_step = 0.05  # 2 frames per chunk: fps = 2 / (0.05 * steps) -> 10 fps at 4 steps
+  for _ in range(30):
+    tau = ctl.threshold
+    steps = float(np.interp(tau, TABLE["thresholds"], TABLE["mean_steps"])) if np.isfinite(tau) else (
+        5.0 if tau > 0 else 1.0)
+    ctl.update(2, seconds_per_step * steps)
+  assert ctl.budget == pytest.approx(4.0, abs=0.1)
+  slow = budget.FpsController(TABLE, target_fps=1000.0)
+  for _ in range(20):
+    slow.update(2, 0.1)
+  assert slow.budget == 1.0 and slow.threshold == float("-inf")  # the hardware cannot: fewest steps
+  with pytest.raises(budget.BudgetError, match="target-fps"):
+    budget.FpsController(TABLE, target_fps=0.0)
+
+
+def test_calibrate_then_sample_with_a_budget(tmp_path, repo_root, capsys):
+  import jax
+
+  from dsa_jax import cli
+  from dsa_jax.config_lib import get_config
+  from dsa_jax.sampling.sampler import make_sampler
+  from dsa_jax.training import checkpointing
+
+  tiny = os.path.join(repo_root, "configs", "tiny.py")
+  cfg = get_config(tiny)
+  params = make_sampler(cfg).init_params(jax.random.PRNGKey(0))
+  model = tmp_path / "model"
+  checkpointing.export_networks(params, cfg, str(model))
+  out = tmp_path / "out"
+  rc = cli.main(["sample", "--config", tiny, "--ckpt", str(model), "--out", str(out), "--prompt", "a", "--mean-steps",
+                 "2.5"])
+  assert rc == 2 and "dsa-jax calibrate" in capsys.readouterr().err  # no table yet: says how to make one
+  assert cli.main(["calibrate", "--config", tiny, "--ckpt", str(model), "--num", "2", "--batch", "2"]) == 2
+  assert "config.data.prompts" in capsys.readouterr().err  # tiny has no prompt source: named
+  assert cli.main(["calibrate", "--config", tiny, "--ckpt", str(model), "--num", "2", "--batch", "2",
+                   "--config.data.prompts.kind=digits"]) == 0
+  table = json.loads((model / "dsa_meta.json").read_text())["calibration"]
+  assert len(table["thresholds"]) == len(table["mean_steps"]) >= len(budget.DEFAULT_THRESHOLDS)
+  assert table["thresholds"] == sorted(table["thresholds"]) and table["num_prompts"] == 2
+  assert table["mean_steps"][0] <= table["mean_steps"][-1]
+  rc = cli.main(["sample", "--config", tiny, "--ckpt", str(model), "--out", str(out), "--prompt", "a", "--mean-steps",
+                 "2.5"])
+  assert rc == 0
+  rec = json.loads((out / "a.steps.json").read_text())
+  want = budget.threshold_for(table, 2.5)
+  assert rec["threshold"] == (want if np.isfinite(want) else str(want))
