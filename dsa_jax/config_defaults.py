@@ -6,10 +6,19 @@ import ml_collections
 
 # Logical axis name -> mesh axes. Parameters and activations carry logical names; this table (a config field, so
 # sweeps can change it) decides where they go. FSDP shards the model dim of every weight; tensor parallelism shards
-# heads and the FFN hidden dim.
+# heads and the FFN hidden dim. Activations have names of their own (activation_*): the batch over data x fsdp,
+# heads and the FFN hidden dim over tensor, the residual stream's model dim replicated (FSDP gathers weights, not
+# activations).
 DEFAULT_RULES = (
     ("batch", ("data", "fsdp")),
+    ("activation_batch", ("data", "fsdp")),
+    ("activation_length", None),
+    ("activation_embed", None),
+    ("activation_heads", "tensor"),
+    ("activation_kv", None),
+    ("activation_mlp", "tensor"),
     ("embed", "fsdp"),
+    ("embed_out", None),
     ("mlp", "tensor"),
     ("heads", "tensor"),
     ("kv", None),
@@ -87,6 +96,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.compute = ml_collections.ConfigDict(dict(
       dtype="bfloat16", param_dtype="float32", attention="auto", scan_layers=True, remat="full",
+      splash_interpret=False,  # attention='splash' in Pallas interpret mode: the TPU kernel on any platform (tests)
   ))
 
   c.mesh = ml_collections.ConfigDict(dict(

@@ -1,17 +1,31 @@
-"""Prints a JSON summary of a config: parameter counts, tokens, FLOPs per chunk forward.
+"""Prints a JSON summary of a config: parameter counts, tokens, FLOPs per chunk forward; with --mesh or
+--device-memory also the per-device memory of sampling and of one training step, and whether they fit.
 
   dsa-jax info --config configs/wan_1_3b.py
+  dsa-jax info --config configs/wan_1_3b.py --mesh data=1,tensor=8 --device-memory 16GB
+
+The memory estimate compiles both programs for the mesh on abstract inputs (nothing is allocated). Where this
+machine has fewer accelerators than the mesh, it compiles for that many simulated CPU devices, with the attention
+backend the CPU runs (xla, which stores the attention logits: an upper bound for cuDNN/splash).
 """
 
 from __future__ import annotations
 
 import json
+import math
+import os
 
 HELP = "parameter counts, tokens and FLOPs of a config (JSON)"
 
 
 def add_arguments(p):
   p.add_argument("--config", required=True, help="config file (path[:arg])")
+  p.add_argument("--mesh", default=None, help="mesh for the memory estimate, e.g. data=1,tensor=8 (axes not named "
+                 "are 1; default with --device-memory: config.mesh over this machine's devices)")
+  p.add_argument("--device-memory", default=None, help="memory of one device, e.g. 16GB or 16GiB: says whether "
+                 "sampling and a training step fit")
+  p.add_argument("--batch-size", type=int, default=None, help="videos per sampling call for the memory estimate "
+                 "(default: config.sampling.batch_size)")
 
 
 def summarize(config) -> dict:
@@ -44,7 +58,42 @@ def summarize(config) -> dict:
   return out
 
 
+def _estimate_mesh(config, text):
+  """The mesh of the estimate: on this machine's devices, or on as many simulated CPU devices."""
+  from dsa_jax.parallel import memory
+  from dsa_jax.parallel import mesh as mesh_lib
+  if text is None:
+    return mesh_lib.make_mesh(config), config
+  shape = memory.parse_mesh(text)
+  n = math.prod(shape.values())
+  flags = os.environ.get("XLA_FLAGS", "")
+  if "xla_force_host_platform_device_count" not in flags:  # read when jax first starts its CPU backend
+    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
+  import jax
+  devices = jax.devices()
+  if len(devices) < n:
+    devices = jax.devices("cpu")
+    if len(devices) < n:
+      raise ValueError(f"--mesh {text}: needs {n} devices; this process has {len(devices)} CPU devices (run the "
+                       "command in a fresh process)")
+    if jax.devices()[0].platform != "cpu":
+      config = config.copy_and_resolve_references()
+      config.compute.attention = "xla"
+  return mesh_lib.make_mesh(config, devices=devices[:n], shape=shape), config
+
+
 def main(args):
   from dsa_jax.config_lib import get_config
   config = get_config(args.config, args.overrides)
-  print(json.dumps(summarize(config), indent=2))
+  estimate = args.mesh is not None or args.device_memory is not None
+  if estimate:  # before anything starts jax: the mesh may need simulated devices
+    from dsa_jax.parallel import memory
+    device_memory = None if args.device_memory is None else memory.parse_bytes(args.device_memory)
+    batch = config.sampling.batch_size if args.batch_size is None else args.batch_size
+    if batch < 1:
+      raise ValueError(f"--batch-size: must be >= 1, got {batch}")
+    mesh, est_config = _estimate_mesh(config, args.mesh)
+  out = summarize(config)
+  if estimate:
+    out["memory_per_device"] = memory.fit_report(est_config, mesh, device_memory, batch)
+  print(json.dumps(out, indent=2))

@@ -297,6 +297,7 @@ def main(args):
   from dsa_jax.checkpoint.loading import load_sampler_params
   from dsa_jax.data.text_context import make_text_encoder
   from dsa_jax.diffusion.guidance import is_on
+  from dsa_jax.parallel.mesh import describe as mesh_describe
   from dsa_jax.sampling import outputs
   from dsa_jax.sampling import sampler as sampler_lib
   from dsa_jax.sampling import stream as stream_lib
@@ -320,7 +321,8 @@ def main(args):
   use_cfg = is_on(guidance)
   uncond = encode([config.text.negative_prompt]) if use_cfg else None
   _say(f"sampling {len(prompts)} video(s) of {sampler.num_frames} latent frames ({sampler.num_chunks} chunks "
-       f"of {sampler.chunk_frames}{_window_note(sampler)}) on {jax.devices()[0].device_kind}: tau={threshold:g}{budget_note} "
+       f"of {sampler.chunk_frames}{_window_note(sampler)}) on {jax.devices()[0].device_kind}"
+       f"{'' if sampler.mesh is None else ' (' + mesh_describe(sampler.mesh) + ')'}: tau={threshold:g}{budget_note} "
        f"steps in [{min_steps}, {max_steps}] of a {sampler.num_steps}-step ladder, guidance {guidance:g}, "
        f"weights: {source.get('path', 'random')}")
   summary = config_summary(config, sampler)

@@ -26,9 +26,10 @@ import jax
 import jax.numpy as jnp
 
 from dsa_jax.models import rope as rope_lib
-from dsa_jax.models.attention import block_causal_mask, dot_product_attention, resolve_backend
+from dsa_jax.models.attention import dot_product_attention, resolve_backend
 from dsa_jax.models.layers import DTYPES as _DTYPES  # noqa: F401 - callers still import the table from here
 from dsa_jax.models.layers import RMSNorm, dtype_name, to_dtype
+from dsa_jax.parallel.mesh import constrain_activation
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +52,7 @@ class DiTConfig:
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   attention: str = "xla"
+  splash_interpret: bool = False  # run the splash kernel in Pallas interpret mode (tests off TPU)
   scan_layers: bool = True
   remat: str = "none"
 
@@ -72,6 +74,7 @@ class DiTConfig:
       if backend == "cudnn" and dtype == jnp.float32:
         backend = "xla"  # cuDNN flash attention needs 16-bit inputs
       kw.update(dtype=dtype, param_dtype=to_dtype(compute_cfg.param_dtype, "compute.param_dtype"), attention=backend,
+                splash_interpret=bool(compute_cfg.get("splash_interpret", False)),
                 scan_layers=compute_cfg.scan_layers, remat=compute_cfg.remat)
     kw.update(overrides)
     return cls(**kw)
@@ -121,6 +124,7 @@ class Attention(nn.Module):
   """Multi-head attention with q/k RMSNorm; self-attention takes RoPE, masks and the KV cache."""
   cfg: DiTConfig
   cross: bool = False
+  causal_block: int | None = None  # block-causal self-attention over blocks of this many tokens
 
   def _proj(self, name, x):
     c = self.cfg
@@ -129,7 +133,7 @@ class Attention(nn.Module):
                            bias_init=_partitioned(nn.initializers.zeros, ("heads", "kv")), name=name)(x)
 
   @nn.compact
-  def __call__(self, x, context=None, rope=None, mask=None, cache=None, cache_pos=None):
+  def __call__(self, x, context=None, rope=None, cache=None, cache_pos=None):
     c = self.cfg
     kv_in = context if self.cross else x
     q = RMSNorm(c.eps, axes=("heads", "kv"), name="norm_q")(self._proj("q", x))
@@ -155,9 +159,10 @@ class Attention(nn.Module):
         if sink is not None:  # attention sinks, re-positioned for this call (the cache keeps them as written)
           n = sink[0].shape[0]
           k = jnp.concatenate([rope_lib.apply_rope(k[:, :n], *sink), k[:, n:]], axis=1)
-        mask = None
-    q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
-    out = dot_product_attention(q, k, v, mask=mask, kv_lengths=kv_lengths, backend=c.attention)
+    causal_block = self.causal_block if not self.cross and cache is None else None
+    q = constrain_activation(q, ("activation_batch", "activation_length", "activation_heads", "activation_kv"))
+    out = dot_product_attention(q, k, v, kv_lengths=kv_lengths, causal_block=causal_block, backend=c.attention,
+                                interpret=c.splash_interpret)
     out = nn.DenseGeneral(c.dim, axis=(-2, -1), dtype=c.dtype, param_dtype=c.param_dtype,
                           kernel_init=_partitioned(_dense_init(), ("heads", "kv", "embed")),
                           bias_init=_partitioned(nn.initializers.zeros, ("embed",)), name="o")(out)
@@ -172,9 +177,10 @@ def _per_frame(x, num_frames):
 class WanBlock(nn.Module):
   """One transformer block; scanned over layers with the KV cache as the scanned input/output."""
   cfg: DiTConfig
+  causal_block: int | None = None
 
   @nn.compact
-  def __call__(self, x, cache, e0, context, rope, mask, cache_pos):
+  def __call__(self, x, cache, e0, context, rope, cache_pos):
     c = self.cfg
     b, l, _ = x.shape
     f = e0.shape[1]
@@ -190,7 +196,8 @@ class WanBlock(nn.Module):
       return (_per_frame(y.astype(jnp.float32), f) * gate).reshape(b, l, -1)
 
     h = modulate(LayerNorm32(c.eps, name="norm1")(x), shift_msa, scale_msa)
-    y, new_cache = Attention(c, name="self_attn")(h, rope=rope, mask=mask, cache=cache, cache_pos=cache_pos)
+    y, new_cache = Attention(c, causal_block=self.causal_block, name="self_attn")(h, rope=rope, cache=cache,
+                                                                                  cache_pos=cache_pos)
     x = x + gated(y, gate_msa).astype(x.dtype)
 
     h = LayerNorm32(c.eps, affine=True, name="norm_cross")(x) if c.cross_attn_norm else x
@@ -201,12 +208,12 @@ class WanBlock(nn.Module):
     h = nn.Dense(c.ffn_dim, dtype=c.dtype, param_dtype=c.param_dtype,
                  kernel_init=_partitioned(_dense_init(), ("embed", "mlp")),
                  bias_init=_partitioned(nn.initializers.zeros, ("mlp",)), name="ffn_in")(h)
-    h = nn.with_logical_constraint(nn.gelu(h, approximate=True), ("batch", "length", "mlp"))
+    h = constrain_activation(nn.gelu(h, approximate=True), ("activation_batch", "activation_length", "activation_mlp"))
     y = nn.Dense(c.dim, dtype=c.dtype, param_dtype=c.param_dtype,
                  kernel_init=_partitioned(_dense_init(), ("mlp", "embed")),
                  bias_init=_partitioned(nn.initializers.zeros, ("embed",)), name="ffn_out")(h)
     x = x + gated(y, c_gate).astype(x.dtype)
-    x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+    x = constrain_activation(x, ("activation_batch", "activation_length", "activation_embed"))
     return x, new_cache
 
 
@@ -249,7 +256,7 @@ class WanDiT(nn.Module):
                         (pt, ph, pw, ch, c.dim), c.param_dtype)
     bias = self.param("patch_bias", _partitioned(nn.initializers.zeros, ("embed",)), (c.dim,), c.param_dtype)
     h = jnp.dot(patches.astype(c.dtype), kernel.reshape(-1, c.dim).astype(c.dtype)) + bias.astype(c.dtype)
-    h = nn.with_logical_constraint(h, ("batch", "length", "embed"))
+    h = constrain_activation(h, ("activation_batch", "activation_length", "activation_embed"))
 
     # Per-frame time embedding and its 6-vector projection, in float32.
     emb = sinusoidal_embedding(t, c.freq_dim)
@@ -257,27 +264,30 @@ class WanDiT(nn.Module):
                                              kernel_init=_partitioned(nn.initializers.normal(0.02), names),
                                              bias_init=_partitioned(nn.initializers.zeros, names[1:]), name=name)
     e = dense32(c.dim, ("freq", "embed"), "time_embedding_1")(emb)
-    e = dense32(c.dim, ("embed", "embed"), "time_embedding_2")(nn.silu(e))  # (B, F, D)
+    e = dense32(c.dim, ("embed", "embed_out"), "time_embedding_2")(nn.silu(e))  # (B, F, D)
+    e = constrain_activation(e, ("activation_batch", None, "activation_embed"))
     e0 = dense32(6 * c.dim, ("embed", "mod"), "time_projection")(nn.silu(e)).reshape(b, f, 6, c.dim)
+    e0 = constrain_activation(e0, ("activation_batch", None, None, "activation_embed"))
 
     ctx = nn.Dense(c.dim, dtype=c.dtype, param_dtype=c.param_dtype,
                    kernel_init=_partitioned(_dense_init(), ("text_embed", "embed")),
                    bias_init=_partitioned(nn.initializers.zeros, ("embed",)), name="text_embedding_1")(
                        context.astype(c.dtype))
     ctx = nn.Dense(c.dim, dtype=c.dtype, param_dtype=c.param_dtype,
-                   kernel_init=_partitioned(_dense_init(), ("embed", "embed")),
+                   kernel_init=_partitioned(_dense_init(), ("embed", "embed_out")),
                    bias_init=_partitioned(nn.initializers.zeros, ("embed",)), name="text_embedding_2")(
                        nn.gelu(ctx, approximate=True))
+    ctx = constrain_activation(ctx, ("activation_batch", "activation_length", "activation_embed"))
 
     tables = rope_lib.rope_tables(c.head_dim, c.rope_max_frames, gh, gw, c.rope_theta)
     rope = rope_lib.rope_for_grid(tables, frame_offset, f, gh, gw)
-    mask = None
+    causal_block = None
     cache_pos = None
     if cache is None:
       if chunk_frames is not None:
         if f % chunk_frames:
           raise ValueError(f"{f} frames do not divide into chunks of {chunk_frames}")
-        mask = jnp.asarray(block_causal_mask(f, tokens, chunk_frames))
+        causal_block = tokens * chunk_frames
     else:
       slot = frame_offset if cache_slot is None else cache_slot
       cache_offset = jnp.asarray(slot, jnp.int32) * tokens
@@ -289,14 +299,14 @@ class WanDiT(nn.Module):
     block_cls = self._block_cls()
     if c.scan_layers:
       stack = nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True},
-                      in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                      in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
                       length=c.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
-      h, new_cache = stack(c, name="blocks")(h, cache, e0, ctx, rope, mask, cache_pos)
+      h, new_cache = stack(c, causal_block, name="blocks")(h, cache, e0, ctx, rope, cache_pos)
     else:
       new_k, new_v = [], []
       for i in range(c.num_layers):
         layer_cache = None if cache is None else (cache[0][i], cache[1][i])
-        h, lc = block_cls(c, name=f"blocks_{i}")(h, layer_cache, e0, ctx, rope, mask, cache_pos)
+        h, lc = block_cls(c, causal_block, name=f"blocks_{i}")(h, layer_cache, e0, ctx, rope, cache_pos)
         if lc is not None:
           new_k.append(lc[0])
           new_v.append(lc[1])

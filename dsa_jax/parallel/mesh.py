@@ -7,13 +7,14 @@ The mesh has the axes ('data', 'fsdp', 'tensor'); `config.mesh.shape` gives thei
     occurrence takes the mesh axis, later ones stay replicated;
   * a dimension that a mesh axis does not divide (a 16-channel output head over fsdp=32) stays replicated instead of
     failing at `device_put`.
-Activations: see `activation_context` (XLA propagates shardings from the parameters and the batch; we constrain
-the large arrays our code creates).
+Activations: `activation_context` turns on the model's activation constraints (`constrain_activation`, by the
+activation_* logical names); our own code constrains the large arrays it creates (KV cache, rollout outputs).
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import math
 import os
 from typing import Any, Sequence
@@ -177,24 +178,42 @@ def constrain(x, names: Sequence[str | None], mesh: Mesh | None, rules):
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(names, x.shape, mesh, rules)))
 
 
-@contextlib.contextmanager
-def activation_context(mesh: Mesh | None, rules, *, model_constraints: bool = False):
-  """The mesh in context while tracing a step; optionally flax's logical rules too.
+_ACTIVATIONS: contextvars.ContextVar = contextvars.ContextVar("dsa_jax_activation_sharding", default=None)
 
-  `model_constraints=True` would make the DiT's own `nn.with_logical_constraint` calls take effect, but flax then
-  also constrains the boxed kernels while checking parameter shapes, which fails for the current DiT (DenseGeneral
-  flattens its kernel before unboxing, and two projections repeat the name 'embed'). So by default the model's
-  activations are left to XLA's sharding propagation from the parameter and batch shardings, and our own code
-  constrains the large arrays it creates (the KV cache, rollout outputs) with `constrain`.
+
+@contextlib.contextmanager
+def activation_context(mesh: Mesh | None, rules, *, model_constraints: bool = True):
+  """The mesh in context while tracing a step or the sampler, and (by default) the model's activation constraints.
+
+  With `model_constraints`, every `constrain_activation` in the model (the residual stream, attention queries, the
+  FFN hidden layer, by their activation_* logical names) becomes a sharding constraint under `rules`; without, XLA
+  propagates shardings from the parameters and inputs alone. Our own constraint (rather than flax's
+  `nn.logical_axis_rules`) keeps flax from also constraining the boxed parameters, and is divisibility-aware like
+  the parameter shardings.
   """
   if mesh is None:
     yield
     return
   with contextlib.ExitStack() as stack:
     stack.enter_context(jax.set_mesh(mesh))
-    if model_constraints:
-      stack.enter_context(nn.logical_axis_rules(rules))
+    token = _ACTIVATIONS.set((mesh, tuple(rules), model_constraints) if mesh.size > 1 else None)
+    stack.callback(_ACTIVATIONS.reset, token)
     yield
+
+
+def constrain_activation(x, names: Sequence[str | None]):
+  """Constrains a model activation by logical names inside `activation_context`; a no-op elsewhere."""
+  active = _ACTIVATIONS.get()
+  if active is None or not active[2]:
+    return x
+  return constrain(x, names, active[0], active[1])
+
+
+def active_mesh():
+  """(mesh, rules) of the enclosing `activation_context` over more than one device, else None (kernels that XLA
+  cannot partition, like splash attention, run per shard under `shard_map` with it)."""
+  active = _ACTIVATIONS.get()
+  return None if active is None else active[:2]
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -45,12 +45,18 @@ finished frames do, and the remaining frames are sampled. Given frames report st
 
 Prompt schedule. With a context of K prompts (B, K, text_len, text_dim) and `prompt_index` (B, num_chunks), chunk i
 uses prompt prompt_index[:, i] (index values are traced: a new schedule of the same K never recompiles).
+
+Over a mesh (`config.mesh`, more than one device): parameters are sharded by the training rules (FSDP over the
+model dim, tensor parallelism over heads and the FFN), the KV cache over batch (data x fsdp) and heads (tensor),
+context, controls and outputs over batch; each program is still one `jax.jit`, with in/out shardings per batch
+size and the cache donated, traced with the model's activation constraints on. One device: plain jit, as before.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import time
 from typing import Any, Optional
 
@@ -64,8 +70,9 @@ from dsa_jax.diffusion import flow
 from dsa_jax.diffusion.guidance import guided_velocity
 from dsa_jax.models import factory
 from dsa_jax.models.confidence import ConfidenceConfig, ConfidenceHead
-from dsa_jax.models.dit import DiTConfig, WanDiT, init_cache
+from dsa_jax.models.dit import DiTConfig, WanDiT, cache_logical_axes, init_cache
 from dsa_jax.models.factory import as_variables
+from dsa_jax.parallel import mesh as mesh_lib
 from dsa_jax.sampling import stop_rules
 from dsa_jax.sampling.stop_rules import STOP_RULES
 
@@ -220,7 +227,8 @@ class Sampler:
   Immutable apart from two memos: `compile()`'s ahead-of-time executables and the trace counts.
   """
 
-  def __init__(self, config, dit_cfg: Optional[DiTConfig] = None, num_frames: Optional[int] = None):
+  def __init__(self, config, dit_cfg: Optional[DiTConfig] = None, num_frames: Optional[int] = None,
+               mesh=None):
     self.config = config
     v = config.video
     self.chunk_frames = c = v.chunk_frames
@@ -260,7 +268,94 @@ class Sampler:
     self.trace_counts = collections.Counter()
     self._compiled = {}
     self.program = jax.jit(self._program, static_argnames=("use_cfg",), donate_argnums=(5,))
-    self.chunk_step = jax.jit(self._chunk_step, static_argnames=("use_cfg",), donate_argnums=(5,))
+    self._chunk_step_jit = jax.jit(self._chunk_step, static_argnames=("use_cfg",), donate_argnums=(5,))
+    self.mesh = mesh_lib.make_mesh(config) if mesh is None else mesh
+    if self.mesh.size == 1:
+      self.mesh = None  # one device: no shardings at all
+    self.rules = mesh_lib.rules_from_config(config)
+    self._mesh_jits = {}
+    self._placed_params = None
+
+  # -- placement over a mesh ---------------------------------------------------------------------------------------
+
+  def _batch_spec(self, x, b):
+    """Batch-sharded leading dim for arrays of batch b (or 2b: the CFG cache), replicated otherwise."""
+    shape = np.shape(x)
+    if not shape or shape[0] not in (b, 2 * b):
+      return mesh_lib.replicated(self.mesh)
+    names = ("batch",) + (None,) * (len(shape) - 1)
+    return jax.sharding.NamedSharding(self.mesh, mesh_lib.logical_to_spec(names, shape, self.mesh, self.rules))
+
+  @functools.cached_property
+  def param_shardings(self):
+    """{'generator', 'head'} shardings of the variables by their logical axes (from abstract shapes)."""
+    boxed = {"generator": factory.abstract_dit_params(self.dcfg, self.config),
+             "head": factory.abstract_head_params(self.config)}
+    return mesh_lib.param_shardings(boxed, self.mesh, self.rules)
+
+  def cache_shardings(self, cache):
+    """KV cache over batch and heads (its logical axes); other cache leaves replicated."""
+    names = cache_logical_axes()
+
+    def one(path, x):
+      key = getattr(path[-1], "key", None) if path else None
+      if key in names and len(names[key]) == np.ndim(x):
+        return jax.sharding.NamedSharding(self.mesh, mesh_lib.logical_to_spec(names[key], np.shape(x), self.mesh,
+                                                                              self.rules))
+      return mesh_lib.replicated(self.mesh)
+    return jax.tree_util.tree_map_with_path(one, cache)
+
+  def _arg_shardings(self, args):
+    """(params, context, uncond, controls, rng, cache, ...): params by rules, cache by its axes, rng replicated, the
+    rest by their batch dim."""
+    b = np.shape(args[1])[0]
+    batch = lambda tree: jax.tree_util.tree_map(lambda x: self._batch_spec(x, b), tree)
+    out = [self.param_shardings, batch(args[1]), batch(args[2]), batch(args[3]), mesh_lib.replicated(self.mesh),
+           self.cache_shardings(args[5])]
+    return tuple(out + [batch(a) for a in args[6:]])
+
+  def _out_shardings(self, out_shape, b):
+    """(outputs, cache): outputs by their batch dim (per-chunk iteration counts replicated), cache by its axes."""
+    def one(path, x):
+      if "iters" in jax.tree_util.keystr(path):
+        return mesh_lib.replicated(self.mesh)
+      return self._batch_spec(x, b)
+    outputs, cache = out_shape
+    return jax.tree_util.tree_map_with_path(one, outputs), self.cache_shardings(cache)
+
+  def _sharded(self, kind: str, args, use_cfg: bool):
+    """The program (kind 'program' / 'chunk_step') jitted with in/out shardings for these arguments' shapes."""
+    key = (kind, _signature(args, use_cfg))
+    if key not in self._mesh_jits:
+      fn = functools.partial(self._program if kind == "program" else self._chunk_step, use_cfg=use_cfg)
+      with mesh_lib.activation_context(self.mesh, self.rules):
+        out_shape = jax.eval_shape(fn, *args)  # jit reuses this trace
+      self._mesh_jits[key] = jax.jit(fn, in_shardings=self._arg_shardings(args),
+                                     out_shardings=self._out_shardings(out_shape, np.shape(args[1])[0]),
+                                     donate_argnums=(5,))
+    return self._mesh_jits[key]
+
+  def place(self, args):
+    """Program arguments on the mesh with their shardings (the parameters of the last call are reused as placed)."""
+    if self.mesh is None:
+      return args
+    shardings = self._arg_shardings(args)
+    leaves = jax.tree_util.tree_leaves(args[0])
+    last = self._placed_params
+    if last is not None and len(last[0]) == len(leaves) and all(a is b for a, b in zip(last[0], leaves)):
+      placed = last[1]
+    else:
+      placed = jax.device_put(args[0], shardings[0])
+      self._placed_params = (leaves, placed)
+    return (placed,) + tuple(jax.device_put(a, s) for a, s in zip(args[1:], shardings[1:]))
+
+  def chunk_step(self, params, context, uncond_context, controls, rng, cache, chunk_index, *rest, use_cfg=False):
+    """The jitted per-chunk function (chunk index traced, cache donated) that `stream.stream` drives."""
+    args = (params, context, uncond_context, controls, rng, cache, chunk_index) + rest
+    if self.mesh is None:
+      return self._chunk_step_jit(*args, use_cfg=use_cfg)
+    with mesh_lib.activation_context(self.mesh, self.rules):
+      return self._sharded("chunk_step", args, use_cfg)(*args)
 
   # -- shapes and inputs ------------------------------------------------------------------------------------------
 
@@ -311,8 +406,13 @@ class Sampler:
                             seed=jnp.asarray(sd.astype(np.uint32)))
 
   def new_cache(self, batch: int, use_cfg: bool = False):
-    """A zeroed KV cache of `cache_frames` frames: the whole video, or sinks + window (doubled batch with CFG)."""
-    return init_cache(self.dcfg, batch * (2 if use_cfg else 1), self.cache_frames, self.tokens_per_frame)
+    """A zeroed KV cache of `cache_frames` frames: the whole video, or sinks + window (doubled batch with CFG); made
+    in place on the mesh."""
+    make = functools.partial(init_cache, self.dcfg, batch * (2 if use_cfg else 1), self.cache_frames,
+                             self.tokens_per_frame)
+    if self.mesh is None:
+      return make()
+    return jax.jit(make, out_shardings=self.cache_shardings(jax.eval_shape(make)))()
 
   def conditioning(self, batch: int, init_latents=None, prompt_index=None, num_prompts: Optional[int] = None
                    ) -> Optional[Conditioning]:
@@ -546,7 +646,20 @@ class Sampler:
     b = context.shape[0]
     cond = self.conditioning(b, init_latents, prompt_index, context.shape[1] if scheduled else None)
     cache = self.new_cache(b, use_cfg)
-    return (params, context, uncond_context, controls, rng, cache, cond), use_cfg
+    return self.place((params, context, uncond_context, controls, rng, cache, cond)), use_cfg
+
+  def _whole_video(self, args, use_cfg):
+    """The whole-video jitted program for these arguments (sharded over the mesh, if any)."""
+    if self.mesh is None:
+      return functools.partial(self.program, use_cfg=use_cfg)
+    return self._sharded("program", args, use_cfg)
+
+  def lower(self, args, use_cfg: bool):
+    """The whole-video program lowered for these (possibly abstract) arguments."""
+    with mesh_lib.activation_context(self.mesh, self.rules):
+      if self.mesh is None:
+        return self.program.lower(*args, use_cfg=use_cfg)
+      return self._sharded("program", args, use_cfg).lower(*args)
 
   def sample(self, params, context, controls: SamplingControls, rng=None, uncond_context=None, *, init_latents=None,
              prompt_index=None) -> SampleOutput:
@@ -557,10 +670,8 @@ class Sampler:
     """
     args, use_cfg = self.prepare(params, context, controls, rng, uncond_context, init_latents, prompt_index)
     compiled = self._compiled.get(_signature(args, use_cfg))
-    if compiled is not None:
-      out, _ = compiled(*args)
-    else:
-      out, _ = self.program(*args, use_cfg=use_cfg)
+    with mesh_lib.activation_context(self.mesh, self.rules):
+      out, _ = (compiled if compiled is not None else self._whole_video(args, use_cfg))(*args)
     return out
 
   def compile(self, params, context, controls, rng=None, uncond_context=None, *, init_latents=None,
@@ -569,7 +680,7 @@ class Sampler:
     shape use it); returns the compile time in seconds (tracing + lowering + XLA compilation)."""
     args, use_cfg = self.prepare(params, context, controls, rng, uncond_context, init_latents, prompt_index)
     t0 = time.perf_counter()
-    compiled = self.program.lower(*args, use_cfg=use_cfg).compile()
+    compiled = self.lower(args, use_cfg).compile()
     dt = time.perf_counter() - t0
     self._compiled[_signature(args, use_cfg)] = compiled
     return dt
@@ -590,7 +701,8 @@ def _window(s, chunk: int) -> tuple[int, int]:
   return out[0], out[1]
 
 
-def make_sampler(config, dit_cfg: Optional[DiTConfig] = None, num_frames: Optional[int] = None) -> Sampler:
+def make_sampler(config, dit_cfg: Optional[DiTConfig] = None, num_frames: Optional[int] = None, mesh=None) -> Sampler:
   """The compiled DSA sampler of `config` (model, video size, ladder, context noise, frozen-frame mode, window) for
-  videos of `num_frames` latent frames (default video.num_frames)."""
-  return Sampler(config, dit_cfg, num_frames)
+  videos of `num_frames` latent frames (default video.num_frames) over `mesh` (default: `config.mesh` over all
+  devices)."""
+  return Sampler(config, dit_cfg, num_frames, mesh)
