@@ -101,3 +101,12 @@ def test_forced_mean_steps_schedule():
   assert forced_schedule(4, 7, 5).tolist() == [4] * 7
   with pytest.raises(ValueError, match="--mean-steps"):
     forced_schedule(7, 7, 5)
+
+
+def test_repeated_prompt_flags_give_several_videos():
+  import argparse
+  from dsa_jax.commands import sample as sample_cmd
+  args = argparse.Namespace(prompts=None, prompt_schedule=None, prompt=["a cat", " a dog "])
+  assert sample_cmd.read_prompts(args) == ["a cat", "a dog"]
+  with pytest.raises(ValueError, match="empty"):
+    sample_cmd.read_prompts(argparse.Namespace(prompts=None, prompt_schedule=None, prompt=["a", " "]))

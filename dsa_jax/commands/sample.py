@@ -43,7 +43,7 @@ def add_arguments(p):
                  "(default: config.sampling.checkpoint; empty: random weights)")
   p.add_argument("--out", required=True, help="output folder")
   g = p.add_mutually_exclusive_group()
-  g.add_argument("--prompt", default=None, help="one prompt")
+  g.add_argument("--prompt", action="append", default=None, help="a prompt (repeat for several videos)")
   g.add_argument("--prompts", default=None, help="text file, one prompt per line ('#' comments)")
   g.add_argument("--prompt-schedule", default=None, help="one video whose prompt changes at chunk boundaries: "
                  "'0:PROMPT; 8:PROMPT; ...' (latent frame indices, multiples of video.chunk_frames, from 0) or a "
@@ -149,9 +149,9 @@ def read_prompts(args) -> list[str]:
     from dsa_jax.sampling.inputs import parse_schedule
     return [p for _, p in parse_schedule(args.prompt_schedule)]
   if args.prompt is not None:
-    if not args.prompt.strip():
-      raise ValueError("--prompt: the prompt is empty")
-    return [args.prompt.strip()]
+    if not all(p.strip() for p in args.prompt):
+      raise ValueError("--prompt: a prompt is empty")
+    return [p.strip() for p in args.prompt]
   raise ValueError("no prompt: give --prompt \"...\", --prompts FILE or --prompt-schedule \"0:...; 8:...\"")
 
 
