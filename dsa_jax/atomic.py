@@ -65,3 +65,15 @@ def atomic_dir(path):
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
+
+
+def write_figure(fig, path, *, layout: bool = True, **savefig_kwargs) -> str:
+  """Writes a matplotlib figure to `path` atomically (PNG unless `savefig_kwargs` say otherwise), after
+  `tight_layout` unless `layout` is false; the caller still closes the figure."""
+  if layout:
+    fig.tight_layout()
+  savefig_kwargs.setdefault("format", "png")
+  with atomic_path(path) as tmp:
+    fig.savefig(tmp, **savefig_kwargs)
+  return os.fspath(path)
+

@@ -25,7 +25,6 @@ cached on disk (--compile-cache), so later calls with the same shapes start fast
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from dsa_jax.atomic import atomic_path
+from dsa_jax.atomic import atomic_path, write_figure
 
 
 def write_preview(clips, out_dir: str, *, fps: float = 8.0, scale: int = 2) -> list[str]:
@@ -53,7 +53,6 @@ def _write_filmstrip(clips, path: str) -> str:
     text = c["prompt"] if len(c["prompt"]) < 140 else c["prompt"][:137] + "..."
     axes[r, 0].text(0, -0.45, f"{r}: {text}", transform=axes[r, 0].transAxes, fontsize=6, ha="left", va="bottom")
   fig.subplots_adjust(left=0.02, right=0.99, top=0.97, bottom=0.01, wspace=0.05, hspace=0.7)
-  with atomic_path(path) as tmp:
-    fig.savefig(tmp, dpi=110)
+  write_figure(fig, path, layout=False, dpi=110)
   plt.close(fig)
   return path

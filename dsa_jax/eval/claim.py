@@ -498,7 +498,7 @@ def plot_claim(path: str, groups: dict[str, list[dict]], bench: Benchmark | None
   matplotlib.use("Agg", force=False)
   import matplotlib.pyplot as plt
 
-  from dsa_jax.atomic import atomic_path
+  from dsa_jax.atomic import write_figure
 
   palette = iter(["#c44e52", "#8172b2", "#dd8452", "#4c72b0"])
   style = {}
@@ -531,9 +531,7 @@ def plot_claim(path: str, groups: dict[str, list[dict]], bench: Benchmark | None
       ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
     fig.suptitle("moving digits: quality vs. steps", fontsize=10)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-      fig.savefig(tmp, format="png")
+    write_figure(fig, path)
   finally:
     plt.close(fig)
   return path
@@ -547,7 +545,7 @@ def plot_steps_by_event(path: str, runs: Sequence[dict], event_names: Sequence[s
   matplotlib.use("Agg", force=False)
   import matplotlib.pyplot as plt
 
-  from dsa_jax.atomic import atomic_path
+  from dsa_jax.atomic import write_figure
 
   fig, axes = plt.subplots(1, 2, figsize=(13, 3.8), dpi=110, gridspec_kw={"width_ratios": [1.2, 1]})
   try:
@@ -576,9 +574,7 @@ def plot_steps_by_event(path: str, runs: Sequence[dict], event_names: Sequence[s
     ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.02, 0.5))
     if title:
       fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-      fig.savefig(tmp, format="png")
+    write_figure(fig, path)
   finally:
     plt.close(fig)
   return path
@@ -607,6 +603,7 @@ def run_claim(config, models: dict[str, str], out_dir: str, num: int = 256, *,
   steps_by_event.png / steps_by_place.png into `out_dir`."""
   import jax.numpy as jnp
 
+  from dsa_jax.atomic import write_text
   from dsa_jax.checkpoint import loading
   from dsa_jax.eval import heuristic
   from dsa_jax.eval import oracle
@@ -705,9 +702,7 @@ def run_claim(config, models: dict[str, str], out_dir: str, num: int = 256, *,
             f"prompts (batch 1) and at batch B = {bench.batch} (where a chunk's loop runs until its slowest frame is "
             f"done, so DSA saves less).\n\n")
   text = header + table + head_table(heads) + efficiency_table(efficiency) + places_table(places)
-  with outputs.atomic_path(paths["md"]) as tmp:
-    with open(tmp, "w") as f:
-      f.write(text)
+  write_text(paths["md"], text)
   result = {"benchmark": bench.describe(), "sources": sources, "config": config.name,
             "groups": {g: [public(r) for r in rs] for g, rs in groups.items()}, "verdict": verdicts,
             "heads": heads, "efficiency": efficiency, "steps_by_place": places, "seconds": time.time() - t_all}
@@ -758,7 +753,7 @@ def plot_steps_by_place(path: str, places: dict[str, dict]) -> str:
   matplotlib.use("Agg", force=False)
   import matplotlib.pyplot as plt
 
-  from dsa_jax.atomic import atomic_path
+  from dsa_jax.atomic import write_figure
 
   keys = ("first_chunk", "event_frames", "plain_frames")
   fig, ax = plt.subplots(figsize=(6, 3.4), dpi=110)
@@ -773,9 +768,7 @@ def plot_steps_by_place(path: str, places: dict[str, dict]) -> str:
     ax.set_ylabel("mean steps per frame")
     ax.legend(fontsize=6)
     ax.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-      fig.savefig(tmp, format="png")
+    write_figure(fig, path)
   finally:
     plt.close(fig)
   return path

@@ -33,6 +33,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from dsa_jax.atomic import write_figure
 from dsa_jax.config_lib import ConfigError
 
 KINDS = ("sample", "eval", "train")
@@ -609,7 +610,6 @@ def plot_metric(path: str, rows: list[dict], fields: Sequence[str], metric: Opti
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  from dsa_jax.sampling import outputs
 
   x_field, others = fields[0], list(fields[1:])
   xs_all = list(dict.fromkeys(repr(r.get(x_field)) for r in ok))
@@ -636,8 +636,6 @@ def plot_metric(path: str, rows: list[dict], fields: Sequence[str], metric: Opti
   if any(lines):
     ax.legend(fontsize=8)
   ax.grid(alpha=0.3)
-  fig.tight_layout()
-  with outputs.atomic_path(path) as tmp:
-    fig.savefig(tmp, dpi=100)
+  write_figure(fig, path, dpi=100)
   plt.close(fig)
   return path

@@ -15,7 +15,7 @@ from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
-from dsa_jax.atomic import atomic_path
+from dsa_jax.atomic import atomic_path, write_figure
 
 VIDEO_FORMATS = ("mp4", "gif")
 
@@ -165,9 +165,7 @@ def plot_steps(path: str, steps: Sequence[int], confidences: Sequence[float], *,
     h1, l1 = ax.get_legend_handles_labels()
     h2, l2 = ax2.get_legend_handles_labels()
     ax.legend(h1 + h2, l1 + l2, loc="upper right", fontsize=7)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-      fig.savefig(tmp, format="png")
+    write_figure(fig, path)
   finally:
     plt.close(fig)
   return path

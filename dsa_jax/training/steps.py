@@ -17,12 +17,10 @@ Keeping them separate (rather than a `lax.cond` inside one function) lets XLA up
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from dsa_jax.diffusion import flow
