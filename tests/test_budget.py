@@ -61,6 +61,11 @@ def test_calibrate_then_sample_with_a_budget(tmp_path, repo_root, capsys):
   assert rc == 2 and "dsa-jax calibrate" in capsys.readouterr().err  # no table yet: says how to make one
   assert cli.main(["calibrate", "--config", tiny, "--ckpt", str(model), "--num", "2", "--batch", "2"]) == 2
   assert "config.data.prompts" in capsys.readouterr().err  # tiny has no prompt source: named
+  prompts = tmp_path / "p.txt"
+  prompts.write_text("a red ball\na blue cube\n")
+  assert cli.main(["calibrate", "--config", tiny, "--ckpt", str(model), "--num", "2", "--batch", "2", "--dry-run",
+                   "--prompts", str(prompts)]) == 0
+  assert "calibration" not in json.loads((model / "dsa_meta.json").read_text())  # a dry run writes nothing
   assert cli.main(["calibrate", "--config", tiny, "--ckpt", str(model), "--num", "2", "--batch", "2",
                    "--config.data.prompts.kind=digits"]) == 0
   table = json.loads((model / "dsa_meta.json").read_text())["calibration"]

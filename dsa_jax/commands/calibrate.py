@@ -3,7 +3,8 @@ for an average number of steps (`dsa-jax sample --mean-steps 2.5`) instead of a 
 
   dsa-jax calibrate --config digits --ckpt runs/digits/dsa/model [--num 256]
 
-The prompts are the config's training prompts (config.data.prompts), never the held-out evaluation prompts.
+The prompts are the config's training prompts (config.data.prompts), never the held-out evaluation prompts, or a
+prompt file given with --prompts (prompts like the ones you will sample fit best).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ def add_arguments(p):
   p.add_argument("--config", required=True, help="config file or shipped config name (path[:arg])")
   p.add_argument("--ckpt", default=None, help="model folder (default config.sampling.checkpoint)")
   p.add_argument("--num", type=int, default=256, help="calibration prompts (default 256)")
+  p.add_argument("--prompts", default=None, help="a prompt file (one per line) to calibrate on, e.g. prompts like "
+                 "the ones you will sample (default: config.data.prompts)")
   p.add_argument("--batch", type=int, default=64, help="prompts per compiled batch (default 64)")
   p.add_argument("--seed", type=int, default=0, help="noise seed of the first prompt")
   p.add_argument("--dry-run", action="store_true", help="print the table without writing it")
@@ -28,7 +31,8 @@ def main(args):
 
   config = get_config(args.config, args.overrides)
   ckpt = config.sampling.checkpoint if args.ckpt is None else args.ckpt
-  table = budget.calibrate(config, ckpt, num=args.num, batch=args.batch, seed=args.seed, write=not args.dry_run)
+  table = budget.calibrate(config, ckpt, num=args.num, batch=args.batch, seed=args.seed, write=not args.dry_run,
+                           prompt_file=args.prompts)
   rows = [f"  tau {t:.3f} -> {m:.3f} steps" for t, m in zip(table["thresholds"], table["mean_steps"])]
   print("\n".join(rows[::4] + [rows[-1]]))
   if args.dry_run:

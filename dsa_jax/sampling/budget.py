@@ -89,11 +89,13 @@ def calibration_table(sampler, params, contexts: np.ndarray, thresholds: Sequenc
           "min_steps": int(s.min_steps), "max_steps": int(s.max_steps), "seed": int(seed)}
 
 
-def calibration_prompts(config, num: int) -> list[str]:
-  """The config's training prompts (first `num`): calibration never sees the held-out evaluation prompts."""
+def calibration_prompts(config, num: int, prompt_file: Optional[str] = None) -> list[str]:
+  """The first `num` prompts of `prompt_file` (one per line), else of the config's training prompts: calibration
+  never sees the held-out evaluation prompts; a file of prompts like the ones a user will sample fits best."""
   from dsa_jax.data import prompts as prompts_lib
   try:
-    src = prompts_lib.prompt_source_from_config(config.data.prompts)
+    src = (prompts_lib.TextPromptSource(prompt_file) if prompt_file
+           else prompts_lib.prompt_source_from_config(config.data.prompts))
   except prompts_lib.PromptFileError as e:
     raise BudgetError(f"calibration prompts come from config.data.prompts: {e}") from None
   n = min(int(num), len(src))
@@ -134,8 +136,8 @@ class FpsController:
 
 
 def calibrate(config, ckpt: str, *, num: int = 256, thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
-              batch: int = 64, seed: int = 0, write: bool = True, log: Callable[[str], None] = print
-              ) -> dict[str, Any]:
+              batch: int = 64, seed: int = 0, write: bool = True, prompt_file: Optional[str] = None,
+              log: Callable[[str], None] = print) -> dict[str, Any]:
   """Makes the calibration table of the model at `ckpt` (a model folder) on the config's training prompts and, with
   `write`, stores it in the model's metadata, where `--mean-steps` finds it."""
   import os
@@ -152,13 +154,14 @@ def calibrate(config, ckpt: str, *, num: int = 256, thresholds: Sequence[float] 
   params, source = loading.load_sampler_params(config, ckpt, warn=log, cast=True)
   sampler = make_sampler(config)
   encode = make_text_encoder(config)
-  prompts = calibration_prompts(config, num)
+  prompts = calibration_prompts(config, num, prompt_file)
   contexts = np.asarray(encode(prompts), np.float32)
   g = float(config.sampling.guidance)
   uncond = np.asarray(encode([config.text.negative_prompt]), np.float32) if g != 0.0 else None
   table = calibration_table(sampler, params, contexts, thresholds, batch=batch, seed=seed, guidance=g, uncond=uncond,
                             log=log)
-  table["prompts"] = f"config.data.prompts ({config.data.prompts.kind}), first {len(prompts)}"
+  table["prompts"] = (f"{prompt_file}, first {len(prompts)}" if prompt_file else
+                      f"config.data.prompts ({config.data.prompts.kind}), first {len(prompts)}")
   if write:
     params_io.update_meta(ckpt, calibration=table)
     log(f"wrote the calibration table into {os.path.join(ckpt, params_io.META_FILE)}")
