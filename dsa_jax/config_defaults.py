@@ -128,6 +128,10 @@ def base_config() -> ml_collections.ConfigDict:
   t.rollout_remat = "auto"  # jax.checkpoint around each rollout chunk's exit forward: 'auto', 'chunk' or 'none'
   t.critic_from = ""  # dsa stage: workdir or checkpoint whose model initialises the critic ('' = teacher or generator)
   t.compilation_cache = ""  # folder for JAX's persistent compilation cache ('' = off)
+  t.eval_every = 0  # pixel-space configs: score the model on held-out prompts every N steps (FD, agreement); 0 = off
+  t.eval_num = 64  # held-out prompts per in-training evaluation
+  t.eval_evaluator = ""  # evaluator checkpoint for it ('' = the shipped one)
+  t.eval_teacher_steps = 16  # teacher stage: Euler steps of the teacher sampler that is scored
   t.tensorboard = True  # also write TensorBoard event files next to metrics.jsonl
 
   c.data = ml_collections.ConfigDict(dict(

@@ -206,8 +206,7 @@ def test_augment_frames_warps_within_range():
 
 def test_shipped_evaluator_beats_chance_on_real_test_clips():
   from dsa_jax.eval import evaluator as ev
-  if not os.path.isfile(os.path.join(ev.DEFAULT_DIR, "dsa_meta.json")):
-    pytest.skip(f"no evaluator shipped at {ev.DEFAULT_DIR} (make it with `dsa-jax eval train-evaluator`)")
+  assert os.path.isfile(os.path.join(ev.DEFAULT_DIR, "dsa_meta.json")), "the evaluator must ship with the package"
   loaded = ev.load_evaluator()
   assert ev.dir_size(ev.DEFAULT_DIR) < 3e6
   clips = ev.make_clip_arrays(96, split="test", seed=7, frames=loaded.cfg.frames, size=loaded.cfg.size, workers=1)
@@ -225,8 +224,6 @@ def test_shipped_evaluator_beats_chance_on_real_test_clips():
 def digits_toy_config(repo_root):
   from dsa_jax.config_lib import get_config
   path = os.path.join(repo_root, "configs", "digits.py")
-  if not os.path.isfile(path):
-    pytest.skip("configs/digits.py is not there yet")
   return get_config(path, ["--config.runlocal=True", "--config.compute.dtype=float32"])
 
 
@@ -354,3 +351,22 @@ def test_head_report_reads_a_rising_confidence():
   assert rep["conf_rises"] and rep["ece_vs_remaining"] < 1e-9
   flat = oracle.head_report({"conf": np.full_like(rem, 0.9), "remaining": rem})  # overconfident, flat
   assert not flat["conf_rises"] and flat["step1_spread"] == 0.0 and flat["ece_vs_remaining"] > 0.1
+
+
+def test_training_evaluates_every_n_steps(digits_toy_config, tiny_evaluator, tmp_path):
+  """train.eval_every: the teacher is scored as a sampler during training; the curve lands in eval.jsonl."""
+  from dsa_jax.training import trainer
+  ev_dir, _, _ = tiny_evaluator
+  cfg = digits_toy_config.copy_and_resolve_references()
+  cfg.train.update(stage="teacher", steps=2, batch_size=2, log_every=1, ckpt_every=2, eval_every=1, eval_num=4,
+                   eval_evaluator=ev_dir, eval_teacher_steps=2, teacher_ema_decay=0.9)
+  cfg.data.videos = "digits:train"
+  cfg.data.num_videos = 8
+  logs = []
+  summary = trainer.train(cfg, str(tmp_path), log=logs.append)
+  rows = [json.loads(l) for l in (tmp_path / "eval.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in rows] == [1, 2]
+  assert all(np.isfinite(r["eval_fd"]) and r["eval_fd"] > 0 and 0 <= r["eval_agreement"] <= 1 for r in rows)
+  assert rows[0]["eval_fd"] != rows[1]["eval_fd"]  # the model changed between the two evaluations
+  assert summary["last_eval"] == {k: v for k, v in rows[-1].items() if k != "step"}
+  assert any("eval at step 2: FD" in m for m in logs)

@@ -48,7 +48,8 @@ def get_config(arg=None):
   c.data.prompts.update(kind="digits", split="train")
   c.data.videos = "digits:train"
   c.train.update(stage=stage, batch_size=32, b1=0.9, b2=0.999, weight_decay=0.01, grad_clip=1.0, log_every=50,
-                 ckpt_every=1000, keep=2, ema_start=0, ema_decay=0.999, async_ckpt=True)
+                 ckpt_every=1000, keep=2, ema_start=0, ema_decay=0.999, async_ckpt=True,
+                 eval_every={"teacher": 2000, "ode": 500}.get(stage, 300), eval_num=128)
   if stage == "teacher":
     # Warmup + cosine decay and an EMA of the teacher (exported), so that the teacher settles at the end of the run
     # instead of hopping between checkpoints. 10k steps at batch 64 are still short of a good teacher: its prompt
@@ -72,6 +73,7 @@ def runlocal(c):
   c.video.update(height=16, width=16, num_frames=8)
   c.conf.update(hidden=32, embed_dim=16)
   c.compute.dtype = "float32"
+  c.train.update(eval_every=0)  # the shipped evaluator reads 32px clips
   c.train.update(steps=min(c.train.steps, 30), batch_size=4, warmup_steps=min(c.train.warmup_steps, 5), log_every=5, ckpt_every=15, ode_steps=8,
                  async_ckpt=False)
   c.sampling.checkpoint = ""

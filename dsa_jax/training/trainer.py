@@ -13,6 +13,7 @@ WORKDIR/tb (losses, confidence calibration, mean exit step, gradient norms, thro
 from __future__ import annotations
 
 import math
+import json
 import os
 import time
 from typing import Any, Callable
@@ -221,6 +222,14 @@ def initial_networks(config, teacher_host: Callable[[], Any]) -> tuple[dict, dic
 # Metrics
 
 
+def record_eval(workdir: str, step: int, scores: dict):
+  """Appends one line {step, scores} to WORKDIR/eval.jsonl (the in-training evaluation curve; local workdirs)."""
+  if is_remote(workdir) or jax.process_index() != 0:
+    return
+  with open(os.path.join(workdir, "eval.jsonl"), "a") as f:
+    f.write(json.dumps({"step": int(step), **scores}) + "\n")
+
+
 class MetricLog:
   """Collects per-step device metrics; averages them (per key, over the steps that reported it) at log time."""
 
@@ -253,7 +262,8 @@ class MetricLog:
       return
     for k, v in scalars.items():
       group = "perf" if k in ("it_per_s", "samples_per_s", "frames_per_s", "step_time_s") else (
-          "confidence" if k.startswith("conf_") else "grad" if k.startswith("grad_norm") else "train")
+          "confidence" if k.startswith("conf_") else "grad" if k.startswith("grad_norm") else
+          "eval" if k.startswith("eval_") else "train")
       self.writer.add_scalar(f"{group}/{k}", v, step)
     self.writer.flush()
 
@@ -490,6 +500,12 @@ def _train_locked(config, workdir: str, *, stop_after=None, mesh=None, log=None)
   uncond_dev = place(uncond, mesh_lib.replicated(mesh))
   prep = BatchPreparer(config, bundle.batch_sharding, text_encoder, global_batch)
   metrics_log = MetricLog(workdir, enable_tb=bool(config.train.tensorboard))
+  eval_every, evaluator = int(config.train.eval_every), None
+  if eval_every > 0 and jax.process_count() == 1:
+    from dsa_jax.eval.during_training import TrainingEval
+    evaluator = TrainingEval(config, log=emit)
+  elif eval_every > 0:
+    emit(f"[{stage}] WARNING: train.eval_every is for single-process runs; no in-training evaluation here")
 
   start = int(jax.device_get(state.step))
   log_every, ckpt_every = max(1, int(config.train.log_every)), max(1, int(config.train.ckpt_every))
@@ -548,6 +564,13 @@ def _train_locked(config, workdir: str, *, stop_after=None, mesh=None, log=None)
           emit(progress_line(stage, done, total, scalars, rate, (total - done) / rate if rate > 0 else float("nan")))
           metrics_log.write(done, scalars)
           summary["last_metrics"] = scalars
+        if evaluator is not None and (done % eval_every == 0 or done == total):
+          scores = evaluator(state)
+          emit(f"[{stage}] eval at step {done}: FD {scores['eval_fd']:.2f}, prompt agreement "
+               f"{scores['eval_agreement']:.3f}, {scores['eval_avg_steps']:.2f} steps/frame")
+          metrics_log.write(done, scores)
+          record_eval(workdir, done, scores)
+          summary["last_eval"] = scores
         if stop_after is not None and done - start >= stop_after:
           summary["stopped"] = "stop_after"
           break
