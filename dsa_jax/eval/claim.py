@@ -689,8 +689,8 @@ def run_claim(config, models: dict[str, str], out_dir: str, num: int = 256, *,
   ev_runs = groups[f"dsa_{names[0]}"] or groups["fixed"]
   plot_steps_by_event(paths["events"], ev_runs, bench.event_names,
                       title=f"DSA ({names[0]} target): where the steps go")
-  places = {g: steps_by_place(_closest(groups[g], 2.5), bench) for g in groups
-            if g.startswith("dsa_") or g == "oracle" if groups[g]}
+  places = {g: steps_by_place(_closest(runs, 2.5), bench) for g, runs in groups.items()
+            if runs and (g.startswith("dsa_") or g == "oracle")}
   plot_steps_by_place(paths["places"], places)
   header = (f"# Moving digits: quality vs. average steps per frame\n\n"
             f"{bench.num} held-out test prompts, {bench.num_real} real test clips as the FD reference, evaluator "
