@@ -80,14 +80,7 @@ def _bow_encoder(path, text_len, text_dim, strict=False, warn=_warn_stderr) -> T
   from dsa_jax.data.bow_text import BagOfWordsEncoder
   if path == "digits":  # the moving-digits grammar: a fixed encoder needs no file
     from dsa_jax.data.digits import PROMPT_VOCAB
-    enc = BagOfWordsEncoder(PROMPT_VOCAB, text_len, text_dim, seed=0)
-    check = _prompt_checker(enc, strict, warn)
-
-    def encode_digits(prompts):
-      prompts = _check_prompts(prompts)
-      check(prompts)
-      return enc.encode(prompts).astype(np.float32)
-    return encode_digits
+    return _bow_encode_fn(BagOfWordsEncoder(PROMPT_VOCAB, text_len, text_dim, seed=0), strict, warn)
   if not path or not os.path.isfile(path):
     raise FileNotFoundError(f"config.text.path: bag-of-words encoder file {path!r} does not exist")
   with open(path) as f:
@@ -98,7 +91,11 @@ def _bow_encoder(path, text_len, text_dim, strict=False, warn=_warn_stderr) -> T
   if (enc.text_len, enc.text_dim) != (text_len, text_dim):
     raise ValueError(f"config.text.path: encoder {path!r} makes ({enc.text_len}, {enc.text_dim}) contexts, the "
                      f"model expects (text_len, text_dim) = ({text_len}, {text_dim})")
+  return _bow_encode_fn(enc, strict, warn)
 
+
+def _bow_encode_fn(enc, strict: bool, warn) -> TextEncoder:
+  """prompts -> contexts through a bag-of-words encoder, reporting (or, strict, refusing) unknown words first."""
   check = _prompt_checker(enc, strict, warn)
 
   def encode(prompts):
