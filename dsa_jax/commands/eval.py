@@ -1,6 +1,6 @@
 """Evaluates a digits model on held-out prompts: Fréchet distance to real clips, prompt agreement, steps, FPS.
 
-Three actions (a positional word; `run` when omitted):
+Four actions (a positional word; `run` when omitted):
 
   dsa-jax eval --config configs/digits.py --ckpt runs/digits/dsa/model --out out/eval [--num 256]
       [--thresholds 0.5 0.8 inf] [--fixed 1 4] [--evaluator DIR]
@@ -14,6 +14,11 @@ Three actions (a positional word; `run` when omitted):
     the quality-vs-steps comparison (also `--sweep`): fixed 1-5 steps, DSA with each model (named by its confidence
     target) at >= 5 thresholds, the x0-change heuristic at several deltas and the oracle allocation at each budget;
     writes claim.md, claim.json, claim.png, steps_by_event.png, steps_by_place.png (see dsa_jax/eval/claim.py).
+
+  dsa-jax eval curves --run teacher=runs/digits/teacher [--run more=runs/digits/teacher2:8000 ...] --out docs/curves
+    the in-training evaluation curves (WORKDIR/eval.jsonl, written when train.eval_every > 0): FD and prompt
+    agreement against the training step -> OUT/curves.png and OUT/curves.md; `:N` shifts a run that continued
+    another one from its step N.
 
   dsa-jax eval train-evaluator --out dsa_jax/assets/evaluator [--steps 1200] [--size 32 --frames 16]
     trains the evaluator once on the real training split (see dsa_jax/eval/evaluator.py); the repo ships its output.
@@ -30,12 +35,16 @@ from __future__ import annotations
 
 HELP = "FD, prompt agreement, steps and FPS on held-out digits prompts; the claim sweep; the evaluator"
 
-ACTIONS = ("run", "sweep", "train-evaluator")
+ACTIONS = ("run", "sweep", "curves", "train-evaluator")
 
 
 def add_arguments(p):
   p.add_argument("action", nargs="?", default="run", choices=ACTIONS,
-                 help="run (default): evaluate one checkpoint; sweep: the claim table; train-evaluator")
+                 help="run (default): evaluate one checkpoint; sweep: the claim table; curves: in-training "
+                 "evaluation curves; train-evaluator")
+  p.add_argument("--run", action="append", default=None, metavar="LABEL=PATH[:STEP]", help="curves: a run's workdir "
+                 "(or its eval.jsonl), its steps shifted by STEP when it continued another run (repeat for several)")
+  p.add_argument("--title", default="", help="curves: title of the plot")
   p.add_argument("--sweep", action="store_true", help="same as the action 'sweep'")
   p.add_argument("--config", default=None, help="config file (path[:arg]); required for run and sweep")
   p.add_argument("--ckpt", default=None, help="model checkpoint folder or training workdir (default: "
@@ -103,6 +112,33 @@ def _train_evaluator(args, config):
   return 0
 
 
+def parse_runs(values) -> dict[str, tuple[str, int]]:
+  """['teacher=runs/t', 'more=runs/t2:8000'] -> {'teacher': ('runs/t', 0), 'more': ('runs/t2', 8000)}."""
+  out = {}
+  for v in values:
+    label, sep, rest = v.partition("=")
+    if not sep or not label or not rest:
+      raise ValueError(f"--run: expected LABEL=PATH[:STEP] (e.g. teacher=runs/digits/teacher), got {v!r}")
+    path, offset = rest, 0
+    head, colon, tail = rest.rpartition(":")
+    if colon and tail.isdigit():
+      path, offset = head, int(tail)
+    if label in out:
+      raise ValueError(f"--run: {label!r} given twice")
+    out[label] = (path, offset)
+  return out
+
+
+def _curves(args):
+  from dsa_jax.eval.during_training import plot_curves, read_curve
+  if not args.run:
+    raise ValueError("--run: the action 'curves' needs at least one LABEL=PATH")
+  runs = {label: read_curve(path, offset) for label, (path, offset) in parse_runs(args.run).items()}
+  files = plot_curves(runs, args.out, title=args.title)
+  _say(f"curves: {files['png']}, {files['md']}")
+  return 0
+
+
 def main(args):
   from dsa_jax.config_lib import get_config
 
@@ -116,6 +152,8 @@ def main(args):
   config = get_config(args.config, args.overrides) if args.config else None
   if action == "train-evaluator":
     return _train_evaluator(args, config)
+  if action == "curves":
+    return _curves(args)
   if config is None:
     raise ValueError(f"--config: required for the action {action!r}")
   ckpt = config.sampling.checkpoint if args.ckpt is None else args.ckpt

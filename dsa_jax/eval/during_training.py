@@ -53,3 +53,58 @@ class TrainingEval:
                          max_steps=s.max_steps)
     return {"eval_fd": float(r["fd"]), "eval_agreement": float(r["agreement"]),
             "eval_avg_steps": float(r["avg_steps"])}
+
+
+def read_curve(path: str, offset: int = 0) -> list[dict]:
+  """The rows of a run's eval.jsonl (`path` is the file or the workdir holding it), steps shifted by `offset` (a run
+  that continued another starts its own count at 0). A line that is not a JSON object names the file and line."""
+  import json
+  import os
+  file = os.path.join(path, "eval.jsonl") if os.path.isdir(path) else path
+  if not os.path.isfile(file):
+    raise FileNotFoundError(f"{file}: no eval.jsonl (a run writes one when train.eval_every > 0)")
+  rows = []
+  with open(file) as f:
+    for n, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{file}:{n}: not a JSON line ({e.msg})") from None
+      if not isinstance(row, dict) or "step" not in row:
+        raise ValueError(f"{file}:{n}: expected an object with a 'step' field, got {line.strip()[:80]!r}")
+      rows.append({**row, "step": int(row["step"]) + int(offset)})
+  if not rows:
+    raise ValueError(f"{file}: no evaluations in it")
+  return sorted(rows, key=lambda r: r["step"])
+
+
+def plot_curves(runs: dict[str, list[dict]], out_dir: str, *, title: str = "") -> dict[str, str]:
+  """FD and prompt agreement against training step for each run -> OUT/curves.png and a table OUT/curves.md."""
+  import os
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  from dsa_jax.atomic import write_figure, write_text
+  os.makedirs(out_dir, exist_ok=True)
+  fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+  for label, rows in runs.items():
+    steps = [r["step"] for r in rows]
+    axes[0].plot(steps, [r.get("eval_fd", np.nan) for r in rows], "o-", label=label)
+    axes[1].plot(steps, [r.get("eval_agreement", np.nan) for r in rows], "o-", label=label)
+  axes[0].set(xlabel="training step", ylabel="FD (lower is better)", yscale="log")
+  axes[1].set(xlabel="training step", ylabel="prompt agreement (higher is better)", ylim=(0, 1))
+  axes[0].legend(fontsize=8)
+  if title:
+    fig.suptitle(title, fontsize=10)
+  png = write_figure(fig, os.path.join(out_dir, "curves.png"), dpi=110)
+  plt.close(fig)
+  lines = ["| run | step | FD | prompt agreement | steps/frame |", "| --- | ---: | ---: | ---: | ---: |"]
+  for label, rows in runs.items():
+    for r in rows:
+      lines.append(f"| {label} | {r['step']} | {r.get('eval_fd', float('nan')):.1f} | "
+                   f"{r.get('eval_agreement', float('nan')):.3f} | {r.get('eval_avg_steps', float('nan')):.2f} |")
+  md = os.path.join(out_dir, "curves.md")
+  write_text(md, "\n".join(lines) + "\n")
+  return {"png": png, "md": md}
