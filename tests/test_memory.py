@@ -47,3 +47,8 @@ def test_info_says_whether_it_fits(capsys, repo_root):
   assert report["mesh"] == {"data": 1, "fsdp": 1, "tensor": 1}
   assert cli.main(["info", "--config", tiny, "--device-memory", "lots"]) == 2
   assert "--device-memory" in capsys.readouterr().err
+  assert cli.main(["info", "--config", tiny, "--device-memory", "1GB", "--programs", "sampling"]) == 0
+  report = json.loads(capsys.readouterr().out)["memory_per_device"]
+  assert report["sampling"]["fits"] is True and "training" not in report
+  assert cli.main(["info", "--config", tiny, "--device-memory", "1GB", "--programs", "inference"]) == 2
+  assert "--programs" in capsys.readouterr().err

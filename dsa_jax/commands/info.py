@@ -24,6 +24,8 @@ def add_arguments(p):
                  "are 1; default with --device-memory: config.mesh over this machine's devices)")
   p.add_argument("--device-memory", default=None, help="memory of one device, e.g. 16GB or 16GiB: says whether "
                  "sampling and a training step fit")
+  p.add_argument("--programs", default="sampling,training", help="which programs the memory estimate compiles: "
+                 "sampling, training or both (default)")
   p.add_argument("--batch-size", type=int, default=None, help="videos per sampling call for the memory estimate "
                  "(default: config.sampling.batch_size)")
 
@@ -92,8 +94,11 @@ def main(args):
     batch = config.sampling.batch_size if args.batch_size is None else args.batch_size
     if batch < 1:
       raise ValueError(f"--batch-size: must be >= 1, got {batch}")
+    programs = tuple(x.strip() for x in str(args.programs).split(",") if x.strip())
+    if not programs or set(programs) - {"sampling", "training"}:
+      raise ValueError(f"--programs: expected sampling, training or sampling,training, got {args.programs!r}")
     mesh, est_config = _estimate_mesh(config, args.mesh)
   out = summarize(config)
   if estimate:
-    out["memory_per_device"] = memory.fit_report(est_config, mesh, device_memory, batch)
+    out["memory_per_device"] = memory.fit_report(est_config, mesh, device_memory, batch, programs)
   print(json.dumps(out, indent=2))

@@ -129,11 +129,15 @@ def training_memory(config, mesh) -> dict:
   return out
 
 
-def fit_report(config, mesh, device_memory: int | None, batch: int) -> dict:
-  """{'sampling': ..., 'training': ...} per-device bytes and, with `device_memory`, whether each fits."""
+def fit_report(config, mesh, device_memory: int | None, batch: int,
+               programs: tuple[str, ...] = ("sampling", "training")) -> dict:
+  """{'sampling': ..., 'training': ...} per-device bytes (of the `programs` asked for) and, with `device_memory`,
+  whether each fits."""
   out = {"mesh": mesh_lib.mesh_sizes(mesh), "devices": f"{mesh.size} x {mesh.devices.flat[0].device_kind}"}
   for name, fn in (("sampling", lambda: sampling_memory(config, mesh, batch)),
                    ("training", lambda: training_memory(config, mesh))):
+    if name not in programs:
+      continue
     r = fn()
     if device_memory:
       r["fits"] = r["total"] <= device_memory
