@@ -66,8 +66,11 @@ def test_calibrate_then_sample_with_a_budget(tmp_path, repo_root, capsys):
   assert cli.main(["calibrate", "--config", tiny, "--ckpt", str(model), "--num", "2", "--batch", "2", "--dry-run",
                    "--prompts", str(prompts)]) == 0
   assert "calibration" not in json.loads((model / "dsa_meta.json").read_text())  # a dry run writes nothing
+  assert cli.main(["calibrate", "--config", tiny, "--ckpt", str(model), "--num", "2", "--refine-gap", "0",
+                   "--prompts", str(prompts)]) == 2
+  assert "--refine-gap" in capsys.readouterr().err
   assert cli.main(["calibrate", "--config", tiny, "--ckpt", str(model), "--num", "2", "--batch", "2",
-                   "--config.data.prompts.kind=digits"]) == 0
+                   "--refine-gap", "0.5", "--config.data.prompts.kind=digits"]) == 0
   table = json.loads((model / "dsa_meta.json").read_text())["calibration"]
   assert len(table["thresholds"]) == len(table["mean_steps"]) >= len(budget.DEFAULT_THRESHOLDS)
   assert table["thresholds"] == sorted(table["thresholds"]) and table["num_prompts"] == 2

@@ -19,6 +19,8 @@ def add_arguments(p):
   p.add_argument("--prompts", default=None, help="a prompt file (one per line) to calibrate on, e.g. prompts like "
                  "the ones you will sample (default: config.data.prompts)")
   p.add_argument("--batch", type=int, default=64, help="prompts per compiled batch (default 64)")
+  p.add_argument("--refine-gap", type=float, default=0.05, help="thresholds are added between neighbours whose "
+                 "average steps differ by more than this (default 0.05 steps)")
   p.add_argument("--seed", type=int, default=0, help="noise seed of the first prompt")
   p.add_argument("--dry-run", action="store_true", help="print the table without writing it")
 
@@ -32,7 +34,7 @@ def main(args):
   config = get_config(args.config, args.overrides)
   ckpt = config.sampling.checkpoint if args.ckpt is None else args.ckpt
   table = budget.calibrate(config, ckpt, num=args.num, batch=args.batch, seed=args.seed, write=not args.dry_run,
-                           prompt_file=args.prompts)
+                           prompt_file=args.prompts, refine_gap=args.refine_gap)
   rows = [f"  tau {t:.3f} -> {m:.3f} steps" for t, m in zip(table["thresholds"], table["mean_steps"])]
   print("\n".join(rows[::4] + [rows[-1]]))
   if args.dry_run:

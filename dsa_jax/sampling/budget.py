@@ -137,7 +137,7 @@ class FpsController:
 
 def calibrate(config, ckpt: str, *, num: int = 256, thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
               batch: int = 64, seed: int = 0, write: bool = True, prompt_file: Optional[str] = None,
-              log: Callable[[str], None] = print) -> dict[str, Any]:
+              refine_gap: float = 0.05, log: Callable[[str], None] = print) -> dict[str, Any]:
   """Makes the calibration table of the model at `ckpt` (a model folder) on the config's training prompts and, with
   `write`, stores it in the model's metadata, where `--mean-steps` finds it."""
   import os
@@ -158,8 +158,10 @@ def calibrate(config, ckpt: str, *, num: int = 256, thresholds: Sequence[float] 
   contexts = np.asarray(encode(prompts), np.float32)
   g = float(config.sampling.guidance)
   uncond = np.asarray(encode([config.text.negative_prompt]), np.float32) if g != 0.0 else None
+  if not refine_gap > 0:
+    raise BudgetError(f"--refine-gap: expected a positive number of steps, got {refine_gap!r}")
   table = calibration_table(sampler, params, contexts, thresholds, batch=batch, seed=seed, guidance=g, uncond=uncond,
-                            log=log)
+                            refine_gap=refine_gap, refine_rounds=5, log=log)
   table["prompts"] = (f"{prompt_file}, first {len(prompts)}" if prompt_file else
                       f"config.data.prompts ({config.data.prompts.kind}), first {len(prompts)}")
   if write:
