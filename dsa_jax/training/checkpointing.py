@@ -147,6 +147,19 @@ def export_model(workdir_or_state, out_dir: str, config=None, step: int | None =
   return export_networks(params, config, out_dir, step=step, source=ck._step_dir(step))
 
 
+def slim_model(src: str, out_dir: str) -> str:
+  """A copy of the model folder `src` for sampling only: the EMA generator (when it has one, instead of the raw
+  weights: sampling uses the EMA) and the confidence head; metadata (calibration table included) kept. Halves the
+  size of a DSA-stage export, which is what a shipped model needs."""
+  meta = params_io.read_meta(src)
+  names = [n for n in meta.get("networks", []) if n != "generator" or "generator_ema" not in meta["networks"]]
+  params, meta = params_io.load_params(src, names)
+  meta = {k: v for k, v in meta.items() if k not in ("networks", "format_version")}
+  if "arch" in meta:
+    meta["arch"] = {n: a for n, a in meta["arch"].items() if n in names or n == "generator"}
+  return params_io.save_params(out_dir, params, meta)
+
+
 def _fix_tuples(config):
   """JSON turns tuples into lists; the few fields that the model code hashes need tuples back."""
   for sec in ("model", "teacher", "critic"):
@@ -171,7 +184,8 @@ def export_in_subprocess(workdir: str, out_dir: str, timeout: float | None = Non
 
 
 def main(argv=None):
-  """python -m dsa_jax.training.checkpointing export WORKDIR OUT_DIR [--step N]: latest checkpoint -> model folder."""
+  """python -m dsa_jax.training.checkpointing export WORKDIR OUT_DIR [--step N]: latest checkpoint -> model folder;
+  ... slim SRC OUT_DIR: a sampling-only copy of a model folder."""
   import argparse
   p = argparse.ArgumentParser(prog="python -m dsa_jax.training.checkpointing")
   sub = p.add_subparsers(dest="cmd", required=True)
@@ -179,7 +193,13 @@ def main(argv=None):
   e.add_argument("workdir")
   e.add_argument("out_dir")
   e.add_argument("--step", type=int, default=None)
+  sl = sub.add_parser("slim", help="copy a model folder keeping what sampling uses (EMA generator, head)")
+  sl.add_argument("src")
+  sl.add_argument("out_dir")
   args = p.parse_args(argv)
+  if args.cmd == "slim":
+    print(slim_model(args.src, args.out_dir))
+    return
   print(export_model(args.workdir, args.out_dir, step=args.step))
 
 
