@@ -121,24 +121,35 @@ class LayerNorm32(nn.Module):
 
 
 class Attention(nn.Module):
-  """Multi-head attention with q/k RMSNorm; self-attention takes RoPE, masks and the KV cache."""
+  """Multi-head attention with q/k RMSNorm; self-attention takes RoPE, masks and the KV cache.
+
+  Cross-attention can take its keys/values precomputed (`kv=`, from `kv`): the text context is constant over a
+  video, so the sampler computes them once instead of at every forward.
+  """
   cfg: DiTConfig
   cross: bool = False
   causal_block: int | None = None  # block-causal self-attention over blocks of this many tokens
 
-  def _proj(self, name, x):
+  def setup(self):
     c = self.cfg
-    return nn.DenseGeneral((c.num_heads, c.head_dim), axis=-1, dtype=c.dtype, param_dtype=c.param_dtype,
-                           kernel_init=_partitioned(_dense_init(), ("embed", "heads", "kv")),
-                           bias_init=_partitioned(nn.initializers.zeros, ("heads", "kv")), name=name)(x)
+    proj = lambda: nn.DenseGeneral((c.num_heads, c.head_dim), axis=-1, dtype=c.dtype, param_dtype=c.param_dtype,
+                                   kernel_init=_partitioned(_dense_init(), ("embed", "heads", "kv")),
+                                   bias_init=_partitioned(nn.initializers.zeros, ("heads", "kv")))
+    self.q, self.k, self.v = proj(), proj(), proj()
+    self.norm_q = RMSNorm(c.eps, axes=("heads", "kv"))
+    self.norm_k = RMSNorm(c.eps, axes=("heads", "kv"))
+    self.o = nn.DenseGeneral(c.dim, axis=(-2, -1), dtype=c.dtype, param_dtype=c.param_dtype,
+                             kernel_init=_partitioned(_dense_init(), ("heads", "kv", "embed")),
+                             bias_init=_partitioned(nn.initializers.zeros, ("embed",)))
 
-  @nn.compact
-  def __call__(self, x, context=None, rope=None, cache=None, cache_pos=None):
+  def kv(self, source):
+    """Keys (normed) and values of `source` (B, L, D) -> two (B, L, H, head_dim) arrays in the compute dtype."""
+    return self.norm_k(self.k(source)), self.v(source)
+
+  def __call__(self, x, context=None, rope=None, cache=None, cache_pos=None, kv=None):
     c = self.cfg
-    kv_in = context if self.cross else x
-    q = RMSNorm(c.eps, axes=("heads", "kv"), name="norm_q")(self._proj("q", x))
-    k = RMSNorm(c.eps, axes=("heads", "kv"), name="norm_k")(self._proj("k", kv_in))
-    v = self._proj("v", kv_in)
+    q = self.norm_q(self.q(x))
+    k, v = self.kv(context if self.cross else x) if kv is None else kv
     new_cache = None
     kv_lengths = None
     if not self.cross:
@@ -163,10 +174,7 @@ class Attention(nn.Module):
     q = constrain_activation(q, ("activation_batch", "activation_length", "activation_heads", "activation_kv"))
     out = dot_product_attention(q, k, v, kv_lengths=kv_lengths, causal_block=causal_block, backend=c.attention,
                                 interpret=c.splash_interpret)
-    out = nn.DenseGeneral(c.dim, axis=(-2, -1), dtype=c.dtype, param_dtype=c.param_dtype,
-                          kernel_init=_partitioned(_dense_init(), ("heads", "kv", "embed")),
-                          bias_init=_partitioned(nn.initializers.zeros, ("embed",)), name="o")(out)
-    return out, new_cache
+    return self.o(out), new_cache
 
 
 def _per_frame(x, num_frames):
@@ -180,7 +188,8 @@ class WanBlock(nn.Module):
   causal_block: int | None = None
 
   @nn.compact
-  def __call__(self, x, cache, e0, context, rope, cache_pos):
+  def __call__(self, x, cache, e0, context, rope, cache_pos, text_kv=None):
+    """`text_kv`: this layer's precomputed cross-attention (k, v) (then `context` is unused), or None."""
     c = self.cfg
     b, l, _ = x.shape
     f = e0.shape[1]
@@ -201,7 +210,7 @@ class WanBlock(nn.Module):
     x = x + gated(y, gate_msa).astype(x.dtype)
 
     h = LayerNorm32(c.eps, affine=True, name="norm_cross")(x) if c.cross_attn_norm else x
-    y, _ = Attention(c, cross=True, name="cross_attn")(h.astype(c.dtype), context=context)
+    y, _ = Attention(c, cross=True, name="cross_attn")(h.astype(c.dtype), context=context, kv=text_kv)
     x = x + y.astype(x.dtype)
 
     h = modulate(LayerNorm32(c.eps, name="norm2")(x), c_shift, c_scale)
@@ -224,6 +233,63 @@ _REMAT_POLICIES = {
 }
 
 
+def _text_embedding(c: DiTConfig, context):
+  """The text context (B, L, text_dim) -> (B, L, dim): Wan's two-layer text embedding (called inside a compact
+  method, whose module owns the weights)."""
+  ctx = nn.Dense(c.dim, dtype=c.dtype, param_dtype=c.param_dtype,
+                 kernel_init=_partitioned(_dense_init(), ("text_embed", "embed")),
+                 bias_init=_partitioned(nn.initializers.zeros, ("embed",)), name="text_embedding_1")(
+                     context.astype(c.dtype))
+  ctx = nn.Dense(c.dim, dtype=c.dtype, param_dtype=c.param_dtype,
+                 kernel_init=_partitioned(_dense_init(), ("embed", "embed_out")),
+                 bias_init=_partitioned(nn.initializers.zeros, ("embed",)), name="text_embedding_2")(
+                     nn.gelu(ctx, approximate=True))
+  return constrain_activation(ctx, ("activation_batch", "activation_length", "activation_embed"))
+
+
+def _check_text_kv(c: DiTConfig, text_kv, batch: int):
+  want = (c.num_layers, batch, c.text_len, c.num_heads, c.head_dim)
+  if not isinstance(text_kv, dict) or set(text_kv) != {"k", "v"} or any(
+      tuple(text_kv[n].shape) != want for n in ("k", "v")):
+    got = {n: tuple(getattr(a, "shape", ())) for n, a in text_kv.items()} if isinstance(text_kv, dict) else text_kv
+    raise ValueError(f"text_kv: expected {{'k', 'v'}} of shape (layers, B, text_len, heads, head_dim) = {want}, got "
+                     f"{got}")
+
+
+class _BlockTextKV(nn.Module):
+  """One block's cross-attention keys/values; named like `WanBlock` ('cross_attn') so it reads the block's weights."""
+  cfg: DiTConfig
+
+  @nn.compact
+  def __call__(self, carry, ctx):
+    k, v = Attention(self.cfg, cross=True, name="cross_attn").kv(ctx)
+    names = ("activation_batch", "activation_length", "activation_heads", "activation_kv")
+    return carry, (constrain_activation(k, names), constrain_activation(v, names))
+
+
+class WanTextKV(nn.Module):
+  """The text cross-attention keys/values of every layer, {'k', 'v'}: (layers, B, text_len, heads, head_dim) in the
+  compute dtype, from the generator's own variables (`WanTextKV(cfg).apply(dit_variables, context)`).
+
+  They depend only on the prompt, so a sampler computes them once per prompt and passes them to every forward
+  (`WanDiT(..., text_kv=)`); the result equals the DiT computing them itself.
+  """
+  cfg: DiTConfig
+
+  @nn.compact
+  def __call__(self, context):
+    c = self.cfg
+    ctx = _text_embedding(c, context)
+    if c.scan_layers:
+      stack = nn.scan(_BlockTextKV, variable_axes={"params": 0}, split_rngs={"params": True},
+                      in_axes=(nn.broadcast,), length=c.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+      _, (k, v) = stack(c, name="blocks")(None, ctx)
+    else:
+      kvs = [_BlockTextKV(c, name=f"blocks_{i}")(None, ctx)[1] for i in range(c.num_layers)]
+      k, v = jnp.stack([a for a, _ in kvs]), jnp.stack([b for _, b in kvs])
+    return {"k": k, "v": v}
+
+
 class WanDiT(nn.Module):
   """Wan2.1 DiT. Returns dict(velocity (B,F,H,W,C) float32, features (B,F,T,D), cache)."""
   cfg: DiTConfig
@@ -237,7 +303,9 @@ class WanDiT(nn.Module):
 
   @nn.compact
   def __call__(self, x, t, context, *, chunk_frames: int | None = None, cache=None, frame_offset=0, cache_slot=None,
-               kv_frames=None, sink_frames: int = 0, sink_shift=0):
+               kv_frames=None, sink_frames: int = 0, sink_shift=0, text_kv=None):
+    """`text_kv`: the text cross-attention keys/values of every layer from `WanTextKV` (then `context` is unused and
+    may be None); without it they are computed from `context` here (training, parity tests)."""
     c = self.cfg
     b, f, hh, ww, ch = x.shape
     pt, ph, pw = c.patch_size
@@ -269,15 +337,12 @@ class WanDiT(nn.Module):
     e0 = dense32(6 * c.dim, ("embed", "mod"), "time_projection")(nn.silu(e)).reshape(b, f, 6, c.dim)
     e0 = constrain_activation(e0, ("activation_batch", None, None, "activation_embed"))
 
-    ctx = nn.Dense(c.dim, dtype=c.dtype, param_dtype=c.param_dtype,
-                   kernel_init=_partitioned(_dense_init(), ("text_embed", "embed")),
-                   bias_init=_partitioned(nn.initializers.zeros, ("embed",)), name="text_embedding_1")(
-                       context.astype(c.dtype))
-    ctx = nn.Dense(c.dim, dtype=c.dtype, param_dtype=c.param_dtype,
-                   kernel_init=_partitioned(_dense_init(), ("embed", "embed_out")),
-                   bias_init=_partitioned(nn.initializers.zeros, ("embed",)), name="text_embedding_2")(
-                       nn.gelu(ctx, approximate=True))
-    ctx = constrain_activation(ctx, ("activation_batch", "activation_length", "activation_embed"))
+    if text_kv is None:
+      ctx = _text_embedding(c, context)
+    else:
+      ctx = None
+      _check_text_kv(c, text_kv, b)
+      text_kv = (text_kv["k"], text_kv["v"])
 
     tables = rope_lib.rope_tables(c.head_dim, c.rope_max_frames, gh, gw, c.rope_theta)
     rope = rope_lib.rope_for_grid(tables, frame_offset, f, gh, gw)
@@ -299,14 +364,15 @@ class WanDiT(nn.Module):
     block_cls = self._block_cls()
     if c.scan_layers:
       stack = nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True},
-                      in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                      in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0),
                       length=c.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
-      h, new_cache = stack(c, causal_block, name="blocks")(h, cache, e0, ctx, rope, cache_pos)
+      h, new_cache = stack(c, causal_block, name="blocks")(h, cache, e0, ctx, rope, cache_pos, text_kv)
     else:
       new_k, new_v = [], []
       for i in range(c.num_layers):
         layer_cache = None if cache is None else (cache[0][i], cache[1][i])
-        h, lc = block_cls(c, causal_block, name=f"blocks_{i}")(h, layer_cache, e0, ctx, rope, cache_pos)
+        layer_kv = None if text_kv is None else (text_kv[0][i], text_kv[1][i])
+        h, lc = block_cls(c, causal_block, name=f"blocks_{i}")(h, layer_cache, e0, ctx, rope, cache_pos, layer_kv)
         if lc is not None:
           new_k.append(lc[0])
           new_v.append(lc[1])

@@ -1,0 +1,100 @@
+"""Sampler speed levers on the tiny config (fp32, random weights): they change nothing in what is sampled."""
+
+import numpy as np
+import pytest
+
+import jax
+
+from dsa_jax.sampling import sampler as S
+from dsa_jax.sampling import stream as ST
+
+
+@pytest.fixture(scope="module")
+def sampler(tiny_config):
+  return S.make_sampler(tiny_config)
+
+
+@pytest.fixture(scope="module")
+def plain(tiny_config):
+  """The same sampler computing the text keys/values at every forward."""
+  sm = S.make_sampler(tiny_config)
+  sm.precompute_text = False
+  return sm
+
+
+@pytest.fixture(scope="module")
+def params(sampler):
+  return sampler.init_params(jax.random.PRNGKey(0))
+
+
+@pytest.fixture(scope="module")
+def context():
+  return np.random.RandomState(0).standard_normal((2, 8, 32)).astype(np.float32)
+
+
+def _np(out):
+  return jax.tree_util.tree_map(np.asarray, out)
+
+
+def _same(a, b):
+  for name in ("latents", "steps", "confidences", "conf_trace", "chunk_iters"):
+    np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
+
+
+def test_text_kv_once_per_video_is_exact(sampler, plain, params, context):
+  controls = sampler.make_controls(2, threshold=0.5, seed=3)
+  _same(_np(sampler.sample(params, context, controls)), _np(plain.sample(params, context, controls)))
+  # A prompt schedule (every prompt's keys/values once, picked per chunk), with classifier-free guidance.
+  rs = np.random.RandomState(1)
+  prompts = rs.standard_normal((2, 3, 8, 32)).astype(np.float32)
+  uncond = rs.standard_normal((1, 8, 32)).astype(np.float32)
+  index = np.array([[2, 0, 1], [1, 1, 0]], np.int32)
+  ctl = sampler.make_controls(2, threshold=0.5, guidance=2.0, seed=4)
+  got = _np(sampler.sample(params, prompts, ctl, uncond_context=uncond, prompt_index=index))
+  want = _np(plain.sample(params, prompts, ctl, uncond_context=uncond, prompt_index=index))
+  _same(got, want)
+
+
+def test_streaming_text_kv_per_chunk_is_exact(sampler, plain, params, context):
+  controls = sampler.make_controls(2, threshold=0.5, seed=5)
+  got = ST.collect(ST.stream(sampler, params, context, controls))
+  want = _np(plain.sample(params, context, controls))
+  np.testing.assert_array_equal(got["latents"], want.latents)
+  np.testing.assert_array_equal(got["steps"], want.steps)
+
+
+def _text_dots(sm, params, context):
+  """dot_generals on the raw text context (B, text_len, text_dim) in the whole-video program's StableHLO."""
+  args, use_cfg = sm.prepare(params, context, sm.make_controls(2))
+  b, n, d = context.shape
+  operand = f"tensor<{b}x{n}x{d}xf32>, tensor<{d}x"
+  return [line for line in sm.lower(args, use_cfg).as_text().splitlines() if "dot_general" in line and operand in line]
+
+
+def test_text_projection_is_traced_once_outside_the_loops(sampler, plain, params, context):
+  assert len(_text_dots(sampler, params, context)) == 1
+  assert len(_text_dots(plain, params, context)) >= 2  # the denoising forward and the cache fill
+
+
+@pytest.mark.parametrize("tau, never, kw", [(np.inf, 2.0, dict(max_steps=3)), (-np.inf, -1.0, dict(min_steps=2)),
+                                            (np.inf, 2.0, dict(max_steps=np.array([[1, 2, 3, 1, 2, 3]])))])
+def test_infinite_threshold_skips_the_head_with_the_same_frames(sampler, params, context, tau, never, kw):
+  """tau = +-inf gives the frames and steps of a finite tau that acts the same (2: never ready, -1: always), the
+  confidence at each frame's last step, and nan where the head was skipped."""
+  got = _np(sampler.sample(params, context, sampler.make_controls(2, threshold=tau, seed=6, **kw)))
+  ref = _np(sampler.sample(params, context, sampler.make_controls(2, threshold=never, seed=6, **kw)))
+  for name in ("latents", "steps", "confidences", "chunk_iters"):
+    np.testing.assert_array_equal(getattr(got, name), getattr(ref, name), err_msg=name)
+  ran = ~np.isnan(got.conf_trace)
+  assert not ran.all() and ran.any()  # skipped at some steps, ran at others
+  np.testing.assert_array_equal(got.conf_trace[ran], ref.conf_trace[ran])
+  last = np.take_along_axis(ran, got.steps[..., None] - 1, axis=-1)
+  assert last.all()
+
+
+def test_threshold_between_finite_and_infinite_does_not_recompile(sampler, params, context):
+  sampler.sample(params, context, sampler.make_controls(2, threshold=0.5))
+  traces, entries = sampler.trace_counts["program"], sampler.program._cache_size()
+  for tau in (np.inf, -np.inf, [0.3, np.inf], 0.7):
+    jax.block_until_ready(sampler.sample(params, context, sampler.make_controls(2, threshold=tau)))
+  assert sampler.trace_counts["program"] == traces and sampler.program._cache_size() == entries
