@@ -97,6 +97,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.compute = ml_collections.ConfigDict(dict(
       dtype="bfloat16", param_dtype="float32", attention="auto", scan_layers=True, remat="full",
       splash_interpret=False,  # attention='splash' in Pallas interpret mode: the TPU kernel on any platform (tests)
+      # DiT norm outputs, modulation, gates and time embedding: 'compute' (in compute.dtype) or 'float32' (as Wan).
+      elementwise="compute",
   ))
 
   c.mesh = ml_collections.ConfigDict(dict(

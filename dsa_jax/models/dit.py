@@ -3,7 +3,10 @@
 Layer details follow Wan2.1's reference code: patchify (1, 2, 2); 3D RoPE; per block self-attention with
 q/k RMSNorm over the full dim, text cross-attention (LayerNorm with affine, ungated), GELU(tanh) FFN and 6-vector
 AdaLN modulation (time projection + a learned per-block table); output head with 2 modulation vectors. Every frame
-carries its own timestep, so modulation is per frame. Norms and modulation run in float32 as in Wan.
+carries its own timestep, so modulation is per frame. Norm statistics run in float32; the norms' outputs, the
+modulation (shift/scale/gates) and the time embedding run in the compute dtype (`compute.elementwise='compute'`, as
+Self Forcing's bf16 sampler does: half the memory traffic of this elementwise work) or in float32 as in Wan
+(`compute.elementwise='float32'`). A float32 model computes the same either way.
 
 Three ways to call it (`WanDiT.__call__`):
   * full sequence, `chunk_frames=None`: bidirectional (the teacher / critic);
@@ -32,6 +35,9 @@ from dsa_jax.models.layers import RMSNorm, dtype_name, to_dtype
 from dsa_jax.parallel.mesh import constrain_activation
 
 
+ELEMENTWISE = ("compute", "float32")
+
+
 @dataclasses.dataclass(frozen=True)
 class DiTConfig:
   """Static (hashable) model description; built from `config.model` + `config.compute`."""
@@ -55,6 +61,12 @@ class DiTConfig:
   splash_interpret: bool = False  # run the splash kernel in Pallas interpret mode (tests off TPU)
   scan_layers: bool = True
   remat: str = "none"
+  elementwise: str = "compute"  # dtype of modulation, gates and time embedding: 'compute' (= dtype) or 'float32'
+
+  @property
+  def mod_dtype(self):
+    """The dtype of the per-frame modulation path (norm outputs, shift/scale/gate, time embedding)."""
+    return jnp.float32 if self.elementwise == "float32" else self.dtype
 
   @property
   def head_dim(self) -> int:
@@ -73,9 +85,12 @@ class DiTConfig:
       backend = resolve_backend(compute_cfg.attention)
       if backend == "cudnn" and dtype == jnp.float32:
         backend = "xla"  # cuDNN flash attention needs 16-bit inputs
+      elementwise = compute_cfg.get("elementwise", "compute")
+      if elementwise not in ELEMENTWISE:
+        raise ValueError(f"compute.elementwise: expected one of {', '.join(ELEMENTWISE)}, got {elementwise!r}")
       kw.update(dtype=dtype, param_dtype=to_dtype(compute_cfg.param_dtype, "compute.param_dtype"), attention=backend,
                 splash_interpret=bool(compute_cfg.get("splash_interpret", False)),
-                scan_layers=compute_cfg.scan_layers, remat=compute_cfg.remat)
+                scan_layers=compute_cfg.scan_layers, remat=compute_cfg.remat, elementwise=elementwise)
     kw.update(overrides)
     return cls(**kw)
 
@@ -103,9 +118,11 @@ def sinusoidal_embedding(t, dim: int):
 
 
 class LayerNorm32(nn.Module):
-  """LayerNorm in float32 with optional affine (Wan's norm1/norm2 have none; the cross-attention norm has one)."""
+  """LayerNorm with float32 statistics and optional affine (Wan's norm1/norm2 have none; the cross-attention norm
+  has one); the output is cast to `dtype` (fused with the normalisation, so what follows reads half the bytes)."""
   eps: float = 1e-6
   affine: bool = False
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x):
@@ -117,7 +134,7 @@ class LayerNorm32(nn.Module):
     if self.affine:
       y = y * self.param("scale", _partitioned(nn.initializers.ones, ("embed",)), (dim,), jnp.float32)
       y = y + self.param("bias", _partitioned(nn.initializers.zeros, ("embed",)), (dim,), jnp.float32)
-    return y
+    return y.astype(self.dtype)
 
 
 class Attention(nn.Module):
@@ -191,29 +208,30 @@ class WanBlock(nn.Module):
   def __call__(self, x, cache, e0, context, rope, cache_pos, text_kv=None):
     """`text_kv`: this layer's precomputed cross-attention (k, v) (then `context` is unused), or None."""
     c = self.cfg
+    md = c.mod_dtype
     b, l, _ = x.shape
     f = e0.shape[1]
     table = self.param("modulation", _partitioned(nn.initializers.normal(1.0 / math.sqrt(c.dim)),
                                                   (None, "mod", "embed")), (1, 6, c.dim), jnp.float32)
-    mod = table[None] + e0  # (B, F, 6, D) float32
+    mod = table[None].astype(md) + e0  # (B, F, 6, D) in the modulation dtype
     shift_msa, scale_msa, gate_msa, c_shift, c_scale, c_gate = [mod[:, :, i, None, :] for i in range(6)]
 
     def modulate(h, shift, scale):
       return (_per_frame(h, f) * (1.0 + scale) + shift).reshape(b, l, -1).astype(c.dtype)
 
     def gated(y, gate):
-      return (_per_frame(y.astype(jnp.float32), f) * gate).reshape(b, l, -1)
+      return (_per_frame(y.astype(md), f) * gate).reshape(b, l, -1)
 
-    h = modulate(LayerNorm32(c.eps, name="norm1")(x), shift_msa, scale_msa)
+    h = modulate(LayerNorm32(c.eps, dtype=md, name="norm1")(x), shift_msa, scale_msa)
     y, new_cache = Attention(c, causal_block=self.causal_block, name="self_attn")(h, rope=rope, cache=cache,
                                                                                   cache_pos=cache_pos)
     x = x + gated(y, gate_msa).astype(x.dtype)
 
-    h = LayerNorm32(c.eps, affine=True, name="norm_cross")(x) if c.cross_attn_norm else x
+    h = LayerNorm32(c.eps, affine=True, dtype=md, name="norm_cross")(x) if c.cross_attn_norm else x
     y, _ = Attention(c, cross=True, name="cross_attn")(h.astype(c.dtype), context=context, kv=text_kv)
     x = x + y.astype(x.dtype)
 
-    h = modulate(LayerNorm32(c.eps, name="norm2")(x), c_shift, c_scale)
+    h = modulate(LayerNorm32(c.eps, dtype=md, name="norm2")(x), c_shift, c_scale)
     h = nn.Dense(c.ffn_dim, dtype=c.dtype, param_dtype=c.param_dtype,
                  kernel_init=_partitioned(_dense_init(), ("embed", "mlp")),
                  bias_init=_partitioned(nn.initializers.zeros, ("mlp",)), name="ffn_in")(h)
@@ -326,15 +344,16 @@ class WanDiT(nn.Module):
     h = jnp.dot(patches.astype(c.dtype), kernel.reshape(-1, c.dim).astype(c.dtype)) + bias.astype(c.dtype)
     h = constrain_activation(h, ("activation_batch", "activation_length", "activation_embed"))
 
-    # Per-frame time embedding and its 6-vector projection, in float32.
+    # Per-frame time embedding and its 6-vector projection, in the modulation dtype (the sinusoid in float32).
     emb = sinusoidal_embedding(t, c.freq_dim)
-    dense32 = lambda n, names, name: nn.Dense(n, dtype=jnp.float32, param_dtype=c.param_dtype,
+    md = c.mod_dtype
+    dense_mod = lambda n, names, name: nn.Dense(n, dtype=md, param_dtype=c.param_dtype,
                                              kernel_init=_partitioned(nn.initializers.normal(0.02), names),
                                              bias_init=_partitioned(nn.initializers.zeros, names[1:]), name=name)
-    e = dense32(c.dim, ("freq", "embed"), "time_embedding_1")(emb)
-    e = dense32(c.dim, ("embed", "embed_out"), "time_embedding_2")(nn.silu(e))  # (B, F, D)
+    e = dense_mod(c.dim, ("freq", "embed"), "time_embedding_1")(emb)
+    e = dense_mod(c.dim, ("embed", "embed_out"), "time_embedding_2")(nn.silu(e))  # (B, F, D)
     e = constrain_activation(e, ("activation_batch", None, "activation_embed"))
-    e0 = dense32(6 * c.dim, ("embed", "mod"), "time_projection")(nn.silu(e)).reshape(b, f, 6, c.dim)
+    e0 = dense_mod(6 * c.dim, ("embed", "mod"), "time_projection")(nn.silu(e)).reshape(b, f, 6, c.dim)
     e0 = constrain_activation(e0, ("activation_batch", None, None, "activation_embed"))
 
     if text_kv is None:
@@ -382,9 +401,10 @@ class WanDiT(nn.Module):
 
     table = self.param("head_modulation", _partitioned(nn.initializers.normal(1.0 / math.sqrt(c.dim)),
                                                        (None, "mod", "embed")), (1, 2, c.dim), jnp.float32)
-    mod = table[None] + e[:, :, None, :]
+    mod = table[None].astype(md) + e[:, :, None, :]
     shift, scale = mod[:, :, 0, None, :], mod[:, :, 1, None, :]
-    out = (_per_frame(LayerNorm32(c.eps, name="norm_out")(h), f) * (1.0 + scale) + shift).reshape(b, f * tokens, -1)
+    out = (_per_frame(LayerNorm32(c.eps, dtype=md, name="norm_out")(h), f) * (1.0 + scale) + shift).reshape(
+        b, f * tokens, -1)
     out = nn.Dense(pt * ph * pw * c.out_channels, dtype=c.dtype, param_dtype=c.param_dtype,
                    kernel_init=_partitioned(_dense_init(), ("embed", None)),
                    bias_init=_partitioned(nn.initializers.zeros, (None,)), name="head")(out.astype(c.dtype))
