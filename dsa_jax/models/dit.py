@@ -163,7 +163,9 @@ class Attention(nn.Module):
     """Keys (normed) and values of `source` (B, L, D) -> two (B, L, H, head_dim) arrays in the compute dtype."""
     return self.norm_k(self.k(source)), self.v(source)
 
-  def __call__(self, x, context=None, rope=None, cache=None, cache_pos=None, kv=None):
+  def __call__(self, x, context=None, rope=None, cache=None, cache_pos=None, kv=None, layer=None):
+    """`cache`: this layer's (k, v) cache slices, or with `layer` the whole (layers, ...) cache, written in place at
+    that layer (only the chunk's keys/values move)."""
     c = self.cfg
     q = self.norm_q(self.q(x))
     k, v = self.kv(context if self.cross else x) if kv is None else kv
@@ -176,10 +178,16 @@ class Attention(nn.Module):
       if cache is not None:
         ck, cv = cache
         cache_offset, kv_length, sink = cache_pos
-        start = (0, cache_offset, 0, 0)
-        k = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), start)
-        v = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), start)
-        new_cache = (k, v)
+        if layer is None:
+          start = (0, cache_offset, 0, 0)
+          k = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), start)
+          v = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), start)
+          new_cache = (k, v)
+        else:
+          start = (layer, 0, cache_offset, 0, 0)
+          new_cache = (jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), start),
+                       jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), start))
+          k, v = (jax.lax.dynamic_index_in_dim(a, layer, 0, keepdims=False) for a in new_cache)
         if kv_length is None:
           kv_length = cache_offset + x.shape[1]
         kv_lengths = jnp.full((x.shape[0],), kv_length, jnp.int32)
@@ -205,8 +213,17 @@ class WanBlock(nn.Module):
   causal_block: int | None = None
 
   @nn.compact
-  def __call__(self, x, cache, e0, context, rope, cache_pos, text_kv=None):
-    """`text_kv`: this layer's precomputed cross-attention (k, v) (then `context` is unused), or None."""
+  def __call__(self, carry, e0, context, rope, cache_pos, per_layer):
+    """carry (x, whole KV cache or None); per_layer (this layer's cache slices or None, its precomputed text
+    cross-attention (k, v) or None (then `context` is used), its index or None) -> (carry, new cache slices or None).
+
+    Two cache layouts: the slices in and out per layer (what remat needs: it saves a block's inputs, and a whole
+    cache per layer would not fit), or, with the layer index, the whole cache in the carry, updated in place (no
+    second copy of the cache, only the chunk's keys/values written)."""
+    x, whole = carry
+    cache, text_kv, layer = per_layer
+    if whole is not None:
+      cache = whole
     c = self.cfg
     md = c.mod_dtype
     b, l, _ = x.shape
@@ -224,7 +241,7 @@ class WanBlock(nn.Module):
 
     h = modulate(LayerNorm32(c.eps, dtype=md, name="norm1")(x), shift_msa, scale_msa)
     y, new_cache = Attention(c, causal_block=self.causal_block, name="self_attn")(h, rope=rope, cache=cache,
-                                                                                  cache_pos=cache_pos)
+                                                                                  cache_pos=cache_pos, layer=layer)
     x = x + gated(y, gate_msa).astype(x.dtype)
 
     h = LayerNorm32(c.eps, affine=True, dtype=md, name="norm_cross")(x) if c.cross_attn_norm else x
@@ -241,7 +258,9 @@ class WanBlock(nn.Module):
                  bias_init=_partitioned(nn.initializers.zeros, ("embed",)), name="ffn_out")(h)
     x = x + gated(y, c_gate).astype(x.dtype)
     x = constrain_activation(x, ("activation_batch", "activation_length", "activation_embed"))
-    return x, new_cache
+    if whole is not None:
+      return (x, new_cache), None
+    return (x, None), new_cache
 
 
 _REMAT_POLICIES = {
@@ -381,21 +400,25 @@ class WanDiT(nn.Module):
       cache = (cache["k"], cache["v"])
 
     block_cls = self._block_cls()
+    in_place = cache is not None and c.remat == "none"  # the whole cache in the carry (see WanBlock)
+    whole, sliced = (cache, None) if in_place else (None, cache)
+    layers = jnp.arange(c.num_layers, dtype=jnp.int32) if in_place else None
     if c.scan_layers:
       stack = nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True},
-                      in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0),
+                      in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0),
                       length=c.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
-      h, new_cache = stack(c, causal_block, name="blocks")(h, cache, e0, ctx, rope, cache_pos, text_kv)
+      (h, whole), sliced = stack(c, causal_block, name="blocks")((h, whole), e0, ctx, rope, cache_pos,
+                                                                 (sliced, text_kv, layers))
     else:
-      new_k, new_v = [], []
+      outs = []
       for i in range(c.num_layers):
-        layer_cache = None if cache is None else (cache[0][i], cache[1][i])
-        layer_kv = None if text_kv is None else (text_kv[0][i], text_kv[1][i])
-        h, lc = block_cls(c, causal_block, name=f"blocks_{i}")(h, layer_cache, e0, ctx, rope, cache_pos, layer_kv)
-        if lc is not None:
-          new_k.append(lc[0])
-          new_v.append(lc[1])
-      new_cache = None if cache is None else (jnp.stack(new_k), jnp.stack(new_v))
+        pick = lambda a: None if a is None else jax.tree_util.tree_map(lambda z: z[i], a)
+        (h, whole), lc = block_cls(c, causal_block, name=f"blocks_{i}")(
+            (h, whole), e0, ctx, rope, cache_pos, (pick(sliced), pick(text_kv), None if layers is None else i))
+        outs.append(lc)
+      if sliced is not None:
+        sliced = (jnp.stack([o[0] for o in outs]), jnp.stack([o[1] for o in outs]))
+    new_cache = whole if in_place else sliced
 
     features = _per_frame(h, f)  # final hidden states, for the confidence head
 

@@ -249,6 +249,8 @@ class Sampler:
     self.cache_frames = min(self.sink_frames + self.window_frames, self.num_frames) if self.window_frames else \
         self.num_frames
     self.dcfg = dit_cfg or DiTConfig.from_config(config.model, config.compute)
+    # Nothing is differentiated here: no remat, and so the KV cache is updated in place (see `WanBlock`).
+    self.dcfg = dataclasses.replace(self.dcfg, remat="none")
     if self.num_frames > self.dcfg.rope_max_frames:  # positions are absolute: the table covers the whole video
       self.dcfg = dataclasses.replace(self.dcfg, rope_max_frames=self.num_frames)
     self.hcfg = ConfidenceConfig.from_config(config)
