@@ -99,6 +99,9 @@ def base_config() -> ml_collections.ConfigDict:
       splash_interpret=False,  # attention='splash' in Pallas interpret mode: the TPU kernel on any platform (tests)
       # DiT norm outputs, modulation, gates and time embedding: 'compute' (in compute.dtype) or 'float32' (as Wan).
       elementwise="compute",
+      # The DiT blocks' linear layers: 'default' (compute.dtype) or 'fp8' (float8_e4m3fn operands with per-tensor
+      # scales from the weight's and the activation's amax, float32 accumulation; fp8 GEMMs on Hopper).
+      matmul="default",
   ))
 
   c.mesh = ml_collections.ConfigDict(dict(

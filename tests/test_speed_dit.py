@@ -59,3 +59,34 @@ def test_modulation_dtype_follows_compute_elementwise():
   assert wan.mod_dtype == jnp.float32 and _dot_dtypes(wan, config) == {"float32"}
   with pytest.raises(ValueError, match="compute.elementwise"):
     DiTConfig.from_config(config.model, _digits("bfloat16", "--config.compute.elementwise=fp16").compute)
+
+
+def test_fp8_matmul_runs_and_stays_near_bf16():
+  """compute.matmul='fp8' on the digits model's shape (random weights, bf16 compute): the x0 prediction
+  x0 = x - sigma v at the first four warped ladder steps, against bf16. Measured on the CPU: relative L2 error of x0
+  0.023, 0.024, 0.022, 0.018 per step; of v 0.029."""
+  config = _digits("bfloat16")
+  bf16 = factory.dit_config(config)
+  fp8 = factory.dit_config(_digits("bfloat16", "--config.compute.matmul=fp8"))
+  assert fp8.matmul == "fp8" and "matmul" not in fp8.to_dict()
+  params = factory.init_dit(bf16, config, jax.random.PRNGKey(0))
+  sm = S.make_sampler(config)
+  sig = np.asarray(sm.sigmas[:4], np.float32)
+  k1, k2 = jax.random.split(jax.random.PRNGKey(3))
+  x = jax.random.normal(k1, (1, 4) + tuple(dcfg_latent(config)) + (bf16.in_channels,))
+  ctx = jax.random.normal(k2, (1, bf16.text_len, bf16.text_dim))
+  t = jnp.asarray(sig[None] * 1000.0)  # one frame per ladder step
+  v = {m: np.asarray(jax.jit(lambda p: WanDiT(d).apply(p, x, t, ctx)["velocity"])(params))
+       for m, d in (("bf16", bf16), ("fp8", fp8))}
+  assert np.isfinite(v["fp8"]).all()
+  x0 = {m: np.asarray(x) - sig[None, :, None, None, None] * v[m] for m in v}
+  per_step = [np.linalg.norm(x0["fp8"][:, i] - x0["bf16"][:, i]) / np.linalg.norm(x0["bf16"][:, i]) for i in range(4)]
+  rel_v = np.linalg.norm(v["fp8"] - v["bf16"]) / np.linalg.norm(v["bf16"])
+  print("fp8 vs bf16: x0 per step", np.round(per_step, 4), "v", round(float(rel_v), 4))
+  assert 0 < max(per_step) < 0.06 and 0 < rel_v < 0.08
+
+
+def test_unknown_matmul_is_a_clear_error():
+  config = _digits("bfloat16", "--config.compute.matmul=int4")
+  with pytest.raises(ValueError, match="compute.matmul: expected one of default, fp8, got 'int4'"):
+    DiTConfig.from_config(config.model, config.compute)

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from dsa_jax.models import rope as rope_lib
 from dsa_jax.models.attention import dot_product_attention, resolve_backend
 from dsa_jax.models.layers import DTYPES as _DTYPES  # noqa: F401 - callers still import the table from here
-from dsa_jax.models.layers import RMSNorm, dtype_name, to_dtype
+from dsa_jax.models.layers import RMSNorm, dtype_name, matmul_fn, to_dtype
 from dsa_jax.parallel.mesh import constrain_activation
 
 
@@ -62,6 +62,7 @@ class DiTConfig:
   scan_layers: bool = True
   remat: str = "none"
   elementwise: str = "compute"  # dtype of modulation, gates and time embedding: 'compute' (= dtype) or 'float32'
+  matmul: str = "default"  # the blocks' linear layers: 'default' (in dtype) or 'fp8' (float8 with per-tensor scales)
 
   @property
   def mod_dtype(self):
@@ -88,14 +89,19 @@ class DiTConfig:
       elementwise = compute_cfg.get("elementwise", "compute")
       if elementwise not in ELEMENTWISE:
         raise ValueError(f"compute.elementwise: expected one of {', '.join(ELEMENTWISE)}, got {elementwise!r}")
+      matmul = compute_cfg.get("matmul", "default")
+      matmul_fn(matmul)  # checks the name
       kw.update(dtype=dtype, param_dtype=to_dtype(compute_cfg.param_dtype, "compute.param_dtype"), attention=backend,
                 splash_interpret=bool(compute_cfg.get("splash_interpret", False)),
-                scan_layers=compute_cfg.scan_layers, remat=compute_cfg.remat, elementwise=elementwise)
+                scan_layers=compute_cfg.scan_layers, remat=compute_cfg.remat, elementwise=elementwise, matmul=matmul)
     kw.update(overrides)
     return cls(**kw)
 
   def to_dict(self) -> dict:
+    """The architecture for checkpoint metadata (without the elementwise/matmul precision, which any checkpoint
+    runs with)."""
     d = dataclasses.asdict(self)
+    del d["elementwise"], d["matmul"]
     d["dtype"], d["param_dtype"] = dtype_name(self.dtype), dtype_name(self.param_dtype)
     d["patch_size"] = list(self.patch_size)
     return d
@@ -149,15 +155,16 @@ class Attention(nn.Module):
 
   def setup(self):
     c = self.cfg
+    dot = matmul_fn(c.matmul)
     proj = lambda: nn.DenseGeneral((c.num_heads, c.head_dim), axis=-1, dtype=c.dtype, param_dtype=c.param_dtype,
                                    kernel_init=_partitioned(_dense_init(), ("embed", "heads", "kv")),
-                                   bias_init=_partitioned(nn.initializers.zeros, ("heads", "kv")))
+                                   bias_init=_partitioned(nn.initializers.zeros, ("heads", "kv")), dot_general=dot)
     self.q, self.k, self.v = proj(), proj(), proj()
     self.norm_q = RMSNorm(c.eps, axes=("heads", "kv"))
     self.norm_k = RMSNorm(c.eps, axes=("heads", "kv"))
     self.o = nn.DenseGeneral(c.dim, axis=(-2, -1), dtype=c.dtype, param_dtype=c.param_dtype,
                              kernel_init=_partitioned(_dense_init(), ("heads", "kv", "embed")),
-                             bias_init=_partitioned(nn.initializers.zeros, ("embed",)))
+                             bias_init=_partitioned(nn.initializers.zeros, ("embed",)), dot_general=dot)
 
   def kv(self, source):
     """Keys (normed) and values of `source` (B, L, D) -> two (B, L, H, head_dim) arrays in the compute dtype."""
@@ -249,13 +256,14 @@ class WanBlock(nn.Module):
     x = x + y.astype(x.dtype)
 
     h = modulate(LayerNorm32(c.eps, dtype=md, name="norm2")(x), c_shift, c_scale)
+    dot = matmul_fn(c.matmul)
     h = nn.Dense(c.ffn_dim, dtype=c.dtype, param_dtype=c.param_dtype,
                  kernel_init=_partitioned(_dense_init(), ("embed", "mlp")),
-                 bias_init=_partitioned(nn.initializers.zeros, ("mlp",)), name="ffn_in")(h)
+                 bias_init=_partitioned(nn.initializers.zeros, ("mlp",)), dot_general=dot, name="ffn_in")(h)
     h = constrain_activation(nn.gelu(h, approximate=True), ("activation_batch", "activation_length", "activation_mlp"))
     y = nn.Dense(c.dim, dtype=c.dtype, param_dtype=c.param_dtype,
                  kernel_init=_partitioned(_dense_init(), ("mlp", "embed")),
-                 bias_init=_partitioned(nn.initializers.zeros, ("embed",)), name="ffn_out")(h)
+                 bias_init=_partitioned(nn.initializers.zeros, ("embed",)), dot_general=dot, name="ffn_out")(h)
     x = x + gated(y, c_gate).astype(x.dtype)
     x = constrain_activation(x, ("activation_batch", "activation_length", "activation_embed"))
     if whole is not None:
