@@ -348,9 +348,10 @@ class WanDiT(nn.Module):
 
   @nn.compact
   def __call__(self, x, t, context, *, chunk_frames: int | None = None, cache=None, frame_offset=0, cache_slot=None,
-               kv_frames=None, sink_frames: int = 0, sink_shift=0, text_kv=None):
+               kv_frames=None, sink_frames: int = 0, sink_shift=0, text_kv=None, rope=None):
     """`text_kv`: the text cross-attention keys/values of every layer from `WanTextKV` (then `context` is unused and
-    may be None); without it they are computed from `context` here (training, parity tests)."""
+    may be None); without it they are computed from `context` here (training, parity tests). `rope`: these frames'
+    RoPE (cos, sin) from `rope_for` (at frame_offset), for callers that run many forwards at one position."""
     c = self.cfg
     b, f, hh, ww, ch = x.shape
     pt, ph, pw = c.patch_size
@@ -391,7 +392,11 @@ class WanDiT(nn.Module):
       text_kv = (text_kv["k"], text_kv["v"])
 
     tables = rope_lib.rope_tables(c.head_dim, c.rope_max_frames, gh, gw, c.rope_theta)
-    rope = rope_lib.rope_for_grid(tables, frame_offset, f, gh, gw)
+    if rope is None:
+      rope = rope_lib.rope_for_grid(tables, frame_offset, f, gh, gw)
+    elif tuple(rope[0].shape) != (f * tokens, c.head_dim // 2):
+      raise ValueError(f"rope: expected (cos, sin) of shape {(f * tokens, c.head_dim // 2)} (rope_for), got "
+                       f"{tuple(rope[0].shape)}")
     causal_block = None
     cache_pos = None
     if cache is None:
@@ -444,6 +449,14 @@ class WanDiT(nn.Module):
     if new_cache is not None:
       new_cache = {"k": new_cache[0], "v": new_cache[1]}
     return {"velocity": velocity, "features": features, "cache": new_cache}
+
+
+def rope_for(cfg: DiTConfig, frame_offset, num_frames: int, grid_hw) -> tuple:
+  """RoPE (cos, sin) of frames [frame_offset, frame_offset + num_frames) on a token grid of `grid_hw` (the latent
+  size over the patch size), as `WanDiT(..., rope=)` takes it."""
+  gh, gw = grid_hw
+  tables = rope_lib.rope_tables(cfg.head_dim, cfg.rope_max_frames, gh, gw, cfg.rope_theta)
+  return rope_lib.rope_for_grid(tables, frame_offset, num_frames, gh, gw)
 
 
 def init_cache(cfg: DiTConfig, batch: int, num_frames: int, tokens_per_frame: int, dtype=None):

@@ -70,7 +70,7 @@ from dsa_jax.diffusion import flow
 from dsa_jax.diffusion.guidance import guided_velocity
 from dsa_jax.models import factory
 from dsa_jax.models.confidence import ConfidenceConfig, ConfidenceHead
-from dsa_jax.models.dit import DiTConfig, WanDiT, WanTextKV, cache_logical_axes, init_cache
+from dsa_jax.models.dit import DiTConfig, WanDiT, WanTextKV, cache_logical_axes, init_cache, rope_for
 from dsa_jax.models.factory import as_variables
 from dsa_jax.parallel import mesh as mesh_lib
 from dsa_jax.sampling import stop_rules
@@ -492,15 +492,18 @@ class Sampler:
   # -- the network calls ------------------------------------------------------------------------------------------
 
   def placement(self, chunk_index) -> dict:
-    """The DiT's cache arguments for chunk `chunk_index` (traced): its RoPE frame offset and, with a window, its ring
-    slot, the filled cache frames and the sinks' shift (see the module docstring)."""
+    """The DiT's cache arguments for chunk `chunk_index` (traced): its RoPE frame offset and tables (computed here,
+    once per chunk, not at every forward) and, with a window, its ring slot, the filled cache frames and the sinks'
+    shift (see the module docstring)."""
     c = self.chunk_frames
     f0 = jnp.asarray(chunk_index, jnp.int32) * c
+    ph, pw = self.dcfg.patch_size[1:]
+    rope = rope_for(self.dcfg, f0, c, (self.latent_hw[0] // ph, self.latent_hw[1] // pw))
     if not self.window_frames:
-      return {"frame_offset": f0}
+      return {"frame_offset": f0, "rope": rope}
     s, n = self.sink_frames, self.cache_frames
     ring = max(n - s, c)
-    place = {"frame_offset": f0, "cache_slot": jnp.where(f0 < s, f0, s + (f0 - s) % ring),
+    place = {"frame_offset": f0, "rope": rope, "cache_slot": jnp.where(f0 < s, f0, s + (f0 - s) % ring),
              "kv_frames": jnp.minimum(f0 + c, n)}
     if s:
       place.update(sink_frames=s, sink_shift=jnp.maximum(f0 + c - n, 0))
