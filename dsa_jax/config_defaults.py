@@ -87,6 +87,10 @@ def base_config() -> ml_collections.ConfigDict:
       # A step budget instead of `threshold`: average denoising steps per frame, turned into tau by the calibration
       # table stored with the model (`dsa-jax calibrate`); 0 = use `threshold`.
       mean_steps=0.0,
+      # At threshold +-inf the confidence head decides nothing: 'every' still runs it at every step (full confidence
+      # traces, e.g. for plots and head reports), 'last' only at steps where a frame finishes (its reported
+      # confidence; conf_trace nan at the other steps), saving the head's work in fixed-step sampling.
+      fixed_step_head="every",
   ))
 
   c.conf = ml_collections.ConfigDict(dict(

@@ -46,8 +46,7 @@ def _np(out):
 
 
 def _tau(sampler, params, context, seed):
-  # tau = 2 is never reached but, unlike +inf, keeps the confidence head running at every step.
-  probe = _np(sampler.sample(params, context, sampler.make_controls(2, threshold=2.0, max_steps=3, seed=seed)))
+  probe = _np(sampler.sample(params, context, sampler.make_controls(2, threshold=np.inf, max_steps=3, seed=seed)))
   return float(np.median(probe.conf_trace[:, :, 0]))
 
 

@@ -23,6 +23,14 @@ def plain(tiny_config):
 
 
 @pytest.fixture(scope="module")
+def last_head(tiny_config):
+  """Runs the confidence head at tau = +-inf only where a frame finishes."""
+  cfg = tiny_config.copy_and_resolve_references()
+  cfg.sampling.fixed_step_head = "last"
+  return S.make_sampler(cfg)
+
+
+@pytest.fixture(scope="module")
 def params(sampler):
   return sampler.init_params(jax.random.PRNGKey(0))
 
@@ -78,11 +86,14 @@ def test_text_projection_is_traced_once_outside_the_loops(sampler, plain, params
 
 @pytest.mark.parametrize("tau, never, kw", [(np.inf, 2.0, dict(max_steps=3)), (-np.inf, -1.0, dict(min_steps=2)),
                                             (np.inf, 2.0, dict(max_steps=np.array([[1, 2, 3, 1, 2, 3]])))])
-def test_infinite_threshold_skips_the_head_with_the_same_frames(sampler, params, context, tau, never, kw):
-  """tau = +-inf gives the frames and steps of a finite tau that acts the same (2: never ready, -1: always), the
-  confidence at each frame's last step, and nan where the head was skipped."""
-  got = _np(sampler.sample(params, context, sampler.make_controls(2, threshold=tau, seed=6, **kw)))
-  ref = _np(sampler.sample(params, context, sampler.make_controls(2, threshold=never, seed=6, **kw)))
+def test_infinite_threshold_skips_the_head_with_the_same_frames(sampler, last_head, params, context, tau, never, kw):
+  """With fixed_step_head='last', tau = +-inf gives the frames and steps of a finite tau that acts the same (2: never
+  ready, -1: always) and of the default sampler, the confidence at each frame's last step, and nan where the head
+  was skipped."""
+  got = _np(last_head.sample(params, context, last_head.make_controls(2, threshold=tau, seed=6, **kw)))
+  ref = _np(last_head.sample(params, context, last_head.make_controls(2, threshold=never, seed=6, **kw)))
+  every = _np(sampler.sample(params, context, sampler.make_controls(2, threshold=tau, seed=6, **kw)))
+  _same(every, ref)
   for name in ("latents", "steps", "confidences", "chunk_iters"):
     np.testing.assert_array_equal(getattr(got, name), getattr(ref, name), err_msg=name)
   ran = ~np.isnan(got.conf_trace)
@@ -92,12 +103,20 @@ def test_infinite_threshold_skips_the_head_with_the_same_frames(sampler, params,
   assert last.all()
 
 
-def test_threshold_between_finite_and_infinite_does_not_recompile(sampler, params, context):
-  sampler.sample(params, context, sampler.make_controls(2, threshold=0.5))
-  traces, entries = sampler.trace_counts["program"], sampler.program._cache_size()
+def test_threshold_between_finite_and_infinite_does_not_recompile(last_head, params, context):
+  sm = last_head
+  sm.sample(params, context, sm.make_controls(2, threshold=0.5))
+  traces, entries = sm.trace_counts["program"], sm.program._cache_size()
   for tau in (np.inf, -np.inf, [0.3, np.inf], 0.7):
-    jax.block_until_ready(sampler.sample(params, context, sampler.make_controls(2, threshold=tau)))
-  assert sampler.trace_counts["program"] == traces and sampler.program._cache_size() == entries
+    jax.block_until_ready(sm.sample(params, context, sm.make_controls(2, threshold=tau)))
+  assert sm.trace_counts["program"] == traces and sm.program._cache_size() == entries
+
+
+def test_bad_fixed_step_head(tiny_config):
+  cfg = tiny_config.copy_and_resolve_references()
+  cfg.sampling.fixed_step_head = "never"
+  with pytest.raises(ValueError, match="sampling.fixed_step_head"):
+    S.make_sampler(cfg)
 
 
 def _program_memory(tiny_config, num_frames):

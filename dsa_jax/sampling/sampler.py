@@ -7,7 +7,9 @@ steps == max_steps (the rules are the functions of `stop_rules`); its output is 
 re-noised to the next sigma with fresh noise (Self Forcing's consistency step). The loop ends when every frame of
 the chunk, in every batch sample, is done. Then one cache-fill forward at t = context_noise on the clean chunk
 overwrites the chunk's K/V slot. Chunks run in a `lax.fori_loop`, so a whole video is one jitted program; the KV
-cache is donated and carried in the loop state.
+cache is donated and carried in the loop state (and, inside the DiT, updated in place: only a chunk's keys/values
+are written). The text cross-attention keys/values depend only on the prompt: they are computed once per video
+(every prompt of a schedule; per chunk in `chunk_step`) and passed to every forward, as are a chunk's RoPE tables.
 
 Thresholds, min/max steps (per frame), guidance and seeds are traced (`SamplingControls`): changing them never
 recompiles. Only the use of classifier-free guidance (an extra batch half with its own KV cache) is static.
@@ -77,6 +79,7 @@ from dsa_jax.sampling import stop_rules
 from dsa_jax.sampling.stop_rules import STOP_RULES
 
 FROZEN_MODES = ("clean", "noisy")
+FIXED_STEP_HEAD = ("every", "last")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -87,8 +90,9 @@ FROZEN_MODES = ("clean", "noisy")
 class SamplingControls:
   """Traced knobs of one sampling call (batch B, F latent frames). Changing values never recompiles.
 
-  threshold (B,) float32: confidence tau per sample (+inf: always max_steps; -inf: always min_steps; at +-inf the
-    head runs only at steps where a frame finishes, so conf_trace is nan at the others).
+  threshold (B,) float32: confidence tau per sample (+inf: always max_steps; -inf: always min_steps; with
+    `sampling.fixed_step_head = 'last'` the head then runs only at steps where a frame finishes, so conf_trace is
+    nan at the others).
   min_steps, max_steps (B, F) int32: per sample and frame (a fixed per-frame pattern forces a step schedule).
   guidance (B,) float32: classifier-free guidance g, cond + g (cond - uncond), 0 = off (used only when the sampler
     is called with an unconditional context; see `dsa_jax.diffusion.guidance`).
@@ -268,6 +272,10 @@ class Sampler:
     self.stop_rule = config.sampling.get("stop_rule", "confidence")
     if self.stop_rule not in STOP_RULES:
       raise ValueError(f"config.sampling.stop_rule: expected one of {STOP_RULES}, got {self.stop_rule!r}")
+    self.fixed_step_head = config.sampling.get("fixed_step_head", "every")
+    if self.fixed_step_head not in FIXED_STEP_HEAD:
+      raise ValueError(f"config.sampling.fixed_step_head: expected one of {FIXED_STEP_HEAD}, got "
+                       f"{self.fixed_step_head!r}")
     self.frozen_mode = config.sampling.get("frozen_frames", "clean")
     if self.frozen_mode not in FROZEN_MODES:
       raise ValueError(f"config.sampling.frozen_frames: expected one of {FROZEN_MODES}, got {self.frozen_mode!r}")
@@ -553,10 +561,11 @@ class Sampler:
     return jax.nn.sigmoid(self.head.apply(head_params, features, step, t).astype(jnp.float32))
 
   def _confidence_step(self, head_params, features, k, t, active, steps, min_s, max_s, tau):
-    """(confidence, ready) of one step under the confidence rule. At tau = +-inf the head decides nothing (a frame
-    stops at max_steps, or min_steps), so it runs only at steps where some frame of the batch finishes (for the
-    confidence reported at its last step) or some sample has a finite tau; at the other steps the confidence is
-    nan (`conf_trace`). A traced branch: fixed-step and adaptive sampling share one compiled program."""
+    """(confidence, ready) of one step under the confidence rule with `sampling.fixed_step_head = 'last'`. At
+    tau = +-inf the head decides nothing (a frame stops at max_steps, or min_steps), so it runs only at steps where
+    some frame of the batch finishes (for the confidence reported at its last step) or some sample has a finite
+    tau; at the other steps the confidence is nan (`conf_trace`). A traced branch: fixed-step and adaptive sampling
+    share one compiled program."""
     b, c = steps.shape
     fixed = jnp.isinf(tau)  # (B, 1)
     stops_anyway = stop_rules.frame_done(active, steps, min_s, max_s, tau < 0)
@@ -615,8 +624,11 @@ class Sampler:
       if self.stop_rule == "x0_delta":  # the change is recorded where the confidence would be
         score = jnp.where(s.k > 0, stop_rules.x0_delta(s.x0, x0_new), jnp.nan)
         ready = stop_rules.READY[self.stop_rule](score, tau, steps)
-      else:
+      elif self.fixed_step_head == "last":
         score, ready = self._confidence_step(hp, feats, s.k, t_in, active, steps, min_s, max_s, tau)
+      else:
+        score = self.confidence(hp, feats, jnp.full((b, c), s.k, jnp.int32), t_in)
+        ready = stop_rules.confidence_ready(score, tau, steps)
       stop = stop_rules.frame_done(active, steps, min_s, max_s, ready)
       conf_new = score
       x0 = jnp.where(a5, x0_new, s.x0)
