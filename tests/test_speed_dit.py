@@ -38,7 +38,7 @@ def test_bf16_sampling_stays_close_to_fp32():
 
 def _dot_dtypes(dcfg, config):
   """Output dtypes of the time projection's matmul (… -> 6 * dim) in the DiT's jaxpr."""
-  params = factory.init_dit(dcfg, config, jax.random.PRNGKey(0))
+  params = jax.eval_shape(lambda: factory.init_dit(dcfg, config, jax.random.PRNGKey(0)))
   x = jnp.zeros((1, 2) + tuple(dcfg_latent(config)) + (dcfg.in_channels,))
   t = jnp.zeros((1, 2))
   ctx = jnp.zeros((1, dcfg.text_len, dcfg.text_dim))
@@ -52,8 +52,9 @@ def dcfg_latent(config):
   return latent_hw(config)
 
 
-def test_modulation_dtype_follows_compute_elementwise():
-  config = _digits("bfloat16")
+def test_modulation_dtype_follows_compute_elementwise(tiny_config):
+  config = tiny_config.copy_and_resolve_references()
+  config.compute.dtype = "bfloat16"
   dcfg = factory.dit_config(config)
   assert dcfg.mod_dtype == jnp.bfloat16 and _dot_dtypes(dcfg, config) == {"bfloat16"}
   wan = dataclasses.replace(dcfg, elementwise="float32")
