@@ -87,6 +87,10 @@ def base_config() -> ml_collections.ConfigDict:
       # A step budget instead of `threshold`: average denoising steps per frame, turned into tau by the calibration
       # table stored with the model (`dsa-jax calibrate`); 0 = use `threshold`.
       mean_steps=0.0,
+      # At threshold +-inf the confidence head decides nothing: 'every' still runs it at every step (full confidence
+      # traces, e.g. for plots and head reports), 'last' only at steps where a frame finishes (its reported
+      # confidence; conf_trace nan at the other steps), saving the head's work in fixed-step sampling.
+      fixed_step_head="every",
   ))
 
   c.conf = ml_collections.ConfigDict(dict(
@@ -97,6 +101,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.compute = ml_collections.ConfigDict(dict(
       dtype="bfloat16", param_dtype="float32", attention="auto", scan_layers=True, remat="full",
       splash_interpret=False,  # attention='splash' in Pallas interpret mode: the TPU kernel on any platform (tests)
+      # DiT norm outputs, modulation, gates and time embedding: 'compute' (in compute.dtype) or 'float32' (as Wan).
+      elementwise="compute",
+      # The DiT blocks' linear layers: 'default' (compute.dtype) or 'fp8' (float8_e4m3fn operands with per-tensor
+      # scales from the weight's and the activation's amax, float32 accumulation; fp8 GEMMs on Hopper).
+      matmul="default",
   ))
 
   c.mesh = ml_collections.ConfigDict(dict(

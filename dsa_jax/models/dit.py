@@ -3,7 +3,10 @@
 Layer details follow Wan2.1's reference code: patchify (1, 2, 2); 3D RoPE; per block self-attention with
 q/k RMSNorm over the full dim, text cross-attention (LayerNorm with affine, ungated), GELU(tanh) FFN and 6-vector
 AdaLN modulation (time projection + a learned per-block table); output head with 2 modulation vectors. Every frame
-carries its own timestep, so modulation is per frame. Norms and modulation run in float32 as in Wan.
+carries its own timestep, so modulation is per frame. Norm statistics run in float32; the norms' outputs, the
+modulation (shift/scale/gates) and the time embedding run in the compute dtype (`compute.elementwise='compute'`, as
+Self Forcing's bf16 sampler does: half the memory traffic of this elementwise work) or in float32 as in Wan
+(`compute.elementwise='float32'`). A float32 model computes the same either way.
 
 Three ways to call it (`WanDiT.__call__`):
   * full sequence, `chunk_frames=None`: bidirectional (the teacher / critic);
@@ -28,8 +31,11 @@ import jax.numpy as jnp
 from dsa_jax.models import rope as rope_lib
 from dsa_jax.models.attention import dot_product_attention, resolve_backend
 from dsa_jax.models.layers import DTYPES as _DTYPES  # noqa: F401 - callers still import the table from here
-from dsa_jax.models.layers import RMSNorm, dtype_name, to_dtype
+from dsa_jax.models.layers import RMSNorm, dtype_name, matmul_fn, to_dtype
 from dsa_jax.parallel.mesh import constrain_activation
+
+
+ELEMENTWISE = ("compute", "float32")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +61,13 @@ class DiTConfig:
   splash_interpret: bool = False  # run the splash kernel in Pallas interpret mode (tests off TPU)
   scan_layers: bool = True
   remat: str = "none"
+  elementwise: str = "compute"  # dtype of modulation, gates and time embedding: 'compute' (= dtype) or 'float32'
+  matmul: str = "default"  # the blocks' linear layers: 'default' (in dtype) or 'fp8' (float8 with per-tensor scales)
+
+  @property
+  def mod_dtype(self):
+    """The dtype of the per-frame modulation path (norm outputs, shift/scale/gate, time embedding)."""
+    return jnp.float32 if self.elementwise == "float32" else self.dtype
 
   @property
   def head_dim(self) -> int:
@@ -73,14 +86,22 @@ class DiTConfig:
       backend = resolve_backend(compute_cfg.attention)
       if backend == "cudnn" and dtype == jnp.float32:
         backend = "xla"  # cuDNN flash attention needs 16-bit inputs
+      elementwise = compute_cfg.get("elementwise", "compute")
+      if elementwise not in ELEMENTWISE:
+        raise ValueError(f"compute.elementwise: expected one of {', '.join(ELEMENTWISE)}, got {elementwise!r}")
+      matmul = compute_cfg.get("matmul", "default")
+      matmul_fn(matmul)  # checks the name
       kw.update(dtype=dtype, param_dtype=to_dtype(compute_cfg.param_dtype, "compute.param_dtype"), attention=backend,
                 splash_interpret=bool(compute_cfg.get("splash_interpret", False)),
-                scan_layers=compute_cfg.scan_layers, remat=compute_cfg.remat)
+                scan_layers=compute_cfg.scan_layers, remat=compute_cfg.remat, elementwise=elementwise, matmul=matmul)
     kw.update(overrides)
     return cls(**kw)
 
   def to_dict(self) -> dict:
+    """The architecture for checkpoint metadata (without the elementwise/matmul precision, which any checkpoint
+    runs with)."""
     d = dataclasses.asdict(self)
+    del d["elementwise"], d["matmul"]
     d["dtype"], d["param_dtype"] = dtype_name(self.dtype), dtype_name(self.param_dtype)
     d["patch_size"] = list(self.patch_size)
     return d
@@ -103,9 +124,11 @@ def sinusoidal_embedding(t, dim: int):
 
 
 class LayerNorm32(nn.Module):
-  """LayerNorm in float32 with optional affine (Wan's norm1/norm2 have none; the cross-attention norm has one)."""
+  """LayerNorm with float32 statistics and optional affine (Wan's norm1/norm2 have none; the cross-attention norm
+  has one); the output is cast to `dtype` (fused with the normalisation, so what follows reads half the bytes)."""
   eps: float = 1e-6
   affine: bool = False
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x):
@@ -117,28 +140,42 @@ class LayerNorm32(nn.Module):
     if self.affine:
       y = y * self.param("scale", _partitioned(nn.initializers.ones, ("embed",)), (dim,), jnp.float32)
       y = y + self.param("bias", _partitioned(nn.initializers.zeros, ("embed",)), (dim,), jnp.float32)
-    return y
+    return y.astype(self.dtype)
 
 
 class Attention(nn.Module):
-  """Multi-head attention with q/k RMSNorm; self-attention takes RoPE, masks and the KV cache."""
+  """Multi-head attention with q/k RMSNorm; self-attention takes RoPE, masks and the KV cache.
+
+  Cross-attention can take its keys/values precomputed (`kv=`, from `kv`): the text context is constant over a
+  video, so the sampler computes them once instead of at every forward.
+  """
   cfg: DiTConfig
   cross: bool = False
   causal_block: int | None = None  # block-causal self-attention over blocks of this many tokens
 
-  def _proj(self, name, x):
+  def setup(self):
     c = self.cfg
-    return nn.DenseGeneral((c.num_heads, c.head_dim), axis=-1, dtype=c.dtype, param_dtype=c.param_dtype,
-                           kernel_init=_partitioned(_dense_init(), ("embed", "heads", "kv")),
-                           bias_init=_partitioned(nn.initializers.zeros, ("heads", "kv")), name=name)(x)
+    dot = matmul_fn(c.matmul)
+    proj = lambda: nn.DenseGeneral((c.num_heads, c.head_dim), axis=-1, dtype=c.dtype, param_dtype=c.param_dtype,
+                                   kernel_init=_partitioned(_dense_init(), ("embed", "heads", "kv")),
+                                   bias_init=_partitioned(nn.initializers.zeros, ("heads", "kv")), dot_general=dot)
+    self.q, self.k, self.v = proj(), proj(), proj()
+    self.norm_q = RMSNorm(c.eps, axes=("heads", "kv"))
+    self.norm_k = RMSNorm(c.eps, axes=("heads", "kv"))
+    self.o = nn.DenseGeneral(c.dim, axis=(-2, -1), dtype=c.dtype, param_dtype=c.param_dtype,
+                             kernel_init=_partitioned(_dense_init(), ("heads", "kv", "embed")),
+                             bias_init=_partitioned(nn.initializers.zeros, ("embed",)), dot_general=dot)
 
-  @nn.compact
-  def __call__(self, x, context=None, rope=None, cache=None, cache_pos=None):
+  def kv(self, source):
+    """Keys (normed) and values of `source` (B, L, D) -> two (B, L, H, head_dim) arrays in the compute dtype."""
+    return self.norm_k(self.k(source)), self.v(source)
+
+  def __call__(self, x, context=None, rope=None, cache=None, cache_pos=None, kv=None, layer=None):
+    """`cache`: this layer's (k, v) cache slices, or with `layer` the whole (layers, ...) cache, written in place at
+    that layer (only the chunk's keys/values move)."""
     c = self.cfg
-    kv_in = context if self.cross else x
-    q = RMSNorm(c.eps, axes=("heads", "kv"), name="norm_q")(self._proj("q", x))
-    k = RMSNorm(c.eps, axes=("heads", "kv"), name="norm_k")(self._proj("k", kv_in))
-    v = self._proj("v", kv_in)
+    q = self.norm_q(self.q(x))
+    k, v = self.kv(context if self.cross else x) if kv is None else kv
     new_cache = None
     kv_lengths = None
     if not self.cross:
@@ -148,10 +185,16 @@ class Attention(nn.Module):
       if cache is not None:
         ck, cv = cache
         cache_offset, kv_length, sink = cache_pos
-        start = (0, cache_offset, 0, 0)
-        k = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), start)
-        v = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), start)
-        new_cache = (k, v)
+        if layer is None:
+          start = (0, cache_offset, 0, 0)
+          k = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), start)
+          v = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), start)
+          new_cache = (k, v)
+        else:
+          start = (layer, 0, cache_offset, 0, 0)
+          new_cache = (jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), start),
+                       jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), start))
+          k, v = (jax.lax.dynamic_index_in_dim(a, layer, 0, keepdims=False) for a in new_cache)
         if kv_length is None:
           kv_length = cache_offset + x.shape[1]
         kv_lengths = jnp.full((x.shape[0],), kv_length, jnp.int32)
@@ -163,10 +206,7 @@ class Attention(nn.Module):
     q = constrain_activation(q, ("activation_batch", "activation_length", "activation_heads", "activation_kv"))
     out = dot_product_attention(q, k, v, kv_lengths=kv_lengths, causal_block=causal_block, backend=c.attention,
                                 interpret=c.splash_interpret)
-    out = nn.DenseGeneral(c.dim, axis=(-2, -1), dtype=c.dtype, param_dtype=c.param_dtype,
-                          kernel_init=_partitioned(_dense_init(), ("heads", "kv", "embed")),
-                          bias_init=_partitioned(nn.initializers.zeros, ("embed",)), name="o")(out)
-    return out, new_cache
+    return self.o(out), new_cache
 
 
 def _per_frame(x, num_frames):
@@ -180,41 +220,55 @@ class WanBlock(nn.Module):
   causal_block: int | None = None
 
   @nn.compact
-  def __call__(self, x, cache, e0, context, rope, cache_pos):
+  def __call__(self, carry, e0, context, rope, cache_pos, per_layer):
+    """carry (x, whole KV cache or None); per_layer (this layer's cache slices or None, its precomputed text
+    cross-attention (k, v) or None (then `context` is used), its index or None) -> (carry, new cache slices or None).
+
+    Two cache layouts: the slices in and out per layer (what remat needs: it saves a block's inputs, and a whole
+    cache per layer would not fit), or, with the layer index, the whole cache in the carry, updated in place (no
+    second copy of the cache, only the chunk's keys/values written)."""
+    x, whole = carry
+    cache, text_kv, layer = per_layer
+    if whole is not None:
+      cache = whole
     c = self.cfg
+    md = c.mod_dtype
     b, l, _ = x.shape
     f = e0.shape[1]
     table = self.param("modulation", _partitioned(nn.initializers.normal(1.0 / math.sqrt(c.dim)),
                                                   (None, "mod", "embed")), (1, 6, c.dim), jnp.float32)
-    mod = table[None] + e0  # (B, F, 6, D) float32
+    mod = table[None].astype(md) + e0  # (B, F, 6, D) in the modulation dtype
     shift_msa, scale_msa, gate_msa, c_shift, c_scale, c_gate = [mod[:, :, i, None, :] for i in range(6)]
 
     def modulate(h, shift, scale):
       return (_per_frame(h, f) * (1.0 + scale) + shift).reshape(b, l, -1).astype(c.dtype)
 
     def gated(y, gate):
-      return (_per_frame(y.astype(jnp.float32), f) * gate).reshape(b, l, -1)
+      return (_per_frame(y.astype(md), f) * gate).reshape(b, l, -1)
 
-    h = modulate(LayerNorm32(c.eps, name="norm1")(x), shift_msa, scale_msa)
+    h = modulate(LayerNorm32(c.eps, dtype=md, name="norm1")(x), shift_msa, scale_msa)
     y, new_cache = Attention(c, causal_block=self.causal_block, name="self_attn")(h, rope=rope, cache=cache,
-                                                                                  cache_pos=cache_pos)
+                                                                                  cache_pos=cache_pos, layer=layer)
     x = x + gated(y, gate_msa).astype(x.dtype)
 
-    h = LayerNorm32(c.eps, affine=True, name="norm_cross")(x) if c.cross_attn_norm else x
-    y, _ = Attention(c, cross=True, name="cross_attn")(h.astype(c.dtype), context=context)
+    h = LayerNorm32(c.eps, affine=True, dtype=md, name="norm_cross")(x) if c.cross_attn_norm else x
+    y, _ = Attention(c, cross=True, name="cross_attn")(h.astype(c.dtype), context=context, kv=text_kv)
     x = x + y.astype(x.dtype)
 
-    h = modulate(LayerNorm32(c.eps, name="norm2")(x), c_shift, c_scale)
+    h = modulate(LayerNorm32(c.eps, dtype=md, name="norm2")(x), c_shift, c_scale)
+    dot = matmul_fn(c.matmul)
     h = nn.Dense(c.ffn_dim, dtype=c.dtype, param_dtype=c.param_dtype,
                  kernel_init=_partitioned(_dense_init(), ("embed", "mlp")),
-                 bias_init=_partitioned(nn.initializers.zeros, ("mlp",)), name="ffn_in")(h)
+                 bias_init=_partitioned(nn.initializers.zeros, ("mlp",)), dot_general=dot, name="ffn_in")(h)
     h = constrain_activation(nn.gelu(h, approximate=True), ("activation_batch", "activation_length", "activation_mlp"))
     y = nn.Dense(c.dim, dtype=c.dtype, param_dtype=c.param_dtype,
                  kernel_init=_partitioned(_dense_init(), ("mlp", "embed")),
-                 bias_init=_partitioned(nn.initializers.zeros, ("embed",)), name="ffn_out")(h)
+                 bias_init=_partitioned(nn.initializers.zeros, ("embed",)), dot_general=dot, name="ffn_out")(h)
     x = x + gated(y, c_gate).astype(x.dtype)
     x = constrain_activation(x, ("activation_batch", "activation_length", "activation_embed"))
-    return x, new_cache
+    if whole is not None:
+      return (x, new_cache), None
+    return (x, None), new_cache
 
 
 _REMAT_POLICIES = {
@@ -222,6 +276,63 @@ _REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
 }
+
+
+def _text_embedding(c: DiTConfig, context):
+  """The text context (B, L, text_dim) -> (B, L, dim): Wan's two-layer text embedding (called inside a compact
+  method, whose module owns the weights)."""
+  ctx = nn.Dense(c.dim, dtype=c.dtype, param_dtype=c.param_dtype,
+                 kernel_init=_partitioned(_dense_init(), ("text_embed", "embed")),
+                 bias_init=_partitioned(nn.initializers.zeros, ("embed",)), name="text_embedding_1")(
+                     context.astype(c.dtype))
+  ctx = nn.Dense(c.dim, dtype=c.dtype, param_dtype=c.param_dtype,
+                 kernel_init=_partitioned(_dense_init(), ("embed", "embed_out")),
+                 bias_init=_partitioned(nn.initializers.zeros, ("embed",)), name="text_embedding_2")(
+                     nn.gelu(ctx, approximate=True))
+  return constrain_activation(ctx, ("activation_batch", "activation_length", "activation_embed"))
+
+
+def _check_text_kv(c: DiTConfig, text_kv, batch: int):
+  want = (c.num_layers, batch, c.text_len, c.num_heads, c.head_dim)
+  if not isinstance(text_kv, dict) or set(text_kv) != {"k", "v"} or any(
+      tuple(text_kv[n].shape) != want for n in ("k", "v")):
+    got = {n: tuple(getattr(a, "shape", ())) for n, a in text_kv.items()} if isinstance(text_kv, dict) else text_kv
+    raise ValueError(f"text_kv: expected {{'k', 'v'}} of shape (layers, B, text_len, heads, head_dim) = {want}, got "
+                     f"{got}")
+
+
+class _BlockTextKV(nn.Module):
+  """One block's cross-attention keys/values; named like `WanBlock` ('cross_attn') so it reads the block's weights."""
+  cfg: DiTConfig
+
+  @nn.compact
+  def __call__(self, carry, ctx):
+    k, v = Attention(self.cfg, cross=True, name="cross_attn").kv(ctx)
+    names = ("activation_batch", "activation_length", "activation_heads", "activation_kv")
+    return carry, (constrain_activation(k, names), constrain_activation(v, names))
+
+
+class WanTextKV(nn.Module):
+  """The text cross-attention keys/values of every layer, {'k', 'v'}: (layers, B, text_len, heads, head_dim) in the
+  compute dtype, from the generator's own variables (`WanTextKV(cfg).apply(dit_variables, context)`).
+
+  They depend only on the prompt, so a sampler computes them once per prompt and passes them to every forward
+  (`WanDiT(..., text_kv=)`); the result equals the DiT computing them itself.
+  """
+  cfg: DiTConfig
+
+  @nn.compact
+  def __call__(self, context):
+    c = self.cfg
+    ctx = _text_embedding(c, context)
+    if c.scan_layers:
+      stack = nn.scan(_BlockTextKV, variable_axes={"params": 0}, split_rngs={"params": True},
+                      in_axes=(nn.broadcast,), length=c.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+      _, (k, v) = stack(c, name="blocks")(None, ctx)
+    else:
+      kvs = [_BlockTextKV(c, name=f"blocks_{i}")(None, ctx)[1] for i in range(c.num_layers)]
+      k, v = jnp.stack([a for a, _ in kvs]), jnp.stack([b for _, b in kvs])
+    return {"k": k, "v": v}
 
 
 class WanDiT(nn.Module):
@@ -237,7 +348,10 @@ class WanDiT(nn.Module):
 
   @nn.compact
   def __call__(self, x, t, context, *, chunk_frames: int | None = None, cache=None, frame_offset=0, cache_slot=None,
-               kv_frames=None, sink_frames: int = 0, sink_shift=0):
+               kv_frames=None, sink_frames: int = 0, sink_shift=0, text_kv=None, rope=None):
+    """`text_kv`: the text cross-attention keys/values of every layer from `WanTextKV` (then `context` is unused and
+    may be None); without it they are computed from `context` here (training, parity tests). `rope`: these frames'
+    RoPE (cos, sin) from `rope_for` (at frame_offset), for callers that run many forwards at one position."""
     c = self.cfg
     b, f, hh, ww, ch = x.shape
     pt, ph, pw = c.patch_size
@@ -258,29 +372,31 @@ class WanDiT(nn.Module):
     h = jnp.dot(patches.astype(c.dtype), kernel.reshape(-1, c.dim).astype(c.dtype)) + bias.astype(c.dtype)
     h = constrain_activation(h, ("activation_batch", "activation_length", "activation_embed"))
 
-    # Per-frame time embedding and its 6-vector projection, in float32.
+    # Per-frame time embedding and its 6-vector projection, in the modulation dtype (the sinusoid in float32).
     emb = sinusoidal_embedding(t, c.freq_dim)
-    dense32 = lambda n, names, name: nn.Dense(n, dtype=jnp.float32, param_dtype=c.param_dtype,
+    md = c.mod_dtype
+    dense_mod = lambda n, names, name: nn.Dense(n, dtype=md, param_dtype=c.param_dtype,
                                              kernel_init=_partitioned(nn.initializers.normal(0.02), names),
                                              bias_init=_partitioned(nn.initializers.zeros, names[1:]), name=name)
-    e = dense32(c.dim, ("freq", "embed"), "time_embedding_1")(emb)
-    e = dense32(c.dim, ("embed", "embed_out"), "time_embedding_2")(nn.silu(e))  # (B, F, D)
+    e = dense_mod(c.dim, ("freq", "embed"), "time_embedding_1")(emb)
+    e = dense_mod(c.dim, ("embed", "embed_out"), "time_embedding_2")(nn.silu(e))  # (B, F, D)
     e = constrain_activation(e, ("activation_batch", None, "activation_embed"))
-    e0 = dense32(6 * c.dim, ("embed", "mod"), "time_projection")(nn.silu(e)).reshape(b, f, 6, c.dim)
+    e0 = dense_mod(6 * c.dim, ("embed", "mod"), "time_projection")(nn.silu(e)).reshape(b, f, 6, c.dim)
     e0 = constrain_activation(e0, ("activation_batch", None, None, "activation_embed"))
 
-    ctx = nn.Dense(c.dim, dtype=c.dtype, param_dtype=c.param_dtype,
-                   kernel_init=_partitioned(_dense_init(), ("text_embed", "embed")),
-                   bias_init=_partitioned(nn.initializers.zeros, ("embed",)), name="text_embedding_1")(
-                       context.astype(c.dtype))
-    ctx = nn.Dense(c.dim, dtype=c.dtype, param_dtype=c.param_dtype,
-                   kernel_init=_partitioned(_dense_init(), ("embed", "embed_out")),
-                   bias_init=_partitioned(nn.initializers.zeros, ("embed",)), name="text_embedding_2")(
-                       nn.gelu(ctx, approximate=True))
-    ctx = constrain_activation(ctx, ("activation_batch", "activation_length", "activation_embed"))
+    if text_kv is None:
+      ctx = _text_embedding(c, context)
+    else:
+      ctx = None
+      _check_text_kv(c, text_kv, b)
+      text_kv = (text_kv["k"], text_kv["v"])
 
     tables = rope_lib.rope_tables(c.head_dim, c.rope_max_frames, gh, gw, c.rope_theta)
-    rope = rope_lib.rope_for_grid(tables, frame_offset, f, gh, gw)
+    if rope is None:
+      rope = rope_lib.rope_for_grid(tables, frame_offset, f, gh, gw)
+    elif tuple(rope[0].shape) != (f * tokens, c.head_dim // 2):
+      raise ValueError(f"rope: expected (cos, sin) of shape {(f * tokens, c.head_dim // 2)} (rope_for), got "
+                       f"{tuple(rope[0].shape)}")
     causal_block = None
     cache_pos = None
     if cache is None:
@@ -297,28 +413,34 @@ class WanDiT(nn.Module):
       cache = (cache["k"], cache["v"])
 
     block_cls = self._block_cls()
+    in_place = cache is not None and c.remat == "none"  # the whole cache in the carry (see WanBlock)
+    whole, sliced = (cache, None) if in_place else (None, cache)
+    layers = jnp.arange(c.num_layers, dtype=jnp.int32) if in_place else None
     if c.scan_layers:
       stack = nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True},
-                      in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                      in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0),
                       length=c.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
-      h, new_cache = stack(c, causal_block, name="blocks")(h, cache, e0, ctx, rope, cache_pos)
+      (h, whole), sliced = stack(c, causal_block, name="blocks")((h, whole), e0, ctx, rope, cache_pos,
+                                                                 (sliced, text_kv, layers))
     else:
-      new_k, new_v = [], []
+      outs = []
       for i in range(c.num_layers):
-        layer_cache = None if cache is None else (cache[0][i], cache[1][i])
-        h, lc = block_cls(c, causal_block, name=f"blocks_{i}")(h, layer_cache, e0, ctx, rope, cache_pos)
-        if lc is not None:
-          new_k.append(lc[0])
-          new_v.append(lc[1])
-      new_cache = None if cache is None else (jnp.stack(new_k), jnp.stack(new_v))
+        pick = lambda a: None if a is None else jax.tree_util.tree_map(lambda z: z[i], a)
+        (h, whole), lc = block_cls(c, causal_block, name=f"blocks_{i}")(
+            (h, whole), e0, ctx, rope, cache_pos, (pick(sliced), pick(text_kv), None if layers is None else i))
+        outs.append(lc)
+      if sliced is not None:
+        sliced = (jnp.stack([o[0] for o in outs]), jnp.stack([o[1] for o in outs]))
+    new_cache = whole if in_place else sliced
 
     features = _per_frame(h, f)  # final hidden states, for the confidence head
 
     table = self.param("head_modulation", _partitioned(nn.initializers.normal(1.0 / math.sqrt(c.dim)),
                                                        (None, "mod", "embed")), (1, 2, c.dim), jnp.float32)
-    mod = table[None] + e[:, :, None, :]
+    mod = table[None].astype(md) + e[:, :, None, :]
     shift, scale = mod[:, :, 0, None, :], mod[:, :, 1, None, :]
-    out = (_per_frame(LayerNorm32(c.eps, name="norm_out")(h), f) * (1.0 + scale) + shift).reshape(b, f * tokens, -1)
+    out = (_per_frame(LayerNorm32(c.eps, dtype=md, name="norm_out")(h), f) * (1.0 + scale) + shift).reshape(
+        b, f * tokens, -1)
     out = nn.Dense(pt * ph * pw * c.out_channels, dtype=c.dtype, param_dtype=c.param_dtype,
                    kernel_init=_partitioned(_dense_init(), ("embed", None)),
                    bias_init=_partitioned(nn.initializers.zeros, (None,)), name="head")(out.astype(c.dtype))
@@ -327,6 +449,14 @@ class WanDiT(nn.Module):
     if new_cache is not None:
       new_cache = {"k": new_cache[0], "v": new_cache[1]}
     return {"velocity": velocity, "features": features, "cache": new_cache}
+
+
+def rope_for(cfg: DiTConfig, frame_offset, num_frames: int, grid_hw) -> tuple:
+  """RoPE (cos, sin) of frames [frame_offset, frame_offset + num_frames) on a token grid of `grid_hw` (the latent
+  size over the patch size), as `WanDiT(..., rope=)` takes it."""
+  gh, gw = grid_hw
+  tables = rope_lib.rope_tables(cfg.head_dim, cfg.rope_max_frames, gh, gw, cfg.rope_theta)
+  return rope_lib.rope_for_grid(tables, frame_offset, num_frames, gh, gw)
 
 
 def init_cache(cfg: DiTConfig, batch: int, num_frames: int, tokens_per_frame: int, dtype=None):

@@ -53,3 +53,36 @@ class RMSNorm(nn.Module):
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=tuple(range(-n, 0)), keepdims=True) + self.eps)
     return (y * scale.astype(jnp.float32)).astype(self.dtype or x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Matmul precision of the DiT's linear layers (`compute.matmul`)
+
+MATMULS = ("default", "fp8")
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+
+
+def _fp8_quantize(x):
+  """x -> (float8_e4m3fn values, float32 per-tensor scale) with x ~ values * scale (amax mapped to FP8_MAX)."""
+  amax = jnp.max(jnp.abs(x)).astype(jnp.float32)
+  scale = jnp.maximum(amax, jnp.finfo(jnp.float32).tiny) / FP8_MAX
+  q = jnp.clip(x.astype(jnp.float32) / scale, -FP8_MAX, FP8_MAX).astype(jnp.float8_e4m3fn)
+  return q, scale
+
+
+def fp8_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+  """`lax.dot_general` on float8_e4m3fn operands with per-tensor scales: the weight's from its amax, the
+  activation's from its amax at this call (dynamic scaling, no calibration state to carry). The product accumulates in
+  float32 and is rescaled into the input dtype, so XLA on Hopper can run it as an fp8 GEMM."""
+  del precision, preferred_element_type
+  qx, sx = _fp8_quantize(lhs)
+  qw, sw = _fp8_quantize(rhs)
+  out = jax.lax.dot_general(qx, qw, dimension_numbers, preferred_element_type=jnp.float32)
+  return (out * (sx * sw)).astype(lhs.dtype)
+
+
+def matmul_fn(name: str, field: str = "compute.matmul"):
+  """The `dot_general` of a `compute.matmul` name for flax's Dense layers (None: lax.dot_general)."""
+  if name not in MATMULS:
+    raise ValueError(f"{field}: expected one of {', '.join(MATMULS)}, got {name!r}")
+  return fp8_dot_general if name == "fp8" else None

@@ -7,7 +7,9 @@ steps == max_steps (the rules are the functions of `stop_rules`); its output is 
 re-noised to the next sigma with fresh noise (Self Forcing's consistency step). The loop ends when every frame of
 the chunk, in every batch sample, is done. Then one cache-fill forward at t = context_noise on the clean chunk
 overwrites the chunk's K/V slot. Chunks run in a `lax.fori_loop`, so a whole video is one jitted program; the KV
-cache is donated and carried in the loop state.
+cache is donated and carried in the loop state (and, inside the DiT, updated in place: only a chunk's keys/values
+are written). The text cross-attention keys/values depend only on the prompt: they are computed once per video
+(every prompt of a schedule; per chunk in `chunk_step`) and passed to every forward, as are a chunk's RoPE tables.
 
 Thresholds, min/max steps (per frame), guidance and seeds are traced (`SamplingControls`): changing them never
 recompiles. Only the use of classifier-free guidance (an extra batch half with its own KV cache) is static.
@@ -70,13 +72,14 @@ from dsa_jax.diffusion import flow
 from dsa_jax.diffusion.guidance import guided_velocity
 from dsa_jax.models import factory
 from dsa_jax.models.confidence import ConfidenceConfig, ConfidenceHead
-from dsa_jax.models.dit import DiTConfig, WanDiT, cache_logical_axes, init_cache
+from dsa_jax.models.dit import DiTConfig, WanDiT, WanTextKV, cache_logical_axes, init_cache, rope_for
 from dsa_jax.models.factory import as_variables
 from dsa_jax.parallel import mesh as mesh_lib
 from dsa_jax.sampling import stop_rules
 from dsa_jax.sampling.stop_rules import STOP_RULES
 
 FROZEN_MODES = ("clean", "noisy")
+FIXED_STEP_HEAD = ("every", "last")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -87,7 +90,9 @@ FROZEN_MODES = ("clean", "noisy")
 class SamplingControls:
   """Traced knobs of one sampling call (batch B, F latent frames). Changing values never recompiles.
 
-  threshold (B,) float32: confidence tau per sample (+inf: always max_steps; -inf: always min_steps).
+  threshold (B,) float32: confidence tau per sample (+inf: always max_steps; -inf: always min_steps; with
+    `sampling.fixed_step_head = 'last'` the head then runs only at steps where a frame finishes, so conf_trace is
+    nan at the others).
   min_steps, max_steps (B, F) int32: per sample and frame (a fixed per-frame pattern forces a step schedule).
   guidance (B,) float32: classifier-free guidance g, cond + g (cond - uncond), 0 = off (used only when the sampler
     is called with an unconditional context; see `dsa_jax.diffusion.guidance`).
@@ -225,7 +230,12 @@ class Sampler:
   chunk_step: the jitted per-chunk function (chunk index traced) that `stream.stream` drives.
   trace_counts: how often each program was traced (tests assert that controls do not recompile).
   Immutable apart from two memos: `compile()`'s ahead-of-time executables and the trace counts.
+  precompute_text: compute the text cross-attention keys/values once per prompt (per video in `sample`, per chunk
+  in `chunk_step`) and carry them through the loops; False computes them at every forward (the same numbers; for
+  tests). Set it before the first call.
   """
+
+  precompute_text = True
 
   def __init__(self, config, dit_cfg: Optional[DiTConfig] = None, num_frames: Optional[int] = None,
                mesh=None):
@@ -243,10 +253,13 @@ class Sampler:
     self.cache_frames = min(self.sink_frames + self.window_frames, self.num_frames) if self.window_frames else \
         self.num_frames
     self.dcfg = dit_cfg or DiTConfig.from_config(config.model, config.compute)
+    # Nothing is differentiated here: no remat, and so the KV cache is updated in place (see `WanBlock`).
+    self.dcfg = dataclasses.replace(self.dcfg, remat="none")
     if self.num_frames > self.dcfg.rope_max_frames:  # positions are absolute: the table covers the whole video
       self.dcfg = dataclasses.replace(self.dcfg, rope_max_frames=self.num_frames)
     self.hcfg = ConfidenceConfig.from_config(config)
     self.dit = WanDiT(self.dcfg)
+    self.text_encoder = WanTextKV(self.dcfg)
     self.head = ConfidenceHead(self.hcfg)
     self.latent_hw = latent_hw(config)
     self.channels = self.dcfg.in_channels
@@ -259,6 +272,10 @@ class Sampler:
     self.stop_rule = config.sampling.get("stop_rule", "confidence")
     if self.stop_rule not in STOP_RULES:
       raise ValueError(f"config.sampling.stop_rule: expected one of {STOP_RULES}, got {self.stop_rule!r}")
+    self.fixed_step_head = config.sampling.get("fixed_step_head", "every")
+    if self.fixed_step_head not in FIXED_STEP_HEAD:
+      raise ValueError(f"config.sampling.fixed_step_head: expected one of {FIXED_STEP_HEAD}, got "
+                       f"{self.fixed_step_head!r}")
     self.frozen_mode = config.sampling.get("frozen_frames", "clean")
     if self.frozen_mode not in FROZEN_MODES:
       raise ValueError(f"config.sampling.frozen_frames: expected one of {FROZEN_MODES}, got {self.frozen_mode!r}")
@@ -474,7 +491,7 @@ class Sampler:
       uncond_context = jnp.asarray(uncond_context, jnp.float32)
       if uncond_context.ndim != 3 or uncond_context.shape[1:] != want:
         raise ValueError(f"uncond_context: expected (B or 1, {want[0]}, {want[1]}), got {uncond_context.shape}")
-      uncond_context = jnp.broadcast_to(uncond_context, context.shape)
+      uncond_context = jnp.broadcast_to(uncond_context, (b,) + want)  # one per sample, also under a schedule
     if not isinstance(params, dict) or "generator" not in params or "head" not in params:
       raise ValueError("params: expected {'generator': ..., 'head': ...}")
     params = {"generator": as_variables(params["generator"]), "head": as_variables(params["head"])}
@@ -483,37 +500,79 @@ class Sampler:
   # -- the network calls ------------------------------------------------------------------------------------------
 
   def placement(self, chunk_index) -> dict:
-    """The DiT's cache arguments for chunk `chunk_index` (traced): its RoPE frame offset and, with a window, its ring
-    slot, the filled cache frames and the sinks' shift (see the module docstring)."""
+    """The DiT's cache arguments for chunk `chunk_index` (traced): its RoPE frame offset and tables (computed here,
+    once per chunk, not at every forward) and, with a window, its ring slot, the filled cache frames and the sinks'
+    shift (see the module docstring)."""
     c = self.chunk_frames
     f0 = jnp.asarray(chunk_index, jnp.int32) * c
+    ph, pw = self.dcfg.patch_size[1:]
+    rope = rope_for(self.dcfg, f0, c, (self.latent_hw[0] // ph, self.latent_hw[1] // pw))
     if not self.window_frames:
-      return {"frame_offset": f0}
+      return {"frame_offset": f0, "rope": rope}
     s, n = self.sink_frames, self.cache_frames
     ring = max(n - s, c)
-    place = {"frame_offset": f0, "cache_slot": jnp.where(f0 < s, f0, s + (f0 - s) % ring),
+    place = {"frame_offset": f0, "rope": rope, "cache_slot": jnp.where(f0 < s, f0, s + (f0 - s) % ring),
              "kv_frames": jnp.minimum(f0 + c, n)}
     if s:
       place.update(sink_frames=s, sink_shift=jnp.maximum(f0 + c - n, 0))
     return place
 
+  def text_kv(self, gen_params, context, uncond_context, use_cfg: bool):
+    """The text cross-attention keys/values of the forward's batch (cond then uncond with CFG) from contexts
+    (B, text_len, text_dim); for a prompt schedule's (B, K, text_len, text_dim) those of every prompt, stacked in
+    front (`chunk_text_kv` picks a chunk's). Each is computed on a batch shaped like the forward's, so the numbers
+    are those the forward would compute itself."""
+    encode = lambda ctx: self.text_encoder.apply(
+        gen_params, jnp.concatenate([ctx, uncond_context], 0) if use_cfg else ctx)
+    if context.ndim == 3:
+      return encode(context)
+    kvs = [encode(context[:, i]) for i in range(context.shape[1])]
+    return {"prompts": jax.tree_util.tree_map(lambda *a: jnp.stack(a), *kvs)}
+
+  def chunk_text_kv(self, text_kv, cond: Optional[Conditioning], chunk_index):
+    """A chunk's keys/values from `text_kv`: under a prompt schedule, each sample's prompt of this chunk."""
+    if "prompts" not in text_kv:
+      return text_kv
+    pick = jax.lax.dynamic_index_in_dim(cond.prompt_index, chunk_index, axis=1, keepdims=False)  # (B,)
+
+    def one(a):  # (K, layers, B', ...): row r of the batch takes prompt pick[r mod B]
+      rows = jnp.tile(pick, a.shape[2] // pick.shape[0])
+      return jnp.take_along_axis(a, rows.reshape((1, 1, -1) + (1,) * (a.ndim - 3)), axis=0)[0]
+    return jax.tree_util.tree_map(one, text_kv["prompts"])
+
   def forward(self, gen_params, x, t, context, uncond_context, guidance, cache, frame_offset, use_cfg: bool,
-              place: Optional[dict] = None):
+              place: Optional[dict] = None, text_kv=None):
     """One cache-mode DiT forward on a chunk -> (velocity (B,c,H,W,C) f32, features (B,c,T,D), new cache).
-    `place` (from `placement`) overrides `frame_offset` for a windowed cache."""
+    `place` (from `placement`) overrides `frame_offset` for a windowed cache; `text_kv` (from `text_kv`, for this
+    batch) replaces the contexts."""
     place = {"frame_offset": frame_offset} if place is None else place
     if use_cfg:
       x2 = jnp.concatenate([x, x], 0)
       t2 = jnp.concatenate([t, t], 0)
-      ctx2 = jnp.concatenate([context, uncond_context], 0)
-      out = self.dit.apply(gen_params, x2, t2, ctx2, cache=cache, **place)
+      ctx2 = None if text_kv is not None else jnp.concatenate([context, uncond_context], 0)
+      out = self.dit.apply(gen_params, x2, t2, ctx2, cache=cache, text_kv=text_kv, **place)
       b = x.shape[0]
       return guided_velocity(out["velocity"][:b], out["velocity"][b:], guidance), out["features"][:b], out["cache"]
-    out = self.dit.apply(gen_params, x, t, context, cache=cache, **place)
+    out = self.dit.apply(gen_params, x, t, None if text_kv is not None else context, cache=cache, text_kv=text_kv,
+                         **place)
     return out["velocity"], out["features"], out["cache"]
 
   def confidence(self, head_params, features, step, t):
     return jax.nn.sigmoid(self.head.apply(head_params, features, step, t).astype(jnp.float32))
+
+  def _confidence_step(self, head_params, features, k, t, active, steps, min_s, max_s, tau):
+    """(confidence, ready) of one step under the confidence rule with `sampling.fixed_step_head = 'last'`. At
+    tau = +-inf the head decides nothing (a frame stops at max_steps, or min_steps), so it runs only at steps where
+    some frame of the batch finishes (for the confidence reported at its last step) or some sample has a finite
+    tau; at the other steps the confidence is nan (`conf_trace`). A traced branch: fixed-step and adaptive sampling
+    share one compiled program."""
+    b, c = steps.shape
+    fixed = jnp.isinf(tau)  # (B, 1)
+    stops_anyway = stop_rules.frame_done(active, steps, min_s, max_s, tau < 0)
+    need = jnp.any(active & (~fixed | stops_anyway))
+    score = jax.lax.cond(need, lambda: self.confidence(head_params, features, jnp.full((b, c), k, jnp.int32), t),
+                         lambda: jnp.full((b, c), jnp.nan, jnp.float32))
+    return score, jnp.where(fixed, tau < 0, stop_rules.confidence_ready(score, tau, steps))
 
   def context_input(self, x0, ckeys):
     """A finished (clean) chunk as the network sees it as context: noised at context_noise (static: 0 -> x0)."""
@@ -525,8 +584,9 @@ class Sampler:
   # -- one chunk ----------------------------------------------------------------------------------------------------
 
   def denoise_chunk(self, params, context, uncond_context, controls, keys, cache, chunk_index, use_cfg: bool,
-                    cond: Optional[Conditioning] = None):
-    """The while-loop over denoising steps of chunk `chunk_index` (traced) -> (SamplerState after the loop)."""
+                    cond: Optional[Conditioning] = None, text_kv=None):
+    """The while-loop over denoising steps of chunk `chunk_index` (traced) -> (SamplerState after the loop);
+    `text_kv`: the chunk's text keys/values (None: every forward computes them from the contexts)."""
     c, L = self.chunk_frames, self.num_steps
     b = context.shape[0]
     offset = jnp.asarray(chunk_index, jnp.int32) * c
@@ -558,14 +618,18 @@ class Sampler:
       x_in = jnp.where(a5, s.x, frozen_x)
       t_in = jnp.where(active, tn * sigma_k, frozen_t)
       v, feats, cache = self.forward(gen, x_in, t_in, context, uncond_context, controls.guidance, s.cache, offset,
-                                     use_cfg, place)
+                                     use_cfg, place, text_kv)
       x0_new = flow.x0_from_velocity(s.x, v, sigma_k)
       steps = jnp.where(active, s.k + 1, s.steps)
       if self.stop_rule == "x0_delta":  # the change is recorded where the confidence would be
         score = jnp.where(s.k > 0, stop_rules.x0_delta(s.x0, x0_new), jnp.nan)
+        ready = stop_rules.READY[self.stop_rule](score, tau, steps)
+      elif self.fixed_step_head == "last":
+        score, ready = self._confidence_step(hp, feats, s.k, t_in, active, steps, min_s, max_s, tau)
       else:
         score = self.confidence(hp, feats, jnp.full((b, c), s.k, jnp.int32), t_in)
-      stop = stop_rules.frame_done(active, steps, min_s, max_s, stop_rules.READY[self.stop_rule](score, tau, steps))
+        ready = stop_rules.confidence_ready(score, tau, steps)
+      stop = stop_rules.frame_done(active, steps, min_s, max_s, ready)
       conf_new = score
       x0 = jnp.where(a5, x0_new, s.x0)
       conf = jnp.where(active, conf_new, s.conf)
@@ -591,22 +655,30 @@ class Sampler:
         trace=jnp.full((b, c, L), jnp.nan, jnp.float32), keys=ckeys, cache=cache)
     return jax.lax.while_loop(cond_fn, body, state)
 
-  def fill_cache(self, params, context, uncond_context, controls, x0, ckeys, cache, chunk_index, use_cfg: bool):
+  def fill_cache(self, params, context, uncond_context, controls, x0, ckeys, cache, chunk_index, use_cfg: bool,
+                 text_kv=None):
     """The cache-fill forward: the clean chunk at t = context_noise overwrites the chunk's K/V slot."""
     b, c = x0.shape[:2]
     offset = jnp.asarray(chunk_index, jnp.int32) * self.chunk_frames
     t = jnp.full((b, c), self.context_noise, jnp.float32)
     _, _, cache = self.forward(params["generator"], self.context_input(x0, ckeys), t, context, uncond_context,
-                               controls.guidance, cache, offset, use_cfg, self.placement(chunk_index))
+                               controls.guidance, cache, offset, use_cfg, self.placement(chunk_index), text_kv)
     return cache
 
   def run_chunk(self, params, context, uncond_context, controls, keys, cache, chunk_index, use_cfg: bool,
-                cond: Optional[Conditioning] = None):
+                cond: Optional[Conditioning] = None, text_kv=None):
+    """One chunk: denoising loop + cache fill. The text keys/values are the video's `text_kv` (from `text_kv`), or
+    computed here once for the chunk; with `precompute_text` off, at every forward (the plain path)."""
     if cond is not None and cond.prompt_index is not None:  # this chunk's prompt of the schedule
       pick = jax.lax.dynamic_index_in_dim(cond.prompt_index, chunk_index, axis=1, keepdims=False)
       context = jnp.take_along_axis(context, pick[:, None, None, None], axis=1)[:, 0]
-    s = self.denoise_chunk(params, context, uncond_context, controls, keys, cache, chunk_index, use_cfg, cond)
-    cache = self.fill_cache(params, context, uncond_context, controls, s.x0, s.keys, s.cache, chunk_index, use_cfg)
+    if text_kv is not None:
+      text_kv = self.chunk_text_kv(text_kv, cond, chunk_index)
+    elif self.precompute_text:
+      text_kv = self.text_kv(params["generator"], context, uncond_context, use_cfg)
+    s = self.denoise_chunk(params, context, uncond_context, controls, keys, cache, chunk_index, use_cfg, cond, text_kv)
+    cache = self.fill_cache(params, context, uncond_context, controls, s.x0, s.keys, s.cache, chunk_index, use_cfg,
+                            text_kv)
     return ChunkOutput(latents=s.x0, steps=s.steps, confidences=s.conf, conf_trace=s.trace, iters=s.k), cache
 
   def _chunk_step(self, params, context, uncond_context, controls, rng, cache, chunk_index, cond=None,
@@ -622,10 +694,12 @@ class Sampler:
     b = context.shape[0]
     c, L = self.chunk_frames, self.num_steps
     keys = sample_keys(rng, controls.seed)
+    # The text keys/values of every prompt, once per video (not per chunk or step).
+    text_kv = self.text_kv(params["generator"], context, uncond_context, use_cfg) if self.precompute_text else None
 
     def body(i, carry):
       cache, lat, steps, conf, trace, iters = carry
-      out, cache = self.run_chunk(params, context, uncond_context, controls, keys, cache, i, use_cfg, cond)
+      out, cache = self.run_chunk(params, context, uncond_context, controls, keys, cache, i, use_cfg, cond, text_kv)
       put = lambda a, u: jax.lax.dynamic_update_slice_in_dim(a, u, i * c, axis=1)
       return (cache, put(lat, out.latents), put(steps, out.steps), put(conf, out.confidences),
               put(trace, out.conf_trace), iters.at[i].set(out.iters))
