@@ -22,6 +22,11 @@ The caches are plain dict pytrees of fixed-shape arrays, so ``decode_chunk(first
 
 The caches hold activations in the compute dtype; params stay in ``param_dtype`` (fp32 by default) and are
 cast at use. RMS norms and the attention softmax run in fp32.
+
+Speed. Convolutions run in the compute dtype (bf16 for the Wan recipes) on channels-last arrays, so XLA needs no
+layout transposes around them. Each RMS norm and the SiLU after it are one fp32 elementwise expression cast once to
+the compute dtype (one fusion, one write). A causal conv without a cache (the first chunk of a stream) pads time
+inside the convolution instead of concatenating zero frames, and the nearest 2x upsampling is one broadcast.
 """
 
 from __future__ import annotations
@@ -191,6 +196,13 @@ def _zeros_cache(x: Array, n: int, dtype) -> Array:
   return jnp.zeros((x.shape[0], n) + x.shape[2:], dtype)
 
 
+def _upsample_nearest2x(x: Array) -> Array:
+  """(B, T, H, W, C) -> (B, T, 2H, 2W, C), nearest: one broadcast + reshape (a single fusion), exact."""
+  b, t, h, w, c = x.shape
+  y = jnp.broadcast_to(x[:, :, :, None, :, None, :], (b, t, h, 2, w, 2, c))
+  return y.reshape(b, t, 2 * h, 2 * w, c)
+
+
 class CausalConv3d(nn.Module):
   """3D conv, causal in time (left zero padding of kT - 1 frames, or the cache), 'same' in space.
 
@@ -214,12 +226,16 @@ class CausalConv3d(nn.Module):
     bias = self.param("bias", _part(nn.initializers.zeros, ("conv_out",)), (self.features,), self.param_dtype)
     x = x.astype(self.dtype)
     new_cache = None
+    time_pad = (0, 0)
     if self.causal and kt > 1:
-      if cache is None:
-        cache = _zeros_cache(x, kt - 1, self.dtype)
-      x = jnp.concatenate([cache.astype(self.dtype), x], axis=1)
-      new_cache = x[:, x.shape[1] - (kt - 1):]
-    y = _conv(x, kernel, self.strides, [(0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2)], self.dtype,
+      if cache is None:  # zero history: the convolution pads time itself (no concatenated copy of the input)
+        time_pad = (kt - 1, 0)
+        new_cache = x[:, x.shape[1] - (kt - 1):] if x.shape[1] >= kt - 1 else \
+            jnp.concatenate([_zeros_cache(x, kt - 1 - x.shape[1], self.dtype), x], axis=1)
+      else:
+        x = jnp.concatenate([cache.astype(self.dtype), x], axis=1)
+        new_cache = x[:, x.shape[1] - (kt - 1):]
+    y = _conv(x, kernel, self.strides, [time_pad, (kh // 2, kh // 2), (kw // 2, kw // 2)], self.dtype,
               self.precision)
     return y + bias.astype(self.dtype), new_cache
 
@@ -250,6 +266,21 @@ def _rms_norm(name: str, dtype, param_dtype) -> RMSNorm:
   return RMSNorm(1e-12, axes=("conv_out",), dtype=dtype, param_dtype=param_dtype, name=name)
 
 
+class RMSNormSiLU(nn.Module):
+  """SiLU(RMS norm over channels), one fp32 expression cast once to `dtype` (same params as `_rms_norm`): the
+  statistics, scale and activation fuse into one pass and no intermediate is rounded to bf16."""
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  eps: float = 1e-12
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    scale = self.param("scale", _part(nn.initializers.ones, ("conv_out",)), (x.shape[-1],), self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps) * scale.astype(jnp.float32)
+    return nn.silu(y).astype(self.dtype)
+
+
 class ResidualBlock(nn.Module):
   out_dim: int
   dtype: Dtype = jnp.float32
@@ -266,9 +297,9 @@ class ResidualBlock(nn.Module):
       h, _ = CausalConv3d(self.out_dim, (1, 1, 1), name="conv_shortcut", **ckw)(x)
     else:
       h = x
-    y = nn.silu(_rms_norm("norm1", **kw)(x))
+    y = RMSNormSiLU(name="norm1", **kw)(x)
     y, c1 = CausalConv3d(self.out_dim, name="conv1", **ckw)(y, cache.get("conv1"))
-    y = nn.silu(_rms_norm("norm2", **kw)(y))
+    y = RMSNormSiLU(name="norm2", **kw)(y)
     y, c2 = CausalConv3d(self.out_dim, name="conv2", **ckw)(y, cache.get("conv2"))
     return y + h, {"conv1": c1, "conv2": c2}
 
@@ -365,7 +396,7 @@ class Resample(nn.Module):
         new_tc = old
       new_cache["time_conv"] = new_tc
     if self.mode.startswith("upsample"):
-      x = jnp.repeat(jnp.repeat(x, 2, axis=2), 2, axis=3)  # nearest (exact) 2x
+      x = _upsample_nearest2x(x)
       x = Conv2dFrames(self.out_dim, name="resample", **kw)(x)
     elif self.mode.startswith("downsample"):
       x = Conv2dFrames(dim, strides=(2, 2), padding=((0, 1), (0, 1)), name="resample", **kw)(x)
@@ -422,7 +453,7 @@ class Encoder3d(nn.Module):
         x, new[name] = Resample(mode, out_dim, name=name, **kw)(x, cache.get(name), first)
         idx += 1
     x, new["mid_block"] = MidBlock(name="mid_block", **kw)(x, cache.get("mid_block"), first)
-    x = nn.silu(_rms_norm("norm_out", self.dtype, self.param_dtype)(x))
+    x = RMSNormSiLU(self.dtype, self.param_dtype, name="norm_out")(x)
     x, new["conv_out"] = CausalConv3d(2 * cfg.z_dim, name="conv_out", **kw)(x, cache.get("conv_out"))
     return x, new
 
@@ -476,7 +507,7 @@ class Decoder3d(nn.Module):
       name = f"up_blocks_{i}"
       x, new[name] = UpBlock(out_dim, cfg.num_res_blocks + 1, mode, name=name, **kw)(
           x, cache.get(name), first)
-    x = nn.silu(_rms_norm("norm_out", self.dtype, self.param_dtype)(x))
+    x = RMSNormSiLU(self.dtype, self.param_dtype, name="norm_out")(x)
     x, new["conv_out"] = CausalConv3d(cfg.out_channels, name="conv_out", **kw)(x, cache.get("conv_out"))
     return x, new
 
