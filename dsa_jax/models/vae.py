@@ -26,7 +26,9 @@ cast at use. RMS norms and the attention softmax run in fp32.
 Speed. Convolutions run in the compute dtype (bf16 for the Wan recipes) on channels-last arrays, so XLA needs no
 layout transposes around them. Each RMS norm and the SiLU after it are one fp32 elementwise expression cast once to
 the compute dtype (one fusion, one write). A causal conv without a cache (the first chunk of a stream) pads time
-inside the convolution instead of concatenating zero frames, and the nearest 2x upsampling is one broadcast.
+inside the convolution instead of concatenating zero frames, and the nearest 2x upsampling is one broadcast. How
+the 3x3x3 convs are lowered is a choice (``conv3d``: one 3D conv, time taps folded into channels of one 2D conv, or
+per-tap 2D outputs summed); the decoder's functions take it, the result is the same.
 """
 
 from __future__ import annotations
@@ -192,6 +194,36 @@ def _conv(x, w, strides, padding, dtype, precision):
       dimension_numbers=dn, precision=precision)
 
 
+CONV3D_IMPLS = ("native", "fold", "taps")
+
+
+def _conv3d_same_time(x, w, time_pad, impl, dtype, precision):
+  """Stride-1 3D conv, 'same' in space, `time_pad` zero frames before/after in time, by `impl`:
+  'native' one 3D convolution; 'fold' the kT time taps folded into channels (one 2D conv over kT*C input channels
+  on a kT-times copy of the input); 'taps' one 2D conv with kT*C_out outputs on every frame, whose kT output groups
+  are shifted in time and summed (no input copy, kT-times the output). Same result; which is fastest depends on
+  the backend's convolution kernels."""
+  kt, kh, kw = w.shape[:3]
+  pad_hw = [(kh // 2, kh // 2), (kw // 2, kw // 2)]
+  if impl == "native" or kt == 1:
+    return _conv(x, w, (1, 1, 1), [time_pad] + pad_hw, dtype, precision)
+  if impl not in CONV3D_IMPLS:
+    raise VAEConfigError(f"conv3d: expected one of {CONV3D_IMPLS}, got {impl!r}")
+  c, cout = w.shape[3], w.shape[4]
+  if impl == "fold":
+    x = jnp.pad(x, ((0, 0), time_pad, (0, 0), (0, 0), (0, 0))) if time_pad != (0, 0) else x
+    b, t = x.shape[0], x.shape[1] - kt + 1
+    xs = jnp.concatenate([x[:, k:k + t] for k in range(kt)], axis=-1).reshape((b * t,) + x.shape[2:4] + (kt * c,))
+    y = _conv(xs, jnp.transpose(w, (1, 2, 0, 3, 4)).reshape(kh, kw, kt * c, cout), (1, 1), pad_hw, dtype, precision)
+    return y.reshape((b, t) + y.shape[1:])
+  b, t_in = x.shape[:2]
+  z = _conv(x.reshape((b * t_in,) + x.shape[2:]), jnp.transpose(w, (1, 2, 3, 0, 4)).reshape(kh, kw, c, kt * cout),
+            (1, 1), pad_hw, dtype, precision)
+  z = jnp.pad(z.reshape((b, t_in) + z.shape[1:3] + (kt, cout)), ((0, 0), time_pad) + ((0, 0),) * 4)
+  t = z.shape[1] - kt + 1
+  return sum(z[:, k:k + t, :, :, k].astype(jnp.float32) for k in range(kt)).astype(dtype)
+
+
 def _zeros_cache(x: Array, n: int, dtype) -> Array:
   return jnp.zeros((x.shape[0], n) + x.shape[2:], dtype)
 
@@ -207,7 +239,8 @@ class CausalConv3d(nn.Module):
   """3D conv, causal in time (left zero padding of kT - 1 frames, or the cache), 'same' in space.
 
   Returns ``(y, new_cache)``; ``new_cache`` is the last kT - 1 frames of [cache, x] (None for kT == 1).
-  With ``causal=False`` no time padding/cache is applied (caller handles it).
+  With ``causal=False`` no time padding/cache is applied (caller handles it). ``conv3d`` picks how a stride-1
+  conv is computed (`CONV3D_IMPLS`, see `_conv3d_same_time`).
   """
 
   features: int
@@ -217,6 +250,7 @@ class CausalConv3d(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   precision: Any = None
+  conv3d: str = "native"
 
   @nn.compact
   def __call__(self, x: Array, cache: Array | None = None):
@@ -235,9 +269,17 @@ class CausalConv3d(nn.Module):
       else:
         x = jnp.concatenate([cache.astype(self.dtype), x], axis=1)
         new_cache = x[:, x.shape[1] - (kt - 1):]
-    y = _conv(x, kernel, self.strides, [time_pad, (kh // 2, kh // 2), (kw // 2, kw // 2)], self.dtype,
-              self.precision)
+    if tuple(self.strides) == (1, 1, 1):
+      y = _conv3d_same_time(x, kernel, time_pad, self.conv3d, self.dtype, self.precision)
+    else:
+      y = _conv(x, kernel, self.strides, [time_pad, (kh // 2, kh // 2), (kw // 2, kw // 2)], self.dtype,
+                self.precision)
     return y + bias.astype(self.dtype), new_cache
+
+
+def _plain(kw: dict) -> dict:
+  """Module kwargs without the causal-conv choice (for modules that have no causal conv)."""
+  return {k: v for k, v in kw.items() if k != "conv3d"}
 
 
 class Conv2dFrames(nn.Module):
@@ -286,12 +328,13 @@ class ResidualBlock(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   precision: Any = None
+  conv3d: str = "native"
 
   @nn.compact
   def __call__(self, x: Array, cache: dict | None = None, first: bool = False):
     cache = cache or {}
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    ckw = dict(kw, precision=self.precision)
+    ckw = dict(kw, precision=self.precision, conv3d=self.conv3d)
     x = x.astype(self.dtype)
     if x.shape[-1] != self.out_dim:
       h, _ = CausalConv3d(self.out_dim, (1, 1, 1), name="conv_shortcut", **ckw)(x)
@@ -350,14 +393,16 @@ class MidBlock(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   precision: Any = None
+  conv3d: str = "native"
 
   @nn.compact
   def __call__(self, x: Array, cache: dict | None = None, first: bool = False):
     cache = cache or {}
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision, conv3d=self.conv3d)
     dim = x.shape[-1]
     x, c0 = ResidualBlock(dim, name="resnets_0", **kw)(x, cache.get("resnets_0"), first)
-    x = AttentionBlock(name="attentions_0", **kw)(x)
+    x = AttentionBlock(name="attentions_0", dtype=self.dtype, param_dtype=self.param_dtype,
+                       precision=self.precision)(x)
     x, c1 = ResidualBlock(dim, name="resnets_1", **kw)(x, cache.get("resnets_1"), first)
     return x, {"resnets_0": c0, "resnets_1": c1}
 
@@ -370,11 +415,12 @@ class Resample(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   precision: Any = None
+  conv3d: str = "native"
 
   @nn.compact
   def __call__(self, x: Array, cache: dict | None = None, first: bool = False):
     cache = cache or {}
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision, conv3d=self.conv3d)
     dim = x.shape[-1]
     new_cache = {}
     x = x.astype(self.dtype)
@@ -397,9 +443,9 @@ class Resample(nn.Module):
       new_cache["time_conv"] = new_tc
     if self.mode.startswith("upsample"):
       x = _upsample_nearest2x(x)
-      x = Conv2dFrames(self.out_dim, name="resample", **kw)(x)
+      x = Conv2dFrames(self.out_dim, name="resample", **_plain(kw))(x)
     elif self.mode.startswith("downsample"):
-      x = Conv2dFrames(dim, strides=(2, 2), padding=((0, 1), (0, 1)), name="resample", **kw)(x)
+      x = Conv2dFrames(dim, strides=(2, 2), padding=((0, 1), (0, 1)), name="resample", **_plain(kw))(x)
     else:
       raise VAEConfigError(f"Resample.mode: unknown {self.mode!r}")
     if self.mode == "downsample3d":
@@ -432,12 +478,13 @@ class Encoder3d(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   precision: Any = None
+  conv3d: str = "native"
 
   @nn.compact
   def __call__(self, x: Array, cache: dict | None = None, first: bool = True):
     cfg = self.config
     cache = cache or {}
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision, conv3d=self.conv3d)
     new = {}
     dims = [cfg.base_dim * u for u in (1,) + cfg.dim_mult]
     x, new["conv_in"] = CausalConv3d(dims[0], name="conv_in", **kw)(x, cache.get("conv_in"))
@@ -467,11 +514,12 @@ class UpBlock(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   precision: Any = None
+  conv3d: str = "native"
 
   @nn.compact
   def __call__(self, x: Array, cache: dict | None = None, first: bool = False):
     cache = cache or {}
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision, conv3d=self.conv3d)
     new = {}
     for j in range(self.num_res):
       rn = f"resnets_{j}"
@@ -488,12 +536,13 @@ class Decoder3d(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   precision: Any = None
+  conv3d: str = "native"
 
   @nn.compact
   def __call__(self, x: Array, cache: dict | None = None, first: bool = True):
     cfg = self.config
     cache = cache or {}
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision, conv3d=self.conv3d)
     new = {}
     mult = cfg.dim_mult
     dims = [cfg.dec_base_dim * u for u in (mult[-1],) + tuple(mult[::-1])]
@@ -520,9 +569,10 @@ class AutoencoderKLWan(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   precision: Any = None
+  conv3d: str = "native"
 
   def setup(self):
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision, conv3d=self.conv3d)
     z = self.config.z_dim
     self.encoder = Encoder3d(self.config, **kw)
     self.quant_conv = CausalConv3d(2 * z, (1, 1, 1), **kw)
@@ -559,10 +609,13 @@ def _variables(params: dict) -> dict:
   return {"params": params}
 
 
-def _model(config: WanVAEConfig, dtype, precision, param_dtype=jnp.float32) -> AutoencoderKLWan:
+def _model(config: WanVAEConfig, dtype, precision, param_dtype=jnp.float32, conv3d: str = "native"
+           ) -> AutoencoderKLWan:
   if not isinstance(config, WanVAEConfig):
     raise VAEConfigError(f"config must be a WanVAEConfig, got {type(config).__name__}")
-  return AutoencoderKLWan(config, dtype=dtype, param_dtype=param_dtype, precision=precision)
+  if conv3d not in CONV3D_IMPLS:
+    raise VAEConfigError(f"conv3d: expected one of {CONV3D_IMPLS}, got {conv3d!r}")
+  return AutoencoderKLWan(config, dtype=dtype, param_dtype=param_dtype, precision=precision, conv3d=conv3d)
 
 
 def normalize_latents(mu: Array, config: WanVAEConfig) -> Array:
@@ -657,27 +710,28 @@ def init_decode_cache(config: WanVAEConfig, batch: int, latent_height: int, late
   return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "first", "dtype", "precision"))
+@functools.partial(jax.jit, static_argnames=("config", "first", "dtype", "precision", "conv3d"))
 def decode_chunk(params, latents_chunk, cache, config: WanVAEConfig, *, first: bool = False,
-                 dtype=jnp.float32, precision=None):
+                 dtype=jnp.float32, precision=None, conv3d: str = "native"):
   """Decode K normalised latent frames, carrying the causal cache.
 
   ``first`` (static Python bool) marks the first chunk of a stream: it yields 1 + 4(K-1) pixel frames and
   needs a fresh cache (``init_decode_cache`` or None). Later chunks (``first=False``) yield 4K frames and
-  need the cache returned by the previous call. Returns ``(pixels fp32 in [-1, 1], new_cache)``.
+  need the cache returned by the previous call. Returns ``(pixels fp32 in [-1, 1], new_cache)``. ``conv3d``: how
+  the causal 3D convs are computed (`CONV3D_IMPLS`; same result).
   """
   _check_latents(latents_chunk, config)
   if cache is None and not first:
     raise VAEInputError("decode_chunk: first=False needs the cache returned by the previous chunk")
-  model = _model(config, dtype, precision)
+  model = _model(config, dtype, precision, conv3d=conv3d)
   z = denormalize_latents(latents_chunk, config).astype(dtype)
   y, cache = model.apply(_variables(params), z, cache, first, method=AutoencoderKLWan.decode_raw)
   return y.astype(jnp.float32), cache
 
 
-@functools.partial(jax.jit, static_argnames=("config", "dtype", "precision", "chunk_size"))
+@functools.partial(jax.jit, static_argnames=("config", "dtype", "precision", "chunk_size", "conv3d"))
 def decode(params, latents, config: WanVAEConfig, *, dtype=jnp.float32, precision=None,
-           chunk_size: int | None = None):
+           chunk_size: int | None = None, conv3d: str = "native"):
   """Normalised latents (B, F, h, w, z) -> video (B, 1 + 4(F-1), 8h, 8w, 3) in [-1, 1], fp32.
 
   ``chunk_size=None`` decodes all frames in one pass; an int decodes ``chunk_size`` latent frames at a time
@@ -685,10 +739,11 @@ def decode(params, latents, config: WanVAEConfig, *, dtype=jnp.float32, precisio
   """
   _check_latents(latents, config)
   if chunk_size is None or chunk_size >= latents.shape[1]:
-    return decode_chunk(params, latents, None, config, first=True, dtype=dtype, precision=precision)[0]
+    return decode_chunk(params, latents, None, config, first=True, dtype=dtype, precision=precision,
+                        conv3d=conv3d)[0]
   if chunk_size < 1:
     raise VAEInputError(f"decode: chunk_size must be >= 1, got {chunk_size}")
-  kw = dict(dtype=dtype, precision=precision)
+  kw = dict(dtype=dtype, precision=precision, conv3d=conv3d)
   c = chunk_size
   out0, cache = decode_chunk(params, latents[:, :c], None, config, first=True, **kw)
   outs = [out0]
@@ -718,6 +773,7 @@ class WanVAE:
   config: WanVAEConfig = WanVAEConfig()
   dtype: Any = jnp.float32
   precision: Any = None
+  conv3d: str = "native"
 
   def init_params(self, rng, *, param_dtype=jnp.float32):
     return init_params(self.config, rng, param_dtype=param_dtype)
@@ -727,11 +783,11 @@ class WanVAE:
 
   def decode(self, params, latents, *, chunk_size: int | None = None):
     return decode(params, latents, self.config, dtype=self.dtype, precision=self.precision,
-                  chunk_size=chunk_size)
+                  chunk_size=chunk_size, conv3d=self.conv3d)
 
   def init_decode_cache(self, batch: int, latent_height: int, latent_width: int):
     return init_decode_cache(self.config, batch, latent_height, latent_width, dtype=self.dtype)
 
   def decode_chunk(self, params, latents_chunk, cache, first: bool = False):
     return decode_chunk(params, latents_chunk, cache, self.config, first=first, dtype=self.dtype,
-                        precision=self.precision)
+                        precision=self.precision, conv3d=self.conv3d)

@@ -85,7 +85,10 @@ class PixelDecoder:
         raise ValueError(f"config.video.vae_stride {tuple(config.video.vae_stride)} does not match the VAE "
                          f"(temporal {vae_config.temporal_factor}, spatial {vae_config.spatial_factor})")
       dtype = dtype or _DTYPES[config.compute.dtype]
-      self.vae = vae_lib.WanVAE(vae_config, dtype=dtype)
+      conv3d = config.vae.get("conv3d", "native")
+      if conv3d not in vae_lib.CONV3D_IMPLS:
+        raise ValueError(f"config.vae.conv3d: expected one of {vae_lib.CONV3D_IMPLS}, got {conv3d!r}")
+      self.vae = vae_lib.WanVAE(vae_config, dtype=dtype, conv3d=conv3d)
       self.vae_params = vae_params if vae_params is not None else self.vae.init_params(jax.random.PRNGKey(0))
       # The cache (argument 2) is donated: a chunk's new cache reuses the old one's buffers.
       self._decode_chunk = jax.jit(self.vae.decode_chunk, static_argnames=("first",), donate_argnums=(2,))
