@@ -74,3 +74,38 @@ def test_budget_mean_steps_needs_a_model(tiny_config):
   with pytest.raises(ValueError, match="--budget-mean-steps: needs --ckpt"):
     bench.run_bench(tiny_config, budget_mean_steps=2.0, vae=False, runs=1, do_stream=False, do_components=False,
                     log=lambda m: None)
+
+
+def test_top_kernels_reads_device_stream_lines(tmp_path):
+  import gzip
+  ev = [{"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}},
+        {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/host:CPU"}},
+        {"ph": "M", "name": "thread_name", "pid": 1, "tid": 7, "args": {"name": "Stream #7(Compute)"}},
+        {"ph": "M", "name": "thread_name", "pid": 1, "tid": 9, "args": {"name": "XLA Ops"}}]
+  ev += [{"ph": "X", "pid": 1, "tid": 7, "name": "gemm_fusion", "dur": 30.0}] * 3
+  ev += [{"ph": "X", "pid": 1, "tid": 7, "name": "loop_fusion", "dur": 10.0},
+         {"ph": "X", "pid": 1, "tid": 9, "name": "dot.1", "dur": 500.0},  # a derived line: not a kernel
+         {"ph": "X", "pid": 2, "tid": 1, "name": "host_thing", "dur": 900.0}]
+  path = tmp_path / "perfetto_trace.json.gz"
+  with gzip.open(path, "wt") as f:
+    json.dump({"traceEvents": ev}, f)
+  rows, on_device = bench.top_kernels(str(path))
+  assert on_device and [r["name"] for r in rows] == ["gemm_fusion", "loop_fusion"]
+  assert rows[0]["count"] == 3 and rows[0]["total_ms"] == pytest.approx(0.09) and rows[0]["share"] == pytest.approx(0.9)
+
+
+def test_decode_only_and_table(tmp_path, repo_root, capsys):
+  from dsa_jax import cli
+  path = tmp_path / "vae.json"
+  assert cli.main(["bench", "sample", "--config", f"{repo_root}/configs/tiny.py", "--decode-only", "--runs", "1",
+                   "--json", str(path)]) == 0
+  res = json.loads(path.read_text())
+  assert res["mode"]["kind"] == "decode_only" and res["vae"]["kind"] == "wan"
+  assert len(res["vae"]["decode_s_per_chunk"]) == 3 and min(res["vae"]["decode_s_per_chunk"]) > 0
+  assert set(res["memory"]["programs"]) == {"vae_first_chunk", "vae_chunk"}
+  capsys.readouterr()
+  assert cli.main(["bench", "table", str(path)]) == 0
+  out = capsys.readouterr().out
+  assert "| vae.json | cpu | tiny | float32 | VAE only |" in out and "--decode-only" in out
+  assert cli.main(["bench", "table", str(tmp_path / "missing.json")]) == 2
+  assert "bench table:" in capsys.readouterr().err

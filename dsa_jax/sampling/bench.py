@@ -173,6 +173,18 @@ def _make_decoder(config, vae: bool):
   return PixelDecoder.random(config)
 
 
+def _pipeline_peak(programs: dict, params) -> dict:
+  """The DiT's weights stay on the device while the VAE decodes: sampling a video and decoding it needs about
+  max(sampler program, weights + the larger decode program)."""
+  import jax
+  weights = int(sum(x.nbytes for x in jax.tree_util.tree_leaves(params)))
+  sampler = (programs.get("sampler") or {}).get("total")
+  vae = max([m["total"] for k, m in programs.items() if k.startswith("vae") and m] or [0])
+  if sampler is None:
+    return {"weights_bytes": weights}
+  return {"weights_bytes": weights, "sample_and_decode_bytes": max(sampler, weights + vae)}
+
+
 def decoder_memory(decoder, batch: int, num_frames: int) -> dict:
   """memory_analysis of the VAE's first-chunk and later-chunk decode programs ({} without a Wan VAE)."""
   import jax
@@ -420,7 +432,7 @@ def run_bench(config, *, steps=None, threshold=None, mean_steps=None, budget_mea
     log("  components: " + ", ".join(f"{k} {v:.3f} s" for k, v in comp.items() if v is not None))
 
   # 5) Memory per program and the process peak.
-  res["memory"] = {"programs": programs, "device": _peak_memory()}
+  res["memory"] = {"programs": programs, "device": _peak_memory(), **_pipeline_peak(programs, params)}
   res["peak_memory"] = res["memory"]["device"]  # the name older JSON files use
   log("  memory: " + "; ".join(f"{k} {v['total'] / 2**30:.3f} GiB" for k, v in programs.items() if v))
 
@@ -461,26 +473,41 @@ def profile_one(fn, log_dir: str, top: int = 15, log=print) -> dict:
   return out
 
 
+def _is_device_process(name: str) -> bool:
+  return ("/device:" in name and "/device:CPU" not in name) or name.startswith(("GPU", "TPU"))
+
+
 def top_kernels(path: str, top: int = 15) -> tuple[list[dict], bool]:
-  """Summed durations by event name in a Chrome/Perfetto trace JSON, device processes only when there are any
-  (GPU/TPU timelines), else the host's XLA ops (Python frames and executor wrappers left out). Returns (rows,
-  whether device processes were found)."""
+  """Summed durations by event name in a Chrome/Perfetto trace JSON: on device timelines (GPU/TPU) the kernels of
+  the stream lines (derived lines such as 'XLA Ops' and 'XLA Modules' left out: they overlap the kernels); without
+  a device timeline the host's XLA ops (Python frames and executor wrappers left out). Returns (rows, whether device
+  processes were found)."""
   opener = gzip.open if path.endswith(".gz") else open
   with opener(path, "rt") as f:
     trace = json.load(f)
   events = trace["traceEvents"] if isinstance(trace, dict) else trace
-  names = {e.get("pid"): str(e.get("args", {}).get("name", "")) for e in events
-           if e.get("ph") == "M" and e.get("name") == "process_name"}
-  device = {pid for pid, n in names.items() if "/device:" in n and "/device:CPU" not in n}
-  totals, counts = {}, {}
+  meta = lambda kind: {(e.get("pid"), e.get("tid")) if kind == "thread_name" else e.get("pid"):
+                       str(e.get("args", {}).get("name", "")) for e in events
+                       if e.get("ph") == "M" and e.get("name") == kind}
+  names, threads = meta("process_name"), meta("thread_name")
+  device = {pid for pid, n in names.items() if _is_device_process(n)}
+  derived = ("XLA Ops", "XLA Modules", "Steps", "Framework", "Source", "TraceMe", "Launch")
+  groups = {"kernels": ({}, {}), "ops": ({}, {})}
   for e in events:
     if e.get("ph") != "X" or "dur" not in e or (device and e.get("pid") not in device):
       continue
     n = str(e.get("name", "?"))
-    if not device and (n.startswith("$") or n.startswith("ThunkExecutor")):  # Python frames, executor wrappers
+    line = threads.get((e.get("pid"), e.get("tid")), "")
+    if device:
+      group = "ops" if "XLA Ops" in line else None if any(d in line for d in derived) else "kernels"
+    else:  # the host's XLA ops without Python frames and executor wrappers
+      group = None if n.startswith("$") or n.startswith("ThunkExecutor") else "kernels"
+    if group is None:
       continue
+    totals, counts = groups[group]
     totals[n] = totals.get(n, 0.0) + float(e["dur"])
     counts[n] = counts.get(n, 0) + 1
+  totals, counts = groups["kernels"] if groups["kernels"][0] else groups["ops"]
   whole = sum(totals.values()) or 1.0
   rows = sorted(totals.items(), key=lambda kv: -kv[1])[:top]
   return [{"name": n, "total_ms": t / 1e3, "count": counts[n], "share": t / whole} for n, t in rows], bool(device)
@@ -571,6 +598,9 @@ def _memory_rows(res: dict) -> list:
       rows.append((f"memory {name} (GiB)", f"total {_gib(m['total'])} = argument {_gib(m['argument'])} + output "
                    f"{_gib(m['output'])} - aliased {_gib(m['alias'])} + temp {_gib(m['temp'])} + code "
                    f"{_gib(m['generated_code'])}"))
+  if mem.get("sample_and_decode_bytes"):
+    rows.append(("memory sampling + decoding (GiB)", f"{_gib(mem['sample_and_decode_bytes'])} (DiT weights "
+                 f"{_gib(mem['weights_bytes'])} stay while the VAE decodes)"))
   dev = mem.get("device")
   if dev and "peak_bytes_in_use" in dev:
     rows.append(("peak device memory, process (GiB)", _gib(dev["peak_bytes_in_use"])))
@@ -641,6 +671,55 @@ def format_decode_table(res: dict) -> str:
 def _table(rows) -> str:
   w = max(len(str(k)) for k, _ in rows)
   return "\n".join(f"{str(k).ljust(w)}  {v}" for k, v in rows)
+
+
+TABLE_COLUMNS = ("file", "device", "config", "dtype", "steps", "steps/frame", "FPS DiT", "FPS DiT+VAE",
+                 "first chunk, pixels (s)", "VAE decode (s/video)", "sampler memory (GiB)",
+                 "sampling + decoding (GiB)", "jax")
+
+
+def table_row(res: dict, name: str = "") -> dict:
+  """One README table row from a bench JSON (missing measurements are '-')."""
+  f = lambda x, fmt: "-" if x is None else format(x, fmt)
+  mode = res.get("mode", {})
+  kind = mode.get("kind")
+  steps = {"steps": lambda: f"fixed {mode.get('steps')}", "forced_mean_steps": lambda: f"forced mean {mode['target']:g}",
+           "budget_mean_steps": lambda: f"budget {mode['target']:g}", "threshold": lambda: f"tau {mode['threshold']}",
+           "decode_only": lambda: "VAE only"}.get(kind, lambda: str(kind))()
+  mem = res.get("memory") or {}
+  sampler_mem = ((mem.get("programs") or {}).get("sampler") or {}).get("total")
+  vae = res.get("vae_s") or res.get("vae") or {}
+  first = ((res.get("stream") or {}).get("pixels") or {}).get("first_chunk_s")
+  cfg = res.get("config")
+  return {"file": name, "device": (res.get("device") or {}).get("kind", "-"),
+          "config": cfg.get("name") if isinstance(cfg, dict) else cfg, "dtype": res.get("dtype", "-"), "steps": steps,
+          "steps/frame": f((res.get("steps") or {}).get("mean_per_frame"), ".3f"),
+          "FPS DiT": f((res.get("fps") or {}).get("dit"), ".1f"),
+          "FPS DiT+VAE": f((res.get("fps") or {}).get("dit_vae"), ".1f"),
+          "first chunk, pixels (s)": f(first, ".3f"),
+          "VAE decode (s/video)": f(vae.get("decode_s") if isinstance(vae, dict) else None, ".3f"),
+          "sampler memory (GiB)": f(None if sampler_mem is None else sampler_mem / 2**30, ".2f"),
+          "sampling + decoding (GiB)": f(None if not mem.get("sample_and_decode_bytes") else
+                                         mem["sample_and_decode_bytes"] / 2**30, ".2f"),
+          "jax": res.get("jax_version", "-")}
+
+
+def markdown_table(paths) -> str:
+  """README's benchmark table from bench JSON files, with the command that made each row under it."""
+  rows, commands = [], []
+  for path in paths:
+    try:
+      with open(path) as fh:
+        res = json.load(fh)
+    except (OSError, ValueError) as e:
+      raise ValueError(f"bench table: {path}: not a readable bench JSON file ({e})") from None
+    if not isinstance(res, dict) or "mode" not in res:
+      raise ValueError(f"bench table: {path}: not a `dsa-jax bench sample` JSON file (no 'mode')")
+    rows.append(table_row(res, os.path.basename(path)))
+    commands.append(f"- `{os.path.basename(path)}`: `{res.get('command', '?')}`")
+  lines = ["| " + " | ".join(TABLE_COLUMNS) + " |", "| " + " | ".join("---" for _ in TABLE_COLUMNS) + " |"]
+  lines += ["| " + " | ".join(str(r[c]) for c in TABLE_COLUMNS) + " |" for r in rows]
+  return "\n".join(lines + [""] + commands)
 
 
 def main(args) -> int:
