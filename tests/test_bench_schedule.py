@@ -109,3 +109,18 @@ def test_decode_only_and_table(tmp_path, repo_root, capsys):
   assert "| vae.json | cpu | tiny | float32 | VAE only |" in out and "--decode-only" in out
   assert cli.main(["bench", "table", str(tmp_path / "missing.json")]) == 2
   assert "bench table:" in capsys.readouterr().err
+
+
+def test_budget_mean_steps_uses_the_models_calibration(repo_root):
+  """--budget-mean-steps m: tau from the shipped digits model's table, as `dsa-jax sample --mean-steps m` picks it."""
+  import os
+  from dsa_jax.config_lib import get_config
+  from dsa_jax.sampling.budget import threshold_for
+  from dsa_jax.checkpoint import params_io
+  config = get_config(os.path.join(repo_root, "configs", "digits.py"), ["--config.compute.dtype=float32"])
+  ckpt = config.sampling.checkpoint
+  res = bench.run_bench(config, budget_mean_steps=2.5, ckpt=ckpt, vae=False, runs=1, do_stream=False,
+                        do_components=False, log=lambda m: None)
+  tau = threshold_for(params_io.read_meta(ckpt)["calibration"], 2.5)
+  assert res["mode"] == {"kind": "budget_mean_steps", "target": 2.5, "threshold": tau} and 0 < tau < 1
+  assert res["weights"] == ckpt and 1 <= res["steps"]["mean_per_frame"] <= config.sampling.max_steps

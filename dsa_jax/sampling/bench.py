@@ -276,6 +276,9 @@ def run_bench(config, *, steps=None, threshold=None, mean_steps=None, budget_mea
     raise ValueError(f"--runs: must be >= 1, got {runs}")
   if batch < 1:
     raise ValueError(f"--batch-size: must be >= 1, got {batch}")
+  if budget_mean_steps is not None and not ckpt:
+    raise ValueError("--budget-mean-steps: needs --ckpt MODEL (a model folder with a calibration table); the "
+                     "forced schedule is --forced-mean-steps")
   sampler = sampler_lib.make_sampler(config)
   n_chunks, c, L, F = sampler.num_chunks, sampler.chunk_frames, sampler.num_steps, sampler.num_frames
   dtype = _DTYPES[config.compute.dtype]
@@ -303,9 +306,6 @@ def run_bench(config, *, steps=None, threshold=None, mean_steps=None, budget_mea
     ctl_kw = dict(threshold=np.inf, min_steps=sched[None, :], max_steps=sched[None, :])
   elif budget_mean_steps is not None:
     from dsa_jax.sampling import budget
-    if not ckpt:
-      raise ValueError("--budget-mean-steps: needs --ckpt MODEL (a model folder with a calibration table); the "
-                       "forced schedule is --forced-mean-steps")
     tau = budget.threshold_for(source.get("calibration"), budget_mean_steps, source=repr(ckpt))
     mode = {"kind": "budget_mean_steps", "target": float(budget_mean_steps), "threshold": tau}
     ctl_kw = dict(threshold=tau)
@@ -532,7 +532,8 @@ def _components(sampler, params, context, uncond, controls, iters, use_cfg, deco
     v, feats, cache = sampler.forward(params["generator"], x, t, ctx, uctx, controls.guidance, cache, i * c, use_cfg)
     x0 = flow.x0_from_velocity(x, v, sigma)
     conf = sampler.confidence(params["head"], feats, jnp.full((b, c), k, jnp.int32), t)
-    x = flow.renoise(x0, jax.random.normal(rng, x.shape), jnp.asarray(sampler.sigmas)[jnp.minimum(k + 1, sampler.num_steps - 1)])
+    nxt = jnp.asarray(sampler.sigmas)[jnp.minimum(k + 1, sampler.num_steps - 1)]
+    x = flow.renoise(x0, jax.random.normal(rng, x.shape), nxt)
     return x, conf, cache
 
   def fill(params, x0, cache, i):
@@ -683,7 +684,8 @@ def table_row(res: dict, name: str = "") -> dict:
   f = lambda x, fmt: "-" if x is None else format(x, fmt)
   mode = res.get("mode", {})
   kind = mode.get("kind")
-  steps = {"steps": lambda: f"fixed {mode.get('steps')}", "forced_mean_steps": lambda: f"forced mean {mode['target']:g}",
+  steps = {"steps": lambda: f"fixed {mode.get('steps')}",
+           "forced_mean_steps": lambda: f"forced mean {mode['target']:g}",
            "budget_mean_steps": lambda: f"budget {mode['target']:g}", "threshold": lambda: f"tau {mode['threshold']}",
            "decode_only": lambda: "VAE only"}.get(kind, lambda: str(kind))()
   mem = res.get("memory") or {}
