@@ -34,10 +34,11 @@ Reported (JSON and a table):
   components: separately jitted functions timed alone per chunk position (the KV length grows along the video):
     one denoising step (DiT forward + head + re-noise), the cache-fill forward, VAE decode of one chunk; totals
     weighted by the steps each chunk actually took, and the rest of the measured video time as 'other'.
-  memory: per compiled program (the whole-video sampler, the VAE's first and later chunk decoders), XLA's own
-    accounting from `compiled.memory_analysis()`: argument, output, aliased (donated), temp and generated-code
-    bytes and their total (argument + output - aliased + temp + code), the device memory that program needs alone;
-    plus the device's `memory_stats()` peak over the whole bench process where the backend has it.
+  memory: per compiled program (the whole-video sampler, the streaming per-chunk program, the VAE's first and later
+    chunk decoders), XLA's own accounting from `compiled.memory_analysis()`: argument, output, aliased (donated),
+    temp and generated-code bytes and their total (argument + output - aliased + temp + code), the device memory
+    that program needs alone; an estimate for sampling + decoding (the DiT's weights stay while the VAE decodes);
+    and the device's `memory_stats()` peak over the whole bench process where the backend has it.
   model FLOPs of the DiT forwards and the achieved TFLOP/s.
   --decode-only: just the VAE (random latents): decode time per chunk and the decoders' memory.
   --profile DIR: a jax.profiler trace of one timed video (sampling + decoding) in DIR, and the top kernels by time
@@ -420,6 +421,12 @@ def run_bench(config, *, steps=None, threshold=None, mean_steps=None, budget_mea
                   "total_s": _median(totals), "fps": batch * n_pix / _median(totals)}
     res["compile_s"]["chunk_fn_approx"] = warm_elapsed[0] - st["latents"]["first_chunk_s"]
     res["stream"] = st
+    if sampler.mesh is None:  # the per-chunk program streams run (already compiled: lowering it again is free)
+      args, cfg_on = sampler.prepare(params, context, controls, uncond_context=uncond)
+      p_, ctx_, unc_, ctl_, rng_, cache_, cond_ = args
+      programs["stream_chunk"] = program_memory(sampler._chunk_step_jit.lower(
+          p_, ctx_, unc_, ctl_, rng_, cache_, np.int32(0), cond_, use_cfg=cfg_on).compile())
+      del args, cache_
     log(f"  stream: first chunk {st['latents']['first_chunk_s']:.3f} s"
         + (f" ({st['pixels']['first_chunk_s']:.3f} s to pixels)" if "pixels" in st else "")
         + f", per chunk {', '.join(f'{x:.3f}' for x in st['latents']['per_chunk_s'])} s")
