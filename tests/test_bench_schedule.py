@@ -76,6 +76,16 @@ def test_budget_mean_steps_needs_a_model(tiny_config):
                     log=lambda m: None)
 
 
+def test_mean_steps_is_the_forced_schedule_and_modes_exclude_each_other(capsys):
+  from dsa_jax import cli
+  parser = cli.build_parser()
+  args = parser.parse_args(["bench", "sample", "--config", "c.py", "--mean-steps", "2.5"])
+  assert args.forced_mean_steps == 2.5 and args.budget_mean_steps is None
+  with pytest.raises(SystemExit):
+    parser.parse_args(["bench", "sample", "--config", "c.py", "--forced-mean-steps", "2", "--budget-mean-steps", "2"])
+  assert "not allowed with argument" in capsys.readouterr().err
+
+
 def test_top_kernels_reads_device_stream_lines(tmp_path):
   import gzip
   ev = [{"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}},
@@ -98,11 +108,12 @@ def test_decode_only_and_table(tmp_path, repo_root, capsys):
   from dsa_jax import cli
   path = tmp_path / "vae.json"
   assert cli.main(["bench", "sample", "--config", f"{repo_root}/configs/tiny.py", "--decode-only", "--runs", "1",
-                   "--json", str(path)]) == 0
+                   "--profile", str(tmp_path / "prof"), "--json", str(path)]) == 0
   res = json.loads(path.read_text())
   assert res["mode"]["kind"] == "decode_only" and res["vae"]["kind"] == "wan"
   assert len(res["vae"]["decode_s_per_chunk"]) == 3 and min(res["vae"]["decode_s_per_chunk"]) > 0
   assert set(res["memory"]["programs"]) == {"vae_first_chunk", "vae_chunk"}
+  assert any("conv" in k["name"] for k in res["profile"]["top_kernels"])  # the decoder's convolutions
   capsys.readouterr()
   assert cli.main(["bench", "table", str(path)]) == 0
   out = capsys.readouterr().out

@@ -41,7 +41,8 @@ Reported (JSON and a table):
     and the device's `memory_stats()` peak over the whole bench process where the backend has it.
   model FLOPs of the DiT forwards and the achieved TFLOP/s.
   --decode-only: just the VAE (random latents): decode time per chunk and the decoders' memory.
-  --profile DIR: a jax.profiler trace of one timed video (sampling + decoding) in DIR, and the top kernels by time
+  --profile DIR: a jax.profiler trace of one timed video (sampling + decoding; decoding alone with --decode-only) in
+    DIR, and the top kernels by time
     read from its Perfetto JSON (open the trace with TensorBoard's profile plugin, or the .json.gz in ui.perfetto.dev).
 """
 
@@ -223,7 +224,7 @@ def time_decode_chunks(decoder, latents, runs: int) -> dict:
           "decode_s": float(sum(_median(x) for x in dec))}
 
 
-def run_decode_bench(config, *, runs=3, batch=1, log=print) -> dict:
+def run_decode_bench(config, *, runs=3, batch=1, profile_dir=None, log=print) -> dict:
   """--decode-only: the VAE decoder alone on random latents of the config's video."""
   import jax
   from dsa_jax.config_lib import latent_hw, pixel_frames
@@ -252,6 +253,8 @@ def run_decode_bench(config, *, runs=3, batch=1, log=print) -> dict:
   res["vae"]["video_to_host_s"] = {"median": _median(times), "all": times}
   res["fps"] = {"vae": batch * n_pix / _median(times)}
   res["memory"] = {"programs": decoder_memory(decoder, batch, f), "device": _peak_memory()}
+  if profile_dir:
+    res["profile"] = profile_one(lambda: decoder.decode_video(lat), profile_dir, log=log)
   log(f"  VAE decode: {res['vae']['decode_s']:.3f} s per video (chunks "
       f"{', '.join(f'{x:.3f}' for x in res['vae']['decode_s_per_chunk'])} s); with the copies to the host "
       f"{_median(times):.3f} s -> {res['fps']['vae']:.1f} FPS")
@@ -673,7 +676,10 @@ def format_decode_table(res: dict) -> str:
       ("VAE decode, sum of chunks (s)", f"{v['decode_s']:.4f}"),
       ("VAE video to host (s)", f"{v['video_to_host_s']['median']:.4f}"),
       ("FPS VAE", f"{res['fps']['vae']:.2f}")]
-  return _table(rows + _memory_rows(res))
+  rows += _memory_rows(res)
+  if res.get("profile"):
+    rows.append(("profile", res["profile"]["dir"]))
+  return _table(rows)
 
 
 def _table(rows) -> str:
@@ -739,7 +745,7 @@ def main(args) -> int:
   if args.decode_only:
     if args.no_vae:
       raise ValueError("--decode-only and --no-vae: the decode-only bench needs the VAE")
-    res = run_decode_bench(config, runs=args.runs, batch=args.batch_size, log=log)
+    res = run_decode_bench(config, runs=args.runs, batch=args.batch_size, profile_dir=args.profile, log=log)
   else:
     threshold = None
     if args.threshold is not None:
