@@ -427,9 +427,7 @@ class Resample(nn.Module):
     if self.mode == "upsample3d":
       tconv = CausalConv3d(2 * dim, (3, 1, 1), name="time_conv", **kw)
       stream = x[:, 1:] if first else x
-      old = cache.get("time_conv")
-      if old is None:
-        old = _zeros_cache(x, 2, self.dtype)
+      old = cache.get("time_conv")  # None at the start of a stream: the conv pads time itself
       if stream.shape[1] > 0:
         y, new_tc = tconv(stream, old)
         b, t, h, w, _ = y.shape
@@ -437,6 +435,7 @@ class Resample(nn.Module):
         y = y.reshape(b, t, h, w, 2, dim).transpose(0, 1, 4, 2, 3, 5).reshape(b, 2 * t, h, w, dim)
         x = jnp.concatenate([x[:, :1], y], axis=1) if first else y
       else:  # only frame 0: not doubled, time_conv stream still empty
+        old = _zeros_cache(x, 2, self.dtype) if old is None else old
         if self.is_initializing():
           tconv(_zeros_cache(x, 1, self.dtype), old)
         new_tc = old
