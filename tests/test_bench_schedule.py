@@ -56,7 +56,7 @@ def test_bench_json_has_memory_meta_decode_and_profile(tmp_path, repo_root, caps
   assert res["steps"]["mean_per_frame"] == 2.5
   for key in ("kind", "platform"):
     assert res["device"][key]
-  assert res["jax_version"] and res["dtype"] == "float32" and res["config"]["name"] == "tiny"
+  assert res["jax_version"] and res["dtype"] == res["vae_dtype"] == "float32" and res["config"]["name"] == "tiny"
   assert res["config"]["file"].endswith("tiny.py") and "--forced-mean-steps 2.5" in res["command"]
   progs = res["memory"]["programs"]
   assert set(progs) == {"sampler", "vae_first_chunk", "vae_chunk"}
@@ -110,7 +110,7 @@ def test_decode_only_and_table(tmp_path, repo_root, capsys):
   assert cli.main(["bench", "sample", "--config", f"{repo_root}/configs/tiny.py", "--decode-only", "--runs", "1",
                    "--profile", str(tmp_path / "prof"), "--json", str(path)]) == 0
   res = json.loads(path.read_text())
-  assert res["mode"]["kind"] == "decode_only" and res["vae"]["kind"] == "wan"
+  assert res["mode"]["kind"] == "decode_only" and res["vae"]["kind"] == "wan" and res["vae"]["dtype"] == "float32"
   assert len(res["vae"]["decode_s_per_chunk"]) == 3 and min(res["vae"]["decode_s_per_chunk"]) > 0
   assert set(res["memory"]["programs"]) == {"vae_first_chunk", "vae_chunk"}
   assert any("conv" in k["name"] for k in res["profile"]["top_kernels"])  # the decoder's convolutions

@@ -175,6 +175,11 @@ def _make_decoder(config, vae: bool):
   return PixelDecoder.random(config)
 
 
+def _vae_dtype(decoder):
+  """The Wan VAE's compute dtype (its convolutions run in it), None without one."""
+  return None if decoder is None or decoder.vae is None else np.dtype(decoder.vae.dtype).name
+
+
 def _pipeline_peak(programs: dict, params) -> dict:
   """The DiT's weights stay on the device while the VAE decodes: sampling a video and decoding it needs about
   max(sampler program, weights + the larger decode program)."""
@@ -244,7 +249,7 @@ def run_decode_bench(config, *, runs=3, batch=1, profile_dir=None, log=print) ->
   jax.block_until_ready(decoder.decode_chunk(lat[:, :config.video.chunk_frames], decoder.init_state(batch),
                                              first=True))
   res["compile_s"] = {"vae_first_chunk": time.perf_counter() - t0}
-  res["vae"] = {"kind": decoder.kind, **time_decode_chunks(decoder, lat, runs)}
+  res["vae"] = {"kind": decoder.kind, "dtype": _vae_dtype(decoder), **time_decode_chunks(decoder, lat, runs)}
   times = []
   for _ in range(runs):
     t0 = time.perf_counter()
@@ -338,7 +343,8 @@ def run_bench(config, *, steps=None, threshold=None, mean_steps=None, budget_mea
       "weights": source.get("path", "random"), "video": {
           "height": config.video.height, "width": config.video.width, "latent_frames": F, "pixel_frames": n_pix,
           "chunks": n_chunks, "chunk_frames": c, "tokens_per_frame": sampler.tokens_per_frame},
-      "ladder_steps": L, "vae": None if decoder is None else decoder.kind, "init_s": init_s,
+      "ladder_steps": L, "vae": None if decoder is None else decoder.kind, "vae_dtype": _vae_dtype(decoder),
+      "init_s": init_s,
       "params": {"generator": factory.param_count(params["generator"]), "head": factory.param_count(params["head"])},
   }
   res.update(_bench_meta(config))
