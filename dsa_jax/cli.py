@@ -79,6 +79,7 @@ def main(argv=None, *, exit_on_error: bool = False) -> int:
   parser = build_parser()
   args = parser.parse_args(rest)
   args.overrides = overrides
+  args._argv = argv  # the exact command line, for records such as the bench JSON
   try:
     return int(args._module.main(args) or 0)
   except Exception as e:  # pylint: disable=broad-except  (filtered: real bugs are re-raised)

@@ -62,8 +62,9 @@ def base_config() -> ml_collections.ConfigDict:
       height=480, width=832, num_frames=21, chunk_frames=3, vae_stride=(4, 8, 8), latent_channels=16, fps=16,
   ))
   # Pixel decoding: kind 'none' (latents only), 'wan' (the Wan VAE, checkpoint at `path`) or 'identity' (the latents
-  # are pixels already, as in the pixel-space digits recipe).
-  c.vae = ml_collections.ConfigDict(dict(kind="none", path="", chunked=True))
+  # are pixels already, as in the pixel-space digits recipe). conv3d: how the Wan decoder's 3x3x3 convs are lowered
+  # ('native', 'fold' or 'taps'; same result, speed depends on the backend: `dsa-jax bench sample --decode-only`).
+  c.vae = ml_collections.ConfigDict(dict(kind="none", path="", chunked=True, conv3d="native"))
   # Text: 'umt5' (checkpoint + SentencePiece model at path/tokenizer), 'bow' (fixed bag-of-words encoder saved at
   # path) or 'random' (deterministic random embeddings per prompt, for benchmarks).
   c.text = ml_collections.ConfigDict(dict(kind="random", path="", tokenizer="", negative_prompt=""))

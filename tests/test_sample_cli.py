@@ -94,15 +94,6 @@ def test_bench_sample(tmp_path, tiny, capsys):
   assert "FPS DiT" in capsys.readouterr().out
 
 
-def test_forced_mean_steps_schedule():
-  from dsa_jax.sampling.bench import forced_schedule
-  s = forced_schedule(2.5, 7, 5)
-  assert s.tolist() == [3, 2, 3, 2, 3, 2, 3] and abs(s.mean() - 2.5) < 0.1
-  assert forced_schedule(4, 7, 5).tolist() == [4] * 7
-  with pytest.raises(ValueError, match="--mean-steps"):
-    forced_schedule(7, 7, 5)
-
-
 def test_repeated_prompt_flags_give_several_videos():
   import argparse
   from dsa_jax.commands import sample as sample_cmd

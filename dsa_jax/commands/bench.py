@@ -1,8 +1,10 @@
 """Benchmarks. `dsa-jax bench sample`: sampling speed (compile time, FPS, first-chunk latency, per-component split).
 
   dsa-jax bench sample --config configs/wan_1_3b.py --steps 4 --json out/bench.json
-  dsa-jax bench sample --config configs/wan_1_3b.py --mean-steps 2.5 --json out/bench_2p5.json
+  dsa-jax bench sample --config configs/wan_1_3b.py --forced-mean-steps 2.5 --json out/bench_2p5.json
+  dsa-jax bench sample --config configs/wan_1_3b.py --decode-only --json out/bench_vae.json
   dsa-jax bench sample --config configs/tiny.py --steps 2 --runs 2 --json /tmp/bench.json
+  dsa-jax bench table docs/bench/*.json          # README's table from the JSON files
   dsa-jax bench train --config configs/wan_1_3b.py --teacher-like-model --steps 5 --json out/bench_train.json
 """
 
@@ -10,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 
-HELP = "speed benchmarks (sample, train)"
+HELP = "speed benchmarks (sample, train) and their table"
 
 
 def add_arguments(p):
@@ -20,6 +22,9 @@ def add_arguments(p):
                       description=bench_sample.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   bench_sample.add_arguments(sp)
   sp.set_defaults(_bench=bench_sample.main)
+  tb = sub.add_parser("table", help="README's benchmark table (markdown) from bench sample JSON files")
+  tb.add_argument("files", nargs="+", help="JSON files written by `dsa-jax bench sample --json`")
+  tb.set_defaults(_bench=lambda args: print(bench_sample.markdown_table(args.files)) or 0)
   from dsa_jax.training import bench as bench_train
   tp = sub.add_parser("train", help="DSA training step: step time, peak memory, MFU",
                       description=bench_train.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

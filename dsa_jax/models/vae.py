@@ -22,6 +22,13 @@ The caches are plain dict pytrees of fixed-shape arrays, so ``decode_chunk(first
 
 The caches hold activations in the compute dtype; params stay in ``param_dtype`` (fp32 by default) and are
 cast at use. RMS norms and the attention softmax run in fp32.
+
+Speed. Convolutions run in the compute dtype (bf16 for the Wan recipes) on channels-last arrays, so XLA needs no
+layout transposes around them. Each RMS norm and the SiLU after it are one fp32 elementwise expression cast once to
+the compute dtype (one fusion, one write). A causal conv without a cache (the first chunk of a stream) pads time
+inside the convolution instead of concatenating zero frames, and the nearest 2x upsampling is one broadcast. How
+the 3x3x3 convs are lowered is a choice (``conv3d``: one 3D conv, time taps folded into channels of one 2D conv, or
+per-tap 2D outputs summed); the decoder's functions take it, the result is the same.
 """
 
 from __future__ import annotations
@@ -187,15 +194,53 @@ def _conv(x, w, strides, padding, dtype, precision):
       dimension_numbers=dn, precision=precision)
 
 
+CONV3D_IMPLS = ("native", "fold", "taps")
+
+
+def _conv3d_same_time(x, w, time_pad, impl, dtype, precision):
+  """Stride-1 3D conv, 'same' in space, `time_pad` zero frames before/after in time, by `impl`:
+  'native' one 3D convolution; 'fold' the kT time taps folded into channels (one 2D conv over kT*C input channels
+  on a kT-times copy of the input); 'taps' one 2D conv with kT*C_out outputs on every frame, whose kT output groups
+  are shifted in time and summed (no input copy, kT-times the output). Same result; which is fastest depends on
+  the backend's convolution kernels."""
+  kt, kh, kw = w.shape[:3]
+  pad_hw = [(kh // 2, kh // 2), (kw // 2, kw // 2)]
+  if impl == "native" or kt == 1:
+    return _conv(x, w, (1, 1, 1), [time_pad] + pad_hw, dtype, precision)
+  if impl not in CONV3D_IMPLS:
+    raise VAEConfigError(f"conv3d: expected one of {CONV3D_IMPLS}, got {impl!r}")
+  c, cout = w.shape[3], w.shape[4]
+  if impl == "fold":
+    x = jnp.pad(x, ((0, 0), time_pad, (0, 0), (0, 0), (0, 0))) if time_pad != (0, 0) else x
+    b, t = x.shape[0], x.shape[1] - kt + 1
+    xs = jnp.concatenate([x[:, k:k + t] for k in range(kt)], axis=-1).reshape((b * t,) + x.shape[2:4] + (kt * c,))
+    y = _conv(xs, jnp.transpose(w, (1, 2, 0, 3, 4)).reshape(kh, kw, kt * c, cout), (1, 1), pad_hw, dtype, precision)
+    return y.reshape((b, t) + y.shape[1:])
+  b, t_in = x.shape[:2]
+  z = _conv(x.reshape((b * t_in,) + x.shape[2:]), jnp.transpose(w, (1, 2, 3, 0, 4)).reshape(kh, kw, c, kt * cout),
+            (1, 1), pad_hw, dtype, precision)
+  z = jnp.pad(z.reshape((b, t_in) + z.shape[1:3] + (kt, cout)), ((0, 0), time_pad) + ((0, 0),) * 4)
+  t = z.shape[1] - kt + 1
+  return sum(z[:, k:k + t, :, :, k].astype(jnp.float32) for k in range(kt)).astype(dtype)
+
+
 def _zeros_cache(x: Array, n: int, dtype) -> Array:
   return jnp.zeros((x.shape[0], n) + x.shape[2:], dtype)
+
+
+def _upsample_nearest2x(x: Array) -> Array:
+  """(B, T, H, W, C) -> (B, T, 2H, 2W, C), nearest: one broadcast + reshape (a single fusion), exact."""
+  b, t, h, w, c = x.shape
+  y = jnp.broadcast_to(x[:, :, :, None, :, None, :], (b, t, h, 2, w, 2, c))
+  return y.reshape(b, t, 2 * h, 2 * w, c)
 
 
 class CausalConv3d(nn.Module):
   """3D conv, causal in time (left zero padding of kT - 1 frames, or the cache), 'same' in space.
 
   Returns ``(y, new_cache)``; ``new_cache`` is the last kT - 1 frames of [cache, x] (None for kT == 1).
-  With ``causal=False`` no time padding/cache is applied (caller handles it).
+  With ``causal=False`` no time padding/cache is applied (caller handles it). ``conv3d`` picks how a stride-1
+  conv is computed (`CONV3D_IMPLS`, see `_conv3d_same_time`).
   """
 
   features: int
@@ -205,6 +250,7 @@ class CausalConv3d(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   precision: Any = None
+  conv3d: str = "native"
 
   @nn.compact
   def __call__(self, x: Array, cache: Array | None = None):
@@ -214,14 +260,26 @@ class CausalConv3d(nn.Module):
     bias = self.param("bias", _part(nn.initializers.zeros, ("conv_out",)), (self.features,), self.param_dtype)
     x = x.astype(self.dtype)
     new_cache = None
+    time_pad = (0, 0)
     if self.causal and kt > 1:
-      if cache is None:
-        cache = _zeros_cache(x, kt - 1, self.dtype)
-      x = jnp.concatenate([cache.astype(self.dtype), x], axis=1)
-      new_cache = x[:, x.shape[1] - (kt - 1):]
-    y = _conv(x, kernel, self.strides, [(0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2)], self.dtype,
-              self.precision)
+      if cache is None:  # zero history: the convolution pads time itself (no concatenated copy of the input)
+        time_pad = (kt - 1, 0)
+        new_cache = x[:, x.shape[1] - (kt - 1):] if x.shape[1] >= kt - 1 else \
+            jnp.concatenate([_zeros_cache(x, kt - 1 - x.shape[1], self.dtype), x], axis=1)
+      else:
+        x = jnp.concatenate([cache.astype(self.dtype), x], axis=1)
+        new_cache = x[:, x.shape[1] - (kt - 1):]
+    if tuple(self.strides) == (1, 1, 1):
+      y = _conv3d_same_time(x, kernel, time_pad, self.conv3d, self.dtype, self.precision)
+    else:
+      y = _conv(x, kernel, self.strides, [time_pad, (kh // 2, kh // 2), (kw // 2, kw // 2)], self.dtype,
+                self.precision)
     return y + bias.astype(self.dtype), new_cache
+
+
+def _plain(kw: dict) -> dict:
+  """Module kwargs without the causal-conv choice (for modules that have no causal conv)."""
+  return {k: v for k, v in kw.items() if k != "conv3d"}
 
 
 class Conv2dFrames(nn.Module):
@@ -250,25 +308,41 @@ def _rms_norm(name: str, dtype, param_dtype) -> RMSNorm:
   return RMSNorm(1e-12, axes=("conv_out",), dtype=dtype, param_dtype=param_dtype, name=name)
 
 
+class RMSNormSiLU(nn.Module):
+  """SiLU(RMS norm over channels), one fp32 expression cast once to `dtype` (same params as `_rms_norm`): the
+  statistics, scale and activation fuse into one pass and no intermediate is rounded to bf16."""
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  eps: float = 1e-12
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    scale = self.param("scale", _part(nn.initializers.ones, ("conv_out",)), (x.shape[-1],), self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps) * scale.astype(jnp.float32)
+    return nn.silu(y).astype(self.dtype)
+
+
 class ResidualBlock(nn.Module):
   out_dim: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   precision: Any = None
+  conv3d: str = "native"
 
   @nn.compact
   def __call__(self, x: Array, cache: dict | None = None, first: bool = False):
     cache = cache or {}
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    ckw = dict(kw, precision=self.precision)
+    ckw = dict(kw, precision=self.precision, conv3d=self.conv3d)
     x = x.astype(self.dtype)
     if x.shape[-1] != self.out_dim:
       h, _ = CausalConv3d(self.out_dim, (1, 1, 1), name="conv_shortcut", **ckw)(x)
     else:
       h = x
-    y = nn.silu(_rms_norm("norm1", **kw)(x))
+    y = RMSNormSiLU(name="norm1", **kw)(x)
     y, c1 = CausalConv3d(self.out_dim, name="conv1", **ckw)(y, cache.get("conv1"))
-    y = nn.silu(_rms_norm("norm2", **kw)(y))
+    y = RMSNormSiLU(name="norm2", **kw)(y)
     y, c2 = CausalConv3d(self.out_dim, name="conv2", **ckw)(y, cache.get("conv2"))
     return y + h, {"conv1": c1, "conv2": c2}
 
@@ -319,14 +393,16 @@ class MidBlock(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   precision: Any = None
+  conv3d: str = "native"
 
   @nn.compact
   def __call__(self, x: Array, cache: dict | None = None, first: bool = False):
     cache = cache or {}
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision, conv3d=self.conv3d)
     dim = x.shape[-1]
     x, c0 = ResidualBlock(dim, name="resnets_0", **kw)(x, cache.get("resnets_0"), first)
-    x = AttentionBlock(name="attentions_0", **kw)(x)
+    x = AttentionBlock(name="attentions_0", dtype=self.dtype, param_dtype=self.param_dtype,
+                       precision=self.precision)(x)
     x, c1 = ResidualBlock(dim, name="resnets_1", **kw)(x, cache.get("resnets_1"), first)
     return x, {"resnets_0": c0, "resnets_1": c1}
 
@@ -339,20 +415,19 @@ class Resample(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   precision: Any = None
+  conv3d: str = "native"
 
   @nn.compact
   def __call__(self, x: Array, cache: dict | None = None, first: bool = False):
     cache = cache or {}
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision, conv3d=self.conv3d)
     dim = x.shape[-1]
     new_cache = {}
     x = x.astype(self.dtype)
     if self.mode == "upsample3d":
       tconv = CausalConv3d(2 * dim, (3, 1, 1), name="time_conv", **kw)
       stream = x[:, 1:] if first else x
-      old = cache.get("time_conv")
-      if old is None:
-        old = _zeros_cache(x, 2, self.dtype)
+      old = cache.get("time_conv")  # None at the start of a stream: the conv pads time itself
       if stream.shape[1] > 0:
         y, new_tc = tconv(stream, old)
         b, t, h, w, _ = y.shape
@@ -360,15 +435,16 @@ class Resample(nn.Module):
         y = y.reshape(b, t, h, w, 2, dim).transpose(0, 1, 4, 2, 3, 5).reshape(b, 2 * t, h, w, dim)
         x = jnp.concatenate([x[:, :1], y], axis=1) if first else y
       else:  # only frame 0: not doubled, time_conv stream still empty
+        old = _zeros_cache(x, 2, self.dtype) if old is None else old
         if self.is_initializing():
           tconv(_zeros_cache(x, 1, self.dtype), old)
         new_tc = old
       new_cache["time_conv"] = new_tc
     if self.mode.startswith("upsample"):
-      x = jnp.repeat(jnp.repeat(x, 2, axis=2), 2, axis=3)  # nearest (exact) 2x
-      x = Conv2dFrames(self.out_dim, name="resample", **kw)(x)
+      x = _upsample_nearest2x(x)
+      x = Conv2dFrames(self.out_dim, name="resample", **_plain(kw))(x)
     elif self.mode.startswith("downsample"):
-      x = Conv2dFrames(dim, strides=(2, 2), padding=((0, 1), (0, 1)), name="resample", **kw)(x)
+      x = Conv2dFrames(dim, strides=(2, 2), padding=((0, 1), (0, 1)), name="resample", **_plain(kw))(x)
     else:
       raise VAEConfigError(f"Resample.mode: unknown {self.mode!r}")
     if self.mode == "downsample3d":
@@ -401,12 +477,13 @@ class Encoder3d(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   precision: Any = None
+  conv3d: str = "native"
 
   @nn.compact
   def __call__(self, x: Array, cache: dict | None = None, first: bool = True):
     cfg = self.config
     cache = cache or {}
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision, conv3d=self.conv3d)
     new = {}
     dims = [cfg.base_dim * u for u in (1,) + cfg.dim_mult]
     x, new["conv_in"] = CausalConv3d(dims[0], name="conv_in", **kw)(x, cache.get("conv_in"))
@@ -422,7 +499,7 @@ class Encoder3d(nn.Module):
         x, new[name] = Resample(mode, out_dim, name=name, **kw)(x, cache.get(name), first)
         idx += 1
     x, new["mid_block"] = MidBlock(name="mid_block", **kw)(x, cache.get("mid_block"), first)
-    x = nn.silu(_rms_norm("norm_out", self.dtype, self.param_dtype)(x))
+    x = RMSNormSiLU(self.dtype, self.param_dtype, name="norm_out")(x)
     x, new["conv_out"] = CausalConv3d(2 * cfg.z_dim, name="conv_out", **kw)(x, cache.get("conv_out"))
     return x, new
 
@@ -436,11 +513,12 @@ class UpBlock(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   precision: Any = None
+  conv3d: str = "native"
 
   @nn.compact
   def __call__(self, x: Array, cache: dict | None = None, first: bool = False):
     cache = cache or {}
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision, conv3d=self.conv3d)
     new = {}
     for j in range(self.num_res):
       rn = f"resnets_{j}"
@@ -457,12 +535,13 @@ class Decoder3d(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   precision: Any = None
+  conv3d: str = "native"
 
   @nn.compact
   def __call__(self, x: Array, cache: dict | None = None, first: bool = True):
     cfg = self.config
     cache = cache or {}
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision, conv3d=self.conv3d)
     new = {}
     mult = cfg.dim_mult
     dims = [cfg.dec_base_dim * u for u in (mult[-1],) + tuple(mult[::-1])]
@@ -476,7 +555,7 @@ class Decoder3d(nn.Module):
       name = f"up_blocks_{i}"
       x, new[name] = UpBlock(out_dim, cfg.num_res_blocks + 1, mode, name=name, **kw)(
           x, cache.get(name), first)
-    x = nn.silu(_rms_norm("norm_out", self.dtype, self.param_dtype)(x))
+    x = RMSNormSiLU(self.dtype, self.param_dtype, name="norm_out")(x)
     x, new["conv_out"] = CausalConv3d(cfg.out_channels, name="conv_out", **kw)(x, cache.get("conv_out"))
     return x, new
 
@@ -489,9 +568,10 @@ class AutoencoderKLWan(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   precision: Any = None
+  conv3d: str = "native"
 
   def setup(self):
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision, conv3d=self.conv3d)
     z = self.config.z_dim
     self.encoder = Encoder3d(self.config, **kw)
     self.quant_conv = CausalConv3d(2 * z, (1, 1, 1), **kw)
@@ -528,10 +608,13 @@ def _variables(params: dict) -> dict:
   return {"params": params}
 
 
-def _model(config: WanVAEConfig, dtype, precision, param_dtype=jnp.float32) -> AutoencoderKLWan:
+def _model(config: WanVAEConfig, dtype, precision, param_dtype=jnp.float32, conv3d: str = "native"
+           ) -> AutoencoderKLWan:
   if not isinstance(config, WanVAEConfig):
     raise VAEConfigError(f"config must be a WanVAEConfig, got {type(config).__name__}")
-  return AutoencoderKLWan(config, dtype=dtype, param_dtype=param_dtype, precision=precision)
+  if conv3d not in CONV3D_IMPLS:
+    raise VAEConfigError(f"conv3d: expected one of {CONV3D_IMPLS}, got {conv3d!r}")
+  return AutoencoderKLWan(config, dtype=dtype, param_dtype=param_dtype, precision=precision, conv3d=conv3d)
 
 
 def normalize_latents(mu: Array, config: WanVAEConfig) -> Array:
@@ -626,27 +709,28 @@ def init_decode_cache(config: WanVAEConfig, batch: int, latent_height: int, late
   return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "first", "dtype", "precision"))
+@functools.partial(jax.jit, static_argnames=("config", "first", "dtype", "precision", "conv3d"))
 def decode_chunk(params, latents_chunk, cache, config: WanVAEConfig, *, first: bool = False,
-                 dtype=jnp.float32, precision=None):
+                 dtype=jnp.float32, precision=None, conv3d: str = "native"):
   """Decode K normalised latent frames, carrying the causal cache.
 
   ``first`` (static Python bool) marks the first chunk of a stream: it yields 1 + 4(K-1) pixel frames and
   needs a fresh cache (``init_decode_cache`` or None). Later chunks (``first=False``) yield 4K frames and
-  need the cache returned by the previous call. Returns ``(pixels fp32 in [-1, 1], new_cache)``.
+  need the cache returned by the previous call. Returns ``(pixels fp32 in [-1, 1], new_cache)``. ``conv3d``: how
+  the causal 3D convs are computed (`CONV3D_IMPLS`; same result).
   """
   _check_latents(latents_chunk, config)
   if cache is None and not first:
     raise VAEInputError("decode_chunk: first=False needs the cache returned by the previous chunk")
-  model = _model(config, dtype, precision)
+  model = _model(config, dtype, precision, conv3d=conv3d)
   z = denormalize_latents(latents_chunk, config).astype(dtype)
   y, cache = model.apply(_variables(params), z, cache, first, method=AutoencoderKLWan.decode_raw)
   return y.astype(jnp.float32), cache
 
 
-@functools.partial(jax.jit, static_argnames=("config", "dtype", "precision", "chunk_size"))
+@functools.partial(jax.jit, static_argnames=("config", "dtype", "precision", "chunk_size", "conv3d"))
 def decode(params, latents, config: WanVAEConfig, *, dtype=jnp.float32, precision=None,
-           chunk_size: int | None = None):
+           chunk_size: int | None = None, conv3d: str = "native"):
   """Normalised latents (B, F, h, w, z) -> video (B, 1 + 4(F-1), 8h, 8w, 3) in [-1, 1], fp32.
 
   ``chunk_size=None`` decodes all frames in one pass; an int decodes ``chunk_size`` latent frames at a time
@@ -654,10 +738,11 @@ def decode(params, latents, config: WanVAEConfig, *, dtype=jnp.float32, precisio
   """
   _check_latents(latents, config)
   if chunk_size is None or chunk_size >= latents.shape[1]:
-    return decode_chunk(params, latents, None, config, first=True, dtype=dtype, precision=precision)[0]
+    return decode_chunk(params, latents, None, config, first=True, dtype=dtype, precision=precision,
+                        conv3d=conv3d)[0]
   if chunk_size < 1:
     raise VAEInputError(f"decode: chunk_size must be >= 1, got {chunk_size}")
-  kw = dict(dtype=dtype, precision=precision)
+  kw = dict(dtype=dtype, precision=precision, conv3d=conv3d)
   c = chunk_size
   out0, cache = decode_chunk(params, latents[:, :c], None, config, first=True, **kw)
   outs = [out0]
@@ -687,6 +772,7 @@ class WanVAE:
   config: WanVAEConfig = WanVAEConfig()
   dtype: Any = jnp.float32
   precision: Any = None
+  conv3d: str = "native"
 
   def init_params(self, rng, *, param_dtype=jnp.float32):
     return init_params(self.config, rng, param_dtype=param_dtype)
@@ -696,11 +782,11 @@ class WanVAE:
 
   def decode(self, params, latents, *, chunk_size: int | None = None):
     return decode(params, latents, self.config, dtype=self.dtype, precision=self.precision,
-                  chunk_size=chunk_size)
+                  chunk_size=chunk_size, conv3d=self.conv3d)
 
   def init_decode_cache(self, batch: int, latent_height: int, latent_width: int):
     return init_decode_cache(self.config, batch, latent_height, latent_width, dtype=self.dtype)
 
   def decode_chunk(self, params, latents_chunk, cache, first: bool = False):
     return decode_chunk(params, latents_chunk, cache, self.config, first=first, dtype=self.dtype,
-                        precision=self.precision)
+                        precision=self.precision, conv3d=self.conv3d)

@@ -1,33 +1,58 @@
-"""Sampling speed benchmark: random weights, the config's compute dtype (bf16 for Wan), median of runs.
+"""Sampling speed benchmark: random weights (or --ckpt), the config's compute dtype (bf16 for Wan), median of runs.
 
-  dsa-jax bench sample --config configs/wan_1_3b.py --steps 4 --json out/bench_4steps.json
-  dsa-jax bench sample --config configs/wan_1_3b.py --mean-steps 2.5 --json out/bench_2p5.json
+  dsa-jax bench sample --config configs/wan_1_3b.py --steps 4 --json docs/bench/wan_4steps.json
+  dsa-jax bench sample --config configs/wan_1_3b.py --forced-mean-steps 2.5 --json docs/bench/wan_2p5.json
+  dsa-jax bench sample --config configs/wan_1_3b.py --decode-only --json docs/bench/wan_vae.json
+  dsa-jax bench sample --config configs/wan_1_3b.py --steps 4 --profile /tmp/prof   # + an XLA trace, top kernels
   dsa-jax bench sample --config configs/tiny.py --steps 2 --runs 2 --json /tmp/bench.json   # CPU smoke test
 
-Modes (one of):
+Step modes (one of):
   --steps K        every frame takes exactly K steps (threshold +inf, max_steps K): Self Forcing's sampler at K = 4;
-  --threshold tau  the real dynamic rule with the (random) confidence head: step counts depend on its outputs;
-  --mean-steps m   a forced, deterministic schedule with about m steps per frame on average: chunk i takes
-                   s_i = round((i + 1) m) - round(i m) steps (rounding half up; e.g. m = 2.5 over 7 chunks gives
-                   3,2,3,2,3,2,3), imposed through per-frame min_steps = max_steps = s_i and threshold +inf. The
-                   confidence head still runs at every step, so the cost is the DSA sampler's at that average.
+  --threshold tau  the real dynamic rule with the confidence head (random unless --ckpt): counts follow its outputs;
+  --forced-mean-steps m (also spelled --mean-steps)
+                   a forced, deterministic per-frame schedule whose mean is m steps per frame: round(F m) steps over
+                   the F frames, every frame taking floor or ceil of the mean, imposed through per-frame
+                   min_steps = max_steps and threshold +inf. The chunk's denoising loop runs until its last frame is
+                   done, so frames of a chunk take the same count wherever the total allows (the extra step goes to
+                   whole chunks, spread evenly along the video; at most one chunk is mixed). When F m is not a whole
+                   number the nearest achievable mean is used and reported ('achieved'). The confidence head still
+                   runs at every step, so the cost is the DSA sampler's at that average;
+  --budget-mean-steps m
+                   the sampler's step budget, as `dsa-jax sample --mean-steps m`: tau from the calibration table of
+                   the model given by --ckpt (dsa-jax calibrate), then the dynamic rule with that model's head.
 Default: --steps 4.
 
 Reported (JSON and a table):
+  meta: device kind, jax version, config (name, file, overrides, the main sizes), dtype, step mode and the exact
+    command line, so that tables can be regenerated from the JSON files.
   compile_s: the whole-video program (ahead of time), the per-chunk streaming function (first chunk of a warm-up
     stream minus a warm first chunk) and the VAE chunk decoder.
   video: the one-program sampler, seconds per video and FPS in output pixel frames (Wan: 1 + 4 (F - 1), 81 for
-    21 latent frames) x batch, without and with VAE decoding (chunk by chunk after sampling).
+    21 latent frames) x batch, without and with VAE decoding (chunk by chunk after sampling, each chunk's pixels
+    copied to the host as the outputs' decode path does); decode_s_per_chunk: each chunk's decode alone.
   stream: latency to the first chunk (latents; and decoded pixels with the VAE), time per chunk.
   components: separately jitted functions timed alone per chunk position (the KV length grows along the video):
     one denoising step (DiT forward + head + re-noise), the cache-fill forward, VAE decode of one chunk; totals
     weighted by the steps each chunk actually took, and the rest of the measured video time as 'other'.
-  model FLOPs of the DiT forwards and the achieved TFLOP/s; peak device memory when the backend reports it.
+  memory: per compiled program (the whole-video sampler, the streaming per-chunk program, the VAE's first and later
+    chunk decoders), XLA's own accounting from `compiled.memory_analysis()`: argument, output, aliased (donated),
+    temp and generated-code bytes and their total (argument + output - aliased + temp + code), the device memory
+    that program needs alone; an estimate for sampling + decoding (the DiT's weights stay while the VAE decodes);
+    and the device's `memory_stats()` peak over the whole bench process where the backend has it.
+  model FLOPs of the DiT forwards and the achieved TFLOP/s.
+  --decode-only: just the VAE (random latents): decode time per chunk and the decoders' memory.
+  --profile DIR: a jax.profiler trace of one timed video (sampling + decoding; decoding alone with --decode-only) in
+    DIR, and the top kernels by time
+    read from its Perfetto JSON (open the trace with TensorBoard's profile plugin, or the .json.gz in ui.perfetto.dev).
 """
 
 from __future__ import annotations
 
+import glob
+import gzip
 import json
+import os
+import shlex
 import statistics
 import sys
 import time
@@ -39,26 +64,65 @@ def add_arguments(p):
   p.add_argument("--config", required=True, help="config file (path[:arg])")
   mode = p.add_mutually_exclusive_group()
   mode.add_argument("--steps", type=int, default=None, help="fixed K steps per frame (default 4)")
-  mode.add_argument("--threshold", default=None, help="dynamic: confidence threshold tau (random head)")
-  mode.add_argument("--mean-steps", type=float, default=None, help="forced schedule averaging about this many steps")
+  mode.add_argument("--threshold", default=None, help="dynamic: confidence threshold tau (random head unless --ckpt)")
+  mode.add_argument("--forced-mean-steps", "--mean-steps", dest="forced_mean_steps", type=float, default=None,
+                    help="forced per-frame schedule whose mean is this many steps per frame (--mean-steps is the "
+                         "same here; the sampler's calibrated budget is --budget-mean-steps)")
+  mode.add_argument("--budget-mean-steps", type=float, default=None,
+                    help="step budget: tau from the --ckpt model's calibration table, like `dsa-jax sample "
+                         "--mean-steps`")
+  p.add_argument("--ckpt", default="", help="model folder or workdir to load instead of random weights")
   p.add_argument("--no-vae", action="store_true", help="skip VAE decoding (DiT only)")
+  p.add_argument("--decode-only", action="store_true", help="time only the VAE decoder, chunk by chunk")
   p.add_argument("--runs", type=int, default=3, help="timed runs per measurement (median reported)")
   p.add_argument("--batch-size", type=int, default=1)
   p.add_argument("--guidance", type=float, default=0.0, help="classifier-free guidance g (cond + g (cond - uncond); "
                  "0 = off); != 0 doubles the batch (uncond branch)")
   p.add_argument("--no-stream", action="store_true", help="skip the streaming measurements")
   p.add_argument("--no-components", action="store_true", help="skip the per-component split")
+  p.add_argument("--profile", default=None, metavar="DIR",
+                 help="write a jax.profiler trace of one timed video to DIR and print the top kernels by time")
   p.add_argument("--json", nargs="?", const="bench_sample.json", default=None,
                  help="write the results to this JSON file (default name bench_sample.json)")
 
 
-def forced_schedule(mean_steps: float, num_chunks: int, num_steps: int) -> np.ndarray:
-  """Per-chunk step counts averaging about `mean_steps`: s_i = round((i+1) m) - round(i m), clipped to the ladder."""
-  if not 1.0 <= mean_steps <= num_steps:
-    raise ValueError(f"--mean-steps: must lie in [1, {num_steps}] (the ladder has {num_steps} steps), got {mean_steps}")
-  r = lambda x: int(np.floor(x + 0.5))
-  s = np.asarray([r((i + 1) * mean_steps) - r(i * mean_steps) for i in range(num_chunks)])
-  return np.clip(s, 1, num_steps)
+def forced_schedule(mean_steps: float, num_frames: int, chunk_frames: int, num_steps: int) -> np.ndarray:
+  """(num_frames,) per-frame step counts with mean round(F m) / F, each floor or ceil of it; frames of a chunk
+  share a count except in at most one chunk, and chunks with the extra step are spread evenly (see the module doc)."""
+  m = float(mean_steps)
+  if not np.isfinite(m) or not 1.0 <= m <= num_steps:
+    raise ValueError(f"--forced-mean-steps: must lie in [1, {num_steps}] (the ladder has {num_steps} steps), "
+                     f"got {mean_steps}")
+  if num_frames < 1 or chunk_frames < 1 or num_frames % chunk_frames:
+    raise ValueError(f"forced schedule: {num_frames} frames are not whole chunks of {chunk_frames}")
+  r = lambda x: int(np.floor(x + 0.5 + 1e-9))
+  total = r(num_frames * m)
+  base, extra = divmod(total, num_frames)
+  n = num_frames // chunk_frames
+  full, part = divmod(extra, chunk_frames)
+  s = np.full((n, chunk_frames), base, np.int64)
+  marks = np.asarray([r((k + 1) * full / n) - r(k * full / n) for k in range(n)], bool)
+  s[marks] += 1
+  if part:  # the one mixed chunk: the middle one of those left at the base count
+    rest = np.flatnonzero(~marks)
+    s[rest[len(rest) // 2], :part] += 1
+  return s.reshape(num_frames)
+
+
+def program_memory(compiled) -> dict | None:
+  """XLA's memory accounting of one compiled program (bytes): what it needs on the device on its own."""
+  try:
+    ma = compiled.memory_analysis()
+  except Exception:  # not every backend implements it
+    return None
+  if isinstance(ma, (list, tuple)):
+    ma = ma[0] if ma else None
+  if ma is None:
+    return None
+  f = {k: int(getattr(ma, f"{k}_size_in_bytes", 0) or 0)
+       for k in ("argument", "output", "alias", "temp", "generated_code")}
+  f["total"] = f["argument"] + f["output"] - f["alias"] + f["temp"] + f["generated_code"]
+  return f
 
 
 def _median(xs):
@@ -81,34 +145,179 @@ def _peak_memory():
   return {k: int(stats[k]) for k in ("peak_bytes_in_use", "bytes_in_use", "bytes_limit") if k in stats}
 
 
-def run_bench(config, *, steps=None, threshold=None, mean_steps=None, vae=True, runs=3, batch=1, guidance=0.0,
-              do_stream=True, do_components=True, log=print) -> dict:
+def _bench_meta(config, config_arg=None, overrides=None, argv=None) -> dict:
+  """What the JSON needs to regenerate a table: device, jax, config, dtype and the command line (`argv`: the
+  arguments after `dsa-jax`; default the process's own command line)."""
+  import jax
+  dev = jax.devices()[0]
+  return {
+      "device": {"platform": dev.platform, "kind": dev.device_kind, "count": jax.device_count()},
+      "jax_version": jax.__version__,
+      "config": {"name": config.name, "file": config_arg, "overrides": list(overrides or []),
+                 "model": {k: config.model[k] for k in ("dim", "ffn_dim", "num_layers", "num_heads")},
+                 "video": {k: config.video[k] for k in ("height", "width", "num_frames", "chunk_frames")},
+                 "ladder": list(config.sampling.ladder),
+                 "vae": {"kind": config.vae.kind, "conv3d": config.vae.get("conv3d", "native")},
+                 "attention": config.compute.attention},
+      "dtype": config.compute.dtype,
+      "command": "dsa-jax " + shlex.join(argv) if argv is not None else shlex.join(sys.argv),
+  }
+
+
+def _make_decoder(config, vae: bool):
+  from dsa_jax.sampling.decode import PixelDecoder
+  if not vae:
+    return None
+  if config.vae.kind == "wan" and config.vae.path:
+    return PixelDecoder(config)
+  if config.vae.kind == "identity":
+    return PixelDecoder(config)  # no decoding cost: latents are pixels
+  return PixelDecoder.random(config)
+
+
+def _vae_dtype(decoder):
+  """The Wan VAE's compute dtype (its convolutions run in it), None without one."""
+  return None if decoder is None or decoder.vae is None else np.dtype(decoder.vae.dtype).name
+
+
+def _pipeline_peak(programs: dict, params) -> dict:
+  """The DiT's weights stay on the device while the VAE decodes: sampling a video and decoding it needs about
+  max(sampler program, weights + the larger decode program)."""
+  import jax
+  weights = int(sum(x.nbytes for x in jax.tree_util.tree_leaves(params)))
+  sampler = (programs.get("sampler") or {}).get("total")
+  vae = max([m["total"] for k, m in programs.items() if k.startswith("vae") and m] or [0])
+  if sampler is None:
+    return {"weights_bytes": weights}
+  return {"weights_bytes": weights, "sample_and_decode_bytes": max(sampler, weights + vae)}
+
+
+def decoder_memory(decoder, batch: int, num_frames: int) -> dict:
+  """memory_analysis of the VAE's first-chunk and later-chunk decode programs ({} without a Wan VAE)."""
+  import jax
+  if decoder is None or decoder.kind != "wan":
+    return {}
+  (a0, b0), *rest = decoder.chunk_bounds(num_frames)
+  shape = lambda f: jax.ShapeDtypeStruct((batch, f) + decoder.latent_hw + (decoder.latent_channels,), np.float32)
+  fn = decoder._decode_chunk
+  out = {"vae_first_chunk": program_memory(fn.lower(decoder.vae_params, shape(b0 - a0), None, first=True).compile())}
+  if rest:
+    _, state = jax.eval_shape(lambda p, z: decoder.vae.decode_chunk(p, z, None, first=True), decoder.vae_params,
+                              shape(b0 - a0))
+    a, b = rest[0]
+    out["vae_chunk"] = program_memory(fn.lower(decoder.vae_params, shape(b - a), state, first=False).compile())
+  return out
+
+
+def time_decode_chunks(decoder, latents, runs: int) -> dict:
+  """Each chunk's decode alone (synchronised, median over runs) and its copy to the host."""
+  import jax
+  bounds = decoder.chunk_bounds(latents.shape[1])
+  dec, host = [[] for _ in bounds], [[] for _ in bounds]
+  for r in range(runs + 1):  # run 0 compiles
+    state = decoder.init_state(latents.shape[0])
+    for i, (a, b) in enumerate(bounds):
+      t0 = time.perf_counter()
+      pixels, state = jax.block_until_ready(decoder.decode_chunk(latents[:, a:b], state, first=(i == 0)))
+      t1 = time.perf_counter()
+      np.asarray(pixels)
+      t2 = time.perf_counter()
+      if r:
+        dec[i].append(t1 - t0)
+        host[i].append(t2 - t1)
+  return {"decode_s_per_chunk": [_median(x) for x in dec], "to_host_s_per_chunk": [_median(x) for x in host],
+          "decode_s": float(sum(_median(x) for x in dec))}
+
+
+def run_decode_bench(config, *, runs=3, batch=1, profile_dir=None, log=print) -> dict:
+  """--decode-only: the VAE decoder alone on random latents of the config's video."""
+  import jax
+  from dsa_jax.config_lib import latent_hw, pixel_frames
+  if runs < 1:
+    raise ValueError(f"--runs: must be >= 1, got {runs}")
+  decoder = _make_decoder(config, True)
+  f = config.video.num_frames
+  lat = jax.random.normal(jax.random.PRNGKey(0), (batch, f) + tuple(latent_hw(config))
+                          + (config.video.latent_channels,))
+  n_pix = pixel_frames(config) if decoder.kind == "wan" else f
+  res = {**_bench_meta(config), "mode": {"kind": "decode_only"}, "steps_mode": None, "batch": batch,
+         "runs": runs,
+         "video": {"height": config.video.height, "width": config.video.width, "latent_frames": f,
+                   "pixel_frames": n_pix, "chunks": len(decoder.chunk_bounds(f)),
+                   "chunk_frames": config.video.chunk_frames}}
+  t0 = time.perf_counter()
+  jax.block_until_ready(decoder.decode_chunk(lat[:, :config.video.chunk_frames], decoder.init_state(batch),
+                                             first=True))
+  res["compile_s"] = {"vae_first_chunk": time.perf_counter() - t0}
+  res["vae"] = {"kind": decoder.kind, "dtype": _vae_dtype(decoder), **time_decode_chunks(decoder, lat, runs)}
+  times = []
+  for _ in range(runs):
+    t0 = time.perf_counter()
+    decoder.decode_video(lat)
+    times.append(time.perf_counter() - t0)
+  res["vae"]["video_to_host_s"] = {"median": _median(times), "all": times}
+  res["fps"] = {"vae": batch * n_pix / _median(times)}
+  res["memory"] = {"programs": decoder_memory(decoder, batch, f), "device": _peak_memory()}
+  if profile_dir:
+    res["profile"] = profile_one(lambda: decoder.decode_video(lat), profile_dir, log=log)
+  log(f"  VAE decode: {res['vae']['decode_s']:.3f} s per video (chunks "
+      f"{', '.join(f'{x:.3f}' for x in res['vae']['decode_s_per_chunk'])} s); with the copies to the host "
+      f"{_median(times):.3f} s -> {res['fps']['vae']:.1f} FPS")
+  return res
+
+
+def run_bench(config, *, steps=None, threshold=None, mean_steps=None, budget_mean_steps=None, ckpt="", vae=True,
+              runs=3, batch=1, guidance=0.0, do_stream=True, do_components=True, profile_dir=None,
+              log=print) -> dict:
+  """All measurements of one step mode (see the module docstring). `mean_steps` is the forced schedule."""
   import jax
   import jax.numpy as jnp
 
+  from dsa_jax.checkpoint.loading import cast_params_for_inference, load_sampler_params
   from dsa_jax.config_lib import pixel_frames
-  from dsa_jax.checkpoint.loading import cast_params_for_inference
   from dsa_jax.diffusion import guidance as guidance_lib
   from dsa_jax.models import factory
   from dsa_jax.models.dit import _DTYPES
   from dsa_jax.sampling import sampler as sampler_lib
   from dsa_jax.sampling import stream as stream_lib
-  from dsa_jax.sampling.decode import PixelDecoder
 
   if runs < 1:
     raise ValueError(f"--runs: must be >= 1, got {runs}")
   if batch < 1:
     raise ValueError(f"--batch-size: must be >= 1, got {batch}")
+  if budget_mean_steps is not None and not ckpt:
+    raise ValueError("--budget-mean-steps: needs --ckpt MODEL (a model folder with a calibration table); the "
+                     "forced schedule is --forced-mean-steps")
   sampler = sampler_lib.make_sampler(config)
   n_chunks, c, L, F = sampler.num_chunks, sampler.chunk_frames, sampler.num_steps, sampler.num_frames
   dtype = _DTYPES[config.compute.dtype]
 
-  # Controls by mode.
+  # Weights: random (jitted init: fast even at 1.3B; kernels cast to the compute dtype once) or --ckpt.
+  t0 = time.perf_counter()
+  if ckpt:
+    params, source = load_sampler_params(config, ckpt, warn=log, cast=True)
+  else:
+    params = factory.random_networks(config, ("generator", "head"), jax.random.PRNGKey(0), exact=False)
+    params["generator"] = cast_params_for_inference(params["generator"], dtype)
+    source = {"source": "random"}
+  _sync(params)
+  init_s = time.perf_counter() - t0
+
+  # Controls by step mode.
   if mean_steps is not None:
-    sched = forced_schedule(mean_steps, n_chunks, L)
-    per_frame = np.repeat(sched, c)[None, :]
-    mode = {"kind": "mean_steps", "target": mean_steps, "chunk_schedule": sched.tolist()}
-    ctl_kw = dict(threshold=np.inf, min_steps=per_frame, max_steps=per_frame)
+    sched = forced_schedule(mean_steps, F, c, L)
+    achieved = float(sched.mean())
+    mode = {"kind": "forced_mean_steps", "target": float(mean_steps), "achieved": achieved,
+            "exact": bool(abs(achieved - mean_steps) < 1e-9), "frame_schedule": sched.tolist()}
+    if not mode["exact"]:
+      log(f"  note: {F} frames cannot average exactly {mean_steps:g} steps ({F * mean_steps:g} steps); the forced "
+          f"schedule averages {achieved:.4f} ({int(sched.sum())} steps)")
+    ctl_kw = dict(threshold=np.inf, min_steps=sched[None, :], max_steps=sched[None, :])
+  elif budget_mean_steps is not None:
+    from dsa_jax.sampling import budget
+    tau = budget.threshold_for(source.get("calibration"), budget_mean_steps, source=repr(ckpt))
+    mode = {"kind": "budget_mean_steps", "target": float(budget_mean_steps), "threshold": tau}
+    ctl_kw = dict(threshold=tau)
   elif threshold is not None:
     mode = {"kind": "threshold", "threshold": threshold}
     ctl_kw = dict(threshold=threshold)
@@ -121,43 +330,32 @@ def run_bench(config, *, steps=None, threshold=None, mean_steps=None, vae=True, 
   use_cfg = guidance_lib.is_on(guidance)
   controls = sampler.make_controls(batch, guidance=guidance, seed=0, **ctl_kw)
 
-  # Random weights (jitted init: fast even at 1.3B), kernels cast to the compute dtype once.
-  t0 = time.perf_counter()
   dcfg = sampler.dcfg
-  params = factory.random_networks(config, ("generator", "head"), jax.random.PRNGKey(0), exact=False)
-  params["generator"] = cast_params_for_inference(params["generator"], dtype)
-  _sync(params)
-  init_s = time.perf_counter() - t0
   rs = np.random.RandomState(0)
   context = rs.standard_normal((batch, dcfg.text_len, dcfg.text_dim)).astype(np.float32)
   uncond = rs.standard_normal((batch, dcfg.text_len, dcfg.text_dim)).astype(np.float32) if use_cfg else None
 
-  decoder = None
-  if vae:
-    if config.vae.kind == "wan" and config.vae.path:
-      decoder = PixelDecoder(config)
-    elif config.vae.kind == "identity":
-      decoder = PixelDecoder(config)  # no decoding cost: latents are pixels
-    else:
-      decoder = PixelDecoder.random(config)
+  decoder = _make_decoder(config, vae)
   n_pix = pixel_frames(config) if config.vae.kind != "identity" else F
-  dev = jax.devices()[0]
   res = {
-      "config": config.name, "device": {"platform": dev.platform, "kind": dev.device_kind,
-                                        "count": jax.device_count()},
-      "dtype": config.compute.dtype, "attention": dcfg.attention, "batch": batch, "guidance": guidance,
-      "cfg": use_cfg, "mode": mode, "runs": runs, "video": {
+      "config": config.name, "dtype": config.compute.dtype, "attention": dcfg.attention, "batch": batch,
+      "guidance": guidance, "cfg": use_cfg, "mode": mode, "steps_mode": mode["kind"], "runs": runs,
+      "weights": source.get("path", "random"), "video": {
           "height": config.video.height, "width": config.video.width, "latent_frames": F, "pixel_frames": n_pix,
           "chunks": n_chunks, "chunk_frames": c, "tokens_per_frame": sampler.tokens_per_frame},
-      "ladder_steps": L, "vae": None if decoder is None else decoder.kind, "init_s": init_s,
+      "ladder_steps": L, "vae": None if decoder is None else decoder.kind, "vae_dtype": _vae_dtype(decoder),
+      "init_s": init_s,
       "params": {"generator": factory.param_count(params["generator"]), "head": factory.param_count(params["head"])},
   }
+  res.update(_bench_meta(config))
+  dev = jax.devices()[0]
   log(f"bench sample: {config.name} on {dev.device_kind}, {config.compute.dtype}, attention {dcfg.attention}, "
-      f"batch {batch}, mode {mode}")
+      f"batch {batch}, mode {json.dumps({k: v for k, v in mode.items() if k != 'frame_schedule'})}")
 
   # 1) The one-program sampler.
   compile_s = sampler.compile(params, context, controls, uncond_context=uncond)
   log(f"  compiled the whole-video program in {compile_s:.1f} s")
+  programs = {"sampler": program_memory(list(sampler._compiled.values())[-1])}
   out = jax.device_get(sampler.sample(params, context, controls, uncond_context=uncond))  # warm-up
   times = []
   for _ in range(runs):
@@ -167,8 +365,8 @@ def run_bench(config, *, steps=None, threshold=None, mean_steps=None, vae=True, 
   iters = np.asarray(out.chunk_iters)
   steps_arr = np.asarray(out.steps)
   res["compile_s"] = {"program": compile_s}
-  res["steps"] = {"mean_per_frame": float(steps_arr.mean()), "forwards_per_chunk": iters.tolist(),
-                  "mean_forwards_per_chunk": float(iters.mean())}
+  res["steps"] = {"mean_per_frame": float(steps_arr.mean()), "per_frame": steps_arr[0].tolist(),
+                  "forwards_per_chunk": iters.tolist(), "mean_forwards_per_chunk": float(iters.mean())}
   video_s = _median(times)
   res["video_s"] = {"median": video_s, "all": times}
   res["fps"] = {"dit": batch * n_pix / video_s}
@@ -180,33 +378,29 @@ def run_bench(config, *, steps=None, threshold=None, mean_steps=None, vae=True, 
   flops = float(sum((int(iters[i]) + 1) * per_chunk[i] for i in range(n_chunks)))
   res["flops"] = {"dit_total": flops, "dit_tflops_per_s": flops / video_s / 1e12}
 
-  # 2) VAE chunk decoding after sampling.
+  def one_video():
+    """Sampling, then chunk-by-chunk decoding with every chunk's pixels copied to the host."""
+    o = sampler.sample(params, context, controls, uncond_context=uncond)
+    if decoder is None:
+      return _sync(o)
+    return list(decoder.decode_chunks_to_host(o.latents))
+
+  # 2) VAE chunk decoding after sampling (pixels handed to the host chunk by chunk).
   if decoder is not None:
     lat = jnp.asarray(out.latents)
-    chunks = [lat[:, i * c:(i + 1) * c] for i in range(n_chunks)]
-
-    def decode_all():
-      state = decoder.init_state(batch)
-      pix = []
-      for i, z in enumerate(chunks):
-        p, state = decoder.decode_chunk(z, state, first=(i == 0))
-        pix.append(p)
-      return pix
-
     t0 = time.perf_counter()
-    _sync(decode_all())
+    list(decoder.decode_chunks_to_host(lat))
     res["compile_s"]["vae"] = time.perf_counter() - t0
+    programs.update(decoder_memory(decoder, batch, F))
     vtimes, ttimes = [], []
     for _ in range(runs):
       t0 = time.perf_counter()
-      _sync(decode_all())
+      list(decoder.decode_chunks_to_host(lat))
       vtimes.append(time.perf_counter() - t0)
       t0 = time.perf_counter()
-      o = sampler.sample(params, context, controls, uncond_context=uncond)
-      chunks = [o.latents[:, i * c:(i + 1) * c] for i in range(n_chunks)]
-      _sync(decode_all())
+      one_video()
       ttimes.append(time.perf_counter() - t0)
-    res["vae_s"] = {"median": _median(vtimes), "all": vtimes}
+    res["vae_s"] = {"median": _median(vtimes), "all": vtimes, **time_decode_chunks(decoder, lat, runs)}
     res["video_with_vae_s"] = {"median": _median(ttimes), "all": ttimes}
     res["fps"]["dit_vae"] = batch * n_pix / _median(ttimes)
   log(f"  video: {video_s:.3f} s (DiT) -> {res['fps']['dit']:.2f} FPS"
@@ -236,6 +430,12 @@ def run_bench(config, *, steps=None, threshold=None, mean_steps=None, vae=True, 
                   "total_s": _median(totals), "fps": batch * n_pix / _median(totals)}
     res["compile_s"]["chunk_fn_approx"] = warm_elapsed[0] - st["latents"]["first_chunk_s"]
     res["stream"] = st
+    if sampler.mesh is None:  # the per-chunk program streams run (already compiled: lowering it again is free)
+      args, cfg_on = sampler.prepare(params, context, controls, uncond_context=uncond)
+      p_, ctx_, unc_, ctl_, rng_, cache_, cond_ = args
+      programs["stream_chunk"] = program_memory(sampler._chunk_step_jit.lower(
+          p_, ctx_, unc_, ctl_, rng_, cache_, np.int32(0), cond_, use_cfg=cfg_on).compile())
+      del args, cache_
     log(f"  stream: first chunk {st['latents']['first_chunk_s']:.3f} s"
         + (f" ({st['pixels']['first_chunk_s']:.3f} s to pixels)" if "pixels" in st else "")
         + f", per chunk {', '.join(f'{x:.3f}' for x in st['latents']['per_chunk_s'])} s")
@@ -246,8 +446,87 @@ def run_bench(config, *, steps=None, threshold=None, mean_steps=None, vae=True, 
                                     video_s, res.get("video_with_vae_s", {}).get("median"))
     comp = res["components"]["totals_s"]
     log("  components: " + ", ".join(f"{k} {v:.3f} s" for k, v in comp.items() if v is not None))
-  res["peak_memory"] = _peak_memory()
+
+  # 5) Memory per program and the process peak.
+  res["memory"] = {"programs": programs, "device": _peak_memory(), **_pipeline_peak(programs, params)}
+  res["peak_memory"] = res["memory"]["device"]  # the name older JSON files use
+  log("  memory: " + "; ".join(f"{k} {v['total'] / 2**30:.3f} GiB" for k, v in programs.items() if v))
+
+  # 6) A profile of one timed video.
+  if profile_dir:
+    res["profile"] = profile_one(one_video, profile_dir, log=log)
   return res
+
+
+def profile_one(fn, log_dir: str, top: int = 15, log=print) -> dict:
+  """Runs `fn` once under jax.profiler (trace in `log_dir`) and returns the top kernels by summed time, read from
+  the Perfetto JSON the profiler writes next to its XPlane (None when it cannot be read)."""
+  import jax
+  os.makedirs(log_dir, exist_ok=True)
+  before = set(glob.glob(os.path.join(log_dir, "plugins", "profile", "*")))
+  t0 = time.perf_counter()
+  with jax.profiler.trace(log_dir, create_perfetto_trace=True):
+    fn()
+  wall = time.perf_counter() - t0
+  runs = sorted(set(glob.glob(os.path.join(log_dir, "plugins", "profile", "*"))) - before)
+  run_dir = runs[-1] if runs else log_dir
+  out = {"dir": run_dir, "wall_s": wall, "top_kernels": None,
+         "how_to_open": f"tensorboard --logdir {log_dir} (profile plugin), or load "
+                        f"{os.path.join(run_dir, 'perfetto_trace.json.gz')} in ui.perfetto.dev"}
+  files = sorted(glob.glob(os.path.join(run_dir, "*.trace.json.gz")) +
+                 glob.glob(os.path.join(run_dir, "perfetto_trace.json.gz")))
+  if files:
+    try:
+      out["top_kernels"], out["device_events"] = top_kernels(files[-1], top)
+    except Exception as e:  # a trace format we do not know: say where it is
+      out["parse_error"] = f"{type(e).__name__}: {e}"
+  log(f"  profile: trace of one video ({wall:.2f} s) in {run_dir}; open it with {out['how_to_open']}")
+  if out["top_kernels"]:
+    where = "device" if out["device_events"] else "host (no device timeline in the trace)"
+    log(f"  top kernels by time ({where}):")
+    for k in out["top_kernels"]:
+      log(f"    {k['total_ms']:9.2f} ms {k['share']:6.1%} x{k['count']:<5d} {k['name'][:90]}")
+  return out
+
+
+def _is_device_process(name: str) -> bool:
+  return ("/device:" in name and "/device:CPU" not in name) or name.startswith(("GPU", "TPU"))
+
+
+def top_kernels(path: str, top: int = 15) -> tuple[list[dict], bool]:
+  """Summed durations by event name in a Chrome/Perfetto trace JSON: on device timelines (GPU/TPU) the kernels of
+  the stream lines (derived lines such as 'XLA Ops' and 'XLA Modules' left out: they overlap the kernels); without
+  a device timeline the host's XLA ops (Python frames and executor wrappers left out). Returns (rows, whether device
+  processes were found)."""
+  opener = gzip.open if path.endswith(".gz") else open
+  with opener(path, "rt") as f:
+    trace = json.load(f)
+  events = trace["traceEvents"] if isinstance(trace, dict) else trace
+  meta = lambda kind: {(e.get("pid"), e.get("tid")) if kind == "thread_name" else e.get("pid"):
+                       str(e.get("args", {}).get("name", "")) for e in events
+                       if e.get("ph") == "M" and e.get("name") == kind}
+  names, threads = meta("process_name"), meta("thread_name")
+  device = {pid for pid, n in names.items() if _is_device_process(n)}
+  derived = ("XLA Ops", "XLA Modules", "Steps", "Framework", "Source", "TraceMe", "Launch")
+  groups = {"kernels": ({}, {}), "ops": ({}, {})}
+  for e in events:
+    if e.get("ph") != "X" or "dur" not in e or (device and e.get("pid") not in device):
+      continue
+    n = str(e.get("name", "?"))
+    line = threads.get((e.get("pid"), e.get("tid")), "")
+    if device:
+      group = "ops" if "XLA Ops" in line else None if any(d in line for d in derived) else "kernels"
+    else:  # the host's XLA ops without Python frames and executor wrappers
+      group = None if n.startswith("$") or n.startswith("ThunkExecutor") else "kernels"
+    if group is None:
+      continue
+    totals, counts = groups[group]
+    totals[n] = totals.get(n, 0.0) + float(e["dur"])
+    counts[n] = counts.get(n, 0) + 1
+  totals, counts = groups["kernels"] if groups["kernels"][0] else groups["ops"]
+  whole = sum(totals.values()) or 1.0
+  rows = sorted(totals.items(), key=lambda kv: -kv[1])[:top]
+  return [{"name": n, "total_ms": t / 1e3, "count": counts[n], "share": t / whole} for n, t in rows], bool(device)
 
 
 def _components(sampler, params, context, uncond, controls, iters, use_cfg, decoder, runs, video_s, video_vae_s):
@@ -269,7 +548,8 @@ def _components(sampler, params, context, uncond, controls, iters, use_cfg, deco
     v, feats, cache = sampler.forward(params["generator"], x, t, ctx, uctx, controls.guidance, cache, i * c, use_cfg)
     x0 = flow.x0_from_velocity(x, v, sigma)
     conf = sampler.confidence(params["head"], feats, jnp.full((b, c), k, jnp.int32), t)
-    x = flow.renoise(x0, jax.random.normal(rng, x.shape), jnp.asarray(sampler.sigmas)[jnp.minimum(k + 1, sampler.num_steps - 1)])
+    nxt = jnp.asarray(sampler.sigmas)[jnp.minimum(k + 1, sampler.num_steps - 1)]
+    x = flow.renoise(x0, jax.random.normal(rng, x.shape), nxt)
     return x, conf, cache
 
   def fill(params, x0, cache, i):
@@ -304,13 +584,13 @@ def _components(sampler, params, context, uncond, controls, iters, use_cfg, deco
   totals = {"dit_steps": dit_steps, "cache_fill": fill_total}
   if decoder is not None and decoder.kind == "wan":
     lat = jnp.zeros((b,) + sampler.chunk_shape, jnp.float32)
-    p0, state = _sync(decoder.decode_chunk(lat, None, first=True))
+    _, state = _sync(decoder.decode_chunk(lat, None, first=True))
+    _, state = _sync(decoder.decode_chunk(lat, state, first=False))  # compile / warm (the cache is donated)
     f_t, r_t = [], []
     for _ in range(runs):
       t0 = time.perf_counter()
-      p0, s0 = _sync(decoder.decode_chunk(lat, None, first=True))
+      _sync(decoder.decode_chunk(lat, None, first=True))
       f_t.append(time.perf_counter() - t0)
-      _sync(decoder.decode_chunk(lat, state, first=False))  # compile / warm
       t0 = time.perf_counter()
       _, state = _sync(decoder.decode_chunk(lat, state, first=False))
       r_t.append(time.perf_counter() - t0)
@@ -323,15 +603,44 @@ def _components(sampler, params, context, uncond, controls, iters, use_cfg, deco
   return out
 
 
+def _gib(x):
+  return f"{x / 2**30:.3f}"
+
+
+def _memory_rows(res: dict) -> list:
+  rows = []
+  mem = res.get("memory") or {}
+  for name, m in (mem.get("programs") or {}).items():
+    if m:
+      rows.append((f"memory {name} (GiB)", f"total {_gib(m['total'])} = argument {_gib(m['argument'])} + output "
+                   f"{_gib(m['output'])} - aliased {_gib(m['alias'])} + temp {_gib(m['temp'])} + code "
+                   f"{_gib(m['generated_code'])}"))
+  if mem.get("sample_and_decode_bytes"):
+    rows.append(("memory sampling + decoding (GiB)", f"{_gib(mem['sample_and_decode_bytes'])} (DiT weights "
+                 f"{_gib(mem['weights_bytes'])} stay while the VAE decodes)"))
+  dev = mem.get("device")
+  if dev and "peak_bytes_in_use" in dev:
+    rows.append(("peak device memory, process (GiB)", _gib(dev["peak_bytes_in_use"])))
+  return rows
+
+
+def _meta_rows(res: dict) -> list:
+  return [("config", res["config"]["name"]), ("device", f"{res['device']['kind']} ({res['device']['platform']}), "
+                                                        f"jax {res['jax_version']}")]
+
+
 def format_table(res: dict) -> str:
-  rows = [("config", res["config"]), ("device", f"{res['device']['kind']} ({res['device']['platform']})"),
-          ("dtype / attention", f"{res['dtype']} / {res['attention']}"), ("mode", json.dumps(res["mode"])),
-          ("batch", res["batch"]),
-          ("video", f"{res['video']['latent_frames']} latent -> {res['video']['pixel_frames']} pixel frames, "
-                    f"{res['video']['chunks']} chunks, {res['video']['height']}x{res['video']['width']}"),
-          ("steps/frame (mean)", f"{res['steps']['mean_per_frame']:.2f}; forwards/chunk "
-                                 f"{res['steps']['forwards_per_chunk']}"),
-          ("compile program (s)", f"{res['compile_s']['program']:.1f}")]
+  if res["mode"]["kind"] == "decode_only":
+    return format_decode_table(res)
+  mode = {k: v for k, v in res["mode"].items() if k != "frame_schedule"}
+  rows = _meta_rows(res) + [
+      ("dtype / attention", f"{res['dtype']} / {res['attention']}"), ("mode", json.dumps(mode)),
+      ("batch", res["batch"]),
+      ("video", f"{res['video']['latent_frames']} latent -> {res['video']['pixel_frames']} pixel frames, "
+                f"{res['video']['chunks']} chunks, {res['video']['height']}x{res['video']['width']}"),
+      ("steps/frame (mean)", f"{res['steps']['mean_per_frame']:.4f}; forwards/chunk "
+                             f"{res['steps']['forwards_per_chunk']}"),
+      ("compile program (s)", f"{res['compile_s']['program']:.1f}")]
   if "chunk_fn_approx" in res["compile_s"]:
     rows.append(("compile chunk fn (s, approx)", f"{res['compile_s']['chunk_fn_approx']:.1f}"))
   rows.append(("video DiT (s, median)", f"{res['video_s']['median']:.4f}"))
@@ -339,6 +648,8 @@ def format_table(res: dict) -> str:
   if "dit_vae" in res["fps"]:
     rows.append(("video DiT+VAE (s)", f"{res['video_with_vae_s']['median']:.4f}"))
     rows.append(("FPS DiT+VAE", f"{res['fps']['dit_vae']:.2f}"))
+    rows.append(("VAE decode per chunk (s)", ", ".join(f"{x:.4f}" for x in res["vae_s"]["decode_s_per_chunk"])
+                 + f"; sum {res['vae_s']['decode_s']:.4f}"))
   rows.append(("DiT TFLOP/s (model)", f"{res['flops']['dit_tflops_per_s']:.1f}"))
   if "stream" in res:
     s = res["stream"]["latents"]
@@ -354,23 +665,103 @@ def format_table(res: dict) -> str:
     if "vae_chunk_s" in comp:
       rows.append(("VAE chunk (s) first / later", f"{comp['vae_first_chunk_s']:.4f} / {comp['vae_chunk_s']:.4f}"))
     rows.append(("split (s)", ", ".join(f"{k} {v:.4f}" for k, v in comp["totals_s"].items() if v is not None)))
-  pm = res.get("peak_memory")
-  if pm and "peak_bytes_in_use" in pm:
-    rows.append(("peak device memory (GiB)", f"{pm['peak_bytes_in_use'] / 2**30:.2f}"))
+  rows += _memory_rows(res)
+  if res.get("profile"):
+    rows.append(("profile", res["profile"]["dir"]))
+  return _table(rows)
+
+
+def format_decode_table(res: dict) -> str:
+  v = res["vae"]
+  rows = _meta_rows(res) + [
+      ("dtype / vae", f"{res['dtype']} / {v['kind']}"), ("batch", res["batch"]),
+      ("video", f"{res['video']['latent_frames']} latent -> {res['video']['pixel_frames']} pixel frames, "
+                f"{res['video']['chunks']} chunks, {res['video']['height']}x{res['video']['width']}"),
+      ("VAE decode per chunk (s)", ", ".join(f"{x:.4f}" for x in v["decode_s_per_chunk"])),
+      ("VAE copy to host per chunk (s)", ", ".join(f"{x:.4f}" for x in v["to_host_s_per_chunk"])),
+      ("VAE decode, sum of chunks (s)", f"{v['decode_s']:.4f}"),
+      ("VAE video to host (s)", f"{v['video_to_host_s']['median']:.4f}"),
+      ("FPS VAE", f"{res['fps']['vae']:.2f}")]
+  rows += _memory_rows(res)
+  if res.get("profile"):
+    rows.append(("profile", res["profile"]["dir"]))
+  return _table(rows)
+
+
+def _table(rows) -> str:
   w = max(len(str(k)) for k, _ in rows)
   return "\n".join(f"{str(k).ljust(w)}  {v}" for k, v in rows)
+
+
+TABLE_COLUMNS = ("file", "device", "config", "dtype", "steps", "steps/frame", "FPS DiT", "FPS DiT+VAE",
+                 "first chunk, pixels (s)", "VAE decode (s/video)", "sampler memory (GiB)",
+                 "sampling + decoding (GiB)", "jax")
+
+
+def table_row(res: dict, name: str = "") -> dict:
+  """One README table row from a bench JSON (missing measurements are '-')."""
+  f = lambda x, fmt: "-" if x is None else format(x, fmt)
+  mode = res.get("mode", {})
+  kind = mode.get("kind")
+  steps = {"steps": lambda: f"fixed {mode.get('steps')}",
+           "forced_mean_steps": lambda: f"forced mean {mode['target']:g}",
+           "budget_mean_steps": lambda: f"budget {mode['target']:g}", "threshold": lambda: f"tau {mode['threshold']}",
+           "decode_only": lambda: "VAE only"}.get(kind, lambda: str(kind))()
+  mem = res.get("memory") or {}
+  sampler_mem = ((mem.get("programs") or {}).get("sampler") or {}).get("total")
+  vae = res.get("vae_s") or res.get("vae") or {}
+  first = ((res.get("stream") or {}).get("pixels") or {}).get("first_chunk_s")
+  cfg = res.get("config")
+  return {"file": name, "device": (res.get("device") or {}).get("kind", "-"),
+          "config": cfg.get("name") if isinstance(cfg, dict) else cfg, "dtype": res.get("dtype", "-"), "steps": steps,
+          "steps/frame": f((res.get("steps") or {}).get("mean_per_frame"), ".3f"),
+          "FPS DiT": f((res.get("fps") or {}).get("dit"), ".1f"),
+          "FPS DiT+VAE": f((res.get("fps") or {}).get("dit_vae"), ".1f"),
+          "first chunk, pixels (s)": f(first, ".3f"),
+          "VAE decode (s/video)": f(vae.get("decode_s") if isinstance(vae, dict) else None, ".3f"),
+          "sampler memory (GiB)": f(None if sampler_mem is None else sampler_mem / 2**30, ".2f"),
+          "sampling + decoding (GiB)": f(None if not mem.get("sample_and_decode_bytes") else
+                                         mem["sample_and_decode_bytes"] / 2**30, ".2f"),
+          "jax": res.get("jax_version", "-")}
+
+
+def markdown_table(paths) -> str:
+  """README's benchmark table from bench JSON files, with the command that made each row under it."""
+  rows, commands = [], []
+  for path in paths:
+    try:
+      with open(path) as fh:
+        res = json.load(fh)
+    except (OSError, ValueError) as e:
+      raise ValueError(f"bench table: {path}: not a readable bench JSON file ({e})") from None
+    if not isinstance(res, dict) or "mode" not in res:
+      raise ValueError(f"bench table: {path}: not a `dsa-jax bench sample` JSON file (no 'mode')")
+    rows.append(table_row(res, os.path.basename(path)))
+    commands.append(f"- `{os.path.basename(path)}`: `{res.get('command', '?')}`")
+  lines = ["| " + " | ".join(TABLE_COLUMNS) + " |", "| " + " | ".join("---" for _ in TABLE_COLUMNS) + " |"]
+  lines += ["| " + " | ".join(str(r[c]) for c in TABLE_COLUMNS) + " |" for r in rows]
+  return "\n".join(lines + [""] + commands)
 
 
 def main(args) -> int:
   from dsa_jax.config_lib import get_config
   config = get_config(args.config, args.overrides)
-  threshold = None
-  if args.threshold is not None:
-    from dsa_jax.sampling.sampler import parse_threshold
-    threshold = parse_threshold(args.threshold)
-  res = run_bench(config, steps=args.steps, threshold=threshold, mean_steps=args.mean_steps, vae=not args.no_vae,
-                  runs=args.runs, batch=args.batch_size, guidance=args.guidance, do_stream=not args.no_stream,
-                  do_components=not args.no_components, log=lambda m: print(m, file=sys.stderr, flush=True))
+  log = lambda m: print(m, file=sys.stderr, flush=True)
+  meta = _bench_meta(config, args.config, args.overrides, getattr(args, "_argv", None))
+  if args.decode_only:
+    if args.no_vae:
+      raise ValueError("--decode-only and --no-vae: the decode-only bench needs the VAE")
+    res = run_decode_bench(config, runs=args.runs, batch=args.batch_size, profile_dir=args.profile, log=log)
+  else:
+    threshold = None
+    if args.threshold is not None:
+      from dsa_jax.sampling.sampler import parse_threshold
+      threshold = parse_threshold(args.threshold)
+    res = run_bench(config, steps=args.steps, threshold=threshold, mean_steps=args.forced_mean_steps,
+                    budget_mean_steps=args.budget_mean_steps, ckpt=args.ckpt, vae=not args.no_vae, runs=args.runs,
+                    batch=args.batch_size, guidance=args.guidance, do_stream=not args.no_stream,
+                    do_components=not args.no_components, profile_dir=args.profile, log=log)
+  res.update(meta)
   res["args"] = {k: v for k, v in vars(args).items() if not k.startswith("_")}
   print(format_table(res), flush=True)
   if args.json:

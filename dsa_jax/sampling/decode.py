@@ -5,16 +5,21 @@
   'identity' the latents are pixels in [-1, 1] (pixel-space recipes; 1 or 3 channels);
   'wan'      the Wan2.1 VAE (`dsa_jax.models.vae`), params from `config.vae.path` (params_io network 'vae'),
              decoded chunk by chunk with its causal cache (the first chunk gives 1 + 4(c-1) frames, later ones 4c).
+
+Whole videos are decoded chunk by chunk too (`decode_video`): each chunk's pixels are copied to the host while the
+next chunk decodes, so the device never holds a whole video of pixels (81 frames of 832x480 are ~0.4 GB in fp32)
+next to the sampler. The causal cache is donated from chunk to chunk (updated in place, not copied).
 """
 
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from dsa_jax.config_lib import latent_hw
 
 VAE_KINDS = ("none", "identity", "wan")
 PREVIEW_SCALE = 3.0  # 'none' streaming preview: latents / 3 clipped to [-1, 1] (latents are ~unit variance)
@@ -59,6 +64,8 @@ class PixelDecoder:
     if self.kind not in VAE_KINDS:
       raise ValueError(f"config.vae.kind: expected one of {VAE_KINDS}, got {self.kind!r}")
     self.chunk_frames = config.video.chunk_frames
+    self.latent_hw = tuple(int(x) for x in latent_hw(config))
+    self.latent_channels = int(config.video.latent_channels)
     self.spatial = int(config.video.vae_stride[1])
     self.temporal = int(config.video.vae_stride[0])
     c = config.video.latent_channels
@@ -78,11 +85,15 @@ class PixelDecoder:
         raise ValueError(f"config.video.vae_stride {tuple(config.video.vae_stride)} does not match the VAE "
                          f"(temporal {vae_config.temporal_factor}, spatial {vae_config.spatial_factor})")
       dtype = dtype or _DTYPES[config.compute.dtype]
-      self.vae = vae_lib.WanVAE(vae_config, dtype=dtype)
+      conv3d = config.vae.get("conv3d", "native")
+      if conv3d not in vae_lib.CONV3D_IMPLS:
+        raise ValueError(f"config.vae.conv3d: expected one of {vae_lib.CONV3D_IMPLS}, got {conv3d!r}")
+      self.vae = vae_lib.WanVAE(vae_config, dtype=dtype, conv3d=conv3d)
       self.vae_params = vae_params if vae_params is not None else self.vae.init_params(jax.random.PRNGKey(0))
-      self._decode_chunk = jax.jit(self.vae.decode_chunk, static_argnames=("first",))
-      chunk = self.chunk_frames if config.vae.get("chunked", True) else None
-      self._decode_video = jax.jit(functools.partial(self.vae.decode, chunk_size=chunk))
+      # The cache (argument 2) is donated: a chunk's new cache reuses the old one's buffers.
+      self._decode_chunk = jax.jit(self.vae.decode_chunk, static_argnames=("first",), donate_argnums=(2,))
+      self.chunked = bool(config.vae.get("chunked", True))
+      self._decode_video = jax.jit(self.vae.decode)
 
   @classmethod
   def random(cls, config, dtype=None, seed: int = 0):
@@ -107,10 +118,14 @@ class PixelDecoder:
     return jnp.repeat(x, 3, axis=-1) if x.shape[-1] == 1 else x
 
   def decode_video(self, latents):
-    """Whole video -> pixels (device array). 'none': per-video, per-channel normalisation of the preview."""
-    latents = jnp.asarray(latents, jnp.float32)
+    """Whole video -> pixels: a host numpy array for 'wan' (chunk by chunk, see the module docstring; with
+    config.vae.chunked = False one pass on the device), a device array otherwise. 'none': per-video, per-channel
+    normalisation of the preview."""
     if self.kind == "wan":
-      return self._decode_video(self.vae_params, latents)
+      if not self.chunked:
+        return self._decode_video(self.vae_params, jnp.asarray(latents, jnp.float32))
+      return np.concatenate(list(self.decode_chunks_to_host(latents)), axis=1)
+    latents = jnp.asarray(latents, jnp.float32)
     if self.kind == "identity":
       return self._identity(latents)
     x = latents[..., :3]
@@ -120,6 +135,26 @@ class PixelDecoder:
 
   def init_state(self, batch: int):
     return None
+
+  def chunk_bounds(self, num_frames: int) -> list[tuple[int, int]]:
+    """Latent frame ranges [a, b) of the decode chunks of a video (the last one may be shorter)."""
+    c = self.chunk_frames
+    return [(a, min(a + c, num_frames)) for a in range(0, num_frames, c)]
+
+  def decode_chunks_to_host(self, latents):
+    """Yields each chunk's pixels as a host numpy array, decoding chunk i + 1 while chunk i is copied back, so at
+    most two chunks of pixels are on the device at a time."""
+    latents = jnp.asarray(latents, jnp.float32)
+    state, pending = self.init_state(latents.shape[0]), None
+    for i, (a, b) in enumerate(self.chunk_bounds(latents.shape[1])):
+      pixels, state = self.decode_chunk(latents[:, a:b], state, first=(i == 0))
+      if hasattr(pixels, "copy_to_host_async"):
+        pixels.copy_to_host_async()
+      if pending is not None:
+        yield np.asarray(pending)
+      pending = pixels
+    if pending is not None:
+      yield np.asarray(pending)
 
   def decode_chunk(self, latents_chunk, state, first: bool):
     """One chunk -> (pixels, state). 'none' uses a fixed scale so chunks of a stream look alike."""

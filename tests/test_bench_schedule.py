@@ -1,0 +1,137 @@
+"""`dsa-jax bench sample`: the forced mean-steps schedule, per-program memory, the JSON's metadata, the profile."""
+
+import json
+
+import numpy as np
+import pytest
+
+from dsa_jax.sampling import bench
+
+
+@pytest.mark.parametrize("m,frames,chunk,steps", [(2.5, 6, 2, 4), (2.5, 20, 4, 4), (1.25, 12, 3, 5), (4.0, 21, 3, 4),
+                                                  (1.0, 6, 2, 4), (10 / 3, 6, 2, 4)])
+def test_forced_schedule_mean_is_exact(m, frames, chunk, steps):
+  s = bench.forced_schedule(m, frames, chunk, steps)
+  assert s.shape == (frames,) and s.mean() == pytest.approx(m, abs=1e-12)
+  assert set(np.unique(s)) <= {int(np.floor(m)), int(np.ceil(m))}
+  per_chunk = s.reshape(-1, chunk)
+  assert sum(len(set(row)) > 1 for row in per_chunk.tolist()) <= 1  # at most one chunk mixes counts
+
+
+def test_forced_schedule_spreads_and_rounds():
+  s = bench.forced_schedule(2.5, 12, 2, 4)  # 3 chunks of 3 steps spread over 6: every other chunk
+  assert s.reshape(6, 2)[:, 0].tolist() == [3, 2, 3, 2, 3, 2]
+  s = bench.forced_schedule(2.5, 21, 3, 4)  # 52.5 steps cannot be: the nearest total, 53
+  assert s.sum() == 53 and abs(s.mean() - 2.5) <= 0.5 / 21
+  with pytest.raises(ValueError, match="--forced-mean-steps"):
+    bench.forced_schedule(5, 6, 2, 4)
+
+
+def test_forced_schedule_achieved_by_the_sampler(tiny_config):
+  """The tiny sampler takes exactly the forced per-frame counts: the average is m for several m."""
+  import jax
+  from dsa_jax.sampling.sampler import make_sampler
+  sampler = make_sampler(tiny_config)
+  params = sampler.init_params(jax.random.PRNGKey(0))
+  ctx = np.random.RandomState(0).standard_normal((1, sampler.dcfg.text_len, sampler.dcfg.text_dim)).astype(np.float32)
+  f, c, L = sampler.num_frames, sampler.chunk_frames, sampler.num_steps
+  for m in (1.5, 2.5, 10 / 3, 4.0):
+    sched = bench.forced_schedule(m, f, c, L)
+    controls = sampler.make_controls(1, threshold=np.inf, min_steps=sched[None], max_steps=sched[None])
+    out = sampler.sample(params, ctx, controls)
+    steps = np.asarray(out.steps)[0]
+    assert steps.tolist() == sched.tolist() and steps.mean() == pytest.approx(m, abs=1e-12)
+    assert np.asarray(out.chunk_iters).tolist() == sched.reshape(-1, c).max(1).tolist()
+  assert sampler.trace_counts["program"] == 1  # schedules are traced controls
+
+
+def test_bench_json_has_memory_meta_decode_and_profile(tmp_path, repo_root, capsys):
+  from dsa_jax import cli
+  path, prof = tmp_path / "b.json", tmp_path / "prof"
+  rc = cli.main(["bench", "sample", "--config", f"{repo_root}/configs/tiny.py", "--forced-mean-steps", "2.5",
+                 "--runs", "1", "--no-stream", "--no-components", "--profile", str(prof), "--json", str(path)])
+  assert rc == 0
+  res = json.loads(path.read_text())
+  assert res["mode"]["kind"] == res["steps_mode"] == "forced_mean_steps" and res["mode"]["exact"]
+  assert res["steps"]["mean_per_frame"] == 2.5
+  for key in ("kind", "platform"):
+    assert res["device"][key]
+  assert res["jax_version"] and res["dtype"] == res["vae_dtype"] == "float32" and res["config"]["name"] == "tiny"
+  assert res["config"]["file"].endswith("tiny.py") and "--forced-mean-steps 2.5" in res["command"]
+  progs = res["memory"]["programs"]
+  assert set(progs) == {"sampler", "vae_first_chunk", "vae_chunk"}
+  for m in progs.values():
+    assert set(m) == {"argument", "output", "alias", "temp", "generated_code", "total"}
+    assert m["argument"] > 0 and m["output"] > 0 and m["total"] > 0 and min(m.values()) >= 0
+  assert progs["vae_chunk"]["alias"] > 0  # the causal cache is donated
+  assert len(res["vae_s"]["decode_s_per_chunk"]) == 3 and min(res["vae_s"]["decode_s_per_chunk"]) > 0
+  assert res["profile"]["top_kernels"] and res["profile"]["dir"].startswith(str(prof))
+  out = capsys.readouterr().out
+  assert "memory sampler (GiB)" in out and "VAE decode per chunk" in out
+
+
+def test_budget_mean_steps_needs_a_model(tiny_config):
+  with pytest.raises(ValueError, match="--budget-mean-steps: needs --ckpt"):
+    bench.run_bench(tiny_config, budget_mean_steps=2.0, vae=False, runs=1, do_stream=False, do_components=False,
+                    log=lambda m: None)
+
+
+def test_mean_steps_is_the_forced_schedule_and_modes_exclude_each_other(capsys):
+  from dsa_jax import cli
+  parser = cli.build_parser()
+  args = parser.parse_args(["bench", "sample", "--config", "c.py", "--mean-steps", "2.5"])
+  assert args.forced_mean_steps == 2.5 and args.budget_mean_steps is None
+  with pytest.raises(SystemExit):
+    parser.parse_args(["bench", "sample", "--config", "c.py", "--forced-mean-steps", "2", "--budget-mean-steps", "2"])
+  assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_top_kernels_reads_device_stream_lines(tmp_path):
+  import gzip
+  ev = [{"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}},
+        {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/host:CPU"}},
+        {"ph": "M", "name": "thread_name", "pid": 1, "tid": 7, "args": {"name": "Stream #7(Compute)"}},
+        {"ph": "M", "name": "thread_name", "pid": 1, "tid": 9, "args": {"name": "XLA Ops"}}]
+  ev += [{"ph": "X", "pid": 1, "tid": 7, "name": "gemm_fusion", "dur": 30.0}] * 3
+  ev += [{"ph": "X", "pid": 1, "tid": 7, "name": "loop_fusion", "dur": 10.0},
+         {"ph": "X", "pid": 1, "tid": 9, "name": "dot.1", "dur": 500.0},  # a derived line: not a kernel
+         {"ph": "X", "pid": 2, "tid": 1, "name": "host_thing", "dur": 900.0}]
+  path = tmp_path / "perfetto_trace.json.gz"
+  with gzip.open(path, "wt") as f:
+    json.dump({"traceEvents": ev}, f)
+  rows, on_device = bench.top_kernels(str(path))
+  assert on_device and [r["name"] for r in rows] == ["gemm_fusion", "loop_fusion"]
+  assert rows[0]["count"] == 3 and rows[0]["total_ms"] == pytest.approx(0.09) and rows[0]["share"] == pytest.approx(0.9)
+
+
+def test_decode_only_and_table(tmp_path, repo_root, capsys):
+  from dsa_jax import cli
+  path = tmp_path / "vae.json"
+  assert cli.main(["bench", "sample", "--config", f"{repo_root}/configs/tiny.py", "--decode-only", "--runs", "1",
+                   "--profile", str(tmp_path / "prof"), "--json", str(path)]) == 0
+  res = json.loads(path.read_text())
+  assert res["mode"]["kind"] == "decode_only" and res["vae"]["kind"] == "wan" and res["vae"]["dtype"] == "float32"
+  assert len(res["vae"]["decode_s_per_chunk"]) == 3 and min(res["vae"]["decode_s_per_chunk"]) > 0
+  assert set(res["memory"]["programs"]) == {"vae_first_chunk", "vae_chunk"}
+  assert any("conv" in k["name"] for k in res["profile"]["top_kernels"])  # the decoder's convolutions
+  capsys.readouterr()
+  assert cli.main(["bench", "table", str(path)]) == 0
+  out = capsys.readouterr().out
+  assert "| vae.json | cpu | tiny | float32 | VAE only |" in out and "--decode-only" in out
+  assert cli.main(["bench", "table", str(tmp_path / "missing.json")]) == 2
+  assert "bench table:" in capsys.readouterr().err
+
+
+def test_budget_mean_steps_uses_the_models_calibration(repo_root):
+  """--budget-mean-steps m: tau from the shipped digits model's table, as `dsa-jax sample --mean-steps m` picks it."""
+  import os
+  from dsa_jax.config_lib import get_config
+  from dsa_jax.sampling.budget import threshold_for
+  from dsa_jax.checkpoint import params_io
+  config = get_config(os.path.join(repo_root, "configs", "digits.py"), ["--config.compute.dtype=float32"])
+  ckpt = config.sampling.checkpoint
+  res = bench.run_bench(config, budget_mean_steps=2.5, ckpt=ckpt, vae=False, runs=1, do_stream=False,
+                        do_components=False, log=lambda m: None)
+  tau = threshold_for(params_io.read_meta(ckpt)["calibration"], 2.5)
+  assert res["mode"] == {"kind": "budget_mean_steps", "target": 2.5, "threshold": tau} and 0 < tau < 1
+  assert res["weights"] == ckpt and 1 <= res["steps"]["mean_per_frame"] <= config.sampling.max_steps

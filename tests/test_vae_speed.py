@@ -1,0 +1,67 @@
+"""The Wan VAE decoder's speed-minded forms give the plain forms' results: the 3D conv lowerings, fused norm + SiLU,
+nearest upsampling, and chunk-by-chunk decoding to the host with a donated cache."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dsa_jax.models import vae as V
+from dsa_jax.models.layers import RMSNorm
+from dsa_jax.sampling import decode
+
+Z = dict(z_dim=4, latents_mean=(0.0,) * 4, latents_std=(1.0,) * 4)
+CFG = V.WanVAEConfig(base_dim=8, num_res_blocks=1, **Z)  # the tiny recipe's strides (4, 8, 8)
+SMALL = V.WanVAEConfig(base_dim=4, dim_mult=(1, 2), num_res_blocks=1, temperal_downsample=(True,), **Z)
+
+
+def _params(cfg):
+  p = decode.random_vae_params(cfg, seed=0)
+  # non-trivial norm scales and biases, so that a wrong tap or channel order shows up
+  rs = np.random.RandomState(1)
+  return jax.tree_util.tree_map(lambda a: a + 0.1 * rs.standard_normal(a.shape).astype(np.float32)
+                                if a.ndim == 1 else a, p)
+
+
+@pytest.fixture(scope="module")
+def params():
+  return _params(CFG)
+
+
+def test_conv3d_lowerings_agree():
+  """native / fold / taps on a cache-less first chunk and a later chunk with the causal cache (decode chunk_size=1)."""
+  params = _params(SMALL)
+  z = jax.random.normal(jax.random.PRNGKey(0), (1, 2, 3, 4, SMALL.z_dim))
+  ys = {impl: np.asarray(V.decode(params, z, SMALL, chunk_size=1, conv3d=impl)) for impl in V.CONV3D_IMPLS}
+  ref = ys["native"]
+  assert ref.shape == (1, 3, 6, 8, 3) and ref.std() > 0.05
+  for impl, y in ys.items():
+    assert np.abs(y - ref).max() <= 1e-5, impl
+  with pytest.raises(V.VAEConfigError, match="conv3d"):
+    V.decode(params, z, CFG, conv3d="winograd")
+
+
+def test_fused_norm_silu_and_upsample_are_exact():
+  x = jax.random.normal(jax.random.PRNGKey(1), (2, 3, 4, 5, 6)) * 3
+  scale = {"params": {"scale": jnp.linspace(0.5, 1.5, 6)}}
+  fused = V.RMSNormSiLU().apply(scale, x)
+  plain = jax.nn.silu(RMSNorm(1e-12, axes=("conv_out",)).apply(scale, x))
+  np.testing.assert_array_equal(np.asarray(fused), np.asarray(plain))
+  assert V.RMSNormSiLU(dtype=jnp.bfloat16).apply(scale, x).dtype == jnp.bfloat16
+  np.testing.assert_array_equal(np.asarray(V._upsample_nearest2x(x)),
+                                np.asarray(jnp.repeat(jnp.repeat(x, 2, axis=2), 2, axis=3)))
+
+
+def test_pixel_decoder_hands_chunks_to_the_host(tiny_config, params):
+  cfg = tiny_config.copy_and_resolve_references()
+  cfg.vae.kind = "wan"
+  dec = decode.PixelDecoder(cfg, vae_config=CFG, vae_params=params)
+  lat = jax.random.normal(jax.random.PRNGKey(2), (1, 6, 8, 12, 4))  # 3 chunks of 2
+  chunks = list(dec.decode_chunks_to_host(lat))
+  assert [type(c) for c in chunks] == [np.ndarray] * 3 and [c.shape[1] for c in chunks] == [5, 8, 8]
+  whole = dec.decode_video(lat)  # a second stream: the donated cache of the first is not reused
+  assert isinstance(whole, np.ndarray) and whole.shape == (1, 21, 64, 96, 3) and whole.std() > 0.05
+  np.testing.assert_array_equal(whole, np.concatenate(chunks, 1))
+  cfg.vae.conv3d = "bogus"
+  with pytest.raises(ValueError, match="config.vae.conv3d"):
+    decode.PixelDecoder(cfg, vae_config=CFG, vae_params=params)
