@@ -75,7 +75,7 @@ def compare(cfg_overrides, k, batch_np, name, mesh_fn, same_keys=False, batch_k=
     # run and not the other, so the update is compared as a whole (summed |difference| / summed |update|)
     out["update_rel_diff"][n] = float(np.sum(np.abs(xk - x1)) / max(np.sum(np.abs(x1 - x0)), 1e-30))
     out["max_abs_diff"][n] = float(np.max(np.abs(xk - x1)))
-  opt = [_flat(getattr(s, f)) for s in (s1, sk) for f in ("teacher_opt", "gen_opt") if getattr(s, f) is not None]
+  opt = [_flat([getattr(s, f) for f in ("teacher_opt", "gen_opt", "head_opt", "critic_opt")]) for s in (s1, sk)]
   out["opt_max_abs_diff"] = float(np.max(np.abs(opt[0] - opt[1])))
   return out
 
