@@ -10,7 +10,8 @@ iteration) and 'critic' (no-grad rollout + critic update); `mean_iteration_s` we
 
 Memory: `compiled_memory` is XLA's own account of each compiled step (`compiled.memory_analysis()`: arguments,
 outputs, temporaries; `peak_gb` = arguments + outputs - donated aliases + temporaries, per device), on every
-platform; `peak_memory_gb` is the device allocator's peak where the platform reports one. Generator, EMA, head and critic are trained (fp32 masters + AdamW moments), the teacher is frozen (matmul
+platform; `peak_memory_gb` is the device allocator's peak where the platform reports one. Generator, EMA, head and
+critic are trained (fp32 masters + AdamW moments), the teacher is frozen (matmul
 weights in the compute dtype). Self Forcing's 14B teacher does not fit one 80 GB card next to a 1.3B trio:
 `--teacher-like-model` gives the teacher the generator's architecture (the 1.3B teacher of a same-size
 distillation), or shrink it field by field with `--config.teacher.num_layers=...` etc.
@@ -130,7 +131,8 @@ def run_bench_train(args) -> dict:
 
   result = {"config": args.config, "name": config.name, "devices": n_dev, "device_kind": dev.device_kind,
             "platform": dev.platform, "mesh": mesh_lib.mesh_sizes(mesh), "global_batch": b,
-            "per_device_batch": int(args.per_device_batch), "grad_accum": accum, "critic_ratio": int(config.dmd.critic_ratio),
+            "per_device_batch": int(args.per_device_batch), "grad_accum": accum,
+            "critic_ratio": int(config.dmd.critic_ratio),
             "teacher": {k: config.teacher[k] for k in ("dim", "ffn_dim", "num_layers", "num_heads")},
             "generator": {k: config.model[k] for k in ("dim", "ffn_dim", "num_layers", "num_heads")},
             "video": {"num_frames": config.video.num_frames, "chunk_frames": config.video.chunk_frames,
