@@ -128,6 +128,9 @@ def base_config() -> ml_collections.ConfigDict:
       nonfinite_skip=0,
   ))
   t = c.train
+  # micro-batches accumulated per update inside the jitted step (few devices: global batch_size with K times less
+  # activation memory); batch_size stays the global batch per update and must divide by K (and data x fsdp x K)
+  t.grad_accum = 1
   t.max_time_s = 0.0  # wall-clock budget in seconds: stop (with a checkpoint) once exceeded; 0 = no limit
   t.cfg_dropout = 0.1  # teacher stage: fraction of prompts replaced by the empty prompt (classifier-free guidance)
   t.warmup_steps = 0  # linear learning-rate warmup over this many steps; 0 = none

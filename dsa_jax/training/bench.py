@@ -2,11 +2,16 @@
 
   dsa-jax bench train --config configs/wan_1_3b.py --teacher-like-model --steps 5 --json out/bench_train.json
 
-Batch 1 per device (global batch = number of devices), the config's mesh (default: all devices on 'data'). Both
+Batch 1 per device and micro-batch (global batch = devices x `--grad-accum`), the config's mesh (default: all devices
+on 'data'). `--grad-accum K` accumulates K micro-batches per update (train.grad_accum): compare K = 1 and K = 4 to see
+what a K times larger batch costs in memory. Both
 step functions are timed: 'gen' (rollout + DMD + generator/head update + critic update, every `dmd.critic_ratio`-th
 iteration) and 'critic' (no-grad rollout + critic update); `mean_iteration_s` weights them as training does.
 
-Memory: generator, EMA, head and critic are trained (fp32 masters + AdamW moments), the teacher is frozen (matmul
+Memory: `compiled_memory` is XLA's own account of each compiled step (`compiled.memory_analysis()`: arguments,
+outputs, temporaries; `peak_gb` = arguments + outputs - donated aliases + temporaries, per device), on every
+platform; `peak_memory_gb` is the device allocator's peak where the platform reports one. Generator, EMA, head and
+critic are trained (fp32 masters + AdamW moments), the teacher is frozen (matmul
 weights in the compute dtype). Self Forcing's 14B teacher does not fit one 80 GB card next to a 1.3B trio:
 `--teacher-like-model` gives the teacher the generator's architecture (the 1.3B teacher of a same-size
 distillation), or shrink it field by field with `--config.teacher.num_layers=...` etc.
@@ -37,7 +42,9 @@ def add_bench_train_arguments(p):
   p.add_argument("--teacher-like-model", action="store_true",
                  help="give the teacher the generator's architecture (a 14B teacher does not fit one 80 GB card "
                       "next to a trained 1.3B generator, head and critic)")
-  p.add_argument("--per-device-batch", type=int, default=1)
+  p.add_argument("--per-device-batch", type=int, default=1, help="videos per device in each micro-batch")
+  p.add_argument("--grad-accum", type=int, default=None,
+                 help="micro-batches accumulated per update (default: the config's train.grad_accum)")
   p.add_argument("--only", choices=("gen", "critic"), default=None, help="time one step function only")
 
 
@@ -69,6 +76,22 @@ def step_model_flops(config, exit_steps: int, kind: str) -> float:
   return sum(chunk) * (k_before + 3 + 1) + guided * full(tcfg) + full(ccfg) + critic_train
 
 
+def memory_analysis(compiled) -> dict | None:
+  """Per-device bytes XLA plans for a compiled program, in GB; None where the backend does not say."""
+  try:
+    m = compiled.memory_analysis()
+  except Exception:  # pylint: disable=broad-except  (not implemented on some backends)
+    return None
+  if m is None:
+    return None
+  get = lambda k: float(getattr(m, k, 0) or 0)
+  out = {k.replace("_size_in_bytes", "_gb"): get(k) / 1e9 for k in (
+      "argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes",
+      "generated_code_size_in_bytes")}
+  out["peak_gb"] = out["argument_gb"] + out["output_gb"] - out["alias_gb"] + out["temp_gb"]
+  return out
+
+
 def run_bench_train(args) -> dict:
   import jax
   import jax.numpy as jnp
@@ -85,7 +108,10 @@ def run_bench_train(args) -> dict:
   config.train.stage = "dsa"
   config.train.teacher_from = ""
   n_dev = jax.device_count()
-  config.train.batch_size = int(args.per_device_batch) * n_dev
+  if getattr(args, "grad_accum", None) is not None:
+    config.train.grad_accum = int(args.grad_accum)
+  accum = steps_lib.grad_accum(config)
+  config.train.batch_size = int(args.per_device_batch) * n_dev * accum
   mesh = mesh_lib.make_mesh(config)
   rules = mesh_lib.rules_from_config(config)
   mesh_lib.check_batch(config.train.batch_size, mesh)
@@ -105,7 +131,8 @@ def run_bench_train(args) -> dict:
 
   result = {"config": args.config, "name": config.name, "devices": n_dev, "device_kind": dev.device_kind,
             "platform": dev.platform, "mesh": mesh_lib.mesh_sizes(mesh), "global_batch": b,
-            "per_device_batch": int(args.per_device_batch), "critic_ratio": int(config.dmd.critic_ratio),
+            "per_device_batch": int(args.per_device_batch), "grad_accum": accum,
+            "critic_ratio": int(config.dmd.critic_ratio),
             "teacher": {k: config.teacher[k] for k in ("dim", "ffn_dim", "num_layers", "num_heads")},
             "generator": {k: config.model[k] for k in ("dim", "ffn_dim", "num_layers", "num_heads")},
             "video": {"num_frames": config.video.num_frames, "chunk_frames": config.video.chunk_frames,
@@ -115,13 +142,16 @@ def run_bench_train(args) -> dict:
   kinds = [args.only] if args.only else ["gen", "critic"]
   for kind in kinds:
     t0 = time.time()
-    state, m = bundle(kind, state, teacher, batch, uncond)
+    with mesh_lib.activation_context(bundle.mesh, bundle.rules):
+      compiled = bundle.fns[kind].lower(state, teacher, batch, uncond).compile()
+    run = lambda st: compiled(st, teacher, batch, uncond)
+    state, m = run(state)
     jax.block_until_ready(m)
     compile_s = time.time() - t0
     times, flops = [], []
     for _ in range(int(args.steps)):
       t0 = time.time()
-      state, m = bundle(kind, state, teacher, batch, uncond)
+      state, m = run(state)
       m = jax.device_get(m)
       times.append(time.time() - t0)
       flops.append(b * step_model_flops(config, int(m["exit_step"]), kind))
@@ -131,7 +161,7 @@ def run_bench_train(args) -> dict:
              "step_s_all": [float(t) for t in times], "model_tflop_per_step": model_tflop,
              "achieved_tflops_per_device": model_tflop / step_s / n_dev,
              "mfu": (model_tflop * 1e12 / step_s / n_dev / peak) if peak else None,
-             "last_metrics": {k: float(v) for k, v in m.items()}}
+             "last_metrics": {k: float(v) for k, v in m.items()}, "compiled_memory": memory_analysis(compiled)}
     result["steps"][kind] = entry
   stats = dev.memory_stats() if hasattr(dev, "memory_stats") else None
   if stats:
@@ -146,6 +176,11 @@ def run_bench_train(args) -> dict:
     result["mean_mfu"] = (flop * 1e12 / it_s / n_dev / peak) if peak else None
     result["videos_per_s"] = b / it_s
   result["peak_bf16_flops_per_device"] = peak
+  for kind, e in result["steps"].items():
+    mem = e["compiled_memory"]
+    print(f"bench train {kind}: global batch {b} ({accum} micro-batch{'es' if accum > 1 else ''}), "
+          f"{e['step_s']:.3f} s/step" + (f", compiled peak {mem['peak_gb']:.3f} GB/device "
+                                         f"(temporaries {mem['temp_gb']:.3f} GB)" if mem else ""), flush=True)
   if args.json:
     from dsa_jax.atomic import write_text
     write_text(args.json, json.dumps(result, indent=2))

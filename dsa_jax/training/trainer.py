@@ -455,9 +455,12 @@ def _train_locked(config, workdir: str, *, stop_after=None, mesh=None, log=None)
   global_batch = int(config.train.batch_size)
   mesh_lib.check_batch(global_batch, mesh)
   mesh_lib.check_process_batch_layout(mesh)
+  steps_lib.check_grad_accum(config, mesh)
+  accum = steps_lib.grad_accum(config)
   local_batch = global_batch // jax.process_count()
   max_time = float(config.train.max_time_s)
-  emit(f"[{stage}] {mesh_lib.describe(mesh)}; global batch {global_batch}; {total} steps; workdir {workdir}")
+  micro = f" ({accum} micro-batches of {global_batch // accum} per update)" if accum > 1 else ""
+  emit(f"[{stage}] {mesh_lib.describe(mesh)}; global batch {global_batch}{micro}; {total} steps; workdir {workdir}")
 
   # Data first: a bad prompt or video file fails before anything is compiled.
   from dsa_jax.data.pipeline import make_loader
