@@ -6,8 +6,10 @@
 #   RUN=runs/digits bash launch/digits_gpu.sh                 # every stage at configs/digits.py's step counts
 #   RUN=runs/digits STAGES="teacher" TEACHER_STEPS=6000 bash launch/digits_gpu.sh   # one stage (others skipped)
 #   RUN=runs/digits HEADS="remaining consistency" bash launch/digits_gpu.sh         # + heads for the DSA generator
-# Cost on one NVIDIA H200 (measured): data 64k clips about 40 s on 16 cores; teacher 35 it/s at batch 64 (10k steps
-# about 5 min); ODE 6.3 it/s at batch 32; DSA 13 it/s at batch 32; a head stage 6-7 it/s at batch 64.
+# Cost on one NVIDIA H200 (measured): data 64k clips about 40 s on 16 cores; teacher 35 it/s at batch 64 (18k steps
+# about 9 min; the data loader runs in the trainer's process, so two runs sharing a 16-core host get about 20 it/s
+# each); ODE 5.8-6.3 it/s at batch 32; DSA 11-13 it/s at batch 32; a head stage 6-7 it/s at batch 64. A stage stopped
+# by its time bound is resumed by the same command (or continued from its model with --config.train.init_from).
 # The data is generated once per DATA folder (skipped when its prompts.txt exists); stages whose model exists are
 # skipped, so the same command continues a chain.
 set -uo pipefail
@@ -16,9 +18,9 @@ DATA=${DATA:-$RUN/data}
 NUM_SHARDS=${NUM_SHARDS:-32}
 CLIPS_PER_SHARD=${CLIPS_PER_SHARD:-2000}
 STAGES=${STAGES:-teacher ode dsa}
-TEACHER_STEPS=${TEACHER_STEPS:-10000}; STAGE_TEACHER_S=${STAGE_TEACHER_S:-600}
+TEACHER_STEPS=${TEACHER_STEPS:-18000}; STAGE_TEACHER_S=${STAGE_TEACHER_S:-900}
 ODE_STEPS=${ODE_STEPS:-2000};          STAGE_ODE_S=${STAGE_ODE_S:-300}
-DSA_STEPS=${DSA_STEPS:-1500};          STAGE_DSA_S=${STAGE_DSA_S:-400}
+DSA_STEPS=${DSA_STEPS:-4000};          STAGE_DSA_S=${STAGE_DSA_S:-600}
 CONSISTENCY=${CONSISTENCY:-0}
 HEADS=${HEADS:-}  # e.g. "remaining consistency": extra confidence heads for the DSA generator (stage 'head', no teacher)
 EXTRA=${EXTRA:-}  # extra overrides for every stage, e.g. --config.train.batch_size=8
