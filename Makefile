@@ -26,7 +26,7 @@ sample: $(VENV)/.run-installed
 	$(VENV)/bin/dsa-jax sample --config configs/digits.py --out $(OUT) --prompt "$(PROMPT)"
 
 test: $(VENV)/.test-installed
-	$(PY) -m pytest tests -q -n 2 --durations=15
+	$(PY) -m pytest tests -q -n 2 --dist loadfile --durations=15
 
 clean:
 	rm -rf $(VENV) out
