@@ -22,5 +22,25 @@ def tiny_config():
   return get_config(os.path.join(ROOT, "configs", "tiny.py"))
 
 
+@pytest.fixture(scope="module")
+def sampler(tiny_config):
+  """The tiny config's sampler (one per test module, so each module compiles its own programs)."""
+  from dsa_jax.sampling.sampler import make_sampler
+  return make_sampler(tiny_config)
+
+
+@pytest.fixture(scope="module")
+def params(sampler):
+  import jax
+  return sampler.init_params(jax.random.PRNGKey(0))
+
+
+@pytest.fixture(scope="module")
+def context():
+  """Two prompts' worth of random text context in the tiny config's shape (text_len 8, text_dim 32)."""
+  import numpy as np
+  return np.random.RandomState(0).standard_normal((2, 8, 32)).astype(np.float32)
+
+
 # `dsa-jax sample` turns on jax's persistent compilation cache; tests keep it out of the home folder.
 os.environ.setdefault("DSA_JAX_CACHE", os.path.join(__import__("tempfile").gettempdir(), "dsa_jax_test_xla_cache"))

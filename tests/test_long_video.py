@@ -21,18 +21,9 @@ def _cfg(tiny_config, window=0, sink=0):
 
 
 @pytest.fixture(scope="module")
-def base(tiny_config):
-  return S.make_sampler(tiny_config)
-
-
-@pytest.fixture(scope="module")
-def params(base):
-  return base.init_params(jax.random.PRNGKey(0))
-
-
-@pytest.fixture(scope="module")
-def context():
-  return np.random.RandomState(0).standard_normal((2, 8, 32)).astype(np.float32)
+def base(sampler):
+  """The tiny config's sampler with the whole-video cache (the reference for windows); params/context: conftest."""
+  return sampler
 
 
 @pytest.fixture(scope="module")

@@ -15,21 +15,6 @@ from dsa_jax.sampling import stream as ST
 TOL = 2e-5
 
 
-@pytest.fixture(scope="module")
-def sampler(tiny_config):
-  return S.make_sampler(tiny_config)
-
-
-@pytest.fixture(scope="module")
-def params(sampler):
-  return sampler.init_params(jax.random.PRNGKey(0))
-
-
-@pytest.fixture(scope="module")
-def context():
-  return np.random.RandomState(0).standard_normal((2, 8, 32)).astype(np.float32)
-
-
 def _np(out):
   return jax.tree_util.tree_map(np.asarray, out)
 

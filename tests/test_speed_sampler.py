@@ -10,11 +10,6 @@ from dsa_jax.sampling import stream as ST
 
 
 @pytest.fixture(scope="module")
-def sampler(tiny_config):
-  return S.make_sampler(tiny_config)
-
-
-@pytest.fixture(scope="module")
 def plain(tiny_config):
   """The same sampler computing the text keys/values at every forward."""
   sm = S.make_sampler(tiny_config)
@@ -28,16 +23,6 @@ def last_head(tiny_config):
   cfg = tiny_config.copy_and_resolve_references()
   cfg.sampling.fixed_step_head = "last"
   return S.make_sampler(cfg)
-
-
-@pytest.fixture(scope="module")
-def params(sampler):
-  return sampler.init_params(jax.random.PRNGKey(0))
-
-
-@pytest.fixture(scope="module")
-def context():
-  return np.random.RandomState(0).standard_normal((2, 8, 32)).astype(np.float32)
 
 
 def _np(out):
