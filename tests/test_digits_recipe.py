@@ -2,6 +2,7 @@
 
 import os
 
+import jax
 import numpy as np
 import pytest
 
@@ -57,6 +58,19 @@ def test_runlocal_chain_teacher_ode_dsa(repo_root, tmp_path, capsys):
   # each stage starts from the previous one's model
   assert f"[ode] initialised generator from the teacher {t}/model" in log
   assert f"[dsa] initialised generator from {o}/model" in log
+  # A sampling-only copy (EMA generator + head) continues the DSA stage: generator from the EMA, the head kept.
+  from dsa_jax.training import checkpointing, trainer
+  slim = str(tmp_path / "slim")
+  checkpointing.slim_model(f"{d}/model", slim)
+  config = get_config(cfg + ":dsa", common + [f"--config.train.teacher_from={t}/model",
+                                              f"--config.train.init_from={slim}"])
+  nets, sources = trainer.initial_networks(config, lambda: None)
+  assert sources["generator"] == sources["head"] == slim and sources["critic"].startswith("the teacher")
+  from dsa_jax.checkpoint.loading import load_networks
+  stored = load_networks(config, slim, ("generator_ema", "head"), log=lambda *_: None)[0]
+  for mine, theirs in ((nets["generator"], stored["generator_ema"]), (nets["head"], stored["head"])):
+    for a, b in zip(jax.tree_util.tree_leaves(mine), jax.tree_util.tree_leaves(theirs)):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   out = tmp_path / "sample"
   assert cli.main(["sample", "--config", cfg, "--config.runlocal=True", "--ckpt", f"{d}/model", "--out", str(out),
                    "--prompt", "digit 3 moves fast"]) == 0

@@ -7,7 +7,8 @@ always with one logged line saying what stood in for what:
 
   generator_ema -> generator   (runs without an EMA, e.g. a converted model)
   head          -> random init (runs without a trained confidence head: thresholds are then meaningless)
-  generator     -> teacher     (init_from a converted base model stored as 'teacher', same architecture)
+  generator     -> generator_ema, teacher  (init_from a sampling-only model, or a converted base model stored as
+                               'teacher' with the same architecture)
   critic        -> teacher     (critic_from a teacher: the fake score starts as the real score)
 
 The last two are asked for by the trainer only (`fallbacks=`); anything else missing is an error naming what the
@@ -29,7 +30,7 @@ from dsa_jax.checkpoint.params_io import CheckpointError
 
 RANDOM = "random"
 SAMPLER_FALLBACKS = {"generator_ema": ("generator",), "head": (RANDOM,)}
-INIT_FROM_FALLBACKS = {"generator": ("teacher",)}
+INIT_FROM_FALLBACKS = {"generator": ("generator_ema", "teacher")}
 CRITIC_FROM_FALLBACKS = {"critic": ("teacher",)}
 
 Log = Callable[[str], None]

@@ -176,6 +176,14 @@ def load_teacher(config, mesh, rules, shardings):
 HEAD_STAGE_FALLBACKS = {"generator": ("generator_ema", "teacher")}
 
 
+def _stores_network(config, path: str, name: str) -> bool:
+  """Whether the checkpoint at `path` holds network `name` (its architecture is checked when it is loaded)."""
+  try:
+    return loading.plan(config, path, (name,), fallbacks={})[0].get(name) == name
+  except loading.CheckpointError:
+    return False
+
+
 def initial_networks(config, teacher_host: Callable[[], Any]) -> tuple[dict, dict]:
   """Host params that replace fresh initialisation at step 0 of a stage (the previous stage's model, the teacher as
   the ODE student's and the critic's start), and where each came from."""
@@ -200,6 +208,10 @@ def initial_networks(config, teacher_host: Callable[[], Any]) -> tuple[dict, dic
     nets["generator"] = loading.load_networks(config, init_from, ("generator",),
                                               fallbacks=loading.INIT_FROM_FALLBACKS, log=_log)[0]["generator"]
     sources["generator"] = init_from
+    if stage == "dsa" and _stores_network(config, init_from, "head"):
+      # continuing a DSA model keeps its confidence head (a fresh one would have to relearn it from scratch)
+      nets["head"] = loading.load_networks(config, init_from, ("head",), fallbacks={}, log=_log)[0]["head"]
+      sources["head"] = init_from
   elif stage == "ode" and config.train.teacher_from and _same_arch(config, "model", "teacher"):
     nets["generator"] = teacher_host()  # CausVid: the causal student starts from the bidirectional teacher
     sources["generator"] = f"the teacher {config.train.teacher_from}"
