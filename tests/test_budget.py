@@ -2,7 +2,9 @@
 
 import json
 import os
+import types
 
+import ml_collections
 import numpy as np
 import pytest
 
@@ -22,6 +24,36 @@ def test_threshold_for_inverts_the_table():
     budget.threshold_for(None, 2.5, source="'m'")
   with pytest.raises(budget.BudgetError, match=r"\[1, 5\]"):
     budget.threshold_for(TABLE, 6.0)
+
+
+class _CrowdedHead:
+  """A stand-in sampler whose frames stop once tau falls below a confidence that crowds near 0 (as the 'remaining'
+  head's does after its first step): average steps = 1 + 4 * clip(log10(tau / 1e-4) / log10(0.9 / 1e-4), 0, 1)."""
+  num_frames = 4
+
+  def __init__(self):
+    self.config = ml_collections.ConfigDict({"sampling": {"min_steps": 1, "max_steps": 5}})
+
+  def make_controls(self, b, threshold, guidance=0.0, seed=0):
+    return float(threshold)
+
+  def sample(self, params, contexts, tau, uncond_context=None):
+    frac = np.clip(np.log10(max(tau, 1e-12) / 1e-4) / np.log10(0.9 / 1e-4), 0.0, 1.0)
+    steps = np.full((contexts.shape[0], self.num_frames), 1.0 + 4.0 * frac)
+    return types.SimpleNamespace(steps=steps)
+
+
+def test_calibration_reaches_the_ends_of_a_crowded_head():
+  """The default grid starts at tau 0.02, where this head still takes 2.7 steps: the table extends towards 0 (and
+  1) until the fewest (most) steps are in it, so small budgets are honoured instead of clipped to the grid's end."""
+  sampler = _CrowdedHead()
+  table = budget.calibration_table(sampler, None, np.zeros((3, 2, 2)), refine_gap=0.1)
+  assert min(table["thresholds"]) < 0.02 and table["mean_steps"][0] <= 1.1, table["mean_steps"][:3]
+  assert table["mean_steps"][-1] >= 4.9
+  tau = budget.threshold_for(table, 1.5)
+  assert abs(float(sampler.sample(None, np.zeros((1, 2, 2)), tau).steps.mean()) - 1.5) < 0.1
+  short = budget.calibration_table(sampler, None, np.zeros((3, 2, 2)), refine_gap=0.1, extend_rounds=0)
+  assert short["mean_steps"][0] > 2.5  # what the grid alone gave
 
 
 def test_fps_controller_on_a_simulated_clock():

@@ -54,12 +54,16 @@ def threshold_for(calibration: Optional[dict], mean_steps: float, *, source: str
 
 def calibration_table(sampler, params, contexts: np.ndarray, thresholds: Sequence[float] = DEFAULT_THRESHOLDS, *,
                       batch: int = 64, seed: int = 0, guidance: float = 0.0, uncond=None, refine_gap: float = 0.15,
-                      refine_rounds: int = 3, log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+                      refine_rounds: int = 3, extend_rounds: int = 4,
+                      log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
   """Average steps per frame at each threshold over `contexts` (N, text_len, text_dim); one compiled program.
 
-  Where neighbouring thresholds differ by more than `refine_gap` average steps (a head's confidences often bunch in
-  a narrow band of tau), their midpoint is added, for up to `refine_rounds` rounds, so that interpolating the table
-  lands within a small fraction of a step of the request."""
+  Where the grid's lowest (highest) threshold still gives more (fewer) than min_steps (max_steps) by over
+  `refine_gap`, thresholds ten times closer to 0 (to 1) are added, for up to `extend_rounds` rounds: a head whose
+  confidences crowd an end of (0, 1) (the 'remaining' target is about 0.04 after the first step) otherwise leaves
+  small budgets out of the table. Where neighbouring thresholds differ by more than `refine_gap` average steps (a
+  head's confidences often bunch in a narrow band of tau), their midpoint is added, for up to `refine_rounds`
+  rounds, so that interpolating the table lands within a small fraction of a step of the request."""
   s = sampler.config.sampling
   n = contexts.shape[0]
   b = min(batch, n)
@@ -77,6 +81,17 @@ def calibration_table(sampler, params, contexts: np.ndarray, thresholds: Sequenc
     return total / (n * sampler.num_frames)
 
   table = {float(t): mean_steps(t) for t in thresholds}
+  lo, hi = float(s.min_steps), float(s.max_steps)
+  for _ in range(int(extend_rounds)):
+    taus = sorted(table)
+    ends = []
+    if table[taus[0]] > lo + refine_gap and 0.0 < taus[0] <= 1.0:
+      ends.append(taus[0] / 10.0)
+    if table[taus[-1]] < hi - refine_gap and 0.0 <= taus[-1] < 1.0:
+      ends.append(1.0 - (1.0 - taus[-1]) / 10.0)
+    if not ends:
+      break
+    table.update({float(t): mean_steps(t) for t in ends})
   for _ in range(int(refine_rounds)):
     taus = sorted(table)
     new = [(a + c) / 2 for a, c in zip(taus, taus[1:]) if abs(table[c] - table[a]) > refine_gap]
