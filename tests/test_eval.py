@@ -276,6 +276,18 @@ def test_eval_command_end_to_end(digits_toy_config, tiny_evaluator, tmp_path, re
   assert (out / "samples.gif").stat().st_size > 0 and (out / "steps_by_event.png").stat().st_size > 0
 
 
+def test_eval_outputs_without_a_gif(tmp_path, monkeypatch, digits_toy_config):
+  """--gif-clips 0 writes no samples.gif (it used to divide by zero after all the sampling was done)."""
+  from dsa_jax.eval import claim, evaluate
+  monkeypatch.setattr(claim, "plot_steps_by_event", lambda path, *a, **k: path)
+  run = {"_arrays": {"video": np.zeros((2, 4, 16, 16, 1), np.float32), "steps": np.ones((2, 4), np.int32)}}
+  bench = type("B", (), {"event_names": ["none"]})()
+  paths = evaluate.write_outputs(str(tmp_path), [run], bench, digits_toy_config, gif_clips=0)
+  assert "gif" not in paths and not (tmp_path / "samples.gif").exists()
+  paths = evaluate.write_outputs(str(tmp_path), [run], bench, digits_toy_config, gif_clips=1)
+  assert (tmp_path / "samples.gif").stat().st_size > 0
+
+
 def test_claim_sweep_tiny(digits_toy_config, tiny_evaluator, tmp_path):
   from dsa_jax.eval import claim
   ev_dir, _, _ = tiny_evaluator

@@ -67,7 +67,7 @@ def add_arguments(p):
   p.add_argument("--seed", type=int, default=0, help="noise seed of the first prompt (prompt i gets seed+i)")
   p.add_argument("--data-seed", type=int, default=0, help="seed of the test-split clips (prompts and references)")
   p.add_argument("--num-real", type=int, default=1000, help="real test clips for the FD reference (default 1000)")
-  p.add_argument("--gif-clips", type=int, default=16, help="samples shown in samples.gif (default 16)")
+  p.add_argument("--gif-clips", type=int, default=16, help="samples shown in samples.gif (default 16; 0: no gif)")
   p.add_argument("--fps-prompts", type=int, default=8, help="prompts sampled one at a time for the batch-1 FPS "
                  "(default 8; 0: skip)")
   # train-evaluator
@@ -149,6 +149,8 @@ def main(args):
     raise ValueError(f"--num: need at least 2 prompts, got {args.num}")
   if args.batch < 1:
     raise ValueError(f"--batch: must be >= 1, got {args.batch}")
+  if args.gif_clips < 0:
+    raise ValueError(f"--gif-clips: expected 0 (no samples.gif) or more clips, got {args.gif_clips}")
   config = get_config(args.config, args.overrides) if args.config else None
   if action == "train-evaluator":
     return _train_evaluator(args, config)

@@ -20,9 +20,10 @@ def write_outputs(out_dir: str, runs: list[dict], bench, config, *, gif_clips: i
   paths = {}
   first = runs[0]
   n = min(gif_clips, first["_arrays"]["video"].shape[0])
-  frames = outputs.grid_frames(first["_arrays"]["video"][:n], first["_arrays"]["steps"][:n],
-                               max_steps=int(first.get("max_steps") or len(config.sampling.ladder)))
-  paths["gif"] = outputs.write_gif(os.path.join(out_dir, "samples.gif"), frames, config.video.fps)
+  if n > 0:  # --gif-clips 0: no samples.gif
+    frames = outputs.grid_frames(first["_arrays"]["video"][:n], first["_arrays"]["steps"][:n],
+                                 max_steps=int(first.get("max_steps") or len(config.sampling.ladder)))
+    paths["gif"] = outputs.write_gif(os.path.join(out_dir, "samples.gif"), frames, config.video.fps)
   varied = [r for r in runs if r.get("group") != "fixed"] or runs  # fixed-step bars are flat: show DSA runs
   paths["events"] = claim.plot_steps_by_event(os.path.join(out_dir, "steps_by_event.png"), varied, bench.event_names,
                                               title=f"{config.name}: steps per frame against event labels")
@@ -59,10 +60,11 @@ def evaluate(config, ckpt: str, out_dir: str, *, num: int = 256, thresholds=None
   for k in fixed or ():
     runs.append(bench.run(sampler, params, name=f"fixed-{k}", threshold=float("inf"), min_steps=1, max_steps=k,
                           extra={"group": "fixed"}))
-  paths = write_outputs(out_dir, runs, bench, config, gif_clips=gif_clips)
   result = {"config": config.name, "checkpoint": source, "benchmark": bench.describe(),
             "runs": [claim.public(r) for r in runs]}
-  paths["json"] = outputs.write_json(os.path.join(out_dir, "eval.json"), result)
+  # the scores first: they cost the sampling, the pictures are cheap to redo
+  paths = {"json": outputs.write_json(os.path.join(out_dir, "eval.json"), result)}
+  paths.update(write_outputs(out_dir, runs, bench, config, gif_clips=gif_clips))
   log(f"wrote {', '.join(paths.values())}")
   result["paths"] = paths
   return result

@@ -108,7 +108,11 @@ def drift(args) -> int:
   real = ev_lib.make_clip_arrays(args.num_real, split="test", seed=1, frames=clip, size=base.video.height)
   real_mu, real_cov = metrics.feature_stats(ev.features(real["video"]))
   context = np.asarray(make_text_encoder(base)(prompts), np.float32)
-  params, _ = load_sampler_params(base, base.sampling.checkpoint, cast=True)
+  params, source = load_sampler_params(base, base.sampling.checkpoint, cast=True)
+  if args.threshold is None:  # the model's default step budget, as `dsa-jax sample` picks it
+    from dsa_jax.sampling.budget import threshold_for
+    args.threshold = (threshold_for(source["calibration"], base.sampling.mean_steps) if source.get("calibration")
+                      else float(base.sampling.threshold))
   settings = []
   for item in args.settings.split(","):
     window, sink = (int(v) for v in item.split(":"))
@@ -229,7 +233,8 @@ def main(argv=None) -> int:
   d.add_argument("--settings", default="16:0,14:2", help="window_frames:sink_frames per setting, comma-separated "
                  "(0:0 = the whole-video cache)")
   d.add_argument("--stride", type=int, default=8)
-  d.add_argument("--threshold", type=float, default=0.6)
+  d.add_argument("--threshold", type=float, default=None,
+                 help="confidence threshold (default: the model's step budget, config.sampling.mean_steps)")
   d.add_argument("--gif", action="store_true")
   args = p.parse_args(argv)
   if args.cmd == "_speed_one":
