@@ -288,6 +288,30 @@ def test_eval_outputs_without_a_gif(tmp_path, monkeypatch, digits_toy_config):
   assert (tmp_path / "samples.gif").stat().st_size > 0
 
 
+def test_video_oracle_credits_an_early_chunk_with_what_follows():
+  """A stand-in video whose chunk c loses q_c = (1 + 0.05 c) (max - steps_c) + q_(c-1) / 2 (its own missing steps,
+  later chunks weighing a little more, plus half of what its context lost); the latents are sqrt(q_c), so the
+  distance to the max-step video is the mean q. Judged chunk by chunk (a per-frame oracle), the last chunk's step is
+  worth most (1.15); re-rolled, a step on the first chunk is worth 1 + 1/2 + 1/4 + 1/8 = 1.875 and wins."""
+  from dsa_jax.eval import oracle
+  n, frames, chunk, mx = 3, 8, 2, 5
+
+  def sample_latents(steps):
+    s = np.asarray(steps)[:, ::chunk].astype(np.float64)
+    q = np.zeros_like(s)
+    for c in range(s.shape[1]):
+      q[:, c] = (1 + 0.05 * c) * (mx - s[:, c]) + (0.5 * q[:, c - 1] if c else 0.0)
+    return np.repeat(np.sqrt(q), chunk, axis=1)[..., None]
+
+  plans = oracle.video_oracle(sample_latents, n, frames, chunk, [1.0, 1.25, 2.0, 5.0], 1, mx)
+  assert plans[1.0]["avg_steps"] == 1.0 and plans[2.0]["avg_steps"] == 2.0
+  np.testing.assert_array_equal(plans[1.25]["steps"][:, ::chunk], [[2, 1, 1, 1]] * n)  # the first chunk first
+  assert (plans[5.0]["steps"] == mx).all() and np.allclose(plans[5.0]["distance"], 0.0)
+  assert (plans[2.0]["distance"] < plans[1.25]["distance"]).all()
+  with pytest.raises(ValueError, match="budget 6"):
+    oracle.video_oracle(sample_latents, n, frames, chunk, [6.0], 1, mx)
+
+
 def test_claim_sweep_tiny(digits_toy_config, tiny_evaluator, tmp_path):
   from dsa_jax.eval import claim
   ev_dir, _, _ = tiny_evaluator
@@ -300,12 +324,24 @@ def test_claim_sweep_tiny(digits_toy_config, tiny_evaluator, tmp_path):
   assert len(g["dsa_remaining"]) == 2
   assert [r["avg_steps"] for r in g["heuristic"]] == [digits_toy_config.sampling.max_steps, 2]
   assert [r["avg_steps"] for r in g["oracle"]] == [1.5, 2.0]  # the oracle spends exactly its budget
+  # the video oracle: exactly its budget too, one step count per chunk, and at least as close to the max-step video
+  # as it gets with a larger budget
+  c = digits_toy_config.video.chunk_frames
+  assert [r["avg_steps"] for r in g["oracle_video"]] == [1.5, 2.0]
+  for r in g["oracle_video"]:
+    steps = np.asarray(r["steps_by_frame"])  # mean over prompts: constant within each chunk as well
+    assert np.allclose(steps.reshape(-1, c), steps[::c, None])
+  d = [r["distance_to_max_steps"] for r in g["oracle_video"]]
+  assert d[1] <= d[0]
   head = res["heads"]["remaining"]
   assert len(head["median_conf_by_step"]) == len(digits_toy_config.sampling.ladder)
   assert head["median_remaining_by_step"][-1] == 0.0 and head["median_remaining_by_step"][0] > 0
-  assert [r["budget"] for r in res["efficiency"]["remaining"]] == [1.5, 2.0]
+  # efficiency against each oracle, the video oracle first
+  assert [(r["oracle"], r["budget"]) for r in res["efficiency"]["remaining"]] == [
+      ("oracle_video", 1.5), ("oracle_video", 2.0), ("oracle", 1.5), ("oracle", 2.0)]
   md = (tmp_path / "claim.md").read_text()
-  assert "fixed steps" in md and "x0-change heuristic" in md and "oracle allocation" in md and "real test clips" in md
+  assert "fixed steps" in md and "x0-change heuristic" in md and "per-frame oracle" in md and "real test clips" in md
+  assert "video oracle (re-rolled)" in md
   assert "Allocation efficiency" in md and "median c, step 1" in md
   assert (tmp_path / "claim.png").stat().st_size > 0 and (tmp_path / "claim.json").is_file()
   assert (tmp_path / "steps_by_place.png").stat().st_size > 0

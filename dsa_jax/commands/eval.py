@@ -12,7 +12,8 @@ Four actions (a positional word; `run` when omitted):
   dsa-jax eval sweep --config configs/digits.py --model remaining=MODEL [--model dmd=MODEL2 ...] --out docs/claim
       [--num 512] [--thresholds ...] [--deltas ...] [--budgets 1.5 2 2.5 3]
     the quality-vs-steps comparison (also `--sweep`): fixed 1-5 steps, DSA with each model (named by its confidence
-    target) at >= 5 thresholds, the x0-change heuristic at several deltas and the oracle allocation at each budget;
+    target) at >= 5 thresholds, the x0-change heuristic at several deltas, and at each budget the per-frame oracle
+    and the video oracle (steps per chunk, each candidate judged by re-rolling the whole video; --no-video-oracle);
     writes claim.md, claim.json, claim.png, steps_by_event.png, steps_by_place.png (see dsa_jax/eval/claim.py).
 
   dsa-jax eval curves --run teacher=runs/digits/teacher [--run more=runs/digits/teacher2:8000 ...] --out docs/curves
@@ -59,6 +60,8 @@ def add_arguments(p):
                  "default config.sampling.threshold; sweep: default picked from a max-steps run")
   p.add_argument("--teacher-steps", default=None, help="run: score the teacher model (--ckpt, a teacher-stage model) "
                  "as a many-step Euler sampler at these step counts, e.g. 16,32, instead of the student")
+  p.add_argument("--no-video-oracle", action="store_true",
+                 help="sweep: skip the re-rolled video oracle (it samples the prompts about chunks^2 x budget times)")
   p.add_argument("--fixed", nargs="+", type=int, default=None, help="run: also sample with these fixed step "
                  "counts; sweep: default 1 2 3 4 5")
   p.add_argument("--deltas", nargs="+", type=float, default=None, help="sweep: x0-change thresholds of the heuristic")
@@ -174,7 +177,8 @@ def main(args):
     models = parse_models(args.model) if args.model else {str(config.conf.target): ckpt}
     run_claim(config, models, args.out, thresholds=thresholds, deltas=args.deltas,
               fixed=tuple(args.fixed) if args.fixed else (1, 2, 3, 4, 5),
-              budgets=tuple(args.budgets) if args.budgets else (1.5, 2.0, 2.5, 3.0), **common)
+              budgets=tuple(args.budgets) if args.budgets else (1.5, 2.0, 2.5, 3.0),
+              video_oracle=not args.no_video_oracle, **common)
     return 0
   from dsa_jax.eval.evaluate import evaluate
   evaluate(config, ckpt, args.out, thresholds=thresholds, fixed=args.fixed, gif_clips=args.gif_clips, **common)

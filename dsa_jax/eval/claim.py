@@ -10,7 +10,9 @@ frame and per event label, FPS).
   * DSA with each given model (one per confidence target) at >= 5 thresholds, and what its head's confidence
     means on full-ladder rollouts (`oracle.head_report`);
   * the training-free x0-change early exit (`heuristic.py`) at several deltas;
-  * the oracle allocation at fixed budgets (`oracle.py`), and DSA's allocation efficiency against it.
+  * at fixed budgets the per-frame oracle (greedy by each frame's own gain on the full-ladder rollout) and the video
+    oracle (steps per chunk, every candidate judged by re-rolling the whole video towards the max-step video; it
+    sees that an early chunk's steps change all later chunks), and DSA's allocation efficiency against each.
 Thresholds and deltas default to values picked from a max-steps trace so that their average steps spread over
 [1, max_steps] (`heuristic.pick_thresholds`); pass them to pin them. Outputs in `out_dir`: claim.md (tables and a
 verdict computed from them), claim.json, claim.png (FD and agreement vs. average steps), steps_by_event.png (DSA
@@ -417,7 +419,7 @@ def verdict(groups: dict[str, list[dict]], metric: str = "fd", lower_is_better: 
     if not pts:
       continue
     per = {}
-    for base in ("fixed", "heuristic", "oracle"):
+    for base in ("fixed", "heuristic", "oracle", "oracle_video"):
       bpts = groups.get(base) or []
       if len(bpts) < 2:
         continue
@@ -452,10 +454,11 @@ def _fmt(x, nd=3) -> str:
 
 
 def group_label(g: str) -> str:
-  """Display name of a result group: 'fixed', 'heuristic', 'oracle' or 'dsa_<confidence target>'."""
+  """Display name of a result group: 'fixed', 'heuristic', 'oracle', 'oracle_video' or 'dsa_<confidence target>'."""
   if g.startswith("dsa_"):
     return f"DSA, {g[4:]} target"
-  return {"fixed": "fixed steps", "heuristic": "x0-change heuristic", "oracle": "oracle allocation"}.get(g, g)
+  return {"fixed": "fixed steps", "heuristic": "x0-change heuristic", "oracle": "per-frame oracle",
+          "oracle_video": "video oracle (re-rolled)"}.get(g, g)
 
 
 def markdown_table(groups: dict[str, list[dict]], bench: Benchmark | None = None,
@@ -468,7 +471,7 @@ def markdown_table(groups: dict[str, list[dict]], bench: Benchmark | None = None
     for r in groups.get(g) or []:
       if g == "fixed":
         setting = f"{r['max_steps']} steps"
-      elif g == "oracle":
+      elif g in ("oracle", "oracle_video"):
         setting = f"budget {r['budget']:g}"
       elif g == "heuristic":
         setting = f"delta = {_fmt(r['threshold'], 4)}"
@@ -509,6 +512,8 @@ def plot_claim(path: str, groups: dict[str, list[dict]], bench: Benchmark | None
       style[g] = (group_label(g), "#55a868", "D", "--")
     elif g == "oracle":
       style[g] = (group_label(g), "#937860", "*", ":")
+    elif g == "oracle_video":
+      style[g] = (group_label(g), "#e377c2", "P", ":")
     else:
       style[g] = (group_label(g), next(palette, "#64b5cd"), "o", "-")
   fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=110)
@@ -596,9 +601,12 @@ def run_claim(config, models: dict[str, str], out_dir: str, num: int = 256, *,
               fixed: Sequence[int] = (1, 2, 3, 4, 5), budgets: Sequence[float] = (1.5, 2.0, 2.5, 3.0),
               evaluator=None, batch: int = 32, seed: int = 0, data_seed: int = 0, num_real: int = 1000,
               fps_prompts: int = 8, targets: Sequence[float] = DEFAULT_TARGETS,
-              log: Callable[[str], None] = _say, bench: Benchmark | None = None) -> dict[str, Any]:
+              log: Callable[[str], None] = _say, bench: Benchmark | None = None,
+              video_oracle: bool = True) -> dict[str, Any]:
   """Quality vs. average steps: fixed steps, DSA for each model in `models` ({confidence target: checkpoint}; the
-  first one's generator also serves the baselines), the x0-change heuristic and the oracle allocation at `budgets`;
+  first one's generator also serves the baselines), the x0-change heuristic, the per-frame oracle and (with
+  `video_oracle`, which samples the prompts about num_chunks x (max budget - min_steps) x num_chunks times) the
+  re-rolled video oracle at `budgets`;
   the head report of each model and DSA's allocation efficiency. Writes claim.md / claim.json / claim.png /
   steps_by_event.png / steps_by_place.png into `out_dir`."""
   import jax.numpy as jnp
@@ -632,7 +640,8 @@ def run_claim(config, models: dict[str, str], out_dir: str, num: int = 256, *,
 
   sampler = sampler_lib.make_sampler(config)
   names = list(models)
-  groups: dict[str, list[dict]] = {"fixed": [], **{f"dsa_{n}": [] for n in names}, "heuristic": [], "oracle": []}
+  groups: dict[str, list[dict]] = {"fixed": [], **{f"dsa_{n}": [] for n in names}, "heuristic": [], "oracle": [],
+                                   "oracle_video": []}
   sources, heads, traces = {}, {}, {}
   params = {}
   for n in names:
@@ -671,7 +680,7 @@ def run_claim(config, models: dict[str, str], out_dir: str, num: int = 256, *,
     groups["heuristic"].append(bench.run(hsampler, primary, name=f"heuristic-delta{d:.3g}", threshold=float(d),
                                          min_steps=mn, max_steps=mx, extra={"group": "heuristic"}))
 
-  log("oracle allocation (greedy by each frame's measured gain of one more step, on the full-ladder rollout)")
+  log("per-frame oracle (greedy by each frame's measured gain of one more step, on the full-ladder rollout)")
   for budget in budgets:
     alloc = oracle.oracle_allocation(traces[names[0]]["remaining"], float(budget), mn, mx)
     groups["oracle"].append(bench.run_allocation(sampler, primary, alloc, name=f"oracle-{budget:g}",
@@ -679,8 +688,26 @@ def run_claim(config, models: dict[str, str], out_dir: str, num: int = 256, *,
                                                         "threshold": float("nan"), "min_steps": mn,
                                                         "max_steps": mx}))
 
+  if video_oracle and budgets:
+    log("video oracle (steps per chunk; every candidate judged by re-rolling the whole video towards the max-step "
+        "video)")
+
+    def sample_latents(steps):
+      return bench.sample(sampler, primary, threshold=float("inf"), min_steps=steps, max_steps=steps,
+                          time_batch1=False)["latents"]
+
+    plans = oracle.video_oracle(sample_latents, bench.num, bench.frames, int(config.video.chunk_frames), budgets,
+                                mn, mx, log=log)
+    for budget in budgets:
+      plan = plans[float(budget)]
+      groups["oracle_video"].append(bench.run_allocation(
+          sampler, primary, plan["steps"], name=f"video-oracle-{budget:g}",
+          extra={"group": "oracle_video", "budget": float(budget), "threshold": float("nan"), "min_steps": mn,
+                 "max_steps": mx, "distance_to_max_steps": float(np.mean(plan["distance"]))}))
+
   verdicts = {"fd": verdict(groups, "fd", True), "agreement": verdict(groups, "agreement", False)}
-  efficiency = {n: allocation_efficiency(groups, f"dsa_{n}", budgets) for n in names}
+  efficiency = {n: [row for og in ("oracle_video", "oracle") if groups[og]
+                    for row in allocation_efficiency(groups, f"dsa_{n}", budgets, oracle_group=og)] for n in names}
   table = markdown_table(groups, bench, verdicts)
   paths = {"md": os.path.join(out_dir, "claim.md"), "json": os.path.join(out_dir, "claim.json"),
            "plot": os.path.join(out_dir, "claim.png"), "events": os.path.join(out_dir, "steps_by_event.png"),
@@ -690,7 +717,7 @@ def run_claim(config, models: dict[str, str], out_dir: str, num: int = 256, *,
   plot_steps_by_event(paths["events"], ev_runs, bench.event_names,
                       title=f"DSA ({names[0]} target): where the steps go")
   places = {g: steps_by_place(_closest(runs, 2.5), bench) for g, runs in groups.items()
-            if runs and (g.startswith("dsa_") or g == "oracle")}
+            if runs and (g.startswith("dsa_") or g.startswith("oracle"))}
   plot_steps_by_place(paths["places"], places)
   header = (f"# Moving digits: quality vs. average steps per frame\n\n"
             f"{bench.num} held-out test prompts, {bench.num_real} real test clips as the FD reference, evaluator "
@@ -713,19 +740,22 @@ def run_claim(config, models: dict[str, str], out_dir: str, num: int = 256, *,
   return result
 
 
-def allocation_efficiency(groups: dict[str, list[dict]], dsa_group: str, budgets: Sequence[float]) -> list[dict]:
+def allocation_efficiency(groups: dict[str, list[dict]], dsa_group: str, budgets: Sequence[float],
+                          oracle_group: str = "oracle") -> list[dict]:
   """At each budget: (FD gain of DSA over fixed steps) / (FD gain of the oracle over fixed steps), with fixed steps
-  and DSA linearly interpolated at the budget's average steps and the oracle run at the budget itself."""
+  and DSA linearly interpolated at the budget's average steps and the oracle (`oracle_group`) run at the budget
+  itself; undefined (nan) where the oracle does not beat fixed steps."""
   rows = []
   fixed = sorted(groups.get("fixed") or [], key=lambda r: r["avg_steps"])
   dsa = sorted(groups.get(dsa_group) or [], key=lambda r: r["avg_steps"])
-  oracle = {r["budget"]: r for r in groups.get("oracle") or []}
+  oracle = {r["budget"]: r for r in groups.get(oracle_group) or []}
   for b in budgets:
     f = _interp(b, [r["avg_steps"] for r in fixed], [r["fd"] for r in fixed]) if len(fixed) > 1 else math.nan
     d = _interp(b, [r["avg_steps"] for r in dsa], [r["fd"] for r in dsa]) if len(dsa) > 1 else math.nan
     o = oracle.get(float(b), {}).get("fd", math.nan)
     eff = (f - d) / (f - o) if (f - o) > 0 else math.nan
-    rows.append({"budget": float(b), "fd_fixed": f, "fd_dsa": d, "fd_oracle": o, "efficiency": eff})
+    rows.append({"oracle": oracle_group, "budget": float(b), "fd_fixed": f, "fd_dsa": d, "fd_oracle": o,
+                 "efficiency": eff})
   return rows
 
 
@@ -790,11 +820,12 @@ def head_table(heads: dict[str, dict]) -> str:
 
 def efficiency_table(efficiency: dict[str, list[dict]]) -> str:
   text = ("\nAllocation efficiency = (FD gain of DSA over fixed steps) / (FD gain of the oracle over fixed steps) at "
-          "the same average steps:\n\n| target | budget | FD fixed | FD DSA | FD oracle | efficiency |\n"
-          "|---|---:|---:|---:|---:|---:|\n")
+          "the same average steps:\n\n| target | oracle | budget | FD fixed | FD DSA | FD oracle | efficiency |\n"
+          "|---|---|---:|---:|---:|---:|---:|\n")
   for n, rows in efficiency.items():
     for r in rows:
-      text += (f"| {n} | {r['budget']:g} | {_fmt(r['fd_fixed'], 1)} | {_fmt(r['fd_dsa'], 1)} | "
+      text += (f"| {n} | {group_label(r.get('oracle', 'oracle'))} | {r['budget']:g} | {_fmt(r['fd_fixed'], 1)} | "
+               f"{_fmt(r['fd_dsa'], 1)} | "
                f"{_fmt(r['fd_oracle'], 1)} | {_fmt(r['efficiency'], 2)} |\n")
   return text
 

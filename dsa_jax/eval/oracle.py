@@ -9,13 +9,15 @@ every step's x0 prediction and head confidence. From it:
   * what the head says about the same steps: the median confidence per step (it must rise), its spread at step 1,
     and its calibration against the 'remaining' target computed from the trace.
 The oracle is computed on the full-ladder rollout: a frame given fewer steps becomes slightly different context for
-later chunks, which the oracle ignores (it is an upper reference, not a sampler).
+later chunks, which this per-frame oracle ignores. On the digits model that makes it worse than fixed steps, so
+`video_oracle` is the reference that sees propagation: it allocates steps chunk by chunk and judges every candidate
+by re-rolling the whole video with it (greedy by the whole video's distance to the max-step video).
 """
 
 from __future__ import annotations
 
 import heapq
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -114,6 +116,64 @@ def oracle_allocation(remaining: np.ndarray, budget: float, min_steps: int = 1, 
     if s < max_steps:
       heapq.heappush(heap, (-(flat[i, s - 1] - flat[i, s]), i))
   return steps.reshape(shape).astype(np.int32)
+
+
+def video_oracle(sample_latents: Callable[[np.ndarray], np.ndarray], num_prompts: int, num_frames: int,
+                 chunk_frames: int, budgets: Sequence[float], min_steps: int, max_steps: int,
+                 log: Callable[[str], None] = lambda s: None) -> dict[float, dict[str, Any]]:
+  """Per-prompt step schedules (one step count per chunk) at each average budget, chosen with propagation in view.
+
+  `sample_latents(steps)` samples every prompt with the forced per-frame schedule `steps` (num_prompts, num_frames)
+  and returns its latents (num_prompts, num_frames, ...). The reference is the video at max_steps everywhere. Every
+  chunk starts at min_steps; each round gives every prompt one more step on the chunk whose increment brings its
+  *whole re-rolled video* closest to the reference (mean squared distance over all frames), so a step on an early
+  chunk is credited with what it does to every later chunk. One round adds chunk_frames steps per prompt, so budget b
+  is reached after round((b - min_steps) * num_chunks) rounds; every round samples the video once per chunk.
+  Returns {budget: {'steps': (num_prompts, num_frames) int32, 'avg_steps', 'distance': (num_prompts,)}}."""
+  if num_frames % chunk_frames:
+    raise ValueError(f"video oracle: {num_frames} frames do not split into chunks of {chunk_frames}")
+  n_chunks = num_frames // chunk_frames
+  rounds = {}
+  for b in budgets:
+    if not min_steps <= float(b) <= max_steps:
+      raise ValueError(f"video oracle: budget {b} outside [min_steps, max_steps] = [{min_steps}, {max_steps}]")
+    rounds[float(b)] = int(round((float(b) - min_steps) * n_chunks))
+  expand = lambda s: np.repeat(s, chunk_frames, axis=1).astype(np.int32)
+  ref = np.asarray(sample_latents(np.full((num_prompts, num_frames), max_steps, np.int32)), np.float64)
+
+  def distance(s):
+    v = np.asarray(sample_latents(expand(s)), np.float64)
+    return np.mean(np.square(v - ref).reshape(num_prompts, -1), axis=1)
+
+  s = np.full((num_prompts, n_chunks), min_steps, np.int64)
+  cur = distance(s)
+  out = {}
+
+  def record(r):
+    for b, want in rounds.items():
+      if want == r:
+        out[b] = {"steps": expand(s), "avg_steps": float(expand(s).mean()), "distance": cur.copy()}
+
+  record(0)
+  for r in range(1, max(rounds.values(), default=0) + 1):
+    best_d = np.full(num_prompts, np.inf)
+    best_c = np.full(num_prompts, -1)
+    for c in range(n_chunks):
+      cand = s.copy()
+      can = cand[:, c] < max_steps
+      if not can.any():
+        continue
+      cand[can, c] += 1
+      d = distance(cand)
+      better = can & (d < best_d)
+      best_d[better], best_c[better] = d[better], c
+    rows = np.nonzero(best_c >= 0)[0]
+    s[rows, best_c[rows]] += 1
+    cur[rows] = best_d[rows]
+    log(f"  video oracle round {r}: {float(expand(s).mean()):.3f} steps/frame, mean distance to the max-step video "
+        f"{float(cur.mean()):.4g}")
+    record(r)
+  return out
 
 
 def remaining_log_range(remaining: np.ndarray) -> tuple[float, float]:
