@@ -91,6 +91,7 @@ def test_bench_sample(tmp_path, tiny, capsys):
     assert res["fps"][key] > 0
   assert res["compile_s"]["program"] > 0 and res["stream"]["latents"]["first_chunk_s"] > 0
   assert len(res["components"]["denoise_step_s"]) == 3 and res["components"]["totals_s"]["vae"] > 0
+  assert res["components"]["totals_s"]["text_kv"] > 0  # once per video, as in the sampler's program
   assert "FPS DiT" in capsys.readouterr().out
 
 

@@ -542,39 +542,46 @@ def _components(sampler, params, context, uncond, controls, iters, use_cfg, deco
   ctx = jnp.asarray(context)
   uctx = None if uncond is None else jnp.asarray(uncond)
 
-  def step(params, x, cache, i, k, rng):
+  # As in the sampler's program: the text keys/values once per video, the chunk's placement (RoPE tables) once per
+  # chunk; timed apart from the forwards that use them.
+  kv_j = jax.jit(lambda params: sampler.text_kv(params["generator"], ctx, uctx, use_cfg))
+  text_kv = _sync(kv_j(params)) if sampler.precompute_text else None
+
+  def step(params, text_kv, x, cache, i, k, rng):
     sigma = jnp.asarray(sampler.sigmas)[k]
     t = jnp.full((b, c), tn * sigma, jnp.float32)
-    v, feats, cache = sampler.forward(params["generator"], x, t, ctx, uctx, controls.guidance, cache, i * c, use_cfg)
+    v, feats, cache = sampler.forward(params["generator"], x, t, ctx, uctx, controls.guidance, cache, i * c, use_cfg,
+                                      sampler.placement(i), text_kv)
     x0 = flow.x0_from_velocity(x, v, sigma)
     conf = sampler.confidence(params["head"], feats, jnp.full((b, c), k, jnp.int32), t)
     nxt = jnp.asarray(sampler.sigmas)[jnp.minimum(k + 1, sampler.num_steps - 1)]
     x = flow.renoise(x0, jax.random.normal(rng, x.shape), nxt)
     return x, conf, cache
 
-  def fill(params, x0, cache, i):
+  def fill(params, text_kv, x0, cache, i):
     t = jnp.full((b, c), sampler.context_noise, jnp.float32)
-    _, _, cache = sampler.forward(params["generator"], x0, t, ctx, uctx, controls.guidance, cache, i * c, use_cfg)
+    _, _, cache = sampler.forward(params["generator"], x0, t, ctx, uctx, controls.guidance, cache, i * c, use_cfg,
+                                  sampler.placement(i), text_kv)
     return cache
 
-  step_j = jax.jit(step, donate_argnums=(2,))
-  fill_j = jax.jit(fill, donate_argnums=(2,))
+  step_j = jax.jit(step, donate_argnums=(3,))
+  fill_j = jax.jit(fill, donate_argnums=(3,))
   cache = sampler.new_cache(b, use_cfg)
   x = jax.random.normal(jax.random.PRNGKey(1), (b,) + sampler.chunk_shape)
   rng = jax.random.PRNGKey(2)
   t0 = time.perf_counter()
-  x1, _, cache = _sync(step_j(params, x, cache, 0, 0, rng))
-  cache = _sync(fill_j(params, x, cache, 0))
+  x1, _, cache = _sync(step_j(params, text_kv, x, cache, 0, 0, rng))
+  cache = _sync(fill_j(params, text_kv, x, cache, 0))
   compile_s = time.perf_counter() - t0
   step_t, fill_t = [], []
   for i in range(n_chunks):
     ts, tf = [], []
     for _ in range(runs):
       t0 = time.perf_counter()
-      x1, _, cache = _sync(step_j(params, x, cache, i, 0, rng))
+      x1, _, cache = _sync(step_j(params, text_kv, x, cache, i, 0, rng))
       ts.append(time.perf_counter() - t0)
       t0 = time.perf_counter()
-      cache = _sync(fill_j(params, x, cache, i))
+      cache = _sync(fill_j(params, text_kv, x, cache, i))
       tf.append(time.perf_counter() - t0)
     step_t.append(_median(ts))
     fill_t.append(_median(tf))
@@ -582,6 +589,13 @@ def _components(sampler, params, context, uncond, controls, iters, use_cfg, deco
   dit_steps = float(sum(int(iters[i]) * step_t[i] for i in range(n_chunks)))
   fill_total = float(sum(fill_t))
   totals = {"dit_steps": dit_steps, "cache_fill": fill_total}
+  if text_kv is not None:
+    kv_t = []
+    for _ in range(runs):
+      t0 = time.perf_counter()
+      _sync(kv_j(params))
+      kv_t.append(time.perf_counter() - t0)
+    out["text_kv_s"] = totals["text_kv"] = _median(kv_t)
   if decoder is not None and decoder.kind == "wan":
     lat = jnp.zeros((b,) + sampler.chunk_shape, jnp.float32)
     _, state = _sync(decoder.decode_chunk(lat, None, first=True))
