@@ -109,10 +109,11 @@ def drift(args) -> int:
   real_mu, real_cov = metrics.feature_stats(ev.features(real["video"]))
   context = np.asarray(make_text_encoder(base)(prompts), np.float32)
   params, source = load_sampler_params(base, base.sampling.checkpoint, cast=True)
-  if args.threshold is None:  # the model's default step budget, as `dsa-jax sample` picks it
-    from dsa_jax.sampling.budget import threshold_for
-    args.threshold = (threshold_for(source["calibration"], base.sampling.mean_steps) if source.get("calibration")
-                      else float(base.sampling.threshold))
+  if args.threshold is None:  # the model's default step budget, picked as `dsa-jax sample` picks it
+    from dsa_jax.commands.sample import resolve_budget
+    args.threshold, _ = resolve_budget(base, argparse.Namespace(threshold=None, mean_steps=None),
+                                       float(base.sampling.threshold), source, base.sampling.checkpoint,
+                                       warn=lambda m: print(m, file=sys.stderr, flush=True))
   settings = []
   for item in args.settings.split(","):
     window, sink = (int(v) for v in item.split(":"))

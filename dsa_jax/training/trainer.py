@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dsa_jax.checkpoint import loading
+from dsa_jax.checkpoint.workdir import stored_networks
 from dsa_jax.models import factory
 from dsa_jax.parallel import mesh as mesh_lib
 from dsa_jax.training import checkpointing, steps as steps_lib
@@ -176,14 +177,6 @@ def load_teacher(config, mesh, rules, shardings):
 HEAD_STAGE_FALLBACKS = {"generator": ("generator_ema", "teacher")}
 
 
-def _stores_network(config, path: str, name: str) -> bool:
-  """Whether the checkpoint at `path` holds network `name` (its architecture is checked when it is loaded)."""
-  try:
-    return loading.plan(config, path, (name,), fallbacks={})[0].get(name) == name
-  except loading.CheckpointError:
-    return False
-
-
 def initial_networks(config, teacher_host: Callable[[], Any]) -> tuple[dict, dict]:
   """Host params that replace fresh initialisation at step 0 of a stage (the previous stage's model, the teacher as
   the ODE student's and the critic's start), and where each came from."""
@@ -208,7 +201,7 @@ def initial_networks(config, teacher_host: Callable[[], Any]) -> tuple[dict, dic
     nets["generator"] = loading.load_networks(config, init_from, ("generator",),
                                               fallbacks=loading.INIT_FROM_FALLBACKS, log=_log)[0]["generator"]
     sources["generator"] = init_from
-    if stage == "dsa" and _stores_network(config, init_from, "head"):
+    if stage == "dsa" and "head" in stored_networks(init_from)[0]:
       # continuing a DSA model keeps its confidence head (a fresh one would have to relearn it from scratch)
       nets["head"] = loading.load_networks(config, init_from, ("head",), fallbacks={}, log=_log)[0]["head"]
       sources["head"] = init_from
