@@ -418,3 +418,31 @@ def test_training_evaluates_every_n_steps(digits_toy_config, tiny_evaluator, tmp
   assert rows[0]["eval_fd"] != rows[1]["eval_fd"]  # the model changed between the two evaluations
   assert summary["last_eval"] == {k: v for k, v in rows[-1].items() if k != "step"}
   assert any("eval at step 2: FD" in m for m in logs)
+
+
+def test_verdict_judges_differences_against_paired_replicates():
+  """Runs scored on the same resampled prompts share their sampling error: a small, consistent gain is significant
+  against the paired spread but not against the two runs' spreads combined; without shared error it is neither."""
+  from dsa_jax.eval import claim
+  rng = np.random.default_rng(0)
+  shared = rng.normal(0.0, 10.0, 50)
+
+  def run(name, steps, fd, noise):
+    reps = fd + noise
+    return {"name": name, "avg_steps": steps, "fd": fd, "fd_bootstrap_std": float(np.std(reps)),
+            "fd_bootstrap": list(reps)}
+
+  fixed = [run("fixed-1", 1.0, 100.0, shared), run("fixed-3", 3.0, 80.0, shared)]
+  paired = {"fixed": fixed, "dsa_x": [run("dsa", 2.0, 85.0, shared + rng.normal(0, 0.5, 50))]}
+  v = claim.verdict(paired)["dsa_x"]["fixed"]
+  assert v["better"] == 1 and v["significant"] == 0 and v["significant_paired"] == 1
+  assert v["points"][0]["fixed_fd"] == 90.0 and v["points"][0]["paired_se"] < 1.0
+  unpaired = {"fixed": fixed, "dsa_x": [run("dsa", 2.0, 85.0, rng.normal(0.0, 10.0, 50))]}
+  v = claim.verdict(unpaired)["dsa_x"]["fixed"]
+  assert v["better"] == 1 and v["significant_paired"] == 0 and v["points"][0]["paired_se"] > 5.0
+  # runs without replicates (older claim.json files): no paired verdict, the independent one still works
+  old = {g: [{k: x for k, x in r.items() if k != "fd_bootstrap"} for r in rs] for g, rs in paired.items()}
+  v = claim.verdict(old)["dsa_x"]["fixed"]
+  assert v["significant_paired"] is None and v["compared"] == 1
+  assert "paired" not in claim.verdict_text({"fd": claim.verdict(old)})
+  assert "1 by more than 2 paired standard errors" in claim.verdict_text({"fd": claim.verdict(paired)})

@@ -33,7 +33,7 @@ import numpy as np
 
 from dsa_jax.eval import metrics
 
-FD_BOOTSTRAP = 20
+FD_BOOTSTRAP = 50
 DEFAULT_TARGETS = (1.25, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 4.5)
 
 
@@ -327,11 +327,14 @@ class Benchmark:
     feats = o["features"].astype(np.float64)
     mu, cov = metrics.feature_stats(feats)
     fd = metrics.frechet_from_stats(mu, cov, self.real_mu, self.real_cov)
-    rng = np.random.default_rng(0)
-    boots = [metrics.frechet_from_stats(*metrics.feature_stats(feats[rng.integers(0, len(feats), len(feats))]),
-                                        self.real_mu, self.real_cov) for _ in range(FD_BOOTSTRAP)]
+    # The same resampled prompt indices for every run (fixed seed, same prompt count): replicate b of one run and
+    # replicate b of another score the same prompts with the same noise, so differences between runs can be judged
+    # against their paired spread (`verdict`), which is much tighter than the two runs' spreads combined.
+    idx = bootstrap_indices(len(feats))
+    boots = [metrics.frechet_from_stats(*metrics.feature_stats(feats[i]), self.real_mu, self.real_cov) for i in idx]
     pred = o["digit_logits"] > 0
     agreement = metrics.prompt_agreement(pred, self.prompt_sets)
+    clip_agrees = np.all(np.asarray(pred, bool) == np.asarray(self.prompt_sets, bool), -1)
     steps = np.asarray(sample["steps"])
     conf = np.asarray(sample["confidences"], np.float64)
     pred_events = np.argmax(o["event_logits"], -1)
@@ -351,6 +354,8 @@ class Benchmark:
         "fd_bootstrap_std": float(np.std(boots)),
         "agreement": agreement["set_agreement"],
         "agreement_std": _binomial_std(agreement["set_agreement"], len(pred)),
+        "fd_bootstrap": [float(b) for b in boots],
+        "agreement_bootstrap": [float(clip_agrees[i].mean()) for i in idx],
         "digit_f1": agreement["digit_f1"],
         "agreement_detail": agreement,
         "fps_batch1": fps_b1,  # frames per second sampling one video at a time
@@ -396,6 +401,11 @@ def public(result: dict) -> dict:
 # The sweep
 
 
+def bootstrap_indices(n: int, replicates: int = FD_BOOTSTRAP, seed: int = 0) -> np.ndarray:
+  """(replicates, n) resampled prompt indices; the same for every run of a benchmark (paired replicates)."""
+  return np.random.default_rng(seed).integers(0, n, (replicates, n))
+
+
 def _interp(x, xs, ys) -> float:
   """Linear interpolation on a curve given at xs (sorted); nan outside its range."""
   xs, ys = np.asarray(xs, np.float64), np.asarray(ys, np.float64)
@@ -408,12 +418,24 @@ def _interp(x, xs, ys) -> float:
 
 def verdict(groups: dict[str, list[dict]], metric: str = "fd", lower_is_better: bool = True) -> dict[str, Any]:
   """For every DSA point: the baseline curves' metric at the same average steps (linear interpolation), and
-  whether DSA is better, and significantly so (by more than 2 standard errors: FD's bootstrap std, agreement's
-  binomial std, combined with the baseline's, interpolated likewise). A curve "dominates" a baseline when it is
-  better at every point inside the baseline's range of average steps."""
+  whether DSA is better, and significantly so, two ways:
+  * `significant`: by more than 2 standard errors of two independent estimates (FD's bootstrap std, agreement's
+    binomial std, combined with the baseline's, interpolated likewise): conservative, as if the runs shared nothing;
+  * `significant_paired`: by more than 2 standard errors of the *difference*, from paired bootstrap replicates
+    (every run is scored on the same resampled prompts, `bootstrap_indices`; replicate b's difference uses the
+    baseline curve interpolated from its replicates b). Runs that sample the same prompts with the same noise share
+    most of their sampling error, so this is the standard error that fits a comparison of methods.
+  A curve "dominates" a baseline when it is better at every point inside the baseline's range of average steps."""
   out = {}
   sign = 1.0 if lower_is_better else -1.0
   std_key = {"fd": "fd_bootstrap_std"}.get(metric, f"{metric}_std")
+  boot_key = f"{metric}_bootstrap"
+
+  def replicates(points):
+    reps = [p.get(boot_key) for p in points]
+    if not reps or any(r is None for r in reps) or len({len(r) for r in reps}) != 1:
+      return None
+    return np.asarray(reps, np.float64)  # (points, replicates)
   for dsa_name in [g for g in groups if g.startswith("dsa_")]:
     pts = groups.get(dsa_name) or []
     if not pts:
@@ -425,21 +447,30 @@ def verdict(groups: dict[str, list[dict]], metric: str = "fd", lower_is_better: 
         continue
       xs, ys = [p["avg_steps"] for p in bpts], [p[metric] for p in bpts]
       ss = [p.get(std_key, 0.0) for p in bpts]
+      base_reps = replicates(bpts)
       rows = []
       for p in pts:
         ref = _interp(p["avg_steps"], xs, ys)
         ref_std = _interp(p["avg_steps"], xs, ss)
-        if math.isnan(ref):
-          better = significant = None
-        else:
+        better = significant = paired = None
+        paired_se = math.nan
+        if not math.isnan(ref):
           gain = sign * (ref - p[metric])  # > 0: DSA better
           se = math.sqrt(p.get(std_key, 0.0) ** 2 + ref_std ** 2)
           better, significant = bool(gain > 0), bool(gain > 2 * se)
+          own = p.get(boot_key)
+          if base_reps is not None and own is not None and len(own) == base_reps.shape[1]:
+            diffs = [sign * (_interp(p["avg_steps"], xs, base_reps[:, b]) - own[b]) for b in range(len(own))]
+            paired_se = float(np.std(diffs))
+            paired = bool(gain > 2 * paired_se)
         rows.append({"name": p["name"], "avg_steps": p["avg_steps"], metric: p[metric], f"{base}_{metric}": ref,
-                     "better": better, "significant": significant})
+                     "better": better, "significant": significant, "paired_se": paired_se,
+                     "significant_paired": paired})
       inside = [r for r in rows if r["better"] is not None]
+      have_paired = bool(inside) and all(r["significant_paired"] is not None for r in inside)
       per[base] = {"points": rows, "compared": len(inside), "better": sum(r["better"] for r in inside),
                    "significant": sum(r["significant"] for r in inside),
+                   "significant_paired": sum(r["significant_paired"] for r in inside) if have_paired else None,
                    "dominates": bool(inside) and all(r["better"] for r in inside)}
     out[dsa_name] = per
   return out
@@ -482,15 +513,22 @@ def markdown_table(groups: dict[str, list[dict]], bench: Benchmark | None = None
   if bench is not None:
     lines.append(f"| real test clips | {bench.num} clips | - | {bench.real_floor['fd']:.3f} (floor) | "
                  f"{bench.real_agreement['set_agreement']:.3f} | {bench.real_agreement['digit_f1']:.3f} | - | - |")
-  text = "\n".join(lines) + "\n"
-  for metric, per_metric in (verdicts or {}).items():
+  return "\n".join(lines) + "\n" + verdict_text(verdicts or {})
+
+
+def verdict_text(verdicts: dict) -> str:
+  """The verdicts (`verdict(...)` per metric name) as markdown lines."""
+  text = ""
+  for metric, per_metric in verdicts.items():
     what = {"fd": "lower FD", "agreement": "higher agreement"}.get(metric, metric)
     text += (f"\nVerdict on {metric} (DSA point vs. the baseline curve linearly interpolated at the same average "
              f"steps; 'better' = {what}; points outside a baseline's range are not compared):\n\n")
     for dsa_name, per in per_metric.items():
       for base, v in per.items():
-        text += (f"- {labels[dsa_name]} vs {labels[base]}: better at {v['better']} of {v['compared']} comparable "
-                 f"points ({v['significant']} by more than 2 standard errors)"
+        paired = ("" if v.get("significant_paired") is None
+                  else f", {v['significant_paired']} by more than 2 paired standard errors")
+        text += (f"- {group_label(dsa_name)} vs {group_label(base)}: better at {v['better']} of {v['compared']} comparable "
+                 f"points ({v['significant']} by more than 2 standard errors{paired})"
                  f"{'; dominates' if v['dominates'] else ''}\n")
   return text
 
@@ -724,7 +762,8 @@ def run_claim(config, models: dict[str, str], out_dir: str, num: int = 256, *,
             f"`{bench.evaluator.path}` (held-out set accuracy "
             f"{_fmt((bench.evaluator.meta.get('evaluator', {}).get('test') or {}).get('set_acc'))}), batch "
             f"{bench.batch}, config `{config.name}`, checkpoints {sources}.\n"
-            f"FD +- is the std over {FD_BOOTSTRAP} bootstrap resamples of the generated set. FPS: frames per second "
+            f"FD +- is the std over {FD_BOOTSTRAP} bootstrap resamples of the generated set (the same resampled "
+            f"prompts for every run, so differences are also judged against their paired std). FPS: frames per second "
             f"of steady-state sampling (compilation excluded), one video at a time over the first {bench.fps_prompts} "
             f"prompts (batch 1) and at batch B = {bench.batch} (where a chunk's loop runs until its slowest frame is "
             f"done, so DSA saves less).\n\n")

@@ -285,7 +285,8 @@ class Sampler:
     self.trace_counts = collections.Counter()
     self._compiled = {}
     self.program = jax.jit(self._program, static_argnames=("use_cfg",), donate_argnums=(5,))
-    self._chunk_step_jit = jax.jit(self._chunk_step, static_argnames=("use_cfg",), donate_argnums=(5,))
+    self._chunk_step_jit = jax.jit(self._chunk_step, static_argnames=("use_cfg", "fill"), donate_argnums=(5,))
+    self._fill_step_jit = jax.jit(self._fill_step, static_argnames=("use_cfg",), donate_argnums=(5,))
     self.mesh = mesh_lib.make_mesh(config) if mesh is None else mesh
     if self.mesh.size == 1:
       self.mesh = None  # one device: no shardings at all
@@ -340,15 +341,18 @@ class Sampler:
     outputs, cache = out_shape
     return jax.tree_util.tree_map_with_path(one, outputs), self.cache_shardings(cache)
 
-  def _sharded(self, kind: str, args, use_cfg: bool):
-    """The program (kind 'program' / 'chunk_step') jitted with in/out shardings for these arguments' shapes."""
-    key = (kind, _signature(args, use_cfg))
+  def _sharded(self, kind: str, args, use_cfg: bool, **static):
+    """The program (kind 'program' / 'chunk_step' / 'fill_step') jitted with in/out shardings for these arguments'
+    shapes (`static`: the kind's other static arguments)."""
+    key = (kind, _signature(args, use_cfg), tuple(sorted(static.items())))
     if key not in self._mesh_jits:
-      fn = functools.partial(self._program if kind == "program" else self._chunk_step, use_cfg=use_cfg)
+      impl = {"program": self._program, "chunk_step": self._chunk_step, "fill_step": self._fill_step}[kind]
+      fn = functools.partial(impl, use_cfg=use_cfg, **static)
       with mesh_lib.activation_context(self.mesh, self.rules):
         out_shape = jax.eval_shape(fn, *args)  # jit reuses this trace
-      self._mesh_jits[key] = jax.jit(fn, in_shardings=self._arg_shardings(args),
-                                     out_shardings=self._out_shardings(out_shape, np.shape(args[1])[0]),
+      outs = (self.cache_shardings(out_shape) if kind == "fill_step"
+              else self._out_shardings(out_shape, np.shape(args[1])[0]))
+      self._mesh_jits[key] = jax.jit(fn, in_shardings=self._arg_shardings(args), out_shardings=outs,
                                      donate_argnums=(5,))
     return self._mesh_jits[key]
 
@@ -366,13 +370,26 @@ class Sampler:
       self._placed_params = (leaves, placed)
     return (placed,) + tuple(jax.device_put(a, s) for a, s in zip(args[1:], shardings[1:]))
 
-  def chunk_step(self, params, context, uncond_context, controls, rng, cache, chunk_index, *rest, use_cfg=False):
-    """The jitted per-chunk function (chunk index traced, cache donated) that `stream.stream` drives."""
+  def chunk_step(self, params, context, uncond_context, controls, rng, cache, chunk_index, *rest, use_cfg=False,
+                 fill: bool = True):
+    """The jitted per-chunk function (chunk index traced, cache donated) that `stream.stream` drives. With
+    `fill=False` it stops after the denoising loop: the chunk's cache fill is then `fill_step`, which a stream runs
+    after handing the chunk out (and not at all after the last chunk)."""
     args = (params, context, uncond_context, controls, rng, cache, chunk_index) + rest
     if self.mesh is None:
-      return self._chunk_step_jit(*args, use_cfg=use_cfg)
+      return self._chunk_step_jit(*args, use_cfg=use_cfg, fill=fill)
     with mesh_lib.activation_context(self.mesh, self.rules):
-      return self._sharded("chunk_step", args, use_cfg)(*args)
+      return self._sharded("chunk_step", args, use_cfg, fill=fill)(*args)
+
+  def fill_step(self, params, context, uncond_context, controls, rng, cache, chunk_index, latents, cond=None, *,
+                use_cfg=False):
+    """The jitted cache fill of chunk `chunk_index` from its finished `latents` (what `chunk_step(fill=False)`
+    returned) -> the cache (donated). Together the two equal one `chunk_step`."""
+    args = (params, context, uncond_context, controls, rng, cache, chunk_index, latents, cond)
+    if self.mesh is None:
+      return self._fill_step_jit(*args, use_cfg=use_cfg)
+    with mesh_lib.activation_context(self.mesh, self.rules):
+      return self._sharded("fill_step", args, use_cfg)(*args)
 
   # -- shapes and inputs ------------------------------------------------------------------------------------------
 
@@ -665,10 +682,10 @@ class Sampler:
                                controls.guidance, cache, offset, use_cfg, self.placement(chunk_index), text_kv)
     return cache
 
-  def run_chunk(self, params, context, uncond_context, controls, keys, cache, chunk_index, use_cfg: bool,
-                cond: Optional[Conditioning] = None, text_kv=None):
-    """One chunk: denoising loop + cache fill. The text keys/values are the video's `text_kv` (from `text_kv`), or
-    computed here once for the chunk; with `precompute_text` off, at every forward (the plain path)."""
+  def _chunk_context(self, params, context, uncond_context, cond, chunk_index, use_cfg: bool, text_kv=None):
+    """(context, text_kv) of chunk `chunk_index`: its prompt of a schedule, and the text keys/values: the video's
+    `text_kv` (from `text_kv`) picked for the chunk, or computed here once for the chunk; with `precompute_text`
+    off, None (every forward computes them: the plain path)."""
     if cond is not None and cond.prompt_index is not None:  # this chunk's prompt of the schedule
       pick = jax.lax.dynamic_index_in_dim(cond.prompt_index, chunk_index, axis=1, keepdims=False)
       context = jnp.take_along_axis(context, pick[:, None, None, None], axis=1)[:, 0]
@@ -676,16 +693,34 @@ class Sampler:
       text_kv = self.chunk_text_kv(text_kv, cond, chunk_index)
     elif self.precompute_text:
       text_kv = self.text_kv(params["generator"], context, uncond_context, use_cfg)
+    return context, text_kv
+
+  def run_chunk(self, params, context, uncond_context, controls, keys, cache, chunk_index, use_cfg: bool,
+                cond: Optional[Conditioning] = None, text_kv=None, fill: bool = True):
+    """One chunk: denoising loop + cache fill (`fill=False`: the loop only; the last chunk of a video needs no fill,
+    nothing attends to it)."""
+    context, text_kv = self._chunk_context(params, context, uncond_context, cond, chunk_index, use_cfg, text_kv)
     s = self.denoise_chunk(params, context, uncond_context, controls, keys, cache, chunk_index, use_cfg, cond, text_kv)
-    cache = self.fill_cache(params, context, uncond_context, controls, s.x0, s.keys, s.cache, chunk_index, use_cfg,
-                            text_kv)
+    cache = s.cache
+    if fill:
+      cache = self.fill_cache(params, context, uncond_context, controls, s.x0, s.keys, cache, chunk_index, use_cfg,
+                              text_kv)
     return ChunkOutput(latents=s.x0, steps=s.steps, confidences=s.conf, conf_trace=s.trace, iters=s.k), cache
 
   def _chunk_step(self, params, context, uncond_context, controls, rng, cache, chunk_index, cond=None,
-                  use_cfg: bool = False):
+                  use_cfg: bool = False, fill: bool = True):
     self.trace_counts["chunk_step"] += 1
     keys = sample_keys(rng, controls.seed)
-    return self.run_chunk(params, context, uncond_context, controls, keys, cache, chunk_index, use_cfg, cond)
+    return self.run_chunk(params, context, uncond_context, controls, keys, cache, chunk_index, use_cfg, cond,
+                          fill=fill)
+
+  def _fill_step(self, params, context, uncond_context, controls, rng, cache, chunk_index, latents, cond=None,
+                 use_cfg: bool = False):
+    self.trace_counts["fill_step"] += 1
+    ckeys = chunk_keys(sample_keys(rng, controls.seed), chunk_index)
+    context, text_kv = self._chunk_context(params, context, uncond_context, cond, chunk_index, use_cfg)
+    return self.fill_cache(params, context, uncond_context, controls, latents, ckeys, cache, chunk_index, use_cfg,
+                           text_kv)
 
   # -- the whole video ---------------------------------------------------------------------------------------------
 
@@ -697,9 +732,10 @@ class Sampler:
     # The text keys/values of every prompt, once per video (not per chunk or step).
     text_kv = self.text_kv(params["generator"], context, uncond_context, use_cfg) if self.precompute_text else None
 
-    def body(i, carry):
+    def body(i, carry, fill=True):
       cache, lat, steps, conf, trace, iters = carry
-      out, cache = self.run_chunk(params, context, uncond_context, controls, keys, cache, i, use_cfg, cond, text_kv)
+      out, cache = self.run_chunk(params, context, uncond_context, controls, keys, cache, i, use_cfg, cond, text_kv,
+                                  fill=fill)
       put = lambda a, u: jax.lax.dynamic_update_slice_in_dim(a, u, i * c, axis=1)
       return (cache, put(lat, out.latents), put(steps, out.steps), put(conf, out.confidences),
               put(trace, out.conf_trace), iters.at[i].set(out.iters))
@@ -707,7 +743,11 @@ class Sampler:
     init = (cache, jnp.zeros((b,) + self.latent_shape, jnp.float32), jnp.zeros((b, self.num_frames), jnp.int32),
             jnp.zeros((b, self.num_frames), jnp.float32), jnp.full((b, self.num_frames, L), jnp.nan, jnp.float32),
             jnp.zeros((self.num_chunks,), jnp.int32))
-    cache, lat, steps, conf, trace, iters = jax.lax.fori_loop(0, self.num_chunks, body, init)
+    # Every chunk but the last fills the cache for the chunks after it; the last one is peeled off the loop and
+    # skips its fill (one forward per video less; the cache this program returns lacks that chunk's keys/values).
+    carry = jax.lax.fori_loop(0, self.num_chunks - 1, body, init)
+    last = jnp.asarray(self.num_chunks - 1, jnp.int32)
+    cache, lat, steps, conf, trace, iters = body(last, carry, fill=False)
     return SampleOutput(latents=lat, steps=steps, confidences=conf, conf_trace=trace, chunk_iters=iters), cache
 
   def prepare(self, params, context, controls, rng=None, uncond_context=None, init_latents=None, prompt_index=None):

@@ -57,11 +57,16 @@ def stream(sampler, params, context, controls, rng=None, uncond_context=None, de
     t0 = time.perf_counter()
     if fps_controller is not None:
       controls = controls.replace(threshold=jnp.full_like(controls.threshold, fps_controller.threshold))
+    # The chunk's cache fill is dispatched after its decoding: the chunk is handed out as soon as it is decoded,
+    # the fill runs while the caller looks at it, and the last chunk has none.
     out, cache = sampler.chunk_step(params, context, uncond_context, controls, rng, cache, np.int32(i), cond,
-                                    use_cfg=use_cfg)
+                                    use_cfg=use_cfg, fill=False)
     pixels = None
     if decoder is not None:
       pixels, dec_state = decoder.decode_chunk(out.latents, dec_state, first=(i == 0))
+    if i + 1 < sampler.num_chunks:
+      cache = sampler.fill_step(params, context, uncond_context, controls, rng, cache, np.int32(i), out.latents, cond,
+                                use_cfg=use_cfg)
     o, px = jax.device_get((out, pixels))
     now = time.perf_counter()
     if fps_controller is not None and i > 0:  # the first chunk's time may include compilation: not a measurement
