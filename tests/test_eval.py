@@ -446,3 +446,38 @@ def test_verdict_judges_differences_against_paired_replicates():
   assert v["significant_paired"] is None and v["compared"] == 1
   assert "paired" not in claim.verdict_text({"fd": claim.verdict(old)})
   assert "1 by more than 2 paired standard errors" in claim.verdict_text({"fd": claim.verdict(paired)})
+
+
+def test_budget_check_on_held_out_prompts(digits_toy_config, tiny_evaluator, tmp_path, capsys):
+  """`dsa-jax eval budgets`: tau from the model's table for each requested average, the achieved average on
+  held-out prompts; without a table it says how to make one before sampling anything."""
+  import jax
+  from dsa_jax import cli
+  from dsa_jax.eval import claim
+  from dsa_jax.sampling import budget
+  from dsa_jax.sampling import sampler as sampler_lib
+  from dsa_jax.training import checkpointing
+  config = digits_toy_config
+  ev_dir, _, _ = tiny_evaluator
+  model = tmp_path / "model"
+  checkpointing.export_networks(sampler_lib.make_sampler(config).init_params(jax.random.PRNGKey(0)), config,
+                                str(model))
+  with pytest.raises(budget.BudgetError, match="dsa-jax calibrate"):
+    claim.check_budgets(config, str(model), str(tmp_path / "none"), (2.0,), num=4, evaluator=ev_dir, batch=4,
+                        num_real=6, log=lambda s: None)
+  assert not (tmp_path / "none").exists()
+  table = budget.calibrate(config, str(model), num=4, batch=4, write=True, refine_gap=0.5)
+  res = claim.check_budgets(config, str(model), str(tmp_path / "check"), (1.5, 2.5), num=4, evaluator=ev_dir,
+                            batch=4, num_real=6, log=lambda s: None)
+  rows = res["rows"]
+  assert [r["requested"] for r in rows] == [1.5, 2.5]
+  assert [r["tau"] for r in rows] == [budget.threshold_for(table, 1.5), budget.threshold_for(table, 2.5)]
+  for r in rows:
+    assert 1.0 <= r["achieved"] <= config.sampling.max_steps and r["error"] == r["achieved"] - r["requested"]
+  assert res["max_abs_error"] == max(abs(r["error"]) for r in rows)
+  assert json.loads((tmp_path / "check" / "budget_check.json").read_text())["rows"] == rows
+  # the command line: --budgets is required for this action
+  assert cli.main(["eval", "budgets", "--config", "digits", "--ckpt", str(model), "--out", str(tmp_path / "c2"),
+                   "--num", "4", "--batch", "4", "--evaluator", ev_dir, "--num-real", "6",
+                   "--config.runlocal=True", "--config.compute.dtype=float32"]) == 2
+  assert "--budgets" in capsys.readouterr().err

@@ -1,6 +1,6 @@
 """Evaluates a digits model on held-out prompts: Fréchet distance to real clips, prompt agreement, steps, FPS.
 
-Four actions (a positional word; `run` when omitted):
+Five actions (a positional word; `run` when omitted):
 
   dsa-jax eval --config configs/digits.py --ckpt runs/digits/dsa/model --out out/eval [--num 256]
       [--thresholds 0.5 0.8 inf] [--fixed 1 4] [--evaluator DIR]
@@ -15,6 +15,10 @@ Four actions (a positional word; `run` when omitted):
     target) at >= 5 thresholds, the x0-change heuristic at several deltas, and at each budget the per-frame oracle
     and the video oracle (steps per chunk, each candidate judged by re-rolling the whole video; --no-video-oracle);
     writes claim.md, claim.json, claim.png, steps_by_event.png, steps_by_place.png (see dsa_jax/eval/claim.py).
+
+  dsa-jax eval budgets --config configs/digits.py [--ckpt MODEL] --budgets 1.25 1.5 2 2.5 3 --out OUT [--num 512]
+    the step budget on held-out prompts: tau from the model's calibration table for each requested average
+    (`dsa-jax sample --mean-steps`), the achieved average steps, FD and agreement -> OUT/budget_check.json.
 
   dsa-jax eval curves --run teacher=runs/digits/teacher [--run more=runs/digits/teacher2:8000 ...] --out docs/curves
     the in-training evaluation curves (WORKDIR/eval.jsonl, written when train.eval_every > 0): FD and prompt
@@ -36,7 +40,7 @@ from __future__ import annotations
 
 HELP = "FD, prompt agreement, steps and FPS on held-out digits prompts; the claim sweep; the evaluator"
 
-ACTIONS = ("run", "sweep", "curves", "train-evaluator")
+ACTIONS = ("run", "sweep", "budgets", "curves", "train-evaluator")
 
 
 def add_arguments(p):
@@ -53,7 +57,7 @@ def add_arguments(p):
   p.add_argument("--model", action="append", default=None, metavar="TARGET=PATH", help="sweep: a DSA model named by "
                  "its confidence target (repeat for several; default: --ckpt, named by its config's conf.target)")
   p.add_argument("--budgets", nargs="+", type=float, default=None, help="sweep: average-steps budgets of the oracle "
-                 "allocation (default 1.5 2 2.5 3)")
+                 "allocation (default 1.5 2 2.5 3); budgets: the requested averages to check")
   p.add_argument("--out", required=True, help="output folder")
   p.add_argument("--num", type=int, default=256, help="held-out prompts to sample (default 256)")
   p.add_argument("--thresholds", nargs="+", default=None, help="confidence thresholds (numbers, inf, -inf); run: "
@@ -171,6 +175,13 @@ def main(args):
     if not steps or min(steps) < 1:
       raise ValueError(f"--teacher-steps: expected positive step counts like 16,32, got {args.teacher_steps!r}")
     evaluate_teacher(config, args.ckpt, args.out, steps, **common)
+    return 0
+  if action == "budgets":
+    from dsa_jax.eval.claim import check_budgets
+    if not args.budgets:
+      raise ValueError("--budgets: give the average steps per frame to check, e.g. --budgets 1.5 2 2.5 3")
+    check_budgets(config, args.ckpt, args.out, tuple(args.budgets), num=args.num, evaluator=args.evaluator,
+                  batch=args.batch, seed=args.seed, data_seed=args.data_seed, num_real=args.num_real)
     return 0
   if action == "sweep":
     from dsa_jax.eval.claim import run_claim

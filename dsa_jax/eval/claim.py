@@ -878,6 +878,39 @@ def places_table(places: dict[str, dict]) -> str:
   return text
 
 
+def check_budgets(config, ckpt: str, out_dir: str, budgets: Sequence[float], *, num: int = 512, evaluator=None,
+                  batch: int = 32, seed: int = 0, data_seed: int = 0, num_real: int = 1000,
+                  log: Callable[[str], None] = _say) -> dict[str, Any]:
+  """The step budget on held-out prompts: for each requested average (`--mean-steps`), tau from the model's
+  calibration table (made on training prompts), then the achieved average steps, FD and agreement on `num`
+  test-split prompts. Writes budget_check.json into `out_dir`."""
+  from dsa_jax.checkpoint import loading
+  from dsa_jax.sampling import budget as budget_lib
+  from dsa_jax.sampling import outputs
+  from dsa_jax.sampling import sampler as sampler_lib
+
+  params, source = loading.load_sampler_params(config, ckpt, warn=log, cast=True)
+  table = source.get("calibration")
+  taus = [budget_lib.threshold_for(table, float(m), source=f"--ckpt {ckpt or config.sampling.checkpoint}")
+          for m in budgets]  # a missing table or an out-of-range request fails before any sampling
+  bench = Benchmark(config, num=num, evaluator=evaluator, data_seed=data_seed, num_real=num_real, batch=batch,
+                    seed=seed, fps_prompts=0, log=log)
+  sampler = sampler_lib.make_sampler(config)
+  rows = []
+  for m, tau in zip(budgets, taus):
+    r = bench.run(sampler, params, name=f"mean-steps-{float(m):g}", threshold=tau)
+    rows.append({"requested": float(m), "tau": tau, "achieved": r["avg_steps"], "error": r["avg_steps"] - float(m),
+                 "fd": r["fd"], "fd_bootstrap_std": r["fd_bootstrap_std"], "agreement": r["agreement"]})
+  worst = max(abs(r["error"]) for r in rows)
+  log("requested -> achieved average steps: " + ", ".join(f"{r['requested']:g} -> {r['achieved']:.2f}" for r in rows)
+      + f"  (largest error {worst:.3f})")
+  os.makedirs(out_dir, exist_ok=True)
+  result = {"config": config.name, "checkpoint": source, "benchmark": bench.describe(), "rows": rows,
+            "max_abs_error": worst}
+  log(f"wrote {outputs.write_json(os.path.join(out_dir, 'budget_check.json'), result)}")
+  return result
+
+
 def evaluate_teacher(config, ckpt: str, out_dir: str, steps: Sequence[int], *, num: int = 256, evaluator=None,
                      batch: int = 32, seed: int = 0, data_seed: int = 0, num_real: int = 1000, fps_prompts: int = 0,
                      log: Callable[[str], None] = _say) -> dict[str, Any]:
