@@ -466,7 +466,11 @@ def test_budget_check_on_held_out_prompts(digits_toy_config, tiny_evaluator, tmp
     claim.check_budgets(config, str(model), str(tmp_path / "none"), (2.0,), num=4, evaluator=ev_dir, batch=4,
                         num_real=6, log=lambda s: None)
   assert not (tmp_path / "none").exists()
-  table = budget.calibrate(config, str(model), num=4, batch=4, write=True, refine_gap=0.5)
+  # a stored table (what `dsa-jax calibrate` writes; made by hand here: this test is about the check)
+  from dsa_jax.checkpoint import params_io
+  table = {"thresholds": [0.0, 0.4, 0.6, 1.0], "mean_steps": [1.0, 1.8, 3.1, 5.0], "num_prompts": 4, "min_steps": 1,
+           "max_steps": config.sampling.max_steps, "seed": 0}
+  params_io.update_meta(str(model), calibration=table)
   res = claim.check_budgets(config, str(model), str(tmp_path / "check"), (1.5, 2.5), num=4, evaluator=ev_dir,
                             batch=4, num_real=6, log=lambda s: None)
   rows = res["rows"]
