@@ -6,7 +6,8 @@ predicts per frame c_k = sigmoid(logit). A frame is done once (steps >= min_step
 steps == max_steps (the rules are the functions of `stop_rules`); its output is its last x0. Unfinished frames are
 re-noised to the next sigma with fresh noise (Self Forcing's consistency step). The loop ends when every frame of
 the chunk, in every batch sample, is done. Then one cache-fill forward at t = context_noise on the clean chunk
-overwrites the chunk's K/V slot. Chunks run in a `lax.fori_loop`, so a whole video is one jitted program; the KV
+overwrites the chunk's K/V slot (not after the last chunk: nothing attends to it). Chunks run in a `lax.fori_loop`
+(the last one peeled off it), so a whole video is one jitted program; the KV
 cache is donated and carried in the loop state (and, inside the DiT, updated in place: only a chunk's keys/values
 are written). The text cross-attention keys/values depend only on the prompt: they are computed once per video
 (every prompt of a schedule; per chunk in `chunk_step`) and passed to every forward, as are a chunk's RoPE tables.
