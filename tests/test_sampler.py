@@ -127,14 +127,16 @@ def test_streaming_equals_one_program(sampler, params, context):
 
 def test_the_last_chunk_fills_no_cache(sampler, params, context):
   """The whole-video program skips the last chunk's cache fill (nothing attends to it): its returned cache holds
-  every earlier chunk's clean keys/values, exactly as a per-chunk run with every fill would, but not the last one's."""
+  every earlier chunk's clean keys/values, exactly as per-chunk loops followed by their fills would, but not the
+  last one's."""
   controls = sampler.make_controls(2, threshold=0.55, seed=4)
   args, use_cfg = sampler.prepare(params, context, controls)
   _, cache = sampler.program(*args, use_cfg=use_cfg)
   args, _ = sampler.prepare(params, context, controls)
   p, ctx, uc, ctl, rng, full, cond = args
-  for i in range(sampler.num_chunks):
-    _, full = sampler.chunk_step(p, ctx, uc, ctl, rng, full, np.int32(i), cond, fill=True)
+  for i in range(sampler.num_chunks):  # every chunk's loop, then its fill (the last one's too), as two programs
+    out, full = sampler.chunk_step(p, ctx, uc, ctl, rng, full, np.int32(i), cond, fill=False)
+    full = sampler.fill_step(p, ctx, uc, ctl, rng, full, np.int32(i), out.latents, cond)
   k, k_full = np.asarray(cache["k"]), np.asarray(full["k"])  # (layers, B, frames * tokens, heads, head_dim)
   start = (sampler.num_chunks - 1) * sampler.chunk_frames * sampler.tokens_per_frame
   np.testing.assert_allclose(k[:, :, :start], k_full[:, :, :start], atol=1e-5)
