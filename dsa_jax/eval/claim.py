@@ -334,7 +334,7 @@ class Benchmark:
     boots = [metrics.frechet_from_stats(*metrics.feature_stats(feats[i]), self.real_mu, self.real_cov) for i in idx]
     pred = o["digit_logits"] > 0
     agreement = metrics.prompt_agreement(pred, self.prompt_sets)
-    clip_agrees = np.all(np.asarray(pred, bool) == np.asarray(self.prompt_sets, bool), -1)
+    clip_agrees = metrics.clip_set_agreement(pred, self.prompt_sets)
     steps = np.asarray(sample["steps"])
     conf = np.asarray(sample["confidences"], np.float64)
     pred_events = np.argmax(o["event_logits"], -1)

@@ -115,6 +115,22 @@ def digit_f1(pred, true) -> np.ndarray:
   return np.where(denom == 0, 1.0, 2.0 * tp / np.maximum(denom, 1))
 
 
+def _digit_sets(pred, target, name: str) -> tuple[np.ndarray, np.ndarray]:
+  """(N, 10) bool pred and target; `target` may be a list of prompts (parsed with `prompt_digits`)."""
+  if len(target) and isinstance(target[0], str):
+    target = prompts_multi_hot(target)
+  pred, target = np.asarray(pred, bool), np.asarray(target, bool)
+  if pred.shape != target.shape or pred.ndim != 2 or pred.shape[1] != NUM_DIGITS:
+    raise MetricError(f"{name}: expected (N, 10) pred and target, got {pred.shape} and {target.shape}")
+  return pred, target
+
+
+def clip_set_agreement(pred, target) -> np.ndarray:
+  """(N,) bool: whether each clip's predicted digit set equals its prompt's (arguments as `prompt_agreement`)."""
+  pred, target = _digit_sets(pred, target, "clip_set_agreement")
+  return np.all(pred == target, -1)
+
+
 def prompt_agreement(pred, target) -> dict[str, float]:
   """Agreement of the evaluator's digit sets with the prompts' digit sets.
 
@@ -122,13 +138,9 @@ def prompt_agreement(pred, target) -> dict[str, float]:
   `prompt_digits`). Returns exact-set agreement (fraction of clips whose predicted set equals the prompt's),
   mean per-clip F1 (softer: partial credit), and micro precision / recall over digits.
   """
-  if len(target) and isinstance(target[0], str):
-    target = prompts_multi_hot(target)
-  pred, target = np.asarray(pred, bool), np.asarray(target, bool)
-  if pred.shape != target.shape or pred.ndim != 2 or pred.shape[1] != NUM_DIGITS:
-    raise MetricError(f"prompt_agreement: expected (N, 10) pred and target, got {pred.shape} and {target.shape}")
+  pred, target = _digit_sets(pred, target, "prompt_agreement")
   tp = float(np.sum(pred & target))
-  return {"set_agreement": float(np.mean(np.all(pred == target, -1))),
+  return {"set_agreement": float(np.mean(clip_set_agreement(pred, target))),
           "digit_f1": float(np.mean(digit_f1(pred, target))),
           "precision": tp / max(float(np.sum(pred)), 1.0),
           "recall": tp / max(float(np.sum(target)), 1.0)}
