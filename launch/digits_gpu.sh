@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole digits recipe on one GPU box: data (generated in parallel), teacher -> ODE init -> DSA (dmd target) ->
-# polish (the DSA model continued with a cosine-decaying rate) and optionally a second DSA run with the consistency
+# polish and polish2 (the DSA model continued twice with a cosine-decaying rate) and optionally a second DSA run with the consistency
 # target. Each stage is bounded in wall time (STAGE_*_S); a stage
 # stopped by its bound is exported from its latest checkpoint, so the chain always finishes with usable models.
 #
@@ -13,7 +13,7 @@
 # by its time bound is resumed by the same command (or continued from its model with --config.train.init_from).
 # The shipped model's DSA stage ran 1,796 steps, then 3,000 more from its exported model (a second DSA run with
 # --config.train.init_from=$RUN/dsa/model: the generator from its EMA, its head kept, a fresh critic from the teacher),
-# then the polish stage (3,276 of 4,000 steps within its bound; 10.4 it/s).
+# then the polish stage (3,276 of 4,000 steps within its bound; 10.4 it/s), then polish2 (2,426 of 3,000 steps).
 # The data is generated once per DATA folder (skipped when its prompts.txt exists); stages whose model exists are
 # skipped, so the same command continues a chain.
 set -uo pipefail
@@ -21,11 +21,12 @@ RUN=${RUN:-runs/digits}
 DATA=${DATA:-$RUN/data}
 NUM_SHARDS=${NUM_SHARDS:-32}
 CLIPS_PER_SHARD=${CLIPS_PER_SHARD:-2000}
-STAGES=${STAGES:-teacher ode dsa polish}
+STAGES=${STAGES:-teacher ode dsa polish polish2}
 TEACHER_STEPS=${TEACHER_STEPS:-18000}; STAGE_TEACHER_S=${STAGE_TEACHER_S:-900}
 ODE_STEPS=${ODE_STEPS:-2000};          STAGE_ODE_S=${STAGE_ODE_S:-300}
 DSA_STEPS=${DSA_STEPS:-4000};          STAGE_DSA_S=${STAGE_DSA_S:-600}
 POLISH_STEPS=${POLISH_STEPS:-4000};    STAGE_POLISH_S=${STAGE_POLISH_S:-450}
+POLISH2_STEPS=${POLISH2_STEPS:-3000};  STAGE_POLISH2_S=${STAGE_POLISH2_S:-330}
 CONSISTENCY=${CONSISTENCY:-0}
 HEADS=${HEADS:-}  # e.g. "remaining consistency": extra confidence heads for the DSA generator (stage 'head', no teacher)
 EXTRA=${EXTRA:-}  # extra overrides for every stage, e.g. --config.train.batch_size=8
@@ -51,29 +52,33 @@ fi
 VIDEOS="$DATA/shard_*/clips.array_record"
 PROMPTS="--config.data.prompts.kind=text --config.data.prompts.path=$DATA/prompts.txt"
 
-stage() {  # stage NAME SECONDS args...
-  local name=$1 secs=$2; shift 2
+stage() {  # stage NAME CONFIG_STAGE SECONDS args...   (workdir $RUN/NAME, configs/digits.py:CONFIG_STAGE)
+  local name=$1 cfg=$2 secs=$3; shift 3
   case " $STAGES " in *" $name "*) ;; *) echo "== stage $name: not in STAGES, skipped"; return;; esac
   if [ -f "$RUN/$name/model/dsa_meta.json" ]; then echo "== stage $name: $RUN/$name/model exists, skipped"; return; fi
   echo "== stage $name (at most ${secs}s)"
-  timeout --signal=INT "$secs" $PY -m dsa_jax train --config "configs/digits.py:$name" --workdir "$RUN/$name" "$@" $EXTRA
+  timeout --signal=INT "$secs" $PY -m dsa_jax train --config "configs/digits.py:$cfg" --workdir "$RUN/$name" "$@" $EXTRA
   if [ ! -f "$RUN/$name/model/dsa_meta.json" ]; then
     echo "stage $name stopped by its time bound: exporting its latest checkpoint"
     $PY -c "import sys; from dsa_jax.training.checkpointing import export_model; export_model(sys.argv[1], sys.argv[1] + '/model')" "$RUN/$name"
   fi
 }
 
-stage teacher "$STAGE_TEACHER_S" --config.train.steps=$TEACHER_STEPS --config.train.ckpt_every=500 \
+stage teacher teacher "$STAGE_TEACHER_S" --config.train.steps=$TEACHER_STEPS --config.train.ckpt_every=500 \
   "--config.data.videos=$VIDEOS"
-stage ode "$STAGE_ODE_S" --config.train.steps=$ODE_STEPS --config.train.ckpt_every=250 $PROMPTS \
+stage ode ode "$STAGE_ODE_S" --config.train.steps=$ODE_STEPS --config.train.ckpt_every=250 $PROMPTS \
   --config.train.teacher_from=$RUN/teacher/model
-stage dsa "$STAGE_DSA_S" --config.train.steps=$DSA_STEPS --config.train.ckpt_every=200 $PROMPTS \
+stage dsa dsa "$STAGE_DSA_S" --config.train.steps=$DSA_STEPS --config.train.ckpt_every=200 $PROMPTS \
   --config.train.teacher_from=$RUN/teacher/model --config.train.init_from=$RUN/ode/model
 # polish: the DSA model continued with a cosine-decaying rate (the constant-rate stage flattens; the decay is what
-# brought the shipped model from FD 159 to 128 at 2.5 steps per frame)
-stage polish "$STAGE_POLISH_S" --config.train.steps=$POLISH_STEPS --config.train.ckpt_every=500 $PROMPTS \
+# brought the shipped model from FD 159 to 128 at 2.5 steps per frame); polish2: once more from a lower peak rate
+stage polish dsa "$STAGE_POLISH_S" --config.train.steps=$POLISH_STEPS --config.train.ckpt_every=500 $PROMPTS \
   --config.train.lr_decay=cosine --config.train.teacher_from=$RUN/teacher/model --config.train.init_from=$RUN/dsa/model
-FINAL=$RUN/dsa; [ -f "$RUN/polish/model/dsa_meta.json" ] && FINAL=$RUN/polish
+stage polish2 dsa "$STAGE_POLISH2_S" --config.train.steps=$POLISH2_STEPS --config.train.lr=1e-5 \
+  --config.train.ckpt_every=500 $PROMPTS --config.train.lr_decay=cosine --config.train.teacher_from=$RUN/teacher/model \
+  --config.train.init_from=$RUN/polish/model
+FINAL=$RUN/dsa
+for s in polish polish2; do [ -f "$RUN/$s/model/dsa_meta.json" ] && FINAL=$RUN/$s; done
 if [ "$CONSISTENCY" = 1 ] && [ ! -f "$RUN/dsa_consistency/model/dsa_meta.json" ]; then
   RUN_C=$RUN/dsa_consistency
   echo "== stage dsa (consistency target)"

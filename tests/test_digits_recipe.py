@@ -74,7 +74,41 @@ def test_runlocal_chain_teacher_ode_dsa(repo_root, tmp_path, capsys):
   for mine, theirs in ((nets["generator"], stored["generator_ema"]), (nets["head"], stored["head"])):
     for a, b in zip(jax.tree_util.tree_leaves(mine), jax.tree_util.tree_leaves(theirs)):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # The head stage continues a head of the same target (a longer head run in two parts), else starts afresh.
+  # (the DSA head's 'dmd' target needs a teacher: the head stage trains 'remaining' or 'consistency', so a copy of
+  # the model whose meta says 'remaining' stands for a head-stage model)
+  import json
+  import shutil
+  rem = str(tmp_path / "slim_remaining")
+  shutil.copytree(slim, rem)
+  with open(os.path.join(rem, "dsa_meta.json")) as f:
+    meta = json.load(f)
+  meta["conf_target"] = {"kind": "remaining"}
+  with open(os.path.join(rem, "dsa_meta.json"), "w") as f:
+    json.dump(meta, f)
+  cases = (("remaining", [], True), ("consistency", [], False),
+           ("remaining", ["--config.train.continue_head=False"], False))
+  for target, extra, continues in cases:
+    hcfg = get_config(cfg + ":head", common + [f"--config.train.init_from={rem}", f"--config.conf.target={target}"]
+                      + extra)
+    hnets, hsources = trainer.initial_networks(hcfg, lambda: None)
+    assert ("head" in hnets) == continues and hsources["generator"] == rem, (target, extra, hsources)
+    if continues:
+      for a, b in zip(jax.tree_util.tree_leaves(hnets["head"]), jax.tree_util.tree_leaves(stored["head"])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   out = tmp_path / "sample"
   assert cli.main(["sample", "--config", cfg, "--config.runlocal=True", "--ckpt", f"{d}/model", "--out", str(out),
                    "--prompt", "digit 3 moves fast"]) == 0
   assert (out / "digit_3_moves_fast.steps.json").is_file()
+
+
+def test_launch_script_stages_name_real_config_stages(repo_root):
+  """Every stage of launch/digits_gpu.sh names a stage that configs/digits.py accepts, and the script parses."""
+  import re
+  import subprocess
+  script = os.path.join(repo_root, "launch", "digits_gpu.sh")
+  subprocess.run(["bash", "-n", script], check=True)
+  calls = re.findall(r"^stage (\S+) (\S+) ", open(script).read(), flags=re.M)
+  assert [c[0] for c in calls] == ["teacher", "ode", "dsa", "polish", "polish2"], calls
+  for _, cfg_stage in calls:
+    assert get_config(os.path.join(repo_root, "configs", "digits.py") + ":" + cfg_stage).train.stage == cfg_stage

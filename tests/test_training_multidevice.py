@@ -52,8 +52,8 @@ def _worker(out_path: str, ckpt_dir: str):
   kernel = state8.generator["params"]["blocks"]["ffn_in"]["kernel"]  # (layers, embed, mlp)
   report["ffn_in_spec"] = spec_json(kernel.sharding.spec)
   report["ffn_in_shard_shape"] = list(kernel.addressable_shards[0].data.shape)
-  mu = state8.gen_opt[1][0].mu["params"]["blocks"]["ffn_in"]["kernel"]  # adam moment sharded like its param
-  report["adam_mu_spec"] = spec_json(mu.sharding.spec)
+  nu = state8.gen_opt[1][0].nu["params"]["blocks"]["ffn_in"]["kernel"]  # adam moment sharded like its param
+  report["adam_nu_spec"] = spec_json(nu.sharding.spec)
   report["metrics8"] = {k: float(v) for k, v in m8.items()}
 
   mesh1 = mesh_lib.make_mesh(cfg, devices=jax.devices()[:1], shape={"data": 1, "fsdp": 1, "tensor": 1})
@@ -122,7 +122,7 @@ def test_sharded_dsa_step_runs_with_finite_losses(report):
   # FSDP over the model dim, tensor parallelism over the FFN hidden dim; Adam moments sharded like their params
   assert report["ffn_in_spec"] == [None, "fsdp", "tensor"], report["ffn_in_spec"]
   assert report["ffn_in_shard_shape"] == [2, 96, 256]
-  assert report["adam_mu_spec"] == report["ffn_in_spec"]
+  assert report["adam_nu_spec"] == report["ffn_in_spec"]
 
 
 def test_sharded_step_equals_single_device_step(report):

@@ -197,23 +197,48 @@ def _conv(x, w, strides, padding, dtype, precision):
 CONV3D_IMPLS = ("native", "fold", "taps")
 
 
-def _conv3d_same_time(x, w, time_pad, impl, dtype, precision):
-  """Stride-1 3D conv, 'same' in space, `time_pad` zero frames before/after in time, by `impl`:
+def _time_window(segments, start: int, length: int):
+  """Frames [start, start + length) of the time-concatenation of `segments` ((B, n, H, W, C) arrays, or ints for n
+  zero frames), built from slices of the pieces: the concatenated sequence itself is never materialised."""
+  parts, pos = [], 0
+  ref = next(s for s in segments if not isinstance(s, int))
+  for seg in segments:
+    n = seg if isinstance(seg, int) else seg.shape[1]
+    a, b = max(start, pos), min(start + length, pos + n)
+    if a < b:
+      if isinstance(seg, int):
+        parts.append(jnp.zeros((ref.shape[0], b - a) + ref.shape[2:], ref.dtype))
+      else:
+        parts.append(seg[:, a - pos:b - pos])
+    pos += n
+  return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
+
+
+def _conv3d_same_time(x, w, time_pad, impl, dtype, precision, history=None):
+  """Stride-1 3D conv, 'same' in space, in time over [history or time_pad[0] zero frames, x, time_pad[1] zero
+  frames] (valid), by `impl`:
   'native' one 3D convolution; 'fold' the kT time taps folded into channels (one 2D conv over kT*C input channels
-  on a kT-times copy of the input); 'taps' one 2D conv with kT*C_out outputs on every frame, whose kT output groups
-  are shifted in time and summed (no input copy, kT-times the output). Same result; which is fastest depends on
-  the backend's convolution kernels."""
+  on a kT-times copy of the input, gathered straight from the history and x in one pass); 'taps' one 2D conv with
+  kT*C_out outputs on every frame, whose kT output groups are shifted in time and summed (no input copy, kT-times
+  the output). Same result; which is fastest depends on the backend's convolution kernels."""
   kt, kh, kw = w.shape[:3]
   pad_hw = [(kh // 2, kh // 2), (kw // 2, kw // 2)]
-  if impl == "native" or kt == 1:
-    return _conv(x, w, (1, 1, 1), [time_pad] + pad_hw, dtype, precision)
   if impl not in CONV3D_IMPLS:
     raise VAEConfigError(f"conv3d: expected one of {CONV3D_IMPLS}, got {impl!r}")
+  if history is not None and (impl != "fold" or kt == 1):
+    x = jnp.concatenate([history.astype(x.dtype), x], axis=1)
+    history = None
+  if impl == "native" or kt == 1:
+    return _conv(x, w, (1, 1, 1), [time_pad] + pad_hw, dtype, precision)
   c, cout = w.shape[3], w.shape[4]
   if impl == "fold":
-    x = jnp.pad(x, ((0, 0), time_pad, (0, 0), (0, 0), (0, 0))) if time_pad != (0, 0) else x
-    b, t = x.shape[0], x.shape[1] - kt + 1
-    xs = jnp.concatenate([x[:, k:k + t] for k in range(kt)], axis=-1).reshape((b * t,) + x.shape[2:4] + (kt * c,))
+    x = x.astype(dtype)
+    front = history.astype(dtype) if history is not None else time_pad[0]
+    segments = [front, x, time_pad[1]]
+    n = sum(s if isinstance(s, int) else s.shape[1] for s in segments)
+    b, t = x.shape[0], n - kt + 1
+    xs = jnp.concatenate([_time_window(segments, k, t) for k in range(kt)], axis=-1)
+    xs = xs.reshape((b * t,) + x.shape[2:4] + (kt * c,))
     y = _conv(xs, jnp.transpose(w, (1, 2, 0, 3, 4)).reshape(kh, kw, kt * c, cout), (1, 1), pad_hw, dtype, precision)
     return y.reshape((b, t) + y.shape[1:])
   b, t_in = x.shape[:2]
@@ -259,19 +284,21 @@ class CausalConv3d(nn.Module):
                         (kt, kh, kw, x.shape[-1], self.features), self.param_dtype)
     bias = self.param("bias", _part(nn.initializers.zeros, ("conv_out",)), (self.features,), self.param_dtype)
     x = x.astype(self.dtype)
-    new_cache = None
+    new_cache, history = None, None
     time_pad = (0, 0)
     if self.causal and kt > 1:
+      old = _zeros_cache(x, kt - 1, self.dtype) if cache is None else cache.astype(self.dtype)
+      new_cache = x[:, x.shape[1] - (kt - 1):] if x.shape[1] >= kt - 1 else \
+          jnp.concatenate([old[:, x.shape[1]:], x], axis=1)
       if cache is None:  # zero history: the convolution pads time itself (no concatenated copy of the input)
         time_pad = (kt - 1, 0)
-        new_cache = x[:, x.shape[1] - (kt - 1):] if x.shape[1] >= kt - 1 else \
-            jnp.concatenate([_zeros_cache(x, kt - 1 - x.shape[1], self.dtype), x], axis=1)
       else:
-        x = jnp.concatenate([cache.astype(self.dtype), x], axis=1)
-        new_cache = x[:, x.shape[1] - (kt - 1):]
+        history = old
     if tuple(self.strides) == (1, 1, 1):
-      y = _conv3d_same_time(x, kernel, time_pad, self.conv3d, self.dtype, self.precision)
+      y = _conv3d_same_time(x, kernel, time_pad, self.conv3d, self.dtype, self.precision, history=history)
     else:
+      if history is not None:
+        x = jnp.concatenate([history, x], axis=1)
       y = _conv(x, kernel, self.strides, [time_pad, (kh // 2, kh // 2), (kw // 2, kw // 2)], self.dtype,
                 self.precision)
     return y + bias.astype(self.dtype), new_cache

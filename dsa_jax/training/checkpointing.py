@@ -55,7 +55,8 @@ class Checkpointer(Workdir):
     items = _split_state(state)
     args = {k: o.args.StandardSave(v) for k, v in items.items()}
     meta = {"stage": config.train.stage, "step": int(step), "networks": sorted(state.networks()),
-            "arch": arch_meta(config, state.networks()), "format": "dsa_jax.train/1"}
+            "arch": arch_meta(config, state.networks()), "format": "dsa_jax.train/1",
+            "optimizer": {"adam_first_moment": "none" if state_lib.drops_first_moment(config) else "kept"}}
     meta.update(extra_meta or {})
     args["meta"] = o.args.JsonSave(meta)
     args["config"] = o.args.JsonSave(json.loads(config.to_json_best_effort()))
@@ -205,3 +206,16 @@ def main(argv=None):
 
 if __name__ == "__main__":
   main()
+
+
+def resume_compatible(config, meta: dict | None, emit=print):
+  """The config to resume a checkpoint with: optimiser states saved before first moments could be dropped (no
+  'optimizer' entry in their meta) hold Adam's first moment, so a run resuming one keeps storing it."""
+  if not meta or "optimizer" in meta or not state_lib.drops_first_moment(config):
+    return config
+  config = config.copy_and_resolve_references()
+  config.train.adam_first_moment = "keep"
+  emit(f"[{config.train.stage}] the checkpoint's optimiser states hold Adam's first moment (saved before it could be "
+       "dropped at beta1 = 0): resuming with train.adam_first_moment='keep'")
+  return config
+

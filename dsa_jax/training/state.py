@@ -88,17 +88,36 @@ def learning_rate(config, lr: float):
   return lr
 
 
+ADAM_FIRST_MOMENT = ("auto", "keep")
+
+
+def drops_first_moment(config) -> bool:
+  """Whether the generator/critic/teacher optimisers store no first moment (beta1 = 0 and 'auto')."""
+  t = config.train
+  mode = str(t.get("adam_first_moment", "auto"))
+  if mode not in ADAM_FIRST_MOMENT:
+    raise ValueError(f"config.train.adam_first_moment: expected one of {ADAM_FIRST_MOMENT}, got {mode!r}")
+  return mode == "auto" and float(t.b1) == 0.0
+
+
 def make_optimizer(config, network: str) -> optax.GradientTransformation:
   """AdamW with global-norm clipping (Self Forcing: betas (0, 0.999), weight decay 0.01, clip 10).
 
   The confidence head is a fresh small MLP: it uses Adam's usual beta1 = 0.9, `train.conf_lr`, no weight decay.
+  With beta1 = 0 (the DSA stage) Adam's first moment equals the gradient, so by default none is stored
+  (`train.adam_first_moment='auto'`): the same update from the second moment alone, one fp32 copy of the generator
+  and of the critic less in device memory. 'keep' stores it (what optimiser states saved before had).
   """
   t = config.train
   if network == "head":
     tx = optax.adamw(learning_rate(config, t.conf_lr), b1=0.9, b2=0.999, weight_decay=0.0)
   else:
     lr = {"generator": t.lr, "critic": t.critic_lr, "teacher": t.lr}[network]
-    tx = optax.adamw(learning_rate(config, lr), b1=t.b1, b2=t.b2, weight_decay=t.weight_decay)
+    if drops_first_moment(config):
+      tx = optax.chain(optax.scale_by_rms(decay=t.b2, eps=1e-8, eps_in_sqrt=False, bias_correction=True),
+                       optax.add_decayed_weights(t.weight_decay), optax.scale_by_learning_rate(learning_rate(config, lr)))
+    else:
+      tx = optax.adamw(learning_rate(config, lr), b1=t.b1, b2=t.b2, weight_decay=t.weight_decay)
   if t.grad_clip and t.grad_clip > 0:
     tx = optax.chain(optax.clip_by_global_norm(t.grad_clip), tx)
   return tx

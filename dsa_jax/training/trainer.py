@@ -195,6 +195,13 @@ def initial_networks(config, teacher_host: Callable[[], Any]) -> tuple[dict, dic
     nets["generator"] = loading.load_networks(config, init_from, ("generator",), fallbacks=HEAD_STAGE_FALLBACKS,
                                               log=_log)[0]["generator"]
     sources["generator"] = init_from
+    stored, meta = stored_networks(init_from)
+    kind = str(config.conf.target)
+    same_target = (meta.get("conf_target") or {}).get("kind") == kind
+    if config.train.get("continue_head", True) and "head" in stored and same_target:
+      # a head of the same target continues (a longer run in two parts); train.continue_head=False starts afresh
+      nets["head"] = loading.load_networks(config, init_from, ("head",), fallbacks={}, log=_log)[0]["head"]
+      sources["head"] = f"{init_from} (its {kind!r} head continues)"
     return nets, sources
   if init_from:
     # a converted base model stored as 'teacher' with the generator's architecture (e.g. Wan2.1-1.3B) also serves
@@ -476,6 +483,12 @@ def _train_locked(config, workdir: str, *, stop_after=None, mesh=None, log=None)
   uncond = np.asarray(text_encoder([config.text.negative_prompt]), np.float32)
 
   ck = checkpointing.Checkpointer(workdir, keep=int(config.train.keep), async_save=bool(config.train.async_ckpt))
+  if ck.latest_step() is not None:
+    try:
+      meta = ck.read_json(ck.latest_step(), "meta")
+    except Exception:  # pylint: disable=broad-except  (an unreadable checkpoint is handled by the restore below)
+      meta = None
+    config = checkpointing.resume_compatible(config, meta, emit)
   shardings = state_lib.state_shardings(config, mesh, rules)
   bundle = steps_lib.build_steps(config, mesh, rules, state_shardings=shardings)
   teacher = None
