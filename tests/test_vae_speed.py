@@ -62,6 +62,12 @@ def test_pixel_decoder_hands_chunks_to_the_host(tiny_config, params):
   whole = dec.decode_video(lat)  # a second stream: the donated cache of the first is not reused
   assert isinstance(whole, np.ndarray) and whole.shape == (1, 21, 64, 96, 3) and whole.std() > 0.05
   np.testing.assert_array_equal(whole, np.concatenate(chunks, 1))
+  # frames converted on the device are the host conversion of the float pixels, byte for byte
+  from dsa_jax.sampling.outputs import to_uint8
+  frames = dec.decode_video(lat, uint8=True)
+  assert frames.dtype == np.uint8 and frames.shape == whole.shape and frames.std() > 5
+  np.testing.assert_array_equal(frames[0], to_uint8(whole[0]))
+  np.testing.assert_array_equal(to_uint8(frames[0]), frames[0])  # uint8 frames pass through
   cfg.vae.conv3d = "bogus"
   with pytest.raises(ValueError, match="config.vae.conv3d"):
     decode.PixelDecoder(cfg, vae_config=CFG, vae_params=params)

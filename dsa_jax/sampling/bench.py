@@ -199,7 +199,7 @@ def decoder_memory(decoder, batch: int, num_frames: int) -> dict:
     return {}
   (a0, b0), *rest = decoder.chunk_bounds(num_frames)
   shape = lambda f: jax.ShapeDtypeStruct((batch, f) + decoder.latent_hw + (decoder.latent_channels,), np.float32)
-  fn = decoder._decode_chunk
+  fn = decoder._decode_chunk_uint8  # the program the benchmark's decoding runs (frames to the host as uint8)
   out = {"vae_first_chunk": program_memory(fn.lower(decoder.vae_params, shape(b0 - a0), None, first=True).compile())}
   if rest:
     _, state = jax.eval_shape(lambda p, z: decoder.vae.decode_chunk(p, z, None, first=True), decoder.vae_params,
@@ -218,7 +218,8 @@ def time_decode_chunks(decoder, latents, runs: int) -> dict:
     state = decoder.init_state(latents.shape[0])
     for i, (a, b) in enumerate(bounds):
       t0 = time.perf_counter()
-      pixels, state = jax.block_until_ready(decoder.decode_chunk(latents[:, a:b], state, first=(i == 0)))
+      pixels, state = jax.block_until_ready(decoder.decode_chunk(latents[:, a:b], state, first=(i == 0),
+                                                                 uint8=True))
       t1 = time.perf_counter()
       np.asarray(pixels)
       t2 = time.perf_counter()
@@ -247,19 +248,19 @@ def run_decode_bench(config, *, runs=3, batch=1, profile_dir=None, log=print) ->
                    "chunk_frames": config.video.chunk_frames}}
   t0 = time.perf_counter()
   jax.block_until_ready(decoder.decode_chunk(lat[:, :config.video.chunk_frames], decoder.init_state(batch),
-                                             first=True))
+                                             first=True, uint8=True))
   res["compile_s"] = {"vae_first_chunk": time.perf_counter() - t0}
   res["vae"] = {"kind": decoder.kind, "dtype": _vae_dtype(decoder), **time_decode_chunks(decoder, lat, runs)}
   times = []
   for _ in range(runs):
     t0 = time.perf_counter()
-    decoder.decode_video(lat)
+    decoder.decode_video(lat, uint8=True)
     times.append(time.perf_counter() - t0)
   res["vae"]["video_to_host_s"] = {"median": _median(times), "all": times}
   res["fps"] = {"vae": batch * n_pix / _median(times)}
   res["memory"] = {"programs": decoder_memory(decoder, batch, f), "device": _peak_memory()}
   if profile_dir:
-    res["profile"] = profile_one(lambda: decoder.decode_video(lat), profile_dir, log=log)
+    res["profile"] = profile_one(lambda: decoder.decode_video(lat, uint8=True), profile_dir, log=log)
   log(f"  VAE decode: {res['vae']['decode_s']:.3f} s per video (chunks "
       f"{', '.join(f'{x:.3f}' for x in res['vae']['decode_s_per_chunk'])} s); with the copies to the host "
       f"{_median(times):.3f} s -> {res['fps']['vae']:.1f} FPS")
@@ -383,19 +384,19 @@ def run_bench(config, *, steps=None, threshold=None, mean_steps=None, budget_mea
     o = sampler.sample(params, context, controls, uncond_context=uncond)
     if decoder is None:
       return _sync(o)
-    return list(decoder.decode_chunks_to_host(o.latents))
+    return list(decoder.decode_chunks_to_host(o.latents, uint8=True))
 
   # 2) VAE chunk decoding after sampling (pixels handed to the host chunk by chunk).
   if decoder is not None:
     lat = jnp.asarray(out.latents)
     t0 = time.perf_counter()
-    list(decoder.decode_chunks_to_host(lat))
+    list(decoder.decode_chunks_to_host(lat, uint8=True))
     res["compile_s"]["vae"] = time.perf_counter() - t0
     programs.update(decoder_memory(decoder, batch, F))
     vtimes, ttimes = [], []
     for _ in range(runs):
       t0 = time.perf_counter()
-      list(decoder.decode_chunks_to_host(lat))
+      list(decoder.decode_chunks_to_host(lat, uint8=True))
       vtimes.append(time.perf_counter() - t0)
       t0 = time.perf_counter()
       one_video()

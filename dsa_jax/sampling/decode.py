@@ -55,6 +55,15 @@ def random_vae_params(vae_config, seed: int = 0):
   return jax.tree_util.tree_map_with_path(make, shapes)
 
 
+def pixels_to_uint8(pixels):
+  """On the device: (..., H, W, 1 or 3) floats in [-1, 1] -> (..., H, W, 3) uint8, as `outputs.to_uint8` (NaN -> 0,
+  clipped, round half to even)."""
+  x = jnp.nan_to_num(jnp.asarray(pixels, jnp.float32), nan=0.0)
+  if x.shape[-1] == 1:
+    x = jnp.repeat(x, 3, axis=-1)
+  return jnp.round((jnp.clip(x, -1.0, 1.0) + 1.0) * 127.5).astype(jnp.uint8)
+
+
 class PixelDecoder:
   """Latents (B, F, h, w, C) -> pixels (B, T, H, W, 3) float32 in [-1, 1], whole videos or chunk by chunk."""
 
@@ -92,6 +101,11 @@ class PixelDecoder:
       self.vae_params = vae_params if vae_params is not None else self.vae.init_params(jax.random.PRNGKey(0))
       # The cache (argument 2) is donated: a chunk's new cache reuses the old one's buffers.
       self._decode_chunk = jax.jit(self.vae.decode_chunk, static_argnames=("first",), donate_argnums=(2,))
+
+      def decode_chunk_uint8(params, z, cache, first):
+        pixels, cache = self.vae.decode_chunk(params, z, cache, first=first)
+        return pixels_to_uint8(pixels), cache
+      self._decode_chunk_uint8 = jax.jit(decode_chunk_uint8, static_argnames=("first",), donate_argnums=(2,))
       self.chunked = bool(config.vae.get("chunked", True))
       self._decode_video = jax.jit(self.vae.decode)
 
@@ -117,21 +131,25 @@ class PixelDecoder:
     x = jnp.clip(latents.astype(jnp.float32), -1.0, 1.0)
     return jnp.repeat(x, 3, axis=-1) if x.shape[-1] == 1 else x
 
-  def decode_video(self, latents):
+  def decode_video(self, latents, *, uint8: bool = False):
     """Whole video -> pixels: a host numpy array for 'wan' (chunk by chunk, see the module docstring; with
     config.vae.chunked = False one pass on the device), a device array otherwise. 'none': per-video, per-channel
-    normalisation of the preview."""
+    normalisation of the preview. `uint8=True`: (B, T, H, W, 3) uint8 frames, converted on the device (a quarter
+    of the bytes to copy back), equal to `outputs.to_uint8` of the float pixels."""
     if self.kind == "wan":
       if not self.chunked:
-        return self._decode_video(self.vae_params, jnp.asarray(latents, jnp.float32))
-      return np.concatenate(list(self.decode_chunks_to_host(latents)), axis=1)
+        px = self._decode_video(self.vae_params, jnp.asarray(latents, jnp.float32))
+        return pixels_to_uint8(px) if uint8 else px
+      return np.concatenate(list(self.decode_chunks_to_host(latents, uint8=uint8)), axis=1)
     latents = jnp.asarray(latents, jnp.float32)
     if self.kind == "identity":
-      return self._identity(latents)
-    x = latents[..., :3]
-    mean = jnp.mean(x, axis=(1, 2, 3), keepdims=True)
-    std = jnp.std(x, axis=(1, 2, 3), keepdims=True) + 1e-6
-    return self._preview((x - mean) / std, 2.5)
+      px = self._identity(latents)
+    else:
+      x = latents[..., :3]
+      mean = jnp.mean(x, axis=(1, 2, 3), keepdims=True)
+      std = jnp.std(x, axis=(1, 2, 3), keepdims=True) + 1e-6
+      px = self._preview((x - mean) / std, 2.5)
+    return pixels_to_uint8(px) if uint8 else px
 
   def init_state(self, batch: int):
     return None
@@ -141,13 +159,13 @@ class PixelDecoder:
     c = self.chunk_frames
     return [(a, min(a + c, num_frames)) for a in range(0, num_frames, c)]
 
-  def decode_chunks_to_host(self, latents):
+  def decode_chunks_to_host(self, latents, *, uint8: bool = False):
     """Yields each chunk's pixels as a host numpy array, decoding chunk i + 1 while chunk i is copied back, so at
-    most two chunks of pixels are on the device at a time."""
+    most two chunks of pixels are on the device at a time (`uint8`: see `decode_video`)."""
     latents = jnp.asarray(latents, jnp.float32)
     state, pending = self.init_state(latents.shape[0]), None
     for i, (a, b) in enumerate(self.chunk_bounds(latents.shape[1])):
-      pixels, state = self.decode_chunk(latents[:, a:b], state, first=(i == 0))
+      pixels, state = self.decode_chunk(latents[:, a:b], state, first=(i == 0), uint8=uint8)
       if hasattr(pixels, "copy_to_host_async"):
         pixels.copy_to_host_async()
       if pending is not None:
@@ -156,10 +174,13 @@ class PixelDecoder:
     if pending is not None:
       yield np.asarray(pending)
 
-  def decode_chunk(self, latents_chunk, state, first: bool):
+  def decode_chunk(self, latents_chunk, state, first: bool, *, uint8: bool = False):
     """One chunk -> (pixels, state). 'none' uses a fixed scale so chunks of a stream look alike."""
     if self.kind == "wan":
-      return self._decode_chunk(self.vae_params, latents_chunk, None if first else state, first=first)
+      fn = self._decode_chunk_uint8 if uint8 else self._decode_chunk
+      return fn(self.vae_params, latents_chunk, None if first else state, first=first)
     if self.kind == "identity":
-      return self._identity(latents_chunk), state
-    return self._preview(jnp.asarray(latents_chunk, jnp.float32), PREVIEW_SCALE), state
+      px = self._identity(latents_chunk)
+    else:
+      px = self._preview(jnp.asarray(latents_chunk, jnp.float32), PREVIEW_SCALE)
+    return (pixels_to_uint8(px) if uint8 else px), state

@@ -28,10 +28,13 @@ def slugify(text: str, max_len: int = 48) -> str:
 
 
 def to_uint8(pixels) -> np.ndarray:
-  """(T, H, W, C) floats in [-1, 1] -> (T, H, W, 3) uint8 (1 channel is repeated)."""
-  x = np.asarray(pixels, np.float32)
+  """(T, H, W, C) floats in [-1, 1] -> (T, H, W, 3) uint8 (1 channel is repeated); uint8 frames pass through."""
+  x = np.asarray(pixels)
   if x.ndim != 4 or x.shape[-1] not in (1, 3):
     raise ValueError(f"pixels: expected (T, H, W, 1 or 3), got {x.shape}")
+  if x.dtype == np.uint8:
+    return np.repeat(x, 3, axis=-1) if x.shape[-1] == 1 else x
+  x = x.astype(np.float32)
   if x.shape[-1] == 1:
     x = np.repeat(x, 3, axis=-1)
   x = np.nan_to_num(x, nan=0.0)
@@ -173,7 +176,7 @@ def plot_steps(path: str, steps: Sequence[int], confidences: Sequence[float], *,
 
 def write_sample(out_dir: str, name: str, pixels, record: dict, *, fps: float, chunk_frames: int,
                  formats: Iterable[str] = VIDEO_FORMATS) -> dict:
-  """Writes <name>.mp4/.gif (pixels (T, H, W, C) in [-1, 1]), <name>.steps.json (`record`) and <name>.steps.png.
+  """Writes <name>.mp4/.gif (pixels (T, H, W, C) in [-1, 1], or uint8 frames), <name>.steps.json (`record`) and <name>.steps.png.
 
   `record` needs 'steps' and 'confidences' (per latent frame); 'threshold', 'min_steps', 'max_steps' are plotted
   when present. Returns {kind: path}.
