@@ -343,7 +343,7 @@ def main(args):
     if args.stream:
       chunks = []
       for ch in stream_lib.stream(sampler, params, context, controls, uncond_context=uc, decoder=decoder,
-                                  fps_controller=fps_controller, **extra):
+                                  fps_controller=fps_controller, uint8=True, **extra):
         chunks.append(ch)
         note = " (includes compilation)" if ch.index == 0 and compile_s is None else ""
         _say(f"  [{start + 1}-{start + n_real}/{len(prompts)}] chunk {ch.index + 1}/{sampler.num_chunks}: "

@@ -412,7 +412,8 @@ def run_bench(config, *, steps=None, threshold=None, mean_steps=None, budget_mea
   if do_stream:
     def one_stream(dec):
       t0 = time.perf_counter()
-      chunks = list(stream_lib.stream(sampler, params, context, controls, uncond_context=uncond, decoder=dec))
+      chunks = list(stream_lib.stream(sampler, params, context, controls, uncond_context=uncond, decoder=dec,
+                                      uint8=True))
       return [ch.elapsed for ch in chunks], [ch.seconds for ch in chunks], time.perf_counter() - t0
 
     warm_elapsed, _, _ = one_stream(None)

@@ -38,7 +38,7 @@ class StreamChunk:
 
 
 def stream(sampler, params, context, controls, rng=None, uncond_context=None, decoder: Optional[PixelDecoder] = None,
-           *, init_latents=None, prompt_index=None, fps_controller=None) -> Iterator[StreamChunk]:
+           *, init_latents=None, prompt_index=None, fps_controller=None, uint8: bool = False) -> Iterator[StreamChunk]:
   """Yields a StreamChunk per chunk as soon as it is done (same result as `sampler.sample`, init frames and prompt
   schedule included; given frames come back as they went in).
 
@@ -46,7 +46,8 @@ def stream(sampler, params, context, controls, rng=None, uncond_context=None, de
   schedules or a new number of given frames).
   fps_controller (`budget.FpsController`): sets every chunk's threshold from the measured times of the chunks before
   it (the first chunk, which may include compilation, is not measured), so that the stream holds its target frame
-  rate (the threshold is traced: nothing recompiles).
+  rate (the threshold is traced: nothing recompiles). `uint8`: pixels come as uint8 frames converted on the device
+  (see `PixelDecoder.decode_video`).
   """
   args, use_cfg = sampler.prepare(params, context, controls, rng, uncond_context, init_latents, prompt_index)
   params, context, uncond_context, controls, rng, cache, cond = args
@@ -63,7 +64,7 @@ def stream(sampler, params, context, controls, rng=None, uncond_context=None, de
                                     use_cfg=use_cfg, fill=False)
     pixels = None
     if decoder is not None:
-      pixels, dec_state = decoder.decode_chunk(out.latents, dec_state, first=(i == 0))
+      pixels, dec_state = decoder.decode_chunk(out.latents, dec_state, first=(i == 0), uint8=uint8)
     if i + 1 < sampler.num_chunks:
       cache = sampler.fill_step(params, context, uncond_context, controls, rng, cache, np.int32(i), out.latents, cond,
                                 use_cfg=use_cfg)
