@@ -4,6 +4,7 @@ line, before any compilation where possible) instead of producing a silent wrong
 The training faults share the tiny 4-step configuration of test_training.py's reference run (same compiled steps).
 """
 
+import contextlib
 import json
 import os
 import shutil
@@ -347,9 +348,9 @@ def train_cfg(xla_cache):
 
 
 try:  # the persistent compilation cache shared with test_training.py's runs (wherever that fixture lives)
-  from test_training import xla_cache  # noqa: E402,F401
+  from test_training import first_compile_lock, xla_cache  # noqa: E402,F401
 except ImportError:
-  pass
+  first_compile_lock = None
 
 
 def _poison(monkeypatch, bad_calls):
@@ -374,8 +375,9 @@ def test_nonfinite_loss_stops_before_saving(train_cfg, tmp_path, monkeypatch):
   cfg = train_cfg.copy_and_resolve_references()
   cfg.train.update(keep=1, ckpt_every=1)  # saving step 3 would rotate the last good checkpoint away
   logs = []
-  with pytest.raises(trainer.NonFiniteError, match=r"step 3: non-finite .*nonfinite_skip"):
-    trainer.train(cfg, str(tmp_path), log=logs.append)
+  lock = first_compile_lock(jax.config.jax_compilation_cache_dir) if first_compile_lock else contextlib.nullcontext()
+  with lock, pytest.raises(trainer.NonFiniteError, match=r"step 3: non-finite .*nonfinite_skip"):
+    trainer.train(cfg, str(tmp_path), log=logs.append)  # the programs of test_training.py's reference run
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]  # the newest finite one stays
   assert not os.path.exists(tmp_path / "model")
   assert not (tmp_path / "train.lock").read_text()  # released

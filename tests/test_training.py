@@ -4,6 +4,7 @@ One process, one CPU device, the tiny config at batch 4 (the programs are shared
 cache and, for the CLI subprocesses, jax's persistent compilation cache in a temporary folder).
 """
 
+import contextlib
 import json
 import os
 import shutil
@@ -266,12 +267,27 @@ def _run(cfg, workdir, **kw):
   return summary, logs
 
 
+@contextlib.contextmanager
+def first_compile_lock(cache_dir, name: str = "tiny_dsa_trainer"):
+  """Serialises, across xdist workers, the runs that compile the tiny DSA trainer's programs: the worker that comes
+  second waits and then loads them from the shared persistent cache (seconds) instead of compiling the same programs
+  at the same time on the other core (a minute each under contention)."""
+  import fcntl
+  with open(os.path.join(str(cache_dir), name + ".lock"), "w") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
 @pytest.fixture(scope="module")
 def reference_run(xla_cache, tmp_path_factory):
   """An uninterrupted 4-step run with checkpoints every 2 steps."""
   cfg = tiny("--config.train.steps=4", "--config.train.ckpt_every=2", "--config.train.async_ckpt=True")
   work = tmp_path_factory.mktemp("ref")
-  summary, logs = _run(cfg, work)
+  with first_compile_lock(xla_cache):
+    summary, logs = _run(cfg, work)
   return cfg, work, summary, logs
 
 
