@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dsa_jax.config_lib import latent_hw
+from dsa_jax.sampling.outputs import quantize_frames
 
 VAE_KINDS = ("none", "identity", "wan")
 PREVIEW_SCALE = 3.0  # 'none' streaming preview: latents / 3 clipped to [-1, 1] (latents are ~unit variance)
@@ -56,12 +57,9 @@ def random_vae_params(vae_config, seed: int = 0):
 
 
 def pixels_to_uint8(pixels):
-  """On the device: (..., H, W, 1 or 3) floats in [-1, 1] -> (..., H, W, 3) uint8, as `outputs.to_uint8` (NaN -> 0,
-  clipped, round half to even)."""
-  x = jnp.nan_to_num(jnp.asarray(pixels, jnp.float32), nan=0.0)
-  if x.shape[-1] == 1:
-    x = jnp.repeat(x, 3, axis=-1)
-  return jnp.round((jnp.clip(x, -1.0, 1.0) + 1.0) * 127.5).astype(jnp.uint8)
+  """On the device: (..., H, W, 1 or 3) floats in [-1, 1] -> (..., H, W, 3) uint8, the same conversion as
+  `outputs.to_uint8` on the host."""
+  return quantize_frames(jnp.asarray(pixels, jnp.float32), jnp)
 
 
 class PixelDecoder:

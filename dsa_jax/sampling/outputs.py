@@ -27,6 +27,15 @@ def slugify(text: str, max_len: int = 48) -> str:
   return s or "sample"
 
 
+def quantize_frames(x, xp=np):
+  """(..., 1 or 3) float32 pixels in [-1, 1] -> (..., 3) uint8 with `xp` = numpy (host) or jax.numpy (device, see
+  `decode.pixels_to_uint8`): NaN -> 0, clipped, round half to even, 1 channel repeated."""
+  if x.shape[-1] == 1:
+    x = xp.repeat(x, 3, axis=-1)
+  x = xp.nan_to_num(x, nan=0.0)
+  return xp.round((xp.clip(x, -1.0, 1.0) + 1.0) * 127.5).astype(xp.uint8)
+
+
 def to_uint8(pixels) -> np.ndarray:
   """(T, H, W, C) floats in [-1, 1] -> (T, H, W, 3) uint8 (1 channel is repeated); uint8 frames pass through."""
   x = np.asarray(pixels)
@@ -34,11 +43,7 @@ def to_uint8(pixels) -> np.ndarray:
     raise ValueError(f"pixels: expected (T, H, W, 1 or 3), got {x.shape}")
   if x.dtype == np.uint8:
     return np.repeat(x, 3, axis=-1) if x.shape[-1] == 1 else x
-  x = x.astype(np.float32)
-  if x.shape[-1] == 1:
-    x = np.repeat(x, 3, axis=-1)
-  x = np.nan_to_num(x, nan=0.0)
-  return np.round((np.clip(x, -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8)
+  return quantize_frames(x.astype(np.float32))
 
 
 def _even(frames: np.ndarray) -> np.ndarray:
