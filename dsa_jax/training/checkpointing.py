@@ -184,6 +184,18 @@ def export_in_subprocess(workdir: str, out_dir: str, timeout: float | None = Non
   return out_dir
 
 
+def resume_compatible(config, meta: dict | None, emit=print):
+  """The config to resume a checkpoint with: optimiser states saved before first moments could be dropped (no
+  'optimizer' entry in their meta) hold Adam's first moment, so a run resuming one keeps storing it."""
+  if not meta or "optimizer" in meta or not state_lib.drops_first_moment(config):
+    return config
+  config = config.copy_and_resolve_references()
+  config.train.adam_first_moment = "keep"
+  emit(f"[{config.train.stage}] the checkpoint's optimiser states hold Adam's first moment (saved before it could be "
+       "dropped at beta1 = 0): resuming with train.adam_first_moment='keep'")
+  return config
+
+
 def main(argv=None):
   """python -m dsa_jax.training.checkpointing export WORKDIR OUT_DIR [--step N]: latest checkpoint -> model folder;
   ... slim SRC OUT_DIR: a sampling-only copy of a model folder."""
@@ -206,16 +218,3 @@ def main(argv=None):
 
 if __name__ == "__main__":
   main()
-
-
-def resume_compatible(config, meta: dict | None, emit=print):
-  """The config to resume a checkpoint with: optimiser states saved before first moments could be dropped (no
-  'optimizer' entry in their meta) hold Adam's first moment, so a run resuming one keeps storing it."""
-  if not meta or "optimizer" in meta or not state_lib.drops_first_moment(config):
-    return config
-  config = config.copy_and_resolve_references()
-  config.train.adam_first_moment = "keep"
-  emit(f"[{config.train.stage}] the checkpoint's optimiser states hold Adam's first moment (saved before it could be "
-       "dropped at beta1 = 0): resuming with train.adam_first_moment='keep'")
-  return config
-

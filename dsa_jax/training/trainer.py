@@ -483,9 +483,10 @@ def _train_locked(config, workdir: str, *, stop_after=None, mesh=None, log=None)
   uncond = np.asarray(text_encoder([config.text.negative_prompt]), np.float32)
 
   ck = checkpointing.Checkpointer(workdir, keep=int(config.train.keep), async_save=bool(config.train.async_ckpt))
-  if ck.latest_step() is not None:
+  newest = ck.latest_step()
+  if newest is not None:
     try:
-      meta = ck.read_json(ck.latest_step(), "meta")
+      meta = ck.read_json(newest, "meta")
     except Exception:  # pylint: disable=broad-except  (an unreadable checkpoint is handled by the restore below)
       meta = None
     config = checkpointing.resume_compatible(config, meta, emit)
