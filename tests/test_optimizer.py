@@ -81,3 +81,8 @@ def test_resuming_older_optimizer_states_keeps_the_first_moment():
   assert checkpointing.resume_compatible(cfg, new_meta, said.append).train.adam_first_moment == "auto"
   assert checkpointing.resume_compatible(cfg, None, said.append) is cfg
   assert len(said) == 1
+  # a run asked to keep the moment resumes states saved without it as they were saved
+  keep = get_config(TINY, ["--config.train.b1=0.0", "--config.train.adam_first_moment=keep"])
+  assert checkpointing.resume_compatible(keep, new_meta, said.append).train.adam_first_moment == "auto"
+  assert checkpointing.resume_compatible(keep, {"stage": "dsa", "step": 10}, said.append) is keep
+  assert len(said) == 2 and "do not hold" in said[1]

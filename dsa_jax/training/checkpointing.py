@@ -185,14 +185,19 @@ def export_in_subprocess(workdir: str, out_dir: str, timeout: float | None = Non
 
 
 def resume_compatible(config, meta: dict | None, emit=print):
-  """The config to resume a checkpoint with: optimiser states saved before first moments could be dropped (no
-  'optimizer' entry in their meta) hold Adam's first moment, so a run resuming one keeps storing it."""
-  if not meta or "optimizer" in meta or not state_lib.drops_first_moment(config):
+  """The config to resume a checkpoint with: at beta1 = 0 its optimiser states decide whether Adam's first moment is
+  stored (its meta records it; states saved before that was recorded hold it), so resuming never fails on a
+  mismatch that the restore would take for a damaged checkpoint and set aside."""
+  if not meta or float(config.train.b1) != 0.0:
+    return config
+  saved_without = (meta.get("optimizer") or {}).get("adam_first_moment", "kept") == "none"
+  if state_lib.drops_first_moment(config) == saved_without:
     return config
   config = config.copy_and_resolve_references()
-  config.train.adam_first_moment = "keep"
-  emit(f"[{config.train.stage}] the checkpoint's optimiser states hold Adam's first moment (saved before it could be "
-       "dropped at beta1 = 0): resuming with train.adam_first_moment='keep'")
+  config.train.adam_first_moment = "auto" if saved_without else "keep"
+  held = "do not hold" if saved_without else "hold"
+  emit(f"[{config.train.stage}] the checkpoint's optimiser states {held} Adam's first moment: resuming with "
+       f"train.adam_first_moment={config.train.adam_first_moment!r}")
   return config
 
 
