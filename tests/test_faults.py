@@ -350,7 +350,7 @@ def train_cfg(xla_cache):
 try:  # the persistent compilation cache shared with test_training.py's runs (wherever that fixture lives)
   from test_training import first_compile_lock, xla_cache  # noqa: E402,F401
 except ImportError:
-  first_compile_lock = None
+  first_compile_lock = lambda cache_dir: contextlib.nullcontext()  # noqa: E731
 
 
 def _poison(monkeypatch, bad_calls):
@@ -375,8 +375,7 @@ def test_nonfinite_loss_stops_before_saving(train_cfg, tmp_path, monkeypatch):
   cfg = train_cfg.copy_and_resolve_references()
   cfg.train.update(keep=1, ckpt_every=1)  # saving step 3 would rotate the last good checkpoint away
   logs = []
-  lock = first_compile_lock(jax.config.jax_compilation_cache_dir) if first_compile_lock else contextlib.nullcontext()
-  with lock, pytest.raises(trainer.NonFiniteError, match=r"step 3: non-finite .*nonfinite_skip"):
+  with first_compile_lock(jax.config.jax_compilation_cache_dir), pytest.raises(trainer.NonFiniteError, match=r"step 3: non-finite .*nonfinite_skip"):
     trainer.train(cfg, str(tmp_path), log=logs.append)  # the programs of test_training.py's reference run
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]  # the newest finite one stays
   assert not os.path.exists(tmp_path / "model")
