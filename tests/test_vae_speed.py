@@ -1,5 +1,5 @@
 """The Wan VAE decoder's speed-minded forms give the plain forms' results: the 3D conv lowerings, fused norm + SiLU,
-nearest upsampling, and chunk-by-chunk decoding to the host with a donated cache."""
+nearest upsampling, the sub-pixel form of upsample + 3x3 conv, and chunk-by-chunk decoding to the host with a donated cache."""
 
 import jax
 import jax.numpy as jnp
@@ -50,6 +50,31 @@ def test_fused_norm_silu_and_upsample_are_exact():
   assert V.RMSNormSiLU(dtype=jnp.bfloat16).apply(scale, x).dtype == jnp.bfloat16
   np.testing.assert_array_equal(np.asarray(V._upsample_nearest2x(x)),
                                 np.asarray(jnp.repeat(jnp.repeat(x, 2, axis=2), 2, axis=3)))
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 7, 6, 10), (1, 1, 1, 3, 4)])
+def test_subpixel_upsample_conv_is_the_conv_of_the_upsampled_input(shape):
+  """Four 2x2 phase convs of the low-res input == 3x3 'same' conv of the nearest-upsampled input (borders included,
+  odd and 1-pixel sizes), in fp32 to rounding and in bf16 to bf16's precision."""
+  n, h, w, c, co = shape
+  kx, kw = jax.random.split(jax.random.PRNGKey(len(shape) + h))
+  x = jax.random.normal(kx, (n, h, w, c))
+  k = jax.random.normal(kw, (3, 3, c, co)) / np.sqrt(9 * c)
+  up = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+  ref = np.asarray(jax.lax.conv_general_dilated(up, k, (1, 1), [(1, 1), (1, 1)],
+                                                dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                                precision=jax.lax.Precision.HIGHEST))
+  got = np.asarray(V.upsample2x_conv3x3(x, k, jnp.float32, jax.lax.Precision.HIGHEST))
+  assert got.shape == (n, 2 * h, 2 * w, co) and ref.std() > 0.3
+  np.testing.assert_allclose(got, ref, atol=2e-5, rtol=1e-5)
+  low = np.asarray(V.upsample2x_conv3x3(x, k, jnp.bfloat16, None).astype(jnp.float32))
+  assert np.linalg.norm(low - ref) / np.linalg.norm(ref) < 1e-2
+  mod = V.Conv2dFrames(co, upsample=True)
+  variables = {"params": {"kernel": k, "bias": jnp.arange(co, dtype=jnp.float32)}}
+  frames = mod.apply(variables, x[:, None])
+  np.testing.assert_allclose(np.asarray(frames[:, 0]), ref + np.arange(co), atol=5e-5, rtol=1e-4)
+  with pytest.raises(V.VAEConfigError, match="upsample=True"):
+    V.Conv2dFrames(co, upsample=True, strides=(2, 2)).apply(variables, x[:, None])
 
 
 def test_pixel_decoder_hands_chunks_to_the_host(tiny_config, params):

@@ -26,7 +26,8 @@ cast at use. RMS norms and the attention softmax run in fp32.
 Speed. Convolutions run in the compute dtype (bf16 for the Wan recipes) on channels-last arrays, so XLA needs no
 layout transposes around them. Each RMS norm and the SiLU after it are one fp32 elementwise expression cast once to
 the compute dtype (one fusion, one write). A causal conv without a cache (the first chunk of a stream) pads time
-inside the convolution instead of concatenating zero frames, and the nearest 2x upsampling is one broadcast. How
+inside the convolution instead of concatenating zero frames, and the nearest 2x upsampling followed by its 3x3 conv is
+computed as four 2x2 convs of the low-resolution input (no upsampled copy, 0.44x the FLOPs). How
 the 3x3x3 convs are lowered is a choice (``conv3d``: one 3D conv, time taps folded into channels of one 2D conv, or
 per-tap 2D outputs summed); the decoder's functions take it, the result is the same.
 """
@@ -260,6 +261,30 @@ def _upsample_nearest2x(x: Array) -> Array:
   return y.reshape(b, t, 2 * h, 2 * w, c)
 
 
+def _subpixel_taps(w: Array, axis: int) -> list[tuple[Array, tuple[int, int]]]:
+  """The two output phases of a 3-tap kernel (along `axis`) applied after a nearest 2x repeat, as 2-tap kernels on
+  the low-resolution input with their 'same' padding: phase 0 sees rows (i-1, i, i) -> taps (w0, w1 + w2) over
+  (i-1, i); phase 1 sees (i, i, i+1) -> taps (w0 + w1, w2) over (i, i+1)."""
+  w0, w1, w2 = (jax.lax.index_in_dim(w, k, axis, keepdims=False) for k in range(3))
+  return [(jnp.stack([w0, w1 + w2], axis), (1, 0)), (jnp.stack([w0 + w1, w2], axis), (0, 1))]
+
+
+def upsample2x_conv3x3(x: Array, w: Array, dtype, precision) -> Array:
+  """conv3x3_same(nearest_upsample_2x(x), w) without the upsampled input: each of the four output phases
+  (row parity, column parity) is a 2x2 conv of the low-resolution input with summed taps, and the phases are
+  interleaved once. 16 low-res taps instead of 9 taps at 4x the pixels (0.44x the FLOPs) and no 4x copy of the
+  input; the same function (the taps are summed in the kernel's precision before the cast).
+
+  x (N, H, W, C), w (3, 3, C, C_out) -> (N, 2H, 2W, C_out)."""
+  w = w.astype(jnp.promote_types(w.dtype, jnp.float32))
+  phases = []
+  for wr, pad_r in _subpixel_taps(w, 0):
+    phases.append([_conv(x, wc, (1, 1), [pad_r, pad_c], dtype, precision) for wc, pad_c in _subpixel_taps(wr, 1)])
+  y = jnp.stack([jnp.stack(row, axis=3) for row in phases], axis=2)  # (N, H, 2, W, 2, C_out)
+  n, h, _, wd, _, co = y.shape
+  return y.reshape(n, 2 * h, 2 * wd, co)
+
+
 class CausalConv3d(nn.Module):
   """3D conv, causal in time (left zero padding of kT - 1 frames, or the cache), 'same' in space.
 
@@ -310,7 +335,9 @@ def _plain(kw: dict) -> dict:
 
 
 class Conv2dFrames(nn.Module):
-  """Per-frame 2D conv on (B, T, H, W, C) with explicit padding (used by the resamplers)."""
+  """Per-frame 2D conv on (B, T, H, W, C) with explicit padding (used by the resamplers). ``upsample=True``: the
+  conv (3x3, stride 1, padding 1) of the nearest 2x upsampled input, computed on the input itself
+  (`upsample2x_conv3x3`)."""
 
   features: int
   strides: tuple[int, int] = (1, 1)
@@ -318,6 +345,7 @@ class Conv2dFrames(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   precision: Any = None
+  upsample: bool = False
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -325,7 +353,12 @@ class Conv2dFrames(nn.Module):
     kernel = self.param("kernel", _part(nn.initializers.lecun_normal(), _CONV_AXES_2D),
                         (3, 3, c, self.features), self.param_dtype)
     bias = self.param("bias", _part(nn.initializers.zeros, ("conv_out",)), (self.features,), self.param_dtype)
-    y = _conv(x.reshape(b * t, h, w, c), kernel, self.strides, list(self.padding), self.dtype, self.precision)
+    if self.upsample:
+      if tuple(self.strides) != (1, 1) or tuple(map(tuple, self.padding)) != ((1, 1), (1, 1)):
+        raise VAEConfigError("Conv2dFrames(upsample=True) is the 3x3 'same' conv: strides (1, 1), padding 1")
+      y = upsample2x_conv3x3(x.reshape(b * t, h, w, c), kernel, self.dtype, self.precision)
+    else:
+      y = _conv(x.reshape(b * t, h, w, c), kernel, self.strides, list(self.padding), self.dtype, self.precision)
     y = y + bias.astype(self.dtype)
     return y.reshape((b, t) + y.shape[1:])
 
@@ -468,8 +501,7 @@ class Resample(nn.Module):
         new_tc = old
       new_cache["time_conv"] = new_tc
     if self.mode.startswith("upsample"):
-      x = _upsample_nearest2x(x)
-      x = Conv2dFrames(self.out_dim, name="resample", **_plain(kw))(x)
+      x = Conv2dFrames(self.out_dim, name="resample", upsample=True, **_plain(kw))(x)
     elif self.mode.startswith("downsample"):
       x = Conv2dFrames(dim, strides=(2, 2), padding=((0, 1), (0, 1)), name="resample", **_plain(kw))(x)
     else:
