@@ -93,6 +93,10 @@ def base_config() -> ml_collections.ConfigDict:
       # traces, e.g. for plots and head reports), 'last' only at steps where a frame finishes (its reported
       # confidence; conf_trace nan at the other steps), saving the head's work in fixed-step sampling.
       fixed_step_head="every",
+      # A confidence head from a head folder of its own (`dsa-jax convert export-head`) instead of the checkpoint's:
+      # its conf_target and calibration table come with it; it must have been trained for this generator (checked by
+      # the generator fingerprint it records). '' = the checkpoint's head.
+      head="",
   ))
 
   c.conf = ml_collections.ConfigDict(dict(

@@ -12,8 +12,10 @@ always with one logged line saying what stood in for what:
   critic        -> teacher     (critic_from a teacher: the fake score starts as the real score)
 
 The last two are asked for by the trainer only (`fallbacks=`); anything else missing is an error naming what the
-checkpoint holds. The VAE and the text encoder describe their own architecture in the checkpoint's metadata:
-`load_vae` and `load_text_encoder` read them (and the digits evaluator, through `load_described`).
+checkpoint holds. A sampler's head may come from a head folder of its own (`load_sampler_params(..., head=DIR)`,
+see `dsa_jax.checkpoint.heads`), checked against the loaded generator's fingerprint. The VAE and the text encoder
+describe their own architecture in the checkpoint's metadata: `load_vae` and `load_text_encoder` read them (and the
+digits evaluator, through `load_described`).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import Callable, Optional
 import jax
 import jax.numpy as jnp
 
-from dsa_jax.checkpoint import params_io, workdir
+from dsa_jax.checkpoint import heads, params_io, workdir
 from dsa_jax.checkpoint.params_io import CheckpointError
 
 RANDOM = "random"
@@ -78,12 +80,14 @@ def plan(config, path: str, names, fallbacks: dict, step: Optional[int] = None) 
 
 
 def load_networks(config, path: str, names, *, fallbacks: Optional[dict] = None, step: Optional[int] = None,
-                  log: Log = _stderr, random_key=None) -> tuple[dict, dict]:
+                  log: Log = _stderr, random_key=None, fingerprints: Optional[dict] = None) -> tuple[dict, dict]:
   """{name: unboxed variables} of `names` and where each came from ({name: stored network or 'random'}).
 
   path '' gives every network random weights (fast fill, for smoke runs and benchmarks), logged. `fallbacks`
   (default `SAMPLER_FALLBACKS`) maps a wanted network to the substitutes tried in order, RANDOM meaning a fresh
-  init; each substitution is logged.
+  init; each substitution is logged. A `fingerprints` dict is filled with {name: heads.generator_fingerprint} of
+  each network read from storage, taken of the weights as stored (before the cast to the config's dtype), so that
+  it matches the fingerprint recorded when a head was exported.
   """
   from dsa_jax.models import factory
   names = tuple(names)
@@ -116,6 +120,8 @@ def load_networks(config, path: str, names, *, fallbacks: Optional[dict] = None,
   for n, s in chosen.items():
     if s == RANDOM:
       continue
+    if fingerprints is not None:
+      fingerprints[n] = heads.generator_fingerprint(tree[s])
     abstract = factory.as_variables(factory.abstract_network(config, n))
     params = factory.as_variables(tree[s])
     params_io.check_tree_shapes(params, abstract, n, path)
@@ -143,31 +149,72 @@ def cast_params_for_inference(params, dtype=jnp.bfloat16):
   return jax.tree_util.tree_map_with_path(cast, params)
 
 
+HEAD_FLAG = "--head"
+
+
 def load_sampler_params(config, ckpt: str = "", *, use_ema: Optional[bool] = None, warn: Log = _stderr,
-                        cast: bool = False) -> tuple[dict, dict]:
+                        cast: bool = False, head: Optional[str] = None) -> tuple[dict, dict]:
   """{'generator', 'head'} variables for sampling and a dict saying where they came from.
 
   The generator is 'generator_ema' when `use_ema` (default config.sampling.use_ema) and present, else 'generator';
   a missing head is randomly initialised; both substitutions are logged through `warn`. cast=True casts the
   generator's matmul kernels to config.compute.dtype (`cast_params_for_inference`).
+
+  `head` (default config.sampling.head; '' = the checkpoint's own) is a head folder (`dsa-jax convert export-head`):
+  the head network and what describes it (`conf_target`, the `calibration` table) come from there instead of from
+  `ckpt`, once its recorded generator fingerprint matches the loaded generator's (a head folder that records none
+  loads with a warning).
   """
   from dsa_jax.models.dit import _DTYPES
   use_ema = config.sampling.use_ema if use_ema is None else use_ema
+  head = os.fspath(config_head(config) if head is None else head or "")
   gen = "generator_ema" if use_ema else "generator"
-  params, chosen = load_networks(config, ckpt, (gen, "head"), log=warn)
-  out = {"generator": params[gen], "head": params["head"]}
+  head_meta = heads.check_head_folder(head, HEAD_FLAG) if head else None
+  if ckpt and heads.is_head_folder(os.fspath(ckpt)):
+    raise CheckpointError(f"--ckpt {ckpt!r} holds only a confidence head: pass it as --head (config.sampling.head) "
+                          "and the model folder of its generator as --ckpt")
+  prints = {} if head else None
+  params, chosen = load_networks(config, ckpt, (gen,) if head else (gen, "head"), log=warn, fingerprints=prints)
+  out = {"generator": params[gen]}
+  if head:
+    try:
+      out["head"] = load_networks(config, head, ("head",), fallbacks={}, log=warn)[0]["head"]
+    except CheckpointError as e:
+      raise CheckpointError(f"{HEAD_FLAG}: {e}") from None
+    fingerprint = prints.get(gen) or heads.generator_fingerprint(params[gen])  # random weights: nothing was read
+    heads.check_fingerprint(head_meta, fingerprint, head, HEAD_FLAG, warn=warn)
+  else:
+    out["head"] = params["head"]
   if cast:
     out["generator"] = cast_params_for_inference(out["generator"], _DTYPES[config.compute.dtype])
   if not ckpt:
-    return out, {"source": "random"}
-  kind = "checkpoint" if workdir.is_model_dir(ckpt) else "workdir"
-  source = {"source": kind, "path": ckpt, "generator": chosen[gen]}
-  if kind == "checkpoint":  # what the model records about its head: its target, the step-budget calibration
-    meta = params_io.read_meta(ckpt)
-    source.update({k: meta[k] for k in ("conf_target", "calibration") if k in meta})
-  if chosen["head"] == RANDOM:
+    source = {"source": "random"}
+  else:
+    kind = "checkpoint" if workdir.is_model_dir(ckpt) else "workdir"
+    source = {"source": kind, "path": ckpt, "generator": chosen[gen]}
+    if kind == "checkpoint" and not head:  # what the model records about its head: its target, the calibration
+      meta = params_io.read_meta(ckpt)
+      source.update({k: meta[k] for k in heads.HEAD_META_KEYS if k in meta})
+  if head:  # the head folder's record, never the model's: a table calibrated with another head means nothing
+    source.update({k: head_meta[k] for k in heads.HEAD_META_KEYS if k in head_meta})
+    source.update({"head": head, "generator_fingerprint": fingerprint})
+  elif chosen["head"] == RANDOM:
     source["head"] = RANDOM
   return out, source
+
+
+def calibration_owner(source: dict, model: str) -> str:
+  """Where the calibration table of a `load_sampler_params` source comes from, for messages: the head folder when
+  the head came from one, else `model` (how the caller names the model)."""
+  head = source.get("head")
+  if head and head != RANDOM:
+    return f"--head {head!r}"
+  return model
+
+
+def config_head(config) -> str:
+  """config.sampling.head, '' where the config predates the field (a config read back from an older checkpoint)."""
+  return str(config.sampling.get("head", "") or "")
 
 
 # ----------------------------------------------------------------------------------------------------------------------

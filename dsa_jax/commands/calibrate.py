@@ -2,6 +2,7 @@
 for an average number of steps (`dsa-jax sample --mean-steps 2.5`) instead of a raw threshold.
 
   dsa-jax calibrate --config digits --ckpt runs/digits/dsa/model [--num 256]
+  dsa-jax calibrate --config digits --ckpt dsa_jax/assets/digits_model --head heads/remaining   # into the head folder
 
 The prompts are the config's training prompts (config.data.prompts), never the held-out evaluation prompts, or a
 prompt file given with --prompts (prompts like the ones you will sample fit best).
@@ -15,6 +16,9 @@ HELP = "store the threshold -> average steps table in a model (for --mean-steps)
 def add_arguments(p):
   p.add_argument("--config", required=True, help="config file or shipped config name (path[:arg])")
   p.add_argument("--ckpt", default=None, help="model folder (default config.sampling.checkpoint)")
+  p.add_argument("--head", default=None, help="head folder (dsa-jax convert export-head) to calibrate with the --ckpt "
+                 "generator; the table is written into the head folder, not the model (default config.sampling.head; "
+                 "empty: the model's own head)")
   p.add_argument("--num", type=int, default=256, help="calibration prompts (default 256)")
   p.add_argument("--prompts", default=None, help="a prompt file (one per line) to calibrate on, e.g. prompts like "
                  "the ones you will sample (default: config.data.prompts)")
@@ -34,7 +38,7 @@ def main(args):
   config = get_config(args.config, args.overrides)
   ckpt = config.sampling.checkpoint if args.ckpt is None else args.ckpt
   table = budget.calibrate(config, ckpt, num=args.num, batch=args.batch, seed=args.seed, write=not args.dry_run,
-                           prompt_file=args.prompts, refine_gap=args.refine_gap)
+                           prompt_file=args.prompts, refine_gap=args.refine_gap, head=args.head)
   rows = [f"  tau {t:.3f} -> {m:.3f} steps" for t, m in zip(table["thresholds"], table["mean_steps"])]
   print("\n".join(rows[::4] + [rows[-1]]))
   if args.dry_run:

@@ -8,9 +8,13 @@
   dsa-jax convert umt5 --src Wan2.1-T2V-1.3B-Diffusers/text_encoder --out ckpt/umt5 \\
       --tokenizer Wan2.1-T2V-1.3B-Diffusers/tokenizer/spiece.model
   dsa-jax convert export-diffusers --src ckpt/self_forcing --network generator_ema --out export/transformer
+  # the confidence head of a model alone (a few hundred kB), for `dsa-jax sample --ckpt MODEL --head heads/remaining`
+  dsa-jax convert export-head --src runs/digits/head/model --out heads/remaining
 
 A checkpoint is a folder written by `dsa_jax.checkpoint.params_io.save_params`; its `dsa_meta.json` records each
 network's architecture, so `sample`, `train` and `eval` refuse a checkpoint that does not match their config.
+A head folder (export-head) holds only the 'head' network, its conf_target and calibration table, and the
+fingerprint of the generator it was trained with (`dsa_jax.checkpoint.heads`): sampling refuses it with another one.
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ import os
 import shutil
 import time
 
-HELP = "convert Wan2.1 DiT / VAE / umT5 weights to dsa_jax checkpoints, or a DiT back to diffusers"
+HELP = ("convert Wan2.1 DiT / VAE / umT5 weights to dsa_jax checkpoints, a DiT back to diffusers, or a model's "
+        "confidence head into a head folder")
 
 
 def add_arguments(p):
@@ -67,6 +72,13 @@ def add_arguments(p):
   e.add_argument("--network", default="generator", help="network to export (generator, generator_ema, teacher, ...)")
   e.add_argument("--out", required=True, help="output folder")
   e.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="default: as stored")
+
+  h = sub.add_parser("export-head", help="the confidence head of a model folder -> a head folder (head, its "
+                                         "conf_target and calibration table, the generator's fingerprint) for "
+                                         "sample/calibrate/eval --head")
+  h.add_argument("--src", required=True, help="model folder holding the head and the generator it was trained with "
+                 "(its fingerprint is taken of 'generator_ema' where present, else 'generator')")
+  h.add_argument("--out", required=True, help="output head folder")
 
 
 def _log(msg: str):
@@ -211,8 +223,20 @@ def _export_diffusers(args):
        "(load with diffusers.WanTransformer3DModel.from_pretrained)")
 
 
+def _export_head(args):
+  from dsa_jax.checkpoint import heads
+  _log(f"reading {args.src} [head]")
+  meta = heads.export_head(args.src, args.out, log=_log)
+  size = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(args.out) for f in files)
+  table = "a calibration table" if "calibration" in meta else "no calibration table"
+  _log(f"wrote {os.path.abspath(args.out)} ({size / 1e3:.0f} kB): head with conf_target "
+       f"{(meta.get('conf_target') or {}).get('kind', '?')!r}, {table}, generator fingerprint "
+       f"{meta[heads.FINGERPRINT_KEY]}")
+
+
 def main(args):
-  handlers = {"dit": _convert_dit, "vae": _convert_vae, "umt5": _convert_umt5, "export-diffusers": _export_diffusers}
+  handlers = {"dit": _convert_dit, "vae": _convert_vae, "umt5": _convert_umt5, "export-diffusers": _export_diffusers,
+              "export-head": _export_head}
   if args.what != "dit" and args.overrides:
     raise ValueError(f"convert {args.what} takes no --config.* overrides (got {args.overrides})")
   handlers[args.what](args)

@@ -15,8 +15,12 @@ Five actions (a positional word; `run` when omitted):
     target) at >= 5 thresholds, the x0-change heuristic at several deltas, and at each budget the per-frame oracle
     and the video oracle (steps per chunk, each candidate judged by re-rolling the whole video; --no-video-oracle);
     writes claim.md, claim.json, claim.png, steps_by_event.png, steps_by_place.png (see dsa_jax/eval/claim.py).
+    TARGET=MODEL+HEAD takes the head from a head folder (dsa-jax convert export-head) and the generator from MODEL:
+      --model dmd=dsa_jax/assets/digits_model \\
+      --model remaining=dsa_jax/assets/digits_model+dsa_jax/assets/digits_heads/remaining
 
-  dsa-jax eval budgets --config configs/digits.py [--ckpt MODEL] --budgets 1.25 1.5 2 2.5 3 --out OUT [--num 512]
+  dsa-jax eval budgets --config configs/digits.py [--ckpt MODEL] [--head HEAD] --budgets 1.25 1.5 2 2.5 3 --out OUT
+      [--num 512]
     the step budget on held-out prompts: tau from the model's calibration table for each requested average
     (`dsa-jax sample --mean-steps`), the achieved average steps, FD and agreement -> OUT/budget_check.json.
 
@@ -54,8 +58,12 @@ def add_arguments(p):
   p.add_argument("--config", default=None, help="config file (path[:arg]); required for run and sweep")
   p.add_argument("--ckpt", default=None, help="model checkpoint folder or training workdir (default: "
                  "config.sampling.checkpoint; empty string: random weights); the dmd-target model for sweep")
-  p.add_argument("--model", action="append", default=None, metavar="TARGET=PATH", help="sweep: a DSA model named by "
-                 "its confidence target (repeat for several; default: --ckpt, named by its config's conf.target)")
+  p.add_argument("--head", default=None, help="confidence head folder (dsa-jax convert export-head) to use with the "
+                 "--ckpt generator instead of its own head; its calibration table serves budgets (default "
+                 "config.sampling.head). sweep: give each --model its head as TARGET=MODEL+HEAD instead")
+  p.add_argument("--model", action="append", default=None, metavar="TARGET=PATH[+HEAD]", help="sweep: a DSA model "
+                 "named by its confidence target, with the head of a head folder after a '+' (repeat for several; "
+                 "default: --ckpt (+ --head), named by its head's conf_target, else by the config's conf.target)")
   p.add_argument("--budgets", nargs="+", type=float, default=None, help="sweep: average-steps budgets of the oracle "
                  "allocation (default 1.5 2 2.5 3); budgets: the requested averages to check")
   p.add_argument("--out", required=True, help="output folder")
@@ -85,17 +93,37 @@ def add_arguments(p):
   p.add_argument("--num-train", type=int, default=6000, help="train-evaluator: training clips generated (default 6000)")
 
 
-def parse_models(values) -> dict[str, str]:
-  """['remaining=PATH', 'dmd=PATH'] -> {'remaining': PATH, 'dmd': PATH} (order kept: the first serves the baselines)."""
+def parse_models(values) -> dict[str, str | tuple[str, str]]:
+  """['remaining=PATH', 'dmd=PATH'] -> {'remaining': PATH, 'dmd': PATH} (order kept: the first serves the baselines);
+  'remaining=MODEL+HEAD' -> (MODEL, HEAD), a head folder used with MODEL's generator (a PATH that exists as it is
+  stays whole, so a folder name holding '+' still works)."""
+  import os
   out = {}
   for v in values:
     name, sep, path = v.partition("=")
     if not sep or not name or not path:
-      raise ValueError(f"--model: expected TARGET=PATH (e.g. remaining=runs/digits/dsa/model), got {v!r}")
+      raise ValueError(f"--model: expected TARGET=PATH or TARGET=MODEL+HEAD (e.g. remaining=runs/digits/dsa/model), "
+                       f"got {v!r}")
     if name in out:
       raise ValueError(f"--model: {name!r} given twice")
-    out[name] = path
+    model, plus, head = path.rpartition("+")
+    if plus and not os.path.exists(path):
+      if not model or not head:
+        raise ValueError(f"--model {v!r}: expected TARGET=MODEL+HEAD with both folders named")
+      out[name] = (model, head)
+    else:
+      out[name] = path
   return out
+
+
+def _head_target(head: str) -> str:
+  """The confidence target a head folder records (names its DSA runs in the sweep)."""
+  from dsa_jax.checkpoint import heads
+  meta = heads.check_head_folder(head)
+  kind = (meta.get("conf_target") or {}).get("kind")
+  if not kind:
+    raise ValueError(f"--head {head!r} records no conf_target: name it with --model TARGET=MODEL+HEAD")
+  return str(kind)
 
 
 def parse_thresholds(values) -> list[float]:
@@ -166,6 +194,12 @@ def main(args):
   if config is None:
     raise ValueError(f"--config: required for the action {action!r}")
   ckpt = config.sampling.checkpoint if args.ckpt is None else args.ckpt
+  if args.head is not None:  # every loader below reads the head from config.sampling.head
+    config.sampling.head = args.head
+  head = config.sampling.head
+  if head and args.model:
+    raise ValueError(f"--head {head!r} (or config.sampling.head) with --model: give each model its head as "
+                     "TARGET=MODEL+HEAD")
   thresholds = parse_thresholds(args.thresholds) if args.thresholds else None
   common = dict(num=args.num, evaluator=args.evaluator, batch=args.batch, seed=args.seed, data_seed=args.data_seed,
                 num_real=args.num_real, fps_prompts=args.fps_prompts)
@@ -180,12 +214,15 @@ def main(args):
     from dsa_jax.eval.claim import check_budgets
     if not args.budgets:
       raise ValueError("--budgets: give the average steps per frame to check, e.g. --budgets 1.5 2 2.5 3")
-    check_budgets(config, args.ckpt, args.out, tuple(args.budgets), num=args.num, evaluator=args.evaluator,
+    check_budgets(config, ckpt, args.out, tuple(args.budgets), num=args.num, evaluator=args.evaluator,
                   batch=args.batch, seed=args.seed, data_seed=args.data_seed, num_real=args.num_real)
     return 0
   if action == "sweep":
     from dsa_jax.eval.claim import run_claim
-    models = parse_models(args.model) if args.model else {str(config.conf.target): ckpt}
+    if args.model:
+      models = parse_models(args.model)
+    else:
+      models = {_head_target(head): (ckpt, head)} if head else {str(config.conf.target): ckpt}
     run_claim(config, models, args.out, thresholds=thresholds, deltas=args.deltas,
               fixed=tuple(args.fixed) if args.fixed else (1, 2, 3, 4, 5),
               budgets=tuple(args.budgets) if args.budgets else (1.5, 2.0, 2.5, 3.0),

@@ -5,6 +5,8 @@
   dsa-jax sample --config wan_1_3b --ckpt ckpts/dsa --out out --prompts prompts.txt --threshold 0.7
   dsa-jax sample --config wan_1_3b --ckpt ckpts/dsa --out out --prompt "..." --threshold inf \\
       --max-steps 4        # fixed 4 steps: the Self Forcing sampler
+  dsa-jax sample --config digits --out out/rem --prompt "digit 3 moves slowly" \\
+      --head dsa_jax/assets/digits_heads/remaining --mean-steps 2.5   # another confidence head, same generator
 
 Long videos and continuation (see the README):
 
@@ -40,6 +42,9 @@ def add_arguments(p):
                  "file, with an optional :arg (digits:teacher, path.py:arg)")
   p.add_argument("--ckpt", default=None, help="model checkpoint folder or training workdir "
                  "(default: config.sampling.checkpoint; empty: random weights)")
+  p.add_argument("--head", default=None, help="confidence head folder (dsa-jax convert export-head) to use instead of "
+                 "the checkpoint's head; its calibration table serves --mean-steps; it must have been trained for "
+                 "the --ckpt generator (default config.sampling.head; empty: the checkpoint's head)")
   p.add_argument("--out", required=True, help="output folder")
   g = p.add_mutually_exclusive_group()
   g.add_argument("--prompt", action="append", default=None, help="a prompt (repeat for several videos)")
@@ -58,7 +63,8 @@ def add_arguments(p):
   p.add_argument("--threshold", default=None, help="confidence threshold tau (a number, inf or -inf; default "
                  "config.sampling.threshold)")
   p.add_argument("--mean-steps", type=float, default=None, help="average denoising steps per frame (a step budget): "
-                 "picks tau from the model's calibration table (dsa-jax calibrate); default config.sampling.mean_steps "
+                 "picks tau from the model's calibration table (dsa-jax calibrate), or the --head folder's; default "
+                 "config.sampling.mean_steps "
                  "(0 = use the threshold)")
   p.add_argument("--target-fps", type=float, default=None, help="with --stream: adjust tau chunk by chunk from "
                  "measured chunk times to hold this many frames per second (needs the calibration table)")
@@ -216,16 +222,26 @@ def resolve_budget(config, args, threshold: float, source: dict, ckpt: str, warn
   if not m:
     return threshold, ""
   table = source.get("calibration")
+  from dsa_jax.checkpoint.loading import calibration_owner
+  owner = calibration_owner(source, repr(ckpt or "the model"))
   if table is None and args.mean_steps is None:
-    warn(f"warning: config.sampling.mean_steps={m:g} but {ckpt or 'the model'!r} has no calibration table "
+    warn(f"warning: config.sampling.mean_steps={m:g} but {owner} has no calibration table "
          f"(dsa-jax calibrate); using config.sampling.threshold={threshold:g}")
     return threshold, ""
-  tau = budget.threshold_for(table, m, source=repr(ckpt or "the model"))
+  tau = budget.threshold_for(table, m, source=owner)
   return tau, f" (from --mean-steps {m:g})" if args.mean_steps is not None else f" (from mean_steps {m:g})"
 
 
 def _say(msg):
   print(msg, flush=True)
+
+
+def _head_note(source) -> str:
+  from dsa_jax.checkpoint.loading import RANDOM
+  if source.get("head") in (None, RANDOM):
+    return ""
+  kind = (source.get("conf_target") or {}).get("kind")
+  return f", head: {source['head']}" + (f" ({kind} target)" if kind else "")
 
 
 def _window_note(sampler) -> str:
@@ -303,7 +319,7 @@ def main(args):
   from dsa_jax.sampling.decode import PixelDecoder
 
   warn = lambda m: print(m, file=sys.stderr, flush=True)
-  params, source = load_sampler_params(config, ckpt, use_ema=not args.no_ema, warn=warn, cast=True)
+  params, source = load_sampler_params(config, ckpt, use_ema=not args.no_ema, warn=warn, cast=True, head=args.head)
   threshold, budget_note = resolve_budget(config, args, threshold, source, ckpt, warn)
   fps_controller = None
   if args.target_fps is not None:
@@ -323,7 +339,7 @@ def main(args):
        f"of {sampler.chunk_frames}{_window_note(sampler)}) on {jax.devices()[0].device_kind}"
        f"{'' if sampler.mesh is None else ' (' + mesh_describe(sampler.mesh) + ')'}: tau={threshold:g}{budget_note} "
        f"steps in [{min_steps}, {max_steps}] of a {sampler.num_steps}-step ladder, guidance {guidance:g}, "
-       f"weights: {source.get('path', 'random')}")
+       f"weights: {source.get('path', 'random')}{_head_note(source)}")
   summary = config_summary(config, sampler)
   compile_s = None
   written = []

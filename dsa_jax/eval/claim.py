@@ -634,15 +634,16 @@ def _pick(trace, rule, targets, min_steps, max_steps, fallback) -> list[float]:
   return picked
 
 
-def run_claim(config, models: dict[str, str], out_dir: str, num: int = 256, *,
+def run_claim(config, models: dict[str, str | tuple[str, str]], out_dir: str, num: int = 256, *,
               thresholds: Sequence[float] | None = None, deltas: Sequence[float] | None = None,
               fixed: Sequence[int] = (1, 2, 3, 4, 5), budgets: Sequence[float] = (1.5, 2.0, 2.5, 3.0),
               evaluator=None, batch: int = 32, seed: int = 0, data_seed: int = 0, num_real: int = 1000,
               fps_prompts: int = 8, targets: Sequence[float] = DEFAULT_TARGETS,
               log: Callable[[str], None] = _say, bench: Benchmark | None = None,
               video_oracle: bool = True) -> dict[str, Any]:
-  """Quality vs. average steps: fixed steps, DSA for each model in `models` ({confidence target: checkpoint}; the
-  first one's generator also serves the baselines), the x0-change heuristic, the per-frame oracle and (with
+  """Quality vs. average steps: fixed steps, DSA for each model in `models` ({confidence target: checkpoint, or
+  (checkpoint, head folder) for a head stored apart from its generator}; the first one's generator also serves the
+  baselines), the x0-change heuristic, the per-frame oracle and (with
   `video_oracle`, which samples the prompts about num_chunks x (max budget - min_steps) x num_chunks times) the
   re-rolled video oracle at `budgets`;
   the head report of each model and DSA's allocation efficiency. Writes claim.md / claim.json / claim.png /
@@ -670,8 +671,9 @@ def run_claim(config, models: dict[str, str], out_dir: str, num: int = 256, *,
     raise BenchmarkError(f"fixed: step counts must lie in [1, {L}] (sampling.ladder), got {bad}")
   dtype = _DTYPES[config.compute.dtype]
 
-  def load(ckpt):
-    params, source = loading.load_sampler_params(config, ckpt, warn=log)
+  def load(spec):
+    ckpt, head = spec if isinstance(spec, tuple) else (spec, None)
+    params, source = loading.load_sampler_params(config, ckpt, warn=log, head=head)
     if dtype != jnp.float32:
       params["generator"] = loading.cast_params_for_inference(params["generator"], dtype)
     return params, source
@@ -891,7 +893,8 @@ def check_budgets(config, ckpt: str, out_dir: str, budgets: Sequence[float], *, 
 
   params, source = loading.load_sampler_params(config, ckpt, warn=log, cast=True)
   table = source.get("calibration")
-  taus = [budget_lib.threshold_for(table, float(m), source=f"--ckpt {ckpt or config.sampling.checkpoint}")
+  owner = loading.calibration_owner(source, f"--ckpt {ckpt or config.sampling.checkpoint}")
+  taus = [budget_lib.threshold_for(table, float(m), source=owner)
           for m in budgets]  # a missing table or an out-of-range request fails before any sampling
   bench = Benchmark(config, num=num, evaluator=evaluator, data_seed=data_seed, num_real=num_real, batch=batch,
                     seed=seed, fps_prompts=0, log=log)

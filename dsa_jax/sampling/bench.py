@@ -460,7 +460,7 @@ def run_bench(config, *, steps=None, threshold=None, mean_steps=None, budget_mea
   return res
 
 
-def profile_one(fn, log_dir: str, top: int = 15, log=print) -> dict:
+def profile_one(fn, log_dir: str, top: int = 25, log=print) -> dict:
   """Runs `fn` once under jax.profiler (trace in `log_dir`) and returns the top kernels by summed time, read from
   the Perfetto JSON the profiler writes next to its XPlane (None when it cannot be read)."""
   import jax

@@ -3,8 +3,9 @@
 What a threshold tau means depends on the model's head, so users ask for an average number of denoising steps per
 frame instead. `calibrate` samples a set of calibration prompts (the config's training prompts, not the held-out
 ones) at a grid of thresholds and records the average steps of each; the table lives in the model checkpoint's
-metadata (`calibration`), written by `dsa-jax calibrate`. `threshold_for` inverts it by linear interpolation on the
-monotone envelope (average steps never fall as tau rises).
+metadata (`calibration`), written by `dsa-jax calibrate`, or in a head folder's when the head came from one
+(`--head`: the table belongs to the head, whose confidences it measures). `threshold_for` inverts it by linear
+interpolation on the monotone envelope (average steps never fall as tau rises).
 
 For streams, `FpsController` moves tau chunk by chunk from measured chunk times so that a stream holds a target
 frame rate where the hardware allows it.
@@ -35,7 +36,7 @@ def threshold_for(calibration: Optional[dict], mean_steps: float, *, source: str
   """tau whose calibrated average steps per frame is `mean_steps` (+inf / -inf at the table's ends)."""
   if not calibration:
     raise BudgetError(f"{source} has no step-budget calibration table; make one with `dsa-jax calibrate --config "
-                      "CONFIG --ckpt MODEL` (or pass --threshold instead of --mean-steps)")
+                      "CONFIG --ckpt MODEL [--head DIR]` (or pass --threshold instead of --mean-steps)")
   m = float(mean_steps)
   if not math.isfinite(m):
     raise BudgetError(f"--mean-steps: expected a finite number, got {mean_steps!r}")
@@ -152,21 +153,28 @@ class FpsController:
 
 def calibrate(config, ckpt: str, *, num: int = 256, thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
               batch: int = 64, seed: int = 0, write: bool = True, prompt_file: Optional[str] = None,
-              refine_gap: float = 0.05, log: Callable[[str], None] = print) -> dict[str, Any]:
+              refine_gap: float = 0.05, head: Optional[str] = None,
+              log: Callable[[str], None] = print) -> dict[str, Any]:
   """Makes the calibration table of the model at `ckpt` (a model folder) on the config's training prompts and, with
-  `write`, stores it in the model's metadata, where `--mean-steps` finds it."""
+  `write`, stores it in the model's metadata, where `--mean-steps` finds it. With a head folder (`head`, default
+  config.sampling.head) the head comes from there and the table goes into the head folder's metadata, not the
+  model's: the model's own table stays that of its own head."""
   import os
 
   from dsa_jax.checkpoint import loading, params_io
   from dsa_jax.data.text_context import make_text_encoder
   from dsa_jax.sampling.sampler import make_sampler
 
-  if not ckpt or not os.path.isfile(os.path.join(ckpt, params_io.META_FILE)):
+  head = loading.config_head(config) if head is None else head
+  if not head and (not ckpt or not os.path.isfile(os.path.join(ckpt, params_io.META_FILE))):
     raise BudgetError(f"--ckpt {ckpt!r}: expected an exported model folder (with {params_io.META_FILE}); the table "
                       "is stored in its metadata (export a training workdir first)")
+  if head and not ckpt:
+    raise BudgetError(f"--head {head!r}: needs the generator it was trained with as --ckpt (a model folder or "
+                      "training workdir); got none")
   if int(num) < 1:
     raise BudgetError(f"--num: expected at least 1 calibration prompt, got {num}")
-  params, source = loading.load_sampler_params(config, ckpt, warn=log, cast=True)
+  params, source = loading.load_sampler_params(config, ckpt, warn=log, cast=True, head=head)
   sampler = make_sampler(config)
   encode = make_text_encoder(config)
   prompts = calibration_prompts(config, num, prompt_file)
@@ -180,6 +188,7 @@ def calibrate(config, ckpt: str, *, num: int = 256, thresholds: Sequence[float] 
   table["prompts"] = (f"{prompt_file}, first {len(prompts)}" if prompt_file else
                       f"config.data.prompts ({config.data.prompts.kind}), first {len(prompts)}")
   if write:
-    params_io.update_meta(ckpt, calibration=table)
-    log(f"wrote the calibration table into {os.path.join(ckpt, params_io.META_FILE)}")
+    owner = head or ckpt
+    params_io.update_meta(owner, calibration=table)
+    log(f"wrote the calibration table into {os.path.join(owner, params_io.META_FILE)}")
   return table

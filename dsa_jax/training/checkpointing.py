@@ -22,7 +22,7 @@ import sys
 import jax
 import numpy as np
 
-from dsa_jax.checkpoint import params_io
+from dsa_jax.checkpoint import heads, params_io
 from dsa_jax.checkpoint.params_io import CheckpointError  # noqa: F401  (callers catch it from here)
 from dsa_jax.checkpoint.workdir import (CKPT_DIR, MODEL_DIR, SAMPLER_NETWORKS, TrainCheckpointError, Workdir,  # noqa
                                         arch_meta, load_model_from_workdir, ocp)
@@ -117,6 +117,8 @@ def export_networks(state_or_params, config, out_dir: str, *, step: int | None =
           "step": step, "source": source}
   if "head" in names:
     meta["conf_target"] = conf_target
+    # which generator the head was trained with: a head exported on its own (convert export-head) is checked by it
+    meta.update(heads.fingerprint_meta(host))
   return params_io.save_params(out_dir, host, meta)
 
 
