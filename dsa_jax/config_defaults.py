@@ -93,6 +93,9 @@ def base_config() -> ml_collections.ConfigDict:
       # traces, e.g. for plots and head reports), 'last' only at steps where a frame finishes (its reported
       # confidence; conf_trace nan at the other steps), saving the head's work in fixed-step sampling.
       fixed_step_head="every",
+      # The sampler's DiT with its layers unrolled and one KV-cache buffer per layer: no copy of a layer's cache at
+      # every forward (faster on GPU, a longer compile); False scans the layers over one stacked cache.
+      unroll_layers=False,
       # A confidence head from a head folder of its own (`dsa-jax convert export-head`) instead of the checkpoint's:
       # its conf_target and calibration table come with it; it must have been trained for this generator (checked by
       # the generator fingerprint it records). '' = the checkpoint's head.

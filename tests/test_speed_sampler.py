@@ -124,3 +124,37 @@ def test_kv_cache_is_exact_donated_and_never_copied(tiny_config, sampler):
   # Measured on the CPU: 0.75 cache (the attention's per-layer key/value reads); 3 caches with the cache as the
   # layer scan's input and output.
   assert m_big.temp_size_in_bytes - m_small.temp_size_in_bytes < big - small
+
+
+@pytest.fixture(scope="module")
+def unrolled(tiny_config):
+  """The DiT's layers unrolled over one KV-cache buffer per layer."""
+  cfg = tiny_config.copy_and_resolve_references()
+  cfg.sampling.unroll_layers = True
+  return S.make_sampler(cfg)
+
+
+def test_unrolled_layers_sample_the_same_video(sampler, unrolled, params, context):
+  """Scanned variables go in as they are; program, stream and mixed stopping equal the scanned sampler's, and the
+  cache is one (B, frames * tokens, heads, head_dim) buffer per layer, donated."""
+  d = unrolled.dcfg
+  cache = unrolled.new_cache(2)
+  assert not d.scan_layers and sorted(cache) == ["k", "v"] and len(cache["k"]) == d.num_layers
+  assert all(a.shape == (2, unrolled.num_frames * unrolled.tokens_per_frame, d.num_heads, d.head_dim)
+             for a in cache["k"] + cache["v"])
+  probe = _np(sampler.sample(params, context, sampler.make_controls(2, threshold=np.inf, seed=3)))
+  tau = float(np.median(probe.conf_trace[:, :, 0]))
+  for controls in (sampler.make_controls(2, threshold=np.inf, max_steps=3, seed=3),
+                   sampler.make_controls(2, threshold=tau, seed=3)):
+    want = _np(sampler.sample(params, context, controls))
+    got = _np(unrolled.sample(params, context, controls))
+    for name in ("steps", "chunk_iters"):
+      np.testing.assert_array_equal(getattr(got, name), getattr(want, name), err_msg=name)
+    for name in ("latents", "confidences", "conf_trace"):
+      np.testing.assert_allclose(getattr(got, name), getattr(want, name), atol=1e-5, rtol=1e-5, err_msg=name)
+  streamed = np.concatenate([np.asarray(o.latents) for o in ST.stream(unrolled, params, context, controls)], 1)
+  np.testing.assert_allclose(streamed, want.latents, atol=1e-5, rtol=1e-5)
+  args, use_cfg = unrolled.prepare(params, context, controls)
+  mem = unrolled.lower(args, use_cfg).compile().memory_analysis()
+  assert mem.alias_size_in_bytes == sum(x.nbytes for x in jax.tree_util.tree_leaves(args[5]))
+

@@ -413,10 +413,22 @@ class WanDiT(nn.Module):
       cache = (cache["k"], cache["v"])
 
     block_cls = self._block_cls()
-    in_place = cache is not None and c.remat == "none"  # the whole cache in the carry (see WanBlock)
+    per_layer = cache is not None and isinstance(cache[0], (list, tuple))
+    if per_layer and (c.scan_layers or len(cache[0]) != c.num_layers):
+      raise ValueError(f"a per-layer KV cache (lists of {len(cache[0])} arrays) needs the unrolled DiT "
+                       f"(scan_layers=False) with as many layers ({c.num_layers})")
+    in_place = cache is not None and c.remat == "none" and not per_layer  # the whole cache in the carry (WanBlock)
     whole, sliced = (cache, None) if in_place else (None, cache)
     layers = jnp.arange(c.num_layers, dtype=jnp.int32) if in_place else None
-    if c.scan_layers:
+    if per_layer:  # each layer attends over its own cache buffer, updated in place: no per-layer slice is copied
+      outs = []
+      for i in range(c.num_layers):
+        pick = lambda a: None if a is None else jax.tree_util.tree_map(lambda z: z[i], a)
+        (h, _), lc = block_cls(c, causal_block, name=f"blocks_{i}")(
+            (h, None), e0, ctx, rope, cache_pos, ((sliced[0][i], sliced[1][i]), pick(text_kv), None))
+        outs.append(lc)
+      sliced = ([o[0] for o in outs], [o[1] for o in outs])
+    elif c.scan_layers:
       stack = nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True},
                       in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0),
                       length=c.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
@@ -459,12 +471,31 @@ def rope_for(cfg: DiTConfig, frame_offset, num_frames: int, grid_hw) -> tuple:
   return rope_lib.rope_for_grid(tables, frame_offset, num_frames, gh, gw)
 
 
-def init_cache(cfg: DiTConfig, batch: int, num_frames: int, tokens_per_frame: int, dtype=None):
-  """Zeroed static-shape KV cache for a whole video: {'k','v'}: (layers, B, F*T, H, D)."""
-  shape = (cfg.num_layers, batch, num_frames * tokens_per_frame, cfg.num_heads, cfg.head_dim)
+def init_cache(cfg: DiTConfig, batch: int, num_frames: int, tokens_per_frame: int, dtype=None,
+               per_layer: bool = False):
+  """Zeroed static-shape KV cache for a whole video: {'k','v'}: (layers, B, F*T, H, D), or with `per_layer` lists of
+  one (B, F*T, H, D) buffer per layer (for the unrolled DiT, `scan_layers=False`: a layer's attention then reads its
+  buffer in place, where the stacked cache needs that layer's slice copied out at every forward)."""
+  shape = (batch, num_frames * tokens_per_frame, cfg.num_heads, cfg.head_dim)
   dtype = dtype or cfg.dtype
-  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+  if per_layer:
+    return {n: [jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)] for n in ("k", "v")}
+  return {"k": jnp.zeros((cfg.num_layers,) + shape, dtype), "v": jnp.zeros((cfg.num_layers,) + shape, dtype)}
 
 
-def cache_logical_axes():
-  return {"k": ("layers", "batch", "kv_length", "heads", "kv"), "v": ("layers", "batch", "kv_length", "heads", "kv")}
+def cache_logical_axes(per_layer: bool = False):
+  """Logical axes of a cache leaf ({'k','v'}); a per-layer buffer has no 'layers' axis."""
+  names = ("layers", "batch", "kv_length", "heads", "kv")[1 if per_layer else 0:]
+  return {"k": names, "v": names}
+
+
+def unstack_layers(variables, num_layers: int):
+  """Scanned DiT variables ('blocks' with a leading layer axis) -> the unrolled DiT's ('blocks_0', ...); variables
+  already unrolled are returned as they are."""
+  p = variables["params"] if "params" in variables else variables
+  if "blocks" not in p:
+    return variables
+  out = {k: v for k, v in p.items() if k != "blocks"}
+  for i in range(num_layers):
+    out[f"blocks_{i}"] = jax.tree_util.tree_map(lambda a: a[i], p["blocks"])
+  return {**variables, "params": out} if "params" in variables else out

@@ -73,7 +73,7 @@ from dsa_jax.diffusion import flow
 from dsa_jax.diffusion.guidance import guided_velocity
 from dsa_jax.models import factory
 from dsa_jax.models.confidence import ConfidenceConfig, ConfidenceHead
-from dsa_jax.models.dit import DiTConfig, WanDiT, WanTextKV, cache_logical_axes, init_cache, rope_for
+from dsa_jax.models.dit import DiTConfig, WanDiT, WanTextKV, cache_logical_axes, init_cache, rope_for, unstack_layers
 from dsa_jax.models.factory import as_variables
 from dsa_jax.parallel import mesh as mesh_lib
 from dsa_jax.sampling import stop_rules
@@ -256,6 +256,16 @@ class Sampler:
     self.dcfg = dit_cfg or DiTConfig.from_config(config.model, config.compute)
     # Nothing is differentiated here: no remat, and so the KV cache is updated in place (see `WanBlock`).
     self.dcfg = dataclasses.replace(self.dcfg, remat="none")
+    self.param_dcfg = self.dcfg  # the layout of the generator variables the caller passes (scanned or not)
+    unroll = config.sampling.get("unroll_layers", False)
+    if not isinstance(unroll, bool):
+      raise ValueError(f"config.sampling.unroll_layers: expected True or False, got {unroll!r}")
+    # Unrolled layers with one cache buffer per layer: each attention reads its layer's buffer in place (a scanned
+    # DiT copies its layer's slice of the stacked cache out at every forward); the scanned variables are split per
+    # layer once per program call.
+    self.unroll_layers = unroll
+    if unroll:
+      self.dcfg = dataclasses.replace(self.dcfg, scan_layers=False)
     if self.num_frames > self.dcfg.rope_max_frames:  # positions are absolute: the table covers the whole video
       self.dcfg = dataclasses.replace(self.dcfg, rope_max_frames=self.num_frames)
     self.hcfg = ConfidenceConfig.from_config(config)
@@ -308,16 +318,17 @@ class Sampler:
   @functools.cached_property
   def param_shardings(self):
     """{'generator', 'head'} shardings of the variables by their logical axes (from abstract shapes)."""
-    boxed = {"generator": factory.abstract_dit_params(self.dcfg, self.config),
+    boxed = {"generator": factory.abstract_dit_params(self.param_dcfg, self.config),
              "head": factory.abstract_head_params(self.config)}
     return mesh_lib.param_shardings(boxed, self.mesh, self.rules)
 
   def cache_shardings(self, cache):
-    """KV cache over batch and heads (its logical axes); other cache leaves replicated."""
-    names = cache_logical_axes()
+    """KV cache over batch and heads (its logical axes, stacked or per layer); other cache leaves replicated."""
+    names = cache_logical_axes(self.unroll_layers)
 
     def one(path, x):
-      key = getattr(path[-1], "key", None) if path else None
+      keys = [getattr(p, "key", None) for p in path]
+      key = keys[0] if self.unroll_layers and len(keys) == 2 else (keys[-1] if keys else None)
       if key in names and len(names[key]) == np.ndim(x):
         return jax.sharding.NamedSharding(self.mesh, mesh_lib.logical_to_spec(names[key], np.shape(x), self.mesh,
                                                                               self.rules))
@@ -444,7 +455,7 @@ class Sampler:
     """A zeroed KV cache of `cache_frames` frames: the whole video, or sinks + window (doubled batch with CFG); made
     in place on the mesh."""
     make = functools.partial(init_cache, self.dcfg, batch * (2 if use_cfg else 1), self.cache_frames,
-                             self.tokens_per_frame)
+                             self.tokens_per_frame, per_layer=self.unroll_layers)
     if self.mesh is None:
       return make()
     return jax.jit(make, out_shardings=self.cache_shardings(jax.eval_shape(make)))()
@@ -535,11 +546,20 @@ class Sampler:
       place.update(sink_frames=s, sink_shift=jnp.maximum(f0 + c - n, 0))
     return place
 
+  def generator_variables(self, gen_params):
+    """The generator variables in the layout of this sampler's DiT: split per layer when it is unrolled (inside a
+    program: once per call, before its loops)."""
+    return unstack_layers(gen_params, self.dcfg.num_layers) if self.unroll_layers else gen_params
+
+  def _with_generator_layout(self, params):
+    return {**params, "generator": self.generator_variables(params["generator"])}
+
   def text_kv(self, gen_params, context, uncond_context, use_cfg: bool):
     """The text cross-attention keys/values of the forward's batch (cond then uncond with CFG) from contexts
     (B, text_len, text_dim); for a prompt schedule's (B, K, text_len, text_dim) those of every prompt, stacked in
     front (`chunk_text_kv` picks a chunk's). Each is computed on a batch shaped like the forward's, so the numbers
     are those the forward would compute itself."""
+    gen_params = self.generator_variables(gen_params)
     encode = lambda ctx: self.text_encoder.apply(
         gen_params, jnp.concatenate([ctx, uncond_context], 0) if use_cfg else ctx)
     if context.ndim == 3:
@@ -564,6 +584,7 @@ class Sampler:
     `place` (from `placement`) overrides `frame_offset` for a windowed cache; `text_kv` (from `text_kv`, for this
     batch) replaces the contexts."""
     place = {"frame_offset": frame_offset} if place is None else place
+    gen_params = self.generator_variables(gen_params)
     if use_cfg:
       x2 = jnp.concatenate([x, x], 0)
       t2 = jnp.concatenate([t, t], 0)
@@ -711,6 +732,7 @@ class Sampler:
   def _chunk_step(self, params, context, uncond_context, controls, rng, cache, chunk_index, cond=None,
                   use_cfg: bool = False, fill: bool = True):
     self.trace_counts["chunk_step"] += 1
+    params = self._with_generator_layout(params)
     keys = sample_keys(rng, controls.seed)
     return self.run_chunk(params, context, uncond_context, controls, keys, cache, chunk_index, use_cfg, cond,
                           fill=fill)
@@ -718,6 +740,7 @@ class Sampler:
   def _fill_step(self, params, context, uncond_context, controls, rng, cache, chunk_index, latents, cond=None,
                  use_cfg: bool = False):
     self.trace_counts["fill_step"] += 1
+    params = self._with_generator_layout(params)
     ckeys = chunk_keys(sample_keys(rng, controls.seed), chunk_index)
     context, text_kv = self._chunk_context(params, context, uncond_context, cond, chunk_index, use_cfg)
     return self.fill_cache(params, context, uncond_context, controls, latents, ckeys, cache, chunk_index, use_cfg,
@@ -727,6 +750,7 @@ class Sampler:
 
   def _program(self, params, context, uncond_context, controls, rng, cache, cond=None, use_cfg: bool = False):
     self.trace_counts["program"] += 1
+    params = self._with_generator_layout(params)
     b = context.shape[0]
     c, L = self.chunk_frames, self.num_steps
     keys = sample_keys(rng, controls.seed)
