@@ -86,6 +86,15 @@ def _worker(out_path: str):
   report["splash_max_diff"] = float(np.abs(out.latents - ref.latents).max())
   report["splash_steps_equal"] = bool((out.steps == ref.steps).all())
 
+  # The unrolled DiT over one cache buffer per layer, on the same mesh: each buffer sharded like the stacked cache.
+  cfg_unrolled = cfg.copy_and_resolve_references()
+  cfg_unrolled.sampling.unroll_layers = True
+  sm = S.make_sampler(cfg_unrolled, mesh=mesh_lib.make_mesh(cfg, shape=MESHES["data2_tensor4"]))
+  out = jax.device_get(sm.sample(params, ctx, controls(sm, tau)))
+  report["unrolled"] = {"max_diff": float(np.abs(out.latents - ref.latents).max()),
+                        "steps_equal": bool((out.steps == ref.steps).all()),
+                        "cache_specs": [spec_json(a.sharding.spec) for a in sm.new_cache(8)["v"]]}
+
   # Changed rules: activations' tokens over 'tensor' (sequence parallelism). Only effective constraints can make
   # the compiled programs hold the residual stream that way.
   rules = tuple((n, "tensor" if n == "activation_length" else a) for n, a in mesh_lib.rules_from_config(cfg))
@@ -151,6 +160,12 @@ def test_placements(report):
   # weights by the training rules: FSDP over the model dim, tensor parallelism over the FFN hidden dim
   assert report["fsdp8"]["ffn_in_spec"] == [None, "fsdp", None]
   assert report["data2_tensor4"]["ffn_in_spec"] == [None, None, "tensor"]
+
+
+def test_unrolled_layers_on_a_mesh(report):
+  r = report["unrolled"]
+  assert r["steps_equal"] and r["max_diff"] < 1e-4, r["max_diff"]
+  assert r["cache_specs"] and all(s == ["data", None, "tensor", None] for s in r["cache_specs"]), r["cache_specs"]
 
 
 def test_streaming_on_a_mesh(report):
