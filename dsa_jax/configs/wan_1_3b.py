@@ -12,4 +12,7 @@ def get_config(arg=None):
   del arg
   config = base_config()
   config.name = "wan_1_3b"
+  # Sampling unrolls the 30 layers over one KV-cache buffer per layer: 5 % faster on an H200 at 4 steps (no copy
+  # of a layer's cache slice per forward), for a whole-video compile of about 37 s instead of 13 s.
+  config.sampling.unroll_layers = True
   return config
