@@ -96,3 +96,23 @@ def test_pixel_decoder_hands_chunks_to_the_host(tiny_config, params):
   cfg.vae.conv3d = "bogus"
   with pytest.raises(ValueError, match="config.vae.conv3d"):
     decode.PixelDecoder(cfg, vae_config=CFG, vae_params=params)
+
+
+def test_bench_vae_convs_times_every_lowering_at_the_decoder_shapes(tiny_config):
+  """`dsa-jax bench vae-convs`: the decoder's per-block shapes, every lowering with and without the norm, the
+  sub-pixel resamplers; in fp32 on the CPU the lowerings agree to rounding."""
+  from dsa_jax.sampling import bench_vae
+  cfg = tiny_config.copy_and_resolve_references()
+  cfg.vae.kind = "wan"
+  shapes = bench_vae.decoder_shapes(cfg, decode.random_wan_vae_config(cfg))
+  assert [r["upsample"] is None for r in shapes] == [False] * (len(shapes) - 1) + [True]
+  assert [r["height"] for r in shapes[1:]] == [2 * r["height"] for r in shapes[:-1]]
+  res = bench_vae.run(cfg, reps=1, blocks=[len(shapes) - 2], log=lambda m: None)
+  assert len(res["residual_convs"]) == len(V.CONV3D_IMPLS) * 2 and len(res["upsample_convs"]) == 1
+  assert all(r["ms"] > 0 and r["block"] == len(shapes) - 2 for r in res["residual_convs"])
+  assert max(r["rel_diff_vs_native"] for r in res["residual_convs"] if not r["norm_silu"]) < 1e-5
+  assert res["upsample_convs"][0]["rel_diff"] < 1e-5
+  with pytest.raises(ValueError, match="--reps"):
+    bench_vae.run(cfg, reps=0)
+  with pytest.raises(ValueError, match="--blocks"):
+    bench_vae.run(cfg, reps=1, blocks=[len(shapes)])

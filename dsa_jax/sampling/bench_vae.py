@@ -1,0 +1,156 @@
+"""The Wan VAE decoder's convolution lowerings, timed alone at the decoder's per-chunk shapes for a config's video.
+
+  dsa-jax bench vae-convs --config configs/wan_1_3b.py --json docs/bench/vae_convs.json
+  dsa-jax bench vae-convs --config configs/tiny.py --reps 2          # CPU smoke test
+
+Which lowering of the causal 3x3x3 convolution is fastest depends on the backend's kernels and the layer's
+channels (`config.vae.conv3d`: 'native' one 3D convolution, 'fold' the time taps folded into the channels of one 2D
+convolution, 'taps' per-tap 2D outputs summed). For every up block of the decoder this times one later chunk's
+residual convolution (chunk_frames latent frames, the causal history of 2 frames in front), each lowering with and
+without the RMS norm + SiLU in front of it, and the nearest-2x-upsample + 3x3 convolution of every resampler as
+written (upsample, then convolve) and in its sub-pixel form (four 2x2 convolutions of the low-resolution input,
+what the decoder runs). Random bf16 inputs (the config's compute dtype), random weights; median of --reps calls
+after a warm-up; relative difference of each lowering to 'native' (resp. of the sub-pixel form to the plain one).
+The per-video effect is what `dsa-jax bench sample --decode-only` measures; this says where it comes from.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import numpy as np
+
+
+def add_arguments(p):
+  p.add_argument("--config", required=True, help="config whose video size and VAE are benchmarked")
+  p.add_argument("--reps", type=int, default=20, help="timed calls per variant (default 20; median reported)")
+  p.add_argument("--blocks", type=int, nargs="+", default=None, help="only these up blocks (0 = lowest resolution; "
+                 "default all)")
+  p.add_argument("--json", default=None, help="write the results here")
+
+
+def decoder_shapes(config, vae_config) -> list[dict]:
+  """One row per decoder up block: its residual conv (frames, height, width, channels) for a later chunk, and the
+  resampler's input shape and output channels (None for the last block)."""
+  from dsa_jax.config_lib import latent_hw
+  h, w = (int(x) for x in latent_hw(config))
+  mult = tuple(vae_config.dim_mult)
+  dims = [vae_config.dec_base_dim * u for u in (mult[-1],) + mult[::-1]]
+  temporal = tuple(vae_config.temperal_downsample[::-1])
+  frames = int(config.video.chunk_frames)
+  rows = []
+  for i, out_dim in enumerate(dims[1:]):
+    row = {"block": i, "frames": frames, "height": h, "width": w, "channels": out_dim, "upsample": None}
+    if i != len(mult) - 1:
+      up_frames = 2 * frames if temporal[i] else frames
+      row["upsample"] = {"frames": up_frames, "channels_out": out_dim // 2,
+                         "mode": "upsample3d" if temporal[i] else "upsample2d"}
+      frames, h, w = up_frames, 2 * h, 2 * w
+    rows.append(row)
+  return rows
+
+
+def _time(fn, args, reps: int) -> tuple[float, object]:
+  import jax
+  out = jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(reps):
+    t = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t)
+  return float(np.median(times)), out
+
+
+def _rel(a, b) -> float:
+  a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+  return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def run(config, reps: int = 20, blocks=None, log=print) -> dict:
+  import jax
+  import jax.numpy as jnp
+
+  from dsa_jax.models import vae as V
+  from dsa_jax.models.dit import _DTYPES
+  from dsa_jax.sampling.decode import random_wan_vae_config
+  if reps < 1:
+    raise ValueError(f"--reps: must be >= 1, got {reps}")
+  dtype = _DTYPES[config.compute.dtype]
+  vcfg = random_wan_vae_config(config)
+  shapes = decoder_shapes(config, vcfg)
+  if blocks is not None and not set(blocks) <= set(range(len(shapes))):
+    raise ValueError(f"--blocks: the decoder has up blocks 0..{len(shapes) - 1}, got {sorted(blocks)}")
+  key = jax.random.PRNGKey(0)
+  res_rows, up_rows = [], []
+  for row in shapes:
+    if blocks is not None and row["block"] not in blocks:
+      continue
+    t, hh, ww, c = row["frames"], row["height"], row["width"], row["channels"]
+    k1, k2, k3, key = jax.random.split(key, 4)
+    x = jax.random.normal(k1, (1, t, hh, ww, c), dtype)
+    hist = jax.random.normal(k2, (1, 2, hh, ww, c), dtype)
+    kernel = jax.random.normal(k3, (3, 3, 3, c, c), jnp.float32) / np.sqrt(27 * c)
+    scale = jnp.ones((c,), jnp.float32)
+    flops = 2 * t * hh * ww * 27 * c * c
+    ref = None
+    for impl in V.CONV3D_IMPLS:
+      for norm in (False, True):
+        def f(x, hist, kernel, scale, impl=impl, norm=norm):
+          y = V.RMSNormSiLU(dtype=dtype).apply({"params": {"scale": scale}}, x) if norm else x
+          return V._conv3d_same_time(y, kernel, (0, 0), impl, dtype, None, history=hist)
+        s, out = _time(jax.jit(f), (x, hist, kernel, scale), reps)
+        if ref is None:
+          ref = out
+        r = {"block": row["block"], "shape": [t, hh, ww, c], "impl": impl, "norm_silu": norm, "ms": 1e3 * s,
+             "tflops": flops / s / 1e12, "rel_diff_vs_native": None if norm else _rel(out, ref)}
+        res_rows.append(r)
+        log(f"  block {row['block']} conv {t}x{hh}x{ww}x{c} {impl:6s}{' +norm' if norm else '      '} "
+            f"{1e3 * s:8.3f} ms  {r['tflops']:7.1f} TFLOP/s")
+    up = row["upsample"]
+    if up is None:
+      continue
+    k1, k2, key = jax.random.split(key, 3)
+    xu = jax.random.normal(k1, (up["frames"], hh, ww, c), dtype)
+    ku = jax.random.normal(k2, (3, 3, c, up["channels_out"]), jnp.float32) / np.sqrt(9 * c)
+
+    def plain(x, k):
+      return V._conv(V._upsample_nearest2x(x[None])[0], k, (1, 1), [(1, 1), (1, 1)], dtype, None)
+
+    def subpixel(x, k):
+      return V.upsample2x_conv3x3(x, k, dtype, None)
+    s_plain, a = _time(jax.jit(plain), (xu, ku), reps)
+    s_sub, b = _time(jax.jit(subpixel), (xu, ku), reps)
+    up_rows.append({"block": row["block"], "input": [up["frames"], hh, ww, c], "channels_out": up["channels_out"],
+                    "upsample_then_conv_ms": 1e3 * s_plain, "subpixel_ms": 1e3 * s_sub, "rel_diff": _rel(b, a)})
+    log(f"  block {row['block']} {up['mode']} conv {up['frames']}x{hh}x{ww}x{c}->{up['channels_out']}: "
+        f"upsample+conv {1e3 * s_plain:.3f} ms, sub-pixel {1e3 * s_sub:.3f} ms")
+  return {"kind": "vae_convs", "reps": reps, "vae_dtype": str(jnp.dtype(dtype)), "residual_convs": res_rows,
+          "upsample_convs": up_rows}
+
+
+def format_table(res: dict) -> str:
+  lines = [f"{res['device']['kind']}, {res['vae_dtype']}: one later chunk, median of {res['reps']}",
+           "block  shape (T,H,W,C)          impl    +norm     ms   TFLOP/s"]
+  for r in res["residual_convs"]:
+    lines.append(f"{r['block']:5d}  {str(tuple(r['shape'])):23s}  {r['impl']:6s}  {'yes' if r['norm_silu'] else 'no':5s}"
+                 f" {r['ms']:8.3f} {r['tflops']:8.1f}")
+  for r in res["upsample_convs"]:
+    lines.append(f"block {r['block']} upsample conv {tuple(r['input'])} -> {r['channels_out']}: upsample+conv "
+                 f"{r['upsample_then_conv_ms']:.3f} ms, sub-pixel {r['subpixel_ms']:.3f} ms (rel. diff "
+                 f"{r['rel_diff']:.1e})")
+  return "\n".join(lines)
+
+
+def main(args) -> int:
+  from dsa_jax.config_lib import get_config
+  from dsa_jax.sampling.bench import _bench_meta
+  config = get_config(args.config, args.overrides)
+  res = run(config, reps=args.reps, blocks=args.blocks, log=lambda m: print(m, file=sys.stderr, flush=True))
+  res.update(_bench_meta(config, args.config, args.overrides, getattr(args, "_argv", None)))
+  print(format_table(res), flush=True)
+  if args.json:
+    from dsa_jax.sampling.outputs import write_json
+    write_json(args.json, res)
+    print(f"wrote {args.json}", flush=True)
+  return 0
