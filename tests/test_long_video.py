@@ -80,6 +80,16 @@ def test_ring_buffer_equals_a_linear_cache_of_the_visible_chunks(long_sampler, b
   assert np.abs(out.latents[:, 6:] - whole[:, 6:]).max() > 1e-3
 
 
+def test_ring_buffer_with_unrolled_layers(tiny_config, long_sampler, params, context):
+  """The per-layer cache buffers of the unrolled DiT through the same wrapping ring with sinks: the same video."""
+  cfg = _cfg(tiny_config, window=4, sink=2)
+  cfg.sampling.unroll_layers = True
+  unrolled = S.make_sampler(cfg, num_frames=12)
+  ctl = long_sampler.make_controls(2, threshold=np.inf, max_steps=2, seed=5)
+  np.testing.assert_allclose(_np(unrolled.sample(params, context, ctl)).latents,
+                             _np(long_sampler.sample(params, context, ctl)).latents, atol=TOL)
+
+
 def test_sinks_are_rotated_not_rewritten():
   """Moving rotated keys by s frames equals rotating them at their position + s (RoPE rotations compose)."""
   tables = rope_lib.rope_tables(48, 64, 2, 3, 10000.0)
