@@ -35,6 +35,7 @@ def _trace_program(sampler: Sampler):
   def program(params, context, controls, rng):
     b = context.shape[0]
     keys = sample_keys(rng, controls.seed)
+    params = {**params, "generator": sampler.generator_variables(params["generator"])}  # once, before the loops
     gen, hp = params["generator"], params["head"]
 
     def chunk(cache, i):

@@ -543,6 +543,8 @@ def _components(sampler, params, context, uncond, controls, iters, use_cfg, deco
   tn = sampler.num_train_timesteps
   ctx = jnp.asarray(context)
   uctx = None if uncond is None else jnp.asarray(uncond)
+  # The generator in the layout of the sampler's DiT once, as its programs do (not per timed forward).
+  params = jax.jit(lambda p: {**p, "generator": sampler.generator_variables(p["generator"])})(params)
 
   # As in the sampler's program: the text keys/values once per video, the chunk's placement (RoPE tables) once per
   # chunk; timed apart from the forwards that use them.
