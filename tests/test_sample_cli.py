@@ -3,6 +3,7 @@
 import json
 import os
 
+import numpy as np
 import pytest
 
 from dsa_jax import cli
@@ -102,3 +103,28 @@ def test_repeated_prompt_flags_give_several_videos():
   assert sample_cmd.read_prompts(args) == ["a cat", "a dog"]
   with pytest.raises(ValueError, match="empty"):
     sample_cmd.read_prompts(argparse.Namespace(prompts=None, prompt_schedule=None, prompt=["a", " "]))
+
+
+def test_prompts_are_encoded_up_front_in_padded_batches():
+  """`dsa-jax sample` encodes every batch (the last padded with its last prompt), the negative prompt and a schedule
+  before sampling, so the text encoder can be let go; bf16 configs keep the contexts in bf16, which is what the DiT
+  casts them to first."""
+  import ml_dtypes
+
+  from dsa_jax.commands.sample import encode_batches
+  calls = []
+
+  def encode(prompts):
+    calls.append(list(prompts))
+    return np.stack([np.full((3, 2), len(p) + 0.1, np.float32) for p in prompts])
+
+  contexts, uncond = encode_batches(encode, ["a", "bb", "ccc"], 2, negative_prompt="neg")
+  assert calls == [["a", "bb"], ["ccc", "ccc"], ["neg"]]
+  assert [c.shape for c in contexts] == [(2, 3, 2), (2, 3, 2)] and contexts[0].dtype == np.float32
+  assert uncond.shape == (1, 3, 2) and contexts[1][1, 0, 0] == np.float32(3.1)
+  calls.clear()
+  contexts, uncond = encode_batches(encode, ["x"], 1, schedule=[(0, "a"), (4, "bbb")], dtype="bfloat16")
+  assert calls == [["a", "bbb"]] and uncond is None
+  assert contexts[0].shape == (1, 2, 3, 2) and contexts[0].dtype == ml_dtypes.bfloat16
+  np.testing.assert_array_equal(contexts[0].astype(np.float32).astype(ml_dtypes.bfloat16), contexts[0])
+  assert contexts[0][0, 1, 0, 0] == ml_dtypes.bfloat16(3.1)
