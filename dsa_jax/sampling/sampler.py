@@ -9,7 +9,9 @@ the chunk, in every batch sample, is done. Then one cache-fill forward at t = co
 overwrites the chunk's K/V slot (not after the last chunk: nothing attends to it). Chunks run in a `lax.fori_loop`
 (the last one peeled off it), so a whole video is one jitted program; the KV
 cache is donated and carried in the loop state (and, inside the DiT, updated in place: only a chunk's keys/values
-are written). The text cross-attention keys/values depend only on the prompt: they are computed once per video
+are written). With `sampling.unroll_layers` the DiT's layers are unrolled over one cache buffer per layer, which each
+attention reads where it lies (a layer scan must copy its layer's slice of the stacked cache out at every forward);
+scanned generator variables are then split per layer once per program call. The text cross-attention keys/values depend only on the prompt: they are computed once per video
 (every prompt of a schedule; per chunk in `chunk_step`) and passed to every forward, as are a chunk's RoPE tables.
 
 Thresholds, min/max steps (per frame), guidance and seeds are traced (`SamplingControls`): changing them never
