@@ -23,7 +23,7 @@ def test_notebook_runs_on_cpu(monkeypatch, tmp_path):
   i = next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", []))
   # Like papermill: a cell after the parameters cell overrides them (already installed, no widgets, no Wan).
   nb.cells.insert(i + 1, nbformat.v4.new_code_cell("INSTALL = False\nUSE_WIDGETS = False\nRUN_WAN = False\n"
-                                                   "STREAM = True\nBUDGET = 2.0"))
+                                                   "STREAM = True\nBUDGET = 2.0\nHEAD = \"dsa_jax/assets/digits_heads/remaining\""))
   monkeypatch.setenv("JAX_PLATFORMS", "cpu")  # the kernel inherits the environment
   monkeypatch.setenv("TMPDIR", str(tmp_path))
   updates = []
@@ -42,6 +42,7 @@ def test_notebook_runs_on_cpu(monkeypatch, tmp_path):
   assert not errors, errors[0].get("evalue")
   text = "\n".join(o.get("text", "") for o in outputs if o.output_type == "stream")
   assert "backend: cpu" in text
+  assert "head: dsa_jax/assets/digits_heads/remaining (remaining target)" in text
   assert "steps per frame: [" in text
   assert "Wan2.1 section skipped (RUN_WAN = False" in text
   html = [o.data["text/html"] for o in outputs if o.output_type == "display_data" and "text/html" in o.get("data", {})]
