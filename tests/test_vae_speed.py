@@ -112,6 +112,14 @@ def test_bench_vae_convs_times_every_lowering_at_the_decoder_shapes(tiny_config)
   assert all(r["ms"] > 0 and r["block"] == len(shapes) - 2 for r in res["residual_convs"])
   assert max(r["rel_diff_vs_native"] for r in res["residual_convs"] if not r["norm_silu"]) < 1e-5
   assert res["upsample_convs"][0]["rel_diff"] < 1e-5
+  assert {r["layer"] for r in res["residual_convs"]} == {"residual"}
+  small = cfg.copy_and_resolve_references()
+  small.video.update(height=32, width=32)
+  last = bench_vae.run(small, reps=1, blocks=[len(shapes) - 1], log=lambda m: None)
+  out = [r for r in last["residual_convs"] if r["layer"] == "conv_out"]
+  assert len(out) == len(V.CONV3D_IMPLS) * 2 and not last["upsample_convs"]
+  assert all(r["channels_out"] == 3 for r in out) and max(r["rel_diff_vs_native"] or 0 for r in out) < 1e-5
+  assert "conv_out" in bench_vae.format_table({**last, "device": {"kind": "cpu"}})
   with pytest.raises(ValueError, match="--reps"):
     bench_vae.run(cfg, reps=0)
   with pytest.raises(ValueError, match="--blocks"):

@@ -6,8 +6,8 @@
 Which lowering of the causal 3x3x3 convolution is fastest depends on the backend's kernels and the layer's
 channels (`config.vae.conv3d`: 'native' one 3D convolution, 'fold' the time taps folded into the channels of one 2D
 convolution, 'taps' per-tap 2D outputs summed). For every up block of the decoder this times one later chunk's
-residual convolution (chunk_frames latent frames, the causal history of 2 frames in front), each lowering with and
-without the RMS norm + SiLU in front of it, and the nearest-2x-upsample + 3x3 convolution of every resampler as
+residual convolution (chunk_frames latent frames, the causal history of 2 frames in front), and the last block's
+conv_out to the image channels, each lowering with and without the RMS norm + SiLU in front of it, and the nearest-2x-upsample + 3x3 convolution of every resampler as
 written (upsample, then convolve) and in its sub-pixel form (four 2x2 convolutions of the low-resolution input,
 what the decoder runs). Random bf16 inputs (the config's compute dtype), random weights; median of --reps calls
 after a warm-up; relative difference of each lowering to 'native' (resp. of the sub-pixel form to the plain one).
@@ -67,6 +67,37 @@ def _rel(a, b) -> float:
   return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
+def _time_lowerings(key, block: int, layer: str, shape, c_out: int, dtype, reps: int, log) -> list[dict]:
+  """Every conv3d lowering of one causal 3x3x3 conv on a later chunk of `shape` (T, H, W, C) with its 2-frame
+  history, with and without the RMS norm + SiLU in front."""
+  import jax
+  import jax.numpy as jnp
+
+  from dsa_jax.models import vae as V
+  t, hh, ww, c = shape
+  k1, k2, k3 = jax.random.split(key, 3)
+  x = jax.random.normal(k1, (1, t, hh, ww, c), dtype)
+  hist = jax.random.normal(k2, (1, 2, hh, ww, c), dtype)
+  kernel = jax.random.normal(k3, (3, 3, 3, c, c_out), jnp.float32) / np.sqrt(27 * c)
+  scale = jnp.ones((c,), jnp.float32)
+  flops = 2 * t * hh * ww * 27 * c * c_out
+  rows, ref = [], None
+  for impl in V.CONV3D_IMPLS:
+    for norm in (False, True):
+      def f(x, hist, kernel, scale, impl=impl, norm=norm):
+        y = V.RMSNormSiLU(dtype=dtype).apply({"params": {"scale": scale}}, x) if norm else x
+        return V._conv3d_same_time(y, kernel, (0, 0), impl, dtype, None, history=hist)
+      s, out = _time(jax.jit(f), (x, hist, kernel, scale), reps)
+      if ref is None:
+        ref = out
+      rows.append({"block": block, "layer": layer, "shape": [t, hh, ww, c], "channels_out": c_out, "impl": impl,
+                   "norm_silu": norm, "ms": 1e3 * s, "tflops": flops / s / 1e12,
+                   "rel_diff_vs_native": None if norm else _rel(out, ref)})
+      log(f"  block {block} {layer} {t}x{hh}x{ww}x{c}->{c_out} {impl:6s}{' +norm' if norm else '      '} "
+          f"{1e3 * s:8.3f} ms  {rows[-1]['tflops']:7.1f} TFLOP/s")
+  return rows
+
+
 def run(config, reps: int = 20, blocks=None, log=print) -> dict:
   import jax
   import jax.numpy as jnp
@@ -87,26 +118,11 @@ def run(config, reps: int = 20, blocks=None, log=print) -> dict:
     if blocks is not None and row["block"] not in blocks:
       continue
     t, hh, ww, c = row["frames"], row["height"], row["width"], row["channels"]
-    k1, k2, k3, key = jax.random.split(key, 4)
-    x = jax.random.normal(k1, (1, t, hh, ww, c), dtype)
-    hist = jax.random.normal(k2, (1, 2, hh, ww, c), dtype)
-    kernel = jax.random.normal(k3, (3, 3, 3, c, c), jnp.float32) / np.sqrt(27 * c)
-    scale = jnp.ones((c,), jnp.float32)
-    flops = 2 * t * hh * ww * 27 * c * c
-    ref = None
-    for impl in V.CONV3D_IMPLS:
-      for norm in (False, True):
-        def f(x, hist, kernel, scale, impl=impl, norm=norm):
-          y = V.RMSNormSiLU(dtype=dtype).apply({"params": {"scale": scale}}, x) if norm else x
-          return V._conv3d_same_time(y, kernel, (0, 0), impl, dtype, None, history=hist)
-        s, out = _time(jax.jit(f), (x, hist, kernel, scale), reps)
-        if ref is None:
-          ref = out
-        r = {"block": row["block"], "shape": [t, hh, ww, c], "impl": impl, "norm_silu": norm, "ms": 1e3 * s,
-             "tflops": flops / s / 1e12, "rel_diff_vs_native": None if norm else _rel(out, ref)}
-        res_rows.append(r)
-        log(f"  block {row['block']} conv {t}x{hh}x{ww}x{c} {impl:6s}{' +norm' if norm else '      '} "
-            f"{1e3 * s:8.3f} ms  {r['tflops']:7.1f} TFLOP/s")
+    key, sub = jax.random.split(key)
+    res_rows += _time_lowerings(sub, row["block"], "residual", (t, hh, ww, c), c, dtype, reps, log)
+    if row["block"] == len(shapes) - 1:  # the decoder's last conv: to the image channels, after norm_out + SiLU
+      key, sub = jax.random.split(key)
+      res_rows += _time_lowerings(sub, row["block"], "conv_out", (t, hh, ww, c), vcfg.out_channels, dtype, reps, log)
     up = row["upsample"]
     if up is None:
       continue
@@ -131,10 +147,11 @@ def run(config, reps: int = 20, blocks=None, log=print) -> dict:
 
 def format_table(res: dict) -> str:
   lines = [f"{res['device']['kind']}, {res['vae_dtype']}: one later chunk, median of {res['reps']}",
-           "block  shape (T,H,W,C)          impl    +norm     ms   TFLOP/s"]
+           "block  layer     shape (T,H,W,C) -> C_out      impl    +norm     ms   TFLOP/s"]
   for r in res["residual_convs"]:
-    lines.append(f"{r['block']:5d}  {str(tuple(r['shape'])):23s}  {r['impl']:6s}  {'yes' if r['norm_silu'] else 'no':5s}"
-                 f" {r['ms']:8.3f} {r['tflops']:8.1f}")
+    shape = f"{tuple(r['shape'])} -> {r['channels_out']}"
+    lines.append(f"{r['block']:5d}  {r['layer']:8s}  {shape:28s}  {r['impl']:6s}  "
+                 f"{'yes' if r['norm_silu'] else 'no':5s} {r['ms']:8.3f} {r['tflops']:8.1f}")
   for r in res["upsample_convs"]:
     lines.append(f"block {r['block']} upsample conv {tuple(r['input'])} -> {r['channels_out']}: upsample+conv "
                  f"{r['upsample_then_conv_ms']:.3f} ms, sub-pixel {r['subpixel_ms']:.3f} ms (rel. diff "
