@@ -420,29 +420,23 @@ class WanDiT(nn.Module):
     in_place = cache is not None and c.remat == "none" and not per_layer  # the whole cache in the carry (WanBlock)
     whole, sliced = (cache, None) if in_place else (None, cache)
     layers = jnp.arange(c.num_layers, dtype=jnp.int32) if in_place else None
-    if per_layer:  # each layer attends over its own cache buffer, updated in place: no per-layer slice is copied
-      outs = []
-      for i in range(c.num_layers):
-        pick = lambda a: None if a is None else jax.tree_util.tree_map(lambda z: z[i], a)
-        (h, _), lc = block_cls(c, causal_block, name=f"blocks_{i}")(
-            (h, None), e0, ctx, rope, cache_pos, ((sliced[0][i], sliced[1][i]), pick(text_kv), None))
-        outs.append(lc)
-      sliced = ([o[0] for o in outs], [o[1] for o in outs])
-    elif c.scan_layers:
+    if c.scan_layers:
       stack = nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True},
                       in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0),
                       length=c.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
       (h, whole), sliced = stack(c, causal_block, name="blocks")((h, whole), e0, ctx, rope, cache_pos,
                                                                  (sliced, text_kv, layers))
-    else:
+    else:  # unrolled; with a per-layer cache each layer attends over its own buffer in place (no slice copied out)
       outs = []
       for i in range(c.num_layers):
         pick = lambda a: None if a is None else jax.tree_util.tree_map(lambda z: z[i], a)
+        layer_cache = None if sliced is None else (sliced[0][i], sliced[1][i])
         (h, whole), lc = block_cls(c, causal_block, name=f"blocks_{i}")(
-            (h, whole), e0, ctx, rope, cache_pos, (pick(sliced), pick(text_kv), None if layers is None else i))
+            (h, whole), e0, ctx, rope, cache_pos, (layer_cache, pick(text_kv), None if layers is None else i))
         outs.append(lc)
       if sliced is not None:
-        sliced = (jnp.stack([o[0] for o in outs]), jnp.stack([o[1] for o in outs]))
+        gather = list if per_layer else jnp.stack
+        sliced = (gather([o[0] for o in outs]), gather([o[1] for o in outs]))
     new_cache = whole if in_place else sliced
 
     features = _per_frame(h, f)  # final hidden states, for the confidence head
