@@ -66,10 +66,10 @@ def get_config(arg=None):
   else:
     # The shipped model: 1.8k steps from the ODE stage, then 3k more at a constant rate (in-training FD flat over
     # the last 1.5k), then 3.3k more with a cosine-decaying rate (`--config.train.lr_decay=cosine`), which is what
-    # moved it: fixed 2 steps FD 198 -> 179, DSA at 2.5 steps 159 -> 129 on 512 held-out prompts (docs/claim.md);
-    # then 2.4k more with the rate decaying from 1e-5 ('polish' in launch/digits_gpu.sh): fixed 4 steps 101 -> 99.6,
-    # DSA at 3 steps 121 -> 117. Each continuation is `--config.train.init_from=` the previous model (its EMA generator and head, a fresh
-    # critic from the teacher).
+    # moved it: fixed 2 steps FD 198 -> 179, DSA at 2.5 steps 159 -> 129 on 512 held-out prompts (docs/claim.md;
+    # stage 'polish' of launch/digits_gpu.sh); then 2.4k more with the rate decaying from 1e-5 ('polish2'): fixed 4
+    # steps 101 -> 99.6, DSA at 3 steps 121 -> 117. Each continuation is `--config.train.init_from=` the previous
+    # model (its EMA generator and head, a fresh critic from the teacher).
     c.train.update(steps=4000, lr=2e-5, critic_lr=1e-4, conf_lr=1e-3, b1=0.0, ema_decay=0.99)
     c.dmd.update(guidance=3.0, critic_ratio=5)
   return c
