@@ -108,7 +108,11 @@ def base_config() -> ml_collections.ConfigDict:
   ))
 
   c.compute = ml_collections.ConfigDict(dict(
-      dtype="bfloat16", param_dtype="float32", attention="auto", scan_layers=True, remat="full",
+      dtype="bfloat16", param_dtype="float32", attention="auto", scan_layers=True,
+      # What the DiT's blocks keep for the backward pass: 'full' (their inputs only: least memory), 'attention_saved'
+      # (also the self-attention kernel's inputs, output and statistics: the kernel is not rerun), 'dots',
+      # 'dots_no_batch' (also matmul outputs), 'none' (everything).
+      remat="full",
       splash_interpret=False,  # attention='splash' in Pallas interpret mode: the TPU kernel on any platform (tests)
       # DiT norm outputs, modulation, gates and time embedding: 'compute' (in compute.dtype) or 'float32' (as Wan).
       elementwise="compute",

@@ -49,6 +49,10 @@ def resolve_config_path(path: str) -> str:
 # still change by the last ladder step (log-quantile normalised; its confidence rises with every step);
 # 'consistency' = the same distance with a fixed or running-mean scale.
 CONF_TARGETS = ("remaining", "consistency", "dmd")
+# compute.remat: what the DiT's blocks keep for the backward pass ('none': everything; 'full': only their inputs;
+# 'dots' / 'dots_no_batch': also matmul outputs; 'attention_saved': their inputs and the self-attention kernel's
+# inputs, output and softmax statistics, the rest recomputed)
+REMAT_MODES = ("none", "full", "dots", "dots_no_batch", "attention_saved")
 
 
 def _load_module(spec: str):
@@ -263,8 +267,7 @@ def validate_config(config: ml_collections.ConfigDict):
            f"must be float32 or bfloat16, got {c.param_dtype!r}")
   _require(c.attention in ("auto", "xla", "cudnn", "splash"), "compute.attention",
            f"must be auto, xla, cudnn or splash, got {c.attention!r}")
-  _require(c.remat in ("none", "full", "dots", "dots_no_batch"), "compute.remat",
-           f"must be none, full, dots or dots_no_batch, got {c.remat!r}")
+  _require(c.remat in REMAT_MODES, "compute.remat", f"must be one of {', '.join(REMAT_MODES)}, got {c.remat!r}")
 
   h = config.conf
   _require(h.hidden > 0, "conf.hidden", "must be positive")

@@ -123,3 +123,56 @@ def test_precomputed_text_kv_and_rope_are_exact(tiny_config, scan):
     m.apply(params, x, t, None, text_kv={"k": kv["k"][:, :1], "v": kv["v"][:, :1]})
   with pytest.raises(ValueError, match="rope: expected"):
     m.apply(params, x, t, ctx, rope=rope_for(dcfg, 0, 1, (lh // 2, lw // 2)))
+
+
+def _exp_count(jaxpr) -> int:
+  """exp equations in a jaxpr and all its sub-jaxprs (each softmax has one)."""
+  n = 0
+  for e in jaxpr.eqns:
+    n += e.primitive.name == "exp"
+    for sub in jax.extend.core.jaxprs_in_params(e.params):
+      n += _exp_count(sub)
+  return n
+
+
+@pytest.mark.parametrize("scan", [True, False], ids=["scan", "loop"])
+def test_remat_attention_saved_same_gradient_without_rerunning_attention(tiny_config, scan):
+  """compute.remat='attention_saved' recomputes a block around its self-attention, not the attention itself: the
+  loss and the parameter gradient equal 'full' and 'none' (block-causal training forward and cache slices), and the
+  backward pass has one self-attention softmax per layer fewer than under 'full'."""
+  from dsa_jax.config_lib import latent_hw, tokens_per_frame
+  from dsa_jax.models.dit import init_cache
+  base = dataclasses.replace(factory.dit_config(tiny_config), scan_layers=scan, dtype=jnp.float32)
+  params = factory.init_dit(base, tiny_config, jax.random.PRNGKey(1))
+  lh, lw = latent_hw(tiny_config)
+  k1, k2 = jax.random.split(jax.random.PRNGKey(2))
+  x = jax.random.normal(k1, (2, 4, lh, lw, base.in_channels))
+  t = jnp.full((2, 4), 700.0)
+  ctx = jax.random.normal(k2, (2, base.text_len, base.text_dim))
+  cache = init_cache(base, 2, 6, tokens_per_frame(tiny_config))
+
+  def loss_fn(dcfg):
+    def loss(p):
+      whole = WanDiT(dcfg).apply(p, x, t, ctx, chunk_frames=2)["velocity"]
+      cached = WanDiT(dcfg).apply(p, x[:, :2], t[:, :2], ctx, cache=cache, frame_offset=2)
+      return jnp.mean(whole ** 2) + jnp.mean(cached["velocity"] ** 2) + jnp.mean(cached["cache"]["k"] ** 2)
+    return loss
+
+  results, exps = {}, {}
+  for mode in ("none", "full", "attention_saved"):
+    loss = loss_fn(dataclasses.replace(base, remat=mode))
+    results[mode] = jax.value_and_grad(loss)(params)
+    exps[mode] = _exp_count(jax.make_jaxpr(jax.grad(loss))(params).jaxpr)
+  for mode in ("full", "attention_saved"):
+    np.testing.assert_allclose(results[mode][0], results["none"][0], rtol=1e-6)
+    for a, b in zip(jax.tree_util.tree_leaves(results[mode][1]), jax.tree_util.tree_leaves(results["none"][1])):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=1e-7)
+  # two forwards (whole video, cached chunk) x layers self-attention softmaxes are not recomputed
+  per_forward = 1 if scan else base.num_layers
+  assert exps["full"] - exps["attention_saved"] == 2 * per_forward, exps
+  assert exps["attention_saved"] > exps["none"], exps  # the cross-attention (after the kernel) is still recomputed
+
+
+def test_unknown_remat_mode_is_a_clear_error(tiny_config):
+  with pytest.raises(ValueError, match="compute.remat: must be one of .*attention_saved"):
+    get_config(DIGITS, ["--config.compute.remat=attention"])

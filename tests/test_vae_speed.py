@@ -124,3 +124,28 @@ def test_bench_vae_convs_times_every_lowering_at_the_decoder_shapes(tiny_config)
     bench_vae.run(cfg, reps=0)
   with pytest.raises(ValueError, match="--blocks"):
     bench_vae.run(cfg, reps=1, blocks=[len(shapes)])
+
+
+def test_fold_runs_the_last_conv_as_taps():
+  """Under conv3d='fold' every 3x3x3 conv folds its time taps into its input channels except the decoder's conv_out
+  (3 output channels), which makes kT 3-channel outputs: no conv in the decode reads kT x its input channels for 3
+  outputs, one writes kT x 3; the pixels equal the 'native' decode."""
+  params = _params(SMALL)
+  z = jax.random.normal(jax.random.PRNGKey(0), (1, 2, 3, 4, SMALL.z_dim))
+  jaxpr = jax.make_jaxpr(lambda p: V.decode(p, z, SMALL, chunk_size=1, conv3d="fold"))(params)
+
+  def conv_shapes(jx):
+    out = []
+    for e in jx.eqns:
+      if e.primitive.name == "conv_general_dilated":
+        out.append(tuple(e.invars[1].aval.shape))  # the kernel, HWIO for the 2D convs
+      for sub in jax.extend.core.jaxprs_in_params(e.params):
+        out += conv_shapes(sub)
+    return out
+
+  kernels = [k for k in conv_shapes(jaxpr.jaxpr) if len(k) == 4 and k[:2] == (3, 3)]
+  assert any(k[3] == 3 * 3 for k in kernels), kernels                       # conv_out as taps: 3 taps x 3 channels
+  assert not any(k[3] == 3 and k[2] % 3 == 0 and k[2] > 3 for k in kernels), kernels  # no folded conv to 3 channels
+  assert any(k[2] == 3 * k[3] for k in kernels if k[3] > 3), kernels       # the other convs fold
+  ref = np.asarray(V.decode(params, z, SMALL, chunk_size=1, conv3d="native"))
+  np.testing.assert_allclose(np.asarray(V.decode(params, z, SMALL, chunk_size=1, conv3d="fold")), ref, atol=1e-5)

@@ -173,40 +173,50 @@ class Attention(nn.Module):
   def __call__(self, x, context=None, rope=None, cache=None, cache_pos=None, kv=None, layer=None):
     """`cache`: this layer's (k, v) cache slices, or with `layer` the whole (layers, ...) cache, written in place at
     that layer (only the chunk's keys/values move)."""
-    c = self.cfg
+    q, k, v = self.project(x, context=context, rope=rope, kv=kv)
+    out, new_cache = self.attend(q, k, v, cache=cache, cache_pos=cache_pos, layer=layer)
+    return self.o(out), new_cache
+
+  def project(self, x, context=None, rope=None, kv=None):
+    """Queries (normed, with RoPE for self-attention), keys and values of `x` (or of `context`, or `kv` given)."""
     q = self.norm_q(self.q(x))
     k, v = self.kv(context if self.cross else x) if kv is None else kv
-    new_cache = None
-    kv_lengths = None
     if not self.cross:
       cos, sin = rope
       q = rope_lib.apply_rope(q, cos, sin)
       k = rope_lib.apply_rope(k, cos, sin)
-      if cache is not None:
-        ck, cv = cache
-        cache_offset, kv_length, sink = cache_pos
-        if layer is None:
-          start = (0, cache_offset, 0, 0)
-          k = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), start)
-          v = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), start)
-          new_cache = (k, v)
-        else:
-          start = (layer, 0, cache_offset, 0, 0)
-          new_cache = (jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), start),
-                       jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), start))
-          k, v = (jax.lax.dynamic_index_in_dim(a, layer, 0, keepdims=False) for a in new_cache)
-        if kv_length is None:
-          kv_length = cache_offset + x.shape[1]
-        kv_lengths = jnp.full((x.shape[0],), kv_length, jnp.int32)
-        k, v = k.astype(q.dtype), v.astype(q.dtype)
-        if sink is not None:  # attention sinks, re-positioned for this call (the cache keeps them as written)
-          n = sink[0].shape[0]
-          k = jnp.concatenate([rope_lib.apply_rope(k[:, :n], *sink), k[:, n:]], axis=1)
+    return q, k, v
+
+  def attend(self, q, k, v, cache=None, cache_pos=None, layer=None):
+    """The attention of projected q, k, v (B, L, H, head_dim) -> (output before the `o` projection, new cache)."""
+    c = self.cfg
+    new_cache = None
+    kv_lengths = None
+    if not self.cross and cache is not None:
+      ck, cv = cache
+      cache_offset, kv_length, sink = cache_pos
+      if layer is None:
+        start = (0, cache_offset, 0, 0)
+        k = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), start)
+        v = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), start)
+        new_cache = (k, v)
+      else:
+        start = (layer, 0, cache_offset, 0, 0)
+        new_cache = (jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), start),
+                     jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), start))
+        k, v = (jax.lax.dynamic_index_in_dim(a, layer, 0, keepdims=False) for a in new_cache)
+      if kv_length is None:
+        kv_length = cache_offset + q.shape[1]
+      kv_lengths = jnp.full((q.shape[0],), kv_length, jnp.int32)
+      k, v = k.astype(q.dtype), v.astype(q.dtype)
+      if sink is not None:  # attention sinks, re-positioned for this call (the cache keeps them as written)
+        n = sink[0].shape[0]
+        k = jnp.concatenate([rope_lib.apply_rope(k[:, :n], *sink), k[:, n:]], axis=1)
     causal_block = self.causal_block if not self.cross and cache is None else None
     q = constrain_activation(q, ("activation_batch", "activation_length", "activation_heads", "activation_kv"))
     out = dot_product_attention(q, k, v, kv_lengths=kv_lengths, causal_block=causal_block, backend=c.attention,
                                 interpret=c.splash_interpret)
-    return self.o(out), new_cache
+    return out, new_cache
 
 
 def _per_frame(x, num_frames):
@@ -215,11 +225,67 @@ def _per_frame(x, num_frames):
 
 
 class WanBlock(nn.Module):
-  """One transformer block; scanned over layers with the KV cache as the scanned input/output."""
+  """One transformer block; scanned over layers with the KV cache as the scanned input/output.
+
+  With `remat='attention_saved'` the block is rematerialised in two parts, the self-attention kernel between them
+  left out: the part before it (norm, modulation, q/k/v projections, RoPE) and the part after it (output
+  projection, cross-attention, FFN) are recomputed in the backward pass, the attention's inputs, output and softmax
+  statistics are kept. A fused attention kernel (cuDNN's, a `custom_vjp`) cannot name its residuals for a remat
+  policy, so under block-level remat it runs twice per backward; this trades their memory for that rerun."""
   cfg: DiTConfig
   causal_block: int | None = None
 
-  @nn.compact
+  def setup(self):
+    c = self.cfg
+    md = c.mod_dtype
+    dot = matmul_fn(c.matmul)
+    self.modulation = self.param("modulation", _partitioned(nn.initializers.normal(1.0 / math.sqrt(c.dim)),
+                                                            (None, "mod", "embed")), (1, 6, c.dim), jnp.float32)
+    self.norm1 = LayerNorm32(c.eps, dtype=md)
+    self.self_attn = Attention(c, causal_block=self.causal_block)
+    self.norm_cross = LayerNorm32(c.eps, affine=True, dtype=md) if c.cross_attn_norm else None
+    self.cross_attn = Attention(c, cross=True)
+    self.norm2 = LayerNorm32(c.eps, dtype=md)
+    self.ffn_in = nn.Dense(c.ffn_dim, dtype=c.dtype, param_dtype=c.param_dtype,
+                           kernel_init=_partitioned(_dense_init(), ("embed", "mlp")),
+                           bias_init=_partitioned(nn.initializers.zeros, ("mlp",)), dot_general=dot)
+    self.ffn_out = nn.Dense(c.dim, dtype=c.dtype, param_dtype=c.param_dtype,
+                            kernel_init=_partitioned(_dense_init(), ("mlp", "embed")),
+                            bias_init=_partitioned(nn.initializers.zeros, ("embed",)), dot_general=dot)
+
+  def _modulation(self, e0):
+    """The six per-frame (B, F, 1, D) shift/scale/gate vectors: shift, scale, gate of the self-attention, then of
+    the FFN."""
+    mod = self.modulation[None].astype(self.cfg.mod_dtype) + e0  # (B, F, 6, D) in the modulation dtype
+    return [mod[:, :, i, None, :] for i in range(6)]
+
+  def _modulate(self, h, shift, scale):
+    b, l, _ = h.shape
+    return (_per_frame(h, shift.shape[1]) * (1.0 + scale) + shift).reshape(b, l, -1).astype(self.cfg.dtype)
+
+  def _gated(self, y, gate):
+    b, l, _ = y.shape
+    return (_per_frame(y.astype(self.cfg.mod_dtype), gate.shape[1]) * gate).reshape(b, l, -1)
+
+  def _before_attention(self, x, e0, rope):
+    """x -> the self-attention's q, k, v."""
+    shift_msa, scale_msa = self._modulation(e0)[:2]
+    h = self._modulate(self.norm1(x), shift_msa, scale_msa)
+    return self.self_attn.project(h, rope=rope)
+
+  def _after_attention(self, x, out, e0, context, text_kv):
+    """x and the self-attention's output (before its projection) -> the block's output."""
+    c = self.cfg
+    _, _, gate_msa, c_shift, c_scale, c_gate = self._modulation(e0)
+    x = x + self._gated(self.self_attn.o(out), gate_msa).astype(x.dtype)
+    h = self.norm_cross(x) if c.cross_attn_norm else x
+    y, _ = self.cross_attn(h.astype(c.dtype), context=context, kv=text_kv)
+    x = x + y.astype(x.dtype)
+    h = self.ffn_in(self._modulate(self.norm2(x), c_shift, c_scale))
+    h = constrain_activation(nn.gelu(h, approximate=True), ("activation_batch", "activation_length", "activation_mlp"))
+    x = x + self._gated(self.ffn_out(h), c_gate).astype(x.dtype)
+    return constrain_activation(x, ("activation_batch", "activation_length", "activation_embed"))
+
   def __call__(self, carry, e0, context, rope, cache_pos, per_layer):
     """carry (x, whole KV cache or None); per_layer (this layer's cache slices or None, its precomputed text
     cross-attention (k, v) or None (then `context` is used), its index or None) -> (carry, new cache slices or None).
@@ -231,41 +297,13 @@ class WanBlock(nn.Module):
     cache, text_kv, layer = per_layer
     if whole is not None:
       cache = whole
-    c = self.cfg
-    md = c.mod_dtype
-    b, l, _ = x.shape
-    f = e0.shape[1]
-    table = self.param("modulation", _partitioned(nn.initializers.normal(1.0 / math.sqrt(c.dim)),
-                                                  (None, "mod", "embed")), (1, 6, c.dim), jnp.float32)
-    mod = table[None].astype(md) + e0  # (B, F, 6, D) in the modulation dtype
-    shift_msa, scale_msa, gate_msa, c_shift, c_scale, c_gate = [mod[:, :, i, None, :] for i in range(6)]
-
-    def modulate(h, shift, scale):
-      return (_per_frame(h, f) * (1.0 + scale) + shift).reshape(b, l, -1).astype(c.dtype)
-
-    def gated(y, gate):
-      return (_per_frame(y.astype(md), f) * gate).reshape(b, l, -1)
-
-    h = modulate(LayerNorm32(c.eps, dtype=md, name="norm1")(x), shift_msa, scale_msa)
-    y, new_cache = Attention(c, causal_block=self.causal_block, name="self_attn")(h, rope=rope, cache=cache,
-                                                                                  cache_pos=cache_pos, layer=layer)
-    x = x + gated(y, gate_msa).astype(x.dtype)
-
-    h = LayerNorm32(c.eps, affine=True, dtype=md, name="norm_cross")(x) if c.cross_attn_norm else x
-    y, _ = Attention(c, cross=True, name="cross_attn")(h.astype(c.dtype), context=context, kv=text_kv)
-    x = x + y.astype(x.dtype)
-
-    h = modulate(LayerNorm32(c.eps, dtype=md, name="norm2")(x), c_shift, c_scale)
-    dot = matmul_fn(c.matmul)
-    h = nn.Dense(c.ffn_dim, dtype=c.dtype, param_dtype=c.param_dtype,
-                 kernel_init=_partitioned(_dense_init(), ("embed", "mlp")),
-                 bias_init=_partitioned(nn.initializers.zeros, ("mlp",)), dot_general=dot, name="ffn_in")(h)
-    h = constrain_activation(nn.gelu(h, approximate=True), ("activation_batch", "activation_length", "activation_mlp"))
-    y = nn.Dense(c.dim, dtype=c.dtype, param_dtype=c.param_dtype,
-                 kernel_init=_partitioned(_dense_init(), ("mlp", "embed")),
-                 bias_init=_partitioned(nn.initializers.zeros, ("embed",)), dot_general=dot, name="ffn_out")(h)
-    x = x + gated(y, c_gate).astype(x.dtype)
-    x = constrain_activation(x, ("activation_batch", "activation_length", "activation_embed"))
+    before, after = WanBlock._before_attention, WanBlock._after_attention
+    if self.cfg.remat == "attention_saved":
+      before = nn.remat(before, prevent_cse=not self.cfg.scan_layers)
+      after = nn.remat(after, prevent_cse=not self.cfg.scan_layers)
+    q, k, v = before(self, x, e0, rope)
+    out, new_cache = self.self_attn.attend(q, k, v, cache=cache, cache_pos=cache_pos, layer=layer)
+    x = after(self, x, out, e0, context, text_kv)
     if whole is not None:
       return (x, new_cache), None
     return (x, None), new_cache
@@ -342,7 +380,7 @@ class WanDiT(nn.Module):
   def _block_cls(self):
     c = self.cfg
     block = WanBlock
-    if c.remat != "none":
+    if c.remat not in ("none", "attention_saved"):  # 'attention_saved': WanBlock remats its two parts itself
       block = nn.remat(block, policy=_REMAT_POLICIES[c.remat], prevent_cse=not c.scan_layers)
     return block
 
