@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole digits recipe on one GPU box: data (generated in parallel), teacher -> ODE init -> DSA (dmd target) ->
-# polish and polish2 (the DSA model continued twice with a cosine-decaying rate) and optionally a second DSA run with the consistency
+# polish, polish2 and polish3 (the DSA model continued with a cosine-decaying rate; polish3 at a lower DMD guidance) and optionally a second DSA run with the consistency
 # target. Each stage is bounded in wall time (STAGE_*_S); a stage
 # stopped by its bound is exported from its latest checkpoint, so the chain always finishes with usable models.
 #
@@ -13,7 +13,8 @@
 # by its time bound is resumed by the same command (or continued from its model with --config.train.init_from).
 # The shipped model's DSA stage ran 1,796 steps, then 3,000 more from its exported model (a second DSA run with
 # --config.train.init_from=$RUN/dsa/model: the generator from its EMA, its head kept, a fresh critic from the teacher),
-# then the polish stage (3,276 of 4,000 steps within its bound; 10.4 it/s), then polish2 (2,426 of 3,000 steps).
+# then the polish stage (3,276 of 4,000 steps within its bound; 10.4 it/s), then polish2 (2,426 of 3,000 steps), then
+# polish3 at DMD guidance 1.5 (2,470 of 3,000 steps within its 330 s bound; 9.3-9.9 it/s with a second run on the host).
 # The data is generated once per DATA folder (skipped when its prompts.txt exists); stages whose model exists are
 # skipped, so the same command continues a chain.
 set -uo pipefail
@@ -21,12 +22,13 @@ RUN=${RUN:-runs/digits}
 DATA=${DATA:-$RUN/data}
 NUM_SHARDS=${NUM_SHARDS:-32}
 CLIPS_PER_SHARD=${CLIPS_PER_SHARD:-2000}
-STAGES=${STAGES:-teacher ode dsa polish polish2}
+STAGES=${STAGES:-teacher ode dsa polish polish2 polish3}
 TEACHER_STEPS=${TEACHER_STEPS:-18000}; STAGE_TEACHER_S=${STAGE_TEACHER_S:-900}
 ODE_STEPS=${ODE_STEPS:-2000};          STAGE_ODE_S=${STAGE_ODE_S:-300}
 DSA_STEPS=${DSA_STEPS:-4000};          STAGE_DSA_S=${STAGE_DSA_S:-600}
 POLISH_STEPS=${POLISH_STEPS:-4000};    STAGE_POLISH_S=${STAGE_POLISH_S:-450}
 POLISH2_STEPS=${POLISH2_STEPS:-3000};  STAGE_POLISH2_S=${STAGE_POLISH2_S:-330}
+POLISH3_STEPS=${POLISH3_STEPS:-3000};  STAGE_POLISH3_S=${STAGE_POLISH3_S:-330}
 CONSISTENCY=${CONSISTENCY:-0}
 HEADS=${HEADS:-}  # e.g. "remaining consistency": extra confidence heads for the DSA generator (stage 'head', no teacher)
 EXTRA=${EXTRA:-}  # extra overrides for every stage, e.g. --config.train.batch_size=8
@@ -77,8 +79,12 @@ stage polish dsa "$STAGE_POLISH_S" --config.train.steps=$POLISH_STEPS --config.t
 stage polish2 dsa "$STAGE_POLISH2_S" --config.train.steps=$POLISH2_STEPS --config.train.lr=1e-5 \
   --config.train.ckpt_every=500 $PROMPTS --config.train.lr_decay=cosine --config.train.teacher_from=$RUN/teacher/model \
   --config.train.init_from=$RUN/polish/model
+# polish3: once more at a lower DMD guidance (the real score's cond + 1.5 (cond - uncond) instead of 3)
+stage polish3 dsa "$STAGE_POLISH3_S" --config.train.steps=$POLISH3_STEPS --config.dmd.guidance=1.5 \
+  --config.train.ckpt_every=500 $PROMPTS --config.train.lr_decay=cosine --config.train.teacher_from=$RUN/teacher/model \
+  --config.train.init_from=$RUN/polish2/model
 FINAL=$RUN/dsa
-for s in polish polish2; do [ -f "$RUN/$s/model/dsa_meta.json" ] && FINAL=$RUN/$s; done
+for s in polish polish2 polish3; do [ -f "$RUN/$s/model/dsa_meta.json" ] && FINAL=$RUN/$s; done
 if [ "$CONSISTENCY" = 1 ] && [ ! -f "$RUN/dsa_consistency/model/dsa_meta.json" ]; then
   RUN_C=$RUN/dsa_consistency
   echo "== stage dsa (consistency target)"

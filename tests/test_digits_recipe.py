@@ -109,6 +109,6 @@ def test_launch_script_stages_name_real_config_stages(repo_root):
   script = os.path.join(repo_root, "launch", "digits_gpu.sh")
   subprocess.run(["bash", "-n", script], check=True)
   calls = re.findall(r"^stage (\S+) (\S+) ", open(script).read(), flags=re.M)
-  assert [c[0] for c in calls] == ["teacher", "ode", "dsa", "polish", "polish2"], calls
+  assert [c[0] for c in calls] == ["teacher", "ode", "dsa", "polish", "polish2", "polish3"], calls
   for _, cfg_stage in calls:
     assert get_config(os.path.join(repo_root, "configs", "digits.py") + ":" + cfg_stage).train.stage == cfg_stage

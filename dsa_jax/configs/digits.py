@@ -40,9 +40,9 @@ def get_config(arg=None):
   c.text.update(kind="bow", path="digits")
   c.diffusion.shift = 3.0
   # A step budget of 2.5 average steps per frame, turned into tau by the shipped model's calibration table (512
-  # prompts, docs/claim.md); threshold is the fallback for a model without a table (for the shipped head, 0.57 is
+  # prompts, docs/claim.md); threshold is the fallback for a model without a table (for the shipped head, 0.49 is
   # about 2.5 steps).
-  c.sampling.update(ladder=(1000, 750, 500, 250, 125), threshold=0.57, min_steps=1, max_steps=5, mean_steps=2.5,
+  c.sampling.update(ladder=(1000, 750, 500, 250, 125), threshold=0.49, min_steps=1, max_steps=5, mean_steps=2.5,
                     checkpoint=DEFAULT_MODEL if os.path.isdir(DEFAULT_MODEL) else "")
   c.conf.update(hidden=128, embed_dim=32)
   c.compute.update(dtype="bfloat16", remat="none")
@@ -68,8 +68,10 @@ def get_config(arg=None):
     # the last 1.5k), then 3.3k more with a cosine-decaying rate (`--config.train.lr_decay=cosine`), which is what
     # moved it: fixed 2 steps FD 198 -> 179, DSA at 2.5 steps 159 -> 129 on 512 held-out prompts (docs/claim.md;
     # stage 'polish' of launch/digits_gpu.sh); then 2.4k more with the rate decaying from 1e-5 ('polish2'): fixed 4
-    # steps 101 -> 99.6, DSA at 3 steps 121 -> 117. Each continuation is `--config.train.init_from=` the previous
-    # model (its EMA generator and head, a fresh critic from the teacher).
+    # steps 101 -> 99.6, DSA at 3 steps 121 -> 117; then 2.5k more at a lower DMD guidance, 1.5 instead of 3
+    # ('polish3'): fixed 3 steps 124 -> 108, DSA at 3 steps 117 -> 95 (guidance 2: fixed 3 steps 105, fixed 4 92
+    # against 1.5's 87). Each continuation is `--config.train.init_from=` the previous model (its EMA generator and
+    # head, a fresh critic from the teacher).
     c.train.update(steps=4000, lr=2e-5, critic_lr=1e-4, conf_lr=1e-3, b1=0.0, ema_decay=0.99)
     c.dmd.update(guidance=3.0, critic_ratio=5)
   return c

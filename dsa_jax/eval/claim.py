@@ -763,7 +763,7 @@ def run_claim(config, models: dict[str, str | tuple[str, str]], out_dir: str, nu
             f"{bench.num} held-out test prompts, {bench.num_real} real test clips as the FD reference, evaluator "
             f"`{bench.evaluator.path}` (held-out set accuracy "
             f"{_fmt((bench.evaluator.meta.get('evaluator', {}).get('test') or {}).get('set_acc'))}), batch "
-            f"{bench.batch}, config `{config.name}`, checkpoints {sources}.\n"
+            f"{bench.batch}, config `{config.name}`, checkpoints {_sources_text(sources)}.\n"
             f"FD +- is the std over {FD_BOOTSTRAP} bootstrap resamples of the generated set (the same resampled "
             f"prompts for every run, so differences are also judged against their paired std). FPS: frames per second "
             f"of steady-state sampling (compilation excluded), one video at a time over the first {bench.fps_prompts} "
@@ -779,6 +779,19 @@ def run_claim(config, models: dict[str, str | tuple[str, str]], out_dir: str, nu
   log(f"wrote {', '.join(paths.values())}")
   result["paths"] = paths
   return result
+
+
+def _sources_text(sources: dict) -> str:
+  """Where each model came from, for claim.md: a calibration table is named by its size (claim.json keeps it)."""
+  def one(src):
+    if not isinstance(src, dict):
+      return repr(src)
+    src = dict(src)
+    cal = src.get("calibration")
+    if isinstance(cal, dict):
+      src["calibration"] = f"{len(cal.get('thresholds', ()))} thresholds on {cal.get('num_prompts')} prompts"
+    return ", ".join(f"{k}: {v}" for k, v in src.items())
+  return "; ".join(f"{name} ({one(src)})" for name, src in sources.items())
 
 
 def allocation_efficiency(groups: dict[str, list[dict]], dsa_group: str, budgets: Sequence[float],
