@@ -60,6 +60,20 @@ def test_frechet_zero_for_identical_sets_and_grows_with_shift():
   assert fds[0] < fds[1] < fds[2]
 
 
+def test_frechet_terms_split_a_shift_from_lost_spread():
+  """A shifted set's FD is all mean term (spread 1); a shrunk set's is all covariance term (spread 0.25)."""
+  rng = np.random.default_rng(4)
+  x = rng.standard_normal((400, 8))
+  x -= x.mean(0)  # centred: scaling it moves no mean
+  stats = lambda a: metrics.feature_stats(a)
+  shifted = metrics.frechet_terms(*stats(x + 0.5), *stats(x))
+  assert shifted["mean"] == pytest.approx(8 * 0.25, rel=1e-6) and abs(shifted["cov"]) < 1e-6
+  assert shifted["spread"] == pytest.approx(1.0)
+  shrunk = metrics.frechet_terms(*stats(0.5 * x), *stats(x))
+  assert shrunk["mean"] < 1e-12 and shrunk["cov"] > 1.0 and shrunk["spread"] == pytest.approx(0.25)
+  assert shrunk["mean"] + shrunk["cov"] == pytest.approx(metrics.frechet_distance(0.5 * x, x))
+
+
 def test_frechet_is_finite_with_fewer_samples_than_features():
   rng = np.random.default_rng(3)
   a, b = rng.standard_normal((10, 64)), rng.standard_normal((10, 64)) + 0.3
@@ -266,6 +280,7 @@ def test_eval_command_end_to_end(digits_toy_config, tiny_evaluator, tmp_path, re
   cfg = digits_toy_config
   for r in res["runs"]:
     assert np.isfinite(r["fd"]) and r["fd"] > 0 and 0 <= r["agreement"] <= 1 and r["fps"] > 0
+    assert r["fd_mean"] + r["fd_cov"] == pytest.approx(r["fd"]) and r["fd_mean"] >= 0 and r["fd_spread"] > 0
     assert r["fps_batch1"] > 0
     assert len(r["steps_by_frame"]) == cfg.video.num_frames
     assert set(r["steps_by_event_pred"]) == {"none", "enter", "swap", "cut", "speed", "bounce"}

@@ -70,7 +70,7 @@ def get_config(arg=None):
     # stage 'polish' of launch/digits_gpu.sh); then 2.4k more with the rate decaying from 1e-5 ('polish2'): fixed 4
     # steps 101 -> 99.6, DSA at 3 steps 121 -> 117; then 2.5k more at a lower DMD guidance, 1.5 instead of 3
     # ('polish3'): fixed 3 steps 124 -> 108, DSA at 3 steps 117 -> 95 (guidance 2: fixed 3 steps 105, fixed 4 92
-    # against 1.5's 87). Each continuation is `--config.train.init_from=` the previous model (its EMA generator and
+    # against 1.5's 87; short probes at 1 and 0.5 went further, docs/claim.md). Each continuation is `--config.train.init_from=` the previous model (its EMA generator and
     # head, a fresh critic from the teacher).
     c.train.update(steps=4000, lr=2e-5, critic_lr=1e-4, conf_lr=1e-3, b1=0.0, ema_decay=0.99)
     c.dmd.update(guidance=3.0, critic_ratio=5)

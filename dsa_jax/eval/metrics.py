@@ -61,6 +61,18 @@ def frechet_from_stats(mu_a, s_a, mu_b, s_b) -> float:
   return max(fd, 0.0)
 
 
+def frechet_terms(mu_a, s_a, mu_b, s_b) -> dict[str, float]:
+  """What a Fréchet distance is made of: 'mean' |mu_a - mu_b|^2 (a shift of the whole set, e.g. every clip too blurry)
+  and 'cov' the rest (shape and spread); 'spread' tr(S_a) / tr(S_b), the first set's feature spread relative to the
+  second's (well below 1: lost diversity)."""
+  fd = frechet_from_stats(mu_a, s_a, mu_b, s_b)
+  diff = np.asarray(mu_a, np.float64) - np.asarray(mu_b, np.float64)
+  mean = float(diff @ diff)
+  tr_b = float(np.trace(np.atleast_2d(s_b)))
+  return {"mean": mean, "cov": fd - mean,
+          "spread": float(np.trace(np.atleast_2d(s_a))) / tr_b if tr_b > 0 else float("nan")}
+
+
 def frechet_distance(features_a, features_b) -> float:
   """Fréchet distance between the Gaussians fitted to two (N, D) feature sets."""
   a, b = np.asarray(features_a), np.asarray(features_b)
