@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 
+from dsa_jax.eval import profiling
 from dsa_jax.sampling import bench
 
 
@@ -99,7 +100,7 @@ def test_top_kernels_reads_device_stream_lines(tmp_path):
   path = tmp_path / "perfetto_trace.json.gz"
   with gzip.open(path, "wt") as f:
     json.dump({"traceEvents": ev}, f)
-  rows, on_device = bench.top_kernels(str(path))
+  rows, on_device = profiling.top_kernels(str(path))
   assert on_device and [r["name"] for r in rows] == ["gemm_fusion", "loop_fusion"]
   assert rows[0]["count"] == 3 and rows[0]["total_ms"] == pytest.approx(0.09) and rows[0]["share"] == pytest.approx(0.9)
 
@@ -138,3 +139,17 @@ def test_budget_mean_steps_uses_the_models_calibration(repo_root):
   tau = threshold_for(params_io.read_meta(ckpt)["calibration"], 2.5)
   assert res["mode"] == {"kind": "budget_mean_steps", "target": 2.5, "threshold": tau} and 0 < tau < 1
   assert res["weights"] == ckpt and 1 <= res["steps"]["mean_per_frame"] <= config.sampling.max_steps
+
+
+def test_bench_train_times_a_step_and_profiles_it(tmp_path, repo_root):
+  """`dsa-jax bench train` on the tiny config: a timed critic step, XLA's compiled memory, and with --profile a trace of
+  one step whose top kernels land in the JSON."""
+  from dsa_jax import cli
+  out, prof = tmp_path / "train.json", tmp_path / "prof"
+  assert cli.main(["bench", "train", "--config", f"{repo_root}/configs/tiny.py", "--steps", "1", "--only", "critic",
+                   "--profile", str(prof), "--json", str(out)]) == 0
+  res = json.loads(out.read_text())
+  step = res["steps"]["critic"]
+  assert list(res["steps"]) == ["critic"] and step["step_s"] > 0 and step["model_tflop_per_step"] > 0
+  assert step["compiled_memory"] is None or step["compiled_memory"]["peak_gb"] > 0
+  assert step["profile"]["top_kernels"] and step["profile"]["dir"].startswith(str(prof / "critic"))

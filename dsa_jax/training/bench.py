@@ -1,6 +1,7 @@
 """Benchmark of the DSA training step: step time, peak memory, model FLOP utilisation (random weights).
 
   dsa-jax bench train --config configs/wan_1_3b.py --teacher-like-model --steps 5 --json out/bench_train.json
+  dsa-jax bench train --config configs/wan_1_3b.py --teacher-like-model --steps 2 --profile /tmp/prof_train  # + traces
 
 Batch 1 per device and micro-batch (global batch = devices x `--grad-accum`), the config's mesh (default: all devices
 on 'data'). `--grad-accum K` accumulates K micro-batches per update (train.grad_accum): compare K = 1 and K = 4 to see
@@ -26,6 +27,7 @@ remat: those are overhead, not model FLOPs. MFU = model FLOPs / (step time x dev
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import numpy as np
@@ -46,6 +48,9 @@ def add_bench_train_arguments(p):
   p.add_argument("--grad-accum", type=int, default=None,
                  help="micro-batches accumulated per update (default: the config's train.grad_accum)")
   p.add_argument("--only", choices=("gen", "critic"), default=None, help="time one step function only")
+  p.add_argument("--profile", default=None, metavar="DIR",
+                 help="after timing, write a jax.profiler trace of one step of each step function to DIR/<gen|critic> "
+                      "and print its top kernels by time (also in the JSON)")
 
 
 def peak_flops(device) -> float | None:
@@ -162,6 +167,15 @@ def run_bench_train(args) -> dict:
              "achieved_tflops_per_device": model_tflop / step_s / n_dev,
              "mfu": (model_tflop * 1e12 / step_s / n_dev / peak) if peak else None,
              "last_metrics": {k: float(v) for k, v in m.items()}, "compiled_memory": memory_analysis(compiled)}
+    if getattr(args, "profile", None):
+      from dsa_jax.eval.profiling import profile_one
+
+      def one_step():
+        nonlocal state
+        state, m = run(state)
+        jax.block_until_ready(m)
+
+      entry["profile"] = profile_one(one_step, os.path.join(args.profile, kind), what=f"one '{kind}' step")
     result["steps"][kind] = entry
   stats = dev.memory_stats() if hasattr(dev, "memory_stats") else None
   if stats:

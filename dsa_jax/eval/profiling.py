@@ -1,0 +1,84 @@
+"""Profiles for the benchmarks: one call of a function under `jax.profiler`, and the top kernels of its trace.
+
+`profile_one` writes the trace (TensorBoard's profile plugin, or the Perfetto JSON in ui.perfetto.dev) and returns
+the kernels that took the most device time, summed by name, so a benchmark's JSON says where the time went.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import json
+import os
+import time
+
+
+def profile_one(fn, log_dir: str, top: int = 25, log=print, what: str = "one video") -> dict:
+  """Runs `fn` once under jax.profiler (trace in `log_dir`) and returns the top kernels by summed time, read from
+  the Perfetto JSON the profiler writes next to its XPlane (None when it cannot be read)."""
+  import jax
+  os.makedirs(log_dir, exist_ok=True)
+  before = set(glob.glob(os.path.join(log_dir, "plugins", "profile", "*")))
+  t0 = time.perf_counter()
+  with jax.profiler.trace(log_dir, create_perfetto_trace=True):
+    fn()
+  wall = time.perf_counter() - t0
+  runs = sorted(set(glob.glob(os.path.join(log_dir, "plugins", "profile", "*"))) - before)
+  run_dir = runs[-1] if runs else log_dir
+  out = {"dir": run_dir, "wall_s": wall, "top_kernels": None,
+         "how_to_open": f"tensorboard --logdir {log_dir} (profile plugin), or load "
+                        f"{os.path.join(run_dir, 'perfetto_trace.json.gz')} in ui.perfetto.dev"}
+  files = sorted(glob.glob(os.path.join(run_dir, "*.trace.json.gz")) +
+                 glob.glob(os.path.join(run_dir, "perfetto_trace.json.gz")))
+  if files:
+    try:
+      out["top_kernels"], out["device_events"] = top_kernels(files[-1], top)
+    except Exception as e:  # a trace format we do not know: say where it is
+      out["parse_error"] = f"{type(e).__name__}: {e}"
+  log(f"  profile: trace of {what} ({wall:.2f} s) in {run_dir}; open it with {out['how_to_open']}")
+  if out["top_kernels"]:
+    where = "device" if out["device_events"] else "host (no device timeline in the trace)"
+    log(f"  top kernels by time ({where}):")
+    for k in out["top_kernels"]:
+      log(f"    {k['total_ms']:9.2f} ms {k['share']:6.1%} x{k['count']:<5d} {k['name'][:90]}")
+  return out
+
+
+def _is_device_process(name: str) -> bool:
+  return ("/device:" in name and "/device:CPU" not in name) or name.startswith(("GPU", "TPU"))
+
+
+def top_kernels(path: str, top: int = 15) -> tuple[list[dict], bool]:
+  """Summed durations by event name in a Chrome/Perfetto trace JSON: on device timelines (GPU/TPU) the kernels of
+  the stream lines (derived lines such as 'XLA Ops' and 'XLA Modules' left out: they overlap the kernels); without
+  a device timeline the host's XLA ops (Python frames and executor wrappers left out). Returns (rows, whether device
+  processes were found)."""
+  opener = gzip.open if path.endswith(".gz") else open
+  with opener(path, "rt") as f:
+    trace = json.load(f)
+  events = trace["traceEvents"] if isinstance(trace, dict) else trace
+  meta = lambda kind: {(e.get("pid"), e.get("tid")) if kind == "thread_name" else e.get("pid"):
+                       str(e.get("args", {}).get("name", "")) for e in events
+                       if e.get("ph") == "M" and e.get("name") == kind}
+  names, threads = meta("process_name"), meta("thread_name")
+  device = {pid for pid, n in names.items() if _is_device_process(n)}
+  derived = ("XLA Ops", "XLA Modules", "Steps", "Framework", "Source", "TraceMe", "Launch")
+  groups = {"kernels": ({}, {}), "ops": ({}, {})}
+  for e in events:
+    if e.get("ph") != "X" or "dur" not in e or (device and e.get("pid") not in device):
+      continue
+    n = str(e.get("name", "?"))
+    line = threads.get((e.get("pid"), e.get("tid")), "")
+    if device:
+      group = "ops" if "XLA Ops" in line else None if any(d in line for d in derived) else "kernels"
+    else:  # the host's XLA ops without Python frames and executor wrappers
+      group = None if n.startswith("$") or n.startswith("ThunkExecutor") else "kernels"
+    if group is None:
+      continue
+    totals, counts = groups[group]
+    totals[n] = totals.get(n, 0.0) + float(e["dur"])
+    counts[n] = counts.get(n, 0) + 1
+  totals, counts = groups["kernels"] if groups["kernels"][0] else groups["ops"]
+  whole = sum(totals.values()) or 1.0
+  rows = sorted(totals.items(), key=lambda kv: -kv[1])[:top]
+  return [{"name": n, "total_ms": t / 1e3, "count": counts[n], "share": t / whole} for n, t in rows], bool(device)
