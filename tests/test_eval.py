@@ -435,6 +435,33 @@ def test_training_evaluates_every_n_steps(digits_toy_config, tiny_evaluator, tmp
   assert any("eval at step 2: FD" in m for m in logs)
 
 
+def test_eval_scores_a_teacher_at_several_guidance_scales(digits_toy_config, tiny_evaluator, tmp_path, repo_root,
+                                                           capsys):
+  """`dsa-jax eval --teacher-steps 2 --teacher-guidance 0,2`: one run per guidance scale, named apart, in teacher.json;
+  a bad scale or the flag without --teacher-steps is an error naming it."""
+  import jax
+  from dsa_jax import cli
+  from dsa_jax.models import factory
+  from dsa_jax.training import checkpointing
+  ev_dir, _, _ = tiny_evaluator
+  cfg = digits_toy_config.copy_and_resolve_references()
+  cfg.train.stage = "teacher"
+  teacher = str(tmp_path / "teacher")
+  checkpointing.export_networks(factory.random_networks(cfg, ["teacher"], jax.random.PRNGKey(0), exact=False), cfg,
+                                teacher, step=0)
+  base = ["eval", "--config", os.path.join(repo_root, "configs", "digits.py"), "--config.runlocal=True",
+          "--config.compute.dtype=float32", "--ckpt", teacher, "--num", "4", "--batch", "4", "--num-real", "8",
+          "--evaluator", ev_dir, "--out", str(tmp_path / "out")]
+  assert cli.main(base + ["--teacher-steps", "2", "--teacher-guidance", "0,2"]) == 0
+  runs = json.loads((tmp_path / "out" / "teacher.json").read_text())["runs"]
+  assert [(r["name"], r["guidance"]) for r in runs] == [("teacher-2-g0", 0.0), ("teacher-2-g2", 2.0)]
+  assert runs[0]["fd"] != runs[1]["fd"] and all(np.isfinite(r["fd"]) for r in runs)
+  assert cli.main(base + ["--teacher-steps", "2", "--teacher-guidance", "lots"]) == 2
+  assert "--teacher-guidance" in capsys.readouterr().err
+  assert cli.main(base + ["--teacher-guidance", "1"]) == 2
+  assert "only with --teacher-steps" in capsys.readouterr().err
+
+
 def test_verdict_judges_differences_against_paired_replicates():
   """Runs scored on the same resampled prompts share their sampling error: a small, consistent gain is significant
   against the paired spread but not against the two runs' spreads combined; without shared error it is neither."""

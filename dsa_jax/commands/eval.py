@@ -42,6 +42,8 @@ fewer samples than feature dimensions (64) the FD is dominated by estimation bia
 
 from __future__ import annotations
 
+import math
+
 HELP = "FD, prompt agreement, steps and FPS on held-out digits prompts; the claim sweep; the evaluator"
 
 ACTIONS = ("run", "sweep", "budgets", "curves", "train-evaluator")
@@ -72,6 +74,8 @@ def add_arguments(p):
                  "default config.sampling.threshold; sweep: default picked from a max-steps run")
   p.add_argument("--teacher-steps", default=None, help="run: score the teacher model (--ckpt, a teacher-stage model) "
                  "as a many-step Euler sampler at these step counts, e.g. 16,32, instead of the student")
+  p.add_argument("--teacher-guidance", default=None, help="with --teacher-steps: the guidance scales to score the "
+                 "teacher at, e.g. 1,2,3 (Self Forcing's convention: cond + g (cond - uncond); default dmd.guidance)")
   p.add_argument("--no-video-oracle", action="store_true",
                  help="sweep: skip the re-rolled video oracle (it samples the prompts about chunks^2 x budget times)")
   p.add_argument("--fixed", nargs="+", type=int, default=None, help="run: also sample with these fixed step "
@@ -208,8 +212,18 @@ def main(args):
     steps = [int(x) for x in str(args.teacher_steps).replace(",", " ").split()]
     if not steps or min(steps) < 1:
       raise ValueError(f"--teacher-steps: expected positive step counts like 16,32, got {args.teacher_steps!r}")
-    evaluate_teacher(config, args.ckpt, args.out, steps, **common)
+    guidances = None
+    if args.teacher_guidance is not None:
+      try:
+        guidances = [float(x) for x in str(args.teacher_guidance).replace(",", " ").split()]
+      except ValueError:
+        guidances = []
+      if not guidances or not all(math.isfinite(g) for g in guidances):
+        raise ValueError(f"--teacher-guidance: expected finite guidance scales like 1,2,3, got {args.teacher_guidance!r}")
+    evaluate_teacher(config, args.ckpt, args.out, steps, guidances=guidances, **common)
     return 0
+  if args.teacher_guidance is not None:
+    raise ValueError("--teacher-guidance: only with --teacher-steps (it sets the teacher's guidance as a sampler)")
   if action == "budgets":
     from dsa_jax.eval.claim import check_budgets
     if not args.budgets:

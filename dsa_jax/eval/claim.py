@@ -257,7 +257,8 @@ class Benchmark:
   def run_teacher(self, params, num_steps: int, guidance: float | None = None) -> dict[str, Any]:
     """Samples every prompt with the teacher at `num_steps` Euler steps and scores it."""
     g = float(self.config.dmd.guidance if guidance is None else guidance)
-    r = self.score(self.sample_teacher(params, num_steps, g), name=f"teacher-{num_steps}",
+    name = f"teacher-{num_steps}" if g == float(self.config.dmd.guidance) else f"teacher-{num_steps}-g{g:g}"
+    r = self.score(self.sample_teacher(params, num_steps, g), name=name,
                    extra={"group": "teacher", "teacher_steps": int(num_steps), "guidance": g})
     self.log(f"  {r['name']:<28} {_fd_text(r)}  agreement {r['agreement']:.3f}  "
              f"F1 {r['digit_f1']:.3f}  ({r['seconds']:.1f}s)")
@@ -934,10 +935,11 @@ def check_budgets(config, ckpt: str, out_dir: str, budgets: Sequence[float], *, 
   return result
 
 
-def evaluate_teacher(config, ckpt: str, out_dir: str, steps: Sequence[int], *, num: int = 256, evaluator=None,
-                     batch: int = 32, seed: int = 0, data_seed: int = 0, num_real: int = 1000, fps_prompts: int = 0,
-                     log: Callable[[str], None] = _say) -> dict[str, Any]:
-  """Scores a teacher-stage model as a many-step sampler at each of `steps`; writes teacher.json into `out_dir`."""
+def evaluate_teacher(config, ckpt: str, out_dir: str, steps: Sequence[int], *, guidances: Sequence[float] | None = None,
+                     num: int = 256, evaluator=None, batch: int = 32, seed: int = 0, data_seed: int = 0,
+                     num_real: int = 1000, fps_prompts: int = 0, log: Callable[[str], None] = _say) -> dict[str, Any]:
+  """Scores a teacher-stage model as a many-step sampler at each of `steps` and each guidance scale of `guidances`
+  (default: dmd.guidance, the scale its students are distilled against); writes teacher.json into `out_dir`."""
   del fps_prompts
   from dsa_jax.sampling import outputs
   from dsa_jax.training import checkpointing
@@ -947,7 +949,7 @@ def evaluate_teacher(config, ckpt: str, out_dir: str, steps: Sequence[int], *, n
   params, meta = checkpointing.load_model_from_workdir(ckpt, config, ("teacher",))
   bench = Benchmark(config, num=num, evaluator=evaluator, data_seed=data_seed, num_real=num_real, batch=batch,
                     seed=seed, fps_prompts=0, log=log)
-  runs = [bench.run_teacher(params["teacher"], int(k)) for k in steps]
+  runs = [bench.run_teacher(params["teacher"], int(k), g) for g in (guidances or [None]) for k in steps]
   os.makedirs(out_dir, exist_ok=True)
   result = {"config": config.name, "checkpoint": {"path": ckpt, "step": meta.get("step")},
             "benchmark": bench.describe(), "runs": [public(r) for r in runs]}
