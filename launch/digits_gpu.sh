@@ -7,6 +7,7 @@
 #   RUN=runs/digits bash launch/digits_gpu.sh                 # every stage at configs/digits.py's step counts
 #   RUN=runs/digits STAGES="teacher" TEACHER_STEPS=6000 bash launch/digits_gpu.sh   # one stage (others skipped)
 #   RUN=runs/digits HEADS="remaining consistency" bash launch/digits_gpu.sh         # + heads for the DSA generator
+#   RUN=runs/digits STAGES=polish3 POLISH3_GUIDANCE=1.0 bash launch/digits_gpu.sh   # polish3 at another guidance
 # Cost on one NVIDIA H200 (measured): data 64k clips about 40 s on 16 cores; teacher 35 it/s at batch 64 (18k steps
 # about 9 min; the data loader runs in the trainer's process, so two runs sharing a 16-core host get about 20 it/s
 # each); ODE 5.8-6.3 it/s at batch 32; DSA 11-13 it/s at batch 32; a head stage 6-7 it/s at batch 64. A stage stopped
@@ -29,6 +30,7 @@ DSA_STEPS=${DSA_STEPS:-4000};          STAGE_DSA_S=${STAGE_DSA_S:-600}
 POLISH_STEPS=${POLISH_STEPS:-4000};    STAGE_POLISH_S=${STAGE_POLISH_S:-450}
 POLISH2_STEPS=${POLISH2_STEPS:-3000};  STAGE_POLISH2_S=${STAGE_POLISH2_S:-330}
 POLISH3_STEPS=${POLISH3_STEPS:-3000};  STAGE_POLISH3_S=${STAGE_POLISH3_S:-330}
+POLISH3_GUIDANCE=${POLISH3_GUIDANCE:-1.5}  # DMD guidance of polish3 (the shipped model: 1.5; probes at 1 and 0.5 did better)
 CONSISTENCY=${CONSISTENCY:-0}
 HEADS=${HEADS:-}  # e.g. "remaining consistency": extra confidence heads for the DSA generator (stage 'head', no teacher)
 EXTRA=${EXTRA:-}  # extra overrides for every stage, e.g. --config.train.batch_size=8
@@ -79,8 +81,8 @@ stage polish dsa "$STAGE_POLISH_S" --config.train.steps=$POLISH_STEPS --config.t
 stage polish2 dsa "$STAGE_POLISH2_S" --config.train.steps=$POLISH2_STEPS --config.train.lr=1e-5 \
   --config.train.ckpt_every=500 $PROMPTS --config.train.lr_decay=cosine --config.train.teacher_from=$RUN/teacher/model \
   --config.train.init_from=$RUN/polish/model
-# polish3: once more at a lower DMD guidance (the real score's cond + 1.5 (cond - uncond) instead of 3)
-stage polish3 dsa "$STAGE_POLISH3_S" --config.train.steps=$POLISH3_STEPS --config.dmd.guidance=1.5 \
+# polish3: once more at a lower DMD guidance (the real score's cond + g (cond - uncond), g = POLISH3_GUIDANCE instead of 3)
+stage polish3 dsa "$STAGE_POLISH3_S" --config.train.steps=$POLISH3_STEPS --config.dmd.guidance=$POLISH3_GUIDANCE \
   --config.train.ckpt_every=500 $PROMPTS --config.train.lr_decay=cosine --config.train.teacher_from=$RUN/teacher/model \
   --config.train.init_from=$RUN/polish2/model
 FINAL=$RUN/dsa
