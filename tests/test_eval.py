@@ -431,8 +431,9 @@ def test_training_evaluates_every_n_steps(digits_toy_config, tiny_evaluator, tmp
   assert [r["step"] for r in rows] == [1, 2]
   assert all(np.isfinite(r["eval_fd"]) and r["eval_fd"] > 0 and 0 <= r["eval_agreement"] <= 1 for r in rows)
   assert rows[0]["eval_fd"] != rows[1]["eval_fd"]  # the model changed between the two evaluations
+  assert all(r["eval_fd_mean"] + r["eval_fd_cov"] == pytest.approx(r["eval_fd"]) for r in rows)
   assert summary["last_eval"] == {k: v for k, v in rows[-1].items() if k != "step"}
-  assert any("eval at step 2: FD" in m for m in logs)
+  assert any("eval at step 2: FD" in m and "spread" in m for m in logs)
 
 
 def test_eval_scores_a_teacher_at_several_guidance_scales(digits_toy_config, tiny_evaluator, tmp_path, repo_root,

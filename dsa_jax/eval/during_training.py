@@ -52,7 +52,10 @@ class TrainingEval:
       r = self.bench.run(self.sampler, params, name=f"{self.stage}-eval", threshold=tau, min_steps=s.min_steps,
                          max_steps=s.max_steps)
     return {"eval_fd": float(r["fd"]), "eval_agreement": float(r["agreement"]),
-            "eval_avg_steps": float(r["avg_steps"])}
+            "eval_avg_steps": float(r["avg_steps"]),
+            # what the FD is made of: a shift of the whole set (mean) or shape and spread (cov, spread vs real)
+            "eval_fd_mean": float(r["fd_mean"]), "eval_fd_cov": float(r["fd_cov"]),
+            "eval_fd_spread": float(r["fd_spread"])}
 
 
 def read_curve(path: str, offset: int = 0) -> list[dict]:

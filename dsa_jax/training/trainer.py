@@ -588,7 +588,8 @@ def _train_locked(config, workdir: str, *, stop_after=None, mesh=None, log=None)
           summary["last_metrics"] = scalars
         if evaluator is not None and (done % eval_every == 0 or done == total):
           scores = evaluator(state)
-          emit(f"[{stage}] eval at step {done}: FD {scores['eval_fd']:.2f}, prompt agreement "
+          emit(f"[{stage}] eval at step {done}: FD {scores['eval_fd']:.2f} (mean {scores['eval_fd_mean']:.1f} + cov "
+               f"{scores['eval_fd_cov']:.1f}, spread {scores['eval_fd_spread']:.2f}), prompt agreement "
                f"{scores['eval_agreement']:.3f}, {scores['eval_avg_steps']:.2f} steps/frame")
           metrics_log.write(done, scores)
           record_eval(workdir, done, scores)
