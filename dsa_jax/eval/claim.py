@@ -395,7 +395,7 @@ class Benchmark:
 
 
 def _fd_text(r: dict) -> str:
-  """'FD 100.384 (+-16.324; mean 61.2 + cov 39.2, spread 0.89)' for the logs."""
+  """'FD <fd> (+-<bootstrap std>; mean <mean term> + cov <covariance term>, spread <spread>)' for the logs."""
   return (f"FD {r['fd']:.3f} (+-{r['fd_bootstrap_std']:.3f}; mean {r['fd_mean']:.1f} + cov {r['fd_cov']:.1f}, "
           f"spread {r['fd_spread']:.2f})")
 
