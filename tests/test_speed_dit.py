@@ -93,20 +93,29 @@ def test_unknown_matmul_is_a_clear_error():
     DiTConfig.from_config(config.model, config.compute)
 
 
+def _tiny_dit_inputs(tiny_config, frames: int, **dit_overrides):
+  """The tiny config's DiT (with `dit_overrides`), its random weights, latents of `frames` frames at t = 700, a
+  context, and a zeroed 6-frame KV cache, batch 2."""
+  from dsa_jax.config_lib import latent_hw, tokens_per_frame
+  from dsa_jax.models.dit import init_cache
+  dcfg = dataclasses.replace(factory.dit_config(tiny_config), **dit_overrides)
+  params = factory.init_dit(dcfg, tiny_config, jax.random.PRNGKey(1))
+  lh, lw = latent_hw(tiny_config)
+  k1, k2 = jax.random.split(jax.random.PRNGKey(2))
+  x = jax.random.normal(k1, (2, frames, lh, lw, dcfg.in_channels))
+  t = jnp.full((2, frames), 700.0)
+  ctx = jax.random.normal(k2, (2, dcfg.text_len, dcfg.text_dim))
+  return dcfg, params, x, t, ctx, init_cache(dcfg, 2, 6, tokens_per_frame(tiny_config))
+
+
 @pytest.mark.parametrize("scan", [True, False], ids=["scan", "loop"])
 def test_precomputed_text_kv_and_rope_are_exact(tiny_config, scan):
   """The DiT given the text keys/values (WanTextKV) and the RoPE tables (rope_for) computes exactly what it computes
   from the context itself (fp32), in cache mode (the cache updated in place); wrong shapes are clear errors."""
-  from dsa_jax.config_lib import latent_hw, tokens_per_frame
-  from dsa_jax.models.dit import WanTextKV, init_cache, rope_for
-  dcfg = dataclasses.replace(factory.dit_config(tiny_config), scan_layers=scan)
-  params = factory.init_dit(dcfg, tiny_config, jax.random.PRNGKey(1))
+  from dsa_jax.config_lib import latent_hw
+  from dsa_jax.models.dit import WanTextKV, rope_for
+  dcfg, params, x, t, ctx, cache = _tiny_dit_inputs(tiny_config, 2, scan_layers=scan)
   lh, lw = latent_hw(tiny_config)
-  k1, k2 = jax.random.split(jax.random.PRNGKey(2))
-  x = jax.random.normal(k1, (2, 2, lh, lw, dcfg.in_channels))
-  t = jnp.full((2, 2), 700.0)
-  ctx = jax.random.normal(k2, (2, dcfg.text_len, dcfg.text_dim))
-  cache = init_cache(dcfg, 2, 6, tokens_per_frame(tiny_config))
   m = WanDiT(dcfg)
   want = m.apply(params, x, t, ctx, cache=cache, frame_offset=2)
   kv = WanTextKV(dcfg).apply(params, ctx)
@@ -140,16 +149,7 @@ def test_remat_attention_saved_same_gradient_without_rerunning_attention(tiny_co
   loss and the parameter gradient equal 'full' and 'none' (block-causal training forward and cache slices), and the
   backward pass has one self-attention softmax per layer fewer than under 'full' (layers scanned, as training runs
   them; the unrolled layers run the same block code)."""
-  from dsa_jax.config_lib import latent_hw, tokens_per_frame
-  from dsa_jax.models.dit import init_cache
-  base = dataclasses.replace(factory.dit_config(tiny_config), scan_layers=scan, dtype=jnp.float32)
-  params = factory.init_dit(base, tiny_config, jax.random.PRNGKey(1))
-  lh, lw = latent_hw(tiny_config)
-  k1, k2 = jax.random.split(jax.random.PRNGKey(2))
-  x = jax.random.normal(k1, (2, 4, lh, lw, base.in_channels))
-  t = jnp.full((2, 4), 700.0)
-  ctx = jax.random.normal(k2, (2, base.text_len, base.text_dim))
-  cache = init_cache(base, 2, 6, tokens_per_frame(tiny_config))
+  base, params, x, t, ctx, cache = _tiny_dit_inputs(tiny_config, 4, scan_layers=scan, dtype=jnp.float32)
 
   def loss_fn(dcfg):
     def loss(p):
