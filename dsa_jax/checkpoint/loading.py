@@ -203,13 +203,18 @@ def load_sampler_params(config, ckpt: str = "", *, use_ema: Optional[bool] = Non
   return out, source
 
 
+def head_folder(source: dict) -> Optional[str]:
+  """The head folder a `load_sampler_params` source's head came from; None for the checkpoint's own or a random
+  head."""
+  head = source.get("head")
+  return head if head and head != RANDOM else None
+
+
 def calibration_owner(source: dict, model: str) -> str:
   """Where the calibration table of a `load_sampler_params` source comes from, for messages: the head folder when
   the head came from one, else `model` (how the caller names the model)."""
-  head = source.get("head")
-  if head and head != RANDOM:
-    return f"--head {head!r}"
-  return model
+  head = head_folder(source)
+  return f"--head {head!r}" if head else model
 
 
 def config_head(config) -> str:

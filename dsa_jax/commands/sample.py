@@ -255,11 +255,12 @@ def _say(msg):
 
 
 def _head_note(source) -> str:
-  from dsa_jax.checkpoint.loading import RANDOM
-  if source.get("head") in (None, RANDOM):
+  from dsa_jax.checkpoint.loading import head_folder
+  head = head_folder(source)
+  if not head:
     return ""
   kind = (source.get("conf_target") or {}).get("kind")
-  return f", head: {source['head']}" + (f" ({kind} target)" if kind else "")
+  return f", head: {head}" + (f" ({kind} target)" if kind else "")
 
 
 def _window_note(sampler) -> str:
