@@ -120,6 +120,17 @@ def parse_models(values) -> dict[str, str | tuple[str, str]]:
   return out
 
 
+def _number_list(text, cast, valid, expected: str) -> list:
+  """'16,32' or '16 32' -> [16, 32] by `cast`; empty, unparsable or not `valid` -> ValueError(f"{expected}, got ...")."""
+  try:
+    values = [cast(x) for x in str(text).replace(",", " ").split()]
+  except ValueError:
+    values = []
+  if not values or not all(valid(v) for v in values):
+    raise ValueError(f"{expected}, got {text!r}")
+  return values
+
+
 def _head_target(head: str) -> str:
   """The confidence target a head folder records (names its DSA runs in the sweep)."""
   from dsa_jax.checkpoint import heads
@@ -209,17 +220,10 @@ def main(args):
                 num_real=args.num_real, fps_prompts=args.fps_prompts)
   if args.teacher_steps:
     from dsa_jax.eval.claim import evaluate_teacher
-    steps = [int(x) for x in str(args.teacher_steps).replace(",", " ").split()]
-    if not steps or min(steps) < 1:
-      raise ValueError(f"--teacher-steps: expected positive step counts like 16,32, got {args.teacher_steps!r}")
-    guidances = None
-    if args.teacher_guidance is not None:
-      try:
-        guidances = [float(x) for x in str(args.teacher_guidance).replace(",", " ").split()]
-      except ValueError:
-        guidances = []
-      if not guidances or not all(math.isfinite(g) for g in guidances):
-        raise ValueError(f"--teacher-guidance: expected finite guidance scales like 1,2,3, got {args.teacher_guidance!r}")
+    steps = _number_list(args.teacher_steps, int, lambda k: k >= 1,
+                         "--teacher-steps: expected positive step counts like 16,32")
+    guidances = None if args.teacher_guidance is None else _number_list(
+        args.teacher_guidance, float, math.isfinite, "--teacher-guidance: expected finite guidance scales like 1,2,3")
     evaluate_teacher(config, args.ckpt, args.out, steps, guidances=guidances, **common)
     return 0
   if args.teacher_guidance is not None:
