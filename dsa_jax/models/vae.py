@@ -602,15 +602,10 @@ class Decoder3d(nn.Module):
     cache = cache or {}
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision, conv3d=self.conv3d)
     new = {}
-    mult = cfg.dim_mult
-    dims = [cfg.dec_base_dim * u for u in (mult[-1],) + tuple(mult[::-1])]
-    temperal_upsample = cfg.temperal_downsample[::-1]
-    x, new["conv_in"] = CausalConv3d(dims[0], name="conv_in", **kw)(x, cache.get("conv_in"))
+    x, new["conv_in"] = CausalConv3d(cfg.dec_base_dim * cfg.dim_mult[-1], name="conv_in", **kw)(
+        x, cache.get("conv_in"))
     x, new["mid_block"] = MidBlock(name="mid_block", **kw)(x, cache.get("mid_block"), first)
-    for i, out_dim in enumerate(dims[1:]):
-      mode = None
-      if i != len(mult) - 1:
-        mode = "upsample3d" if temperal_upsample[i] else "upsample2d"
+    for i, (out_dim, mode) in enumerate(decoder_up_blocks(cfg)):
       name = f"up_blocks_{i}"
       x, new[name] = UpBlock(out_dim, cfg.num_res_blocks + 1, mode, name=name, **kw)(
           x, cache.get(name), first)
@@ -618,6 +613,16 @@ class Decoder3d(nn.Module):
     x, new["conv_out"] = CausalConv3d(cfg.out_channels, name="conv_out", **dict(kw, conv3d=conv_out_lowering(
         self.conv3d)))(x, cache.get("conv_out"))
     return x, new
+
+
+def decoder_up_blocks(cfg: WanVAEConfig) -> list[tuple[int, str | None]]:
+  """(output channels, resampling mode: 'upsample3d', 'upsample2d' or None for the last) of each decoder up block,
+  lowest resolution first."""
+  mult = tuple(cfg.dim_mult)
+  dims = [cfg.dec_base_dim * u for u in mult[::-1]]
+  temporal = tuple(cfg.temperal_downsample[::-1])
+  return [(d, None if i == len(mult) - 1 else ("upsample3d" if temporal[i] else "upsample2d"))
+          for i, d in enumerate(dims)]
 
 
 def conv_out_lowering(conv3d: str) -> str:

@@ -34,18 +34,15 @@ def decoder_shapes(config, vae_config) -> list[dict]:
   """One row per decoder up block: its residual conv (frames, height, width, channels) for a later chunk, and the
   resampler's input shape and output channels (None for the last block)."""
   from dsa_jax.config_lib import latent_hw
+  from dsa_jax.models.vae import decoder_up_blocks
   h, w = (int(x) for x in latent_hw(config))
-  mult = tuple(vae_config.dim_mult)
-  dims = [vae_config.dec_base_dim * u for u in (mult[-1],) + mult[::-1]]
-  temporal = tuple(vae_config.temperal_downsample[::-1])
   frames = int(config.video.chunk_frames)
   rows = []
-  for i, out_dim in enumerate(dims[1:]):
+  for i, (out_dim, mode) in enumerate(decoder_up_blocks(vae_config)):
     row = {"block": i, "frames": frames, "height": h, "width": w, "channels": out_dim, "upsample": None}
-    if i != len(mult) - 1:
-      up_frames = 2 * frames if temporal[i] else frames
-      row["upsample"] = {"frames": up_frames, "channels_out": out_dim // 2,
-                         "mode": "upsample3d" if temporal[i] else "upsample2d"}
+    if mode is not None:
+      up_frames = 2 * frames if mode == "upsample3d" else frames
+      row["upsample"] = {"frames": up_frames, "channels_out": out_dim // 2, "mode": mode}
       frames, h, w = up_frames, 2 * h, 2 * w
     rows.append(row)
   return rows
