@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # The whole digits recipe on one GPU box: data (generated in parallel), teacher -> ODE init -> DSA (dmd target) ->
-# polish, polish2 and polish3 (the DSA model continued with a cosine-decaying rate; polish3 at a lower DMD guidance) and optionally a second DSA run with the consistency
+# polish, polish2, polish3 and polish4 (the DSA model continued with a cosine-decaying rate; polish3 and polish4 at lower
+# DMD guidance scales) and optionally a second DSA run with the consistency
 # target. Each stage is bounded in wall time (STAGE_*_S); a stage
 # stopped by its bound is exported from its latest checkpoint, so the chain always finishes with usable models.
 #
 #   RUN=runs/digits bash launch/digits_gpu.sh                 # every stage at configs/digits.py's step counts
 #   RUN=runs/digits STAGES="teacher" TEACHER_STEPS=6000 bash launch/digits_gpu.sh   # one stage (others skipped)
 #   RUN=runs/digits HEADS="remaining consistency" bash launch/digits_gpu.sh         # + heads for the DSA generator
-#   RUN=runs/digits STAGES=polish3 POLISH3_GUIDANCE=1.0 bash launch/digits_gpu.sh   # polish3 at another guidance
+#   RUN=runs/digits STAGES=polish4 POLISH4_GUIDANCE=1.0 bash launch/digits_gpu.sh   # polish4 at another guidance
 # Cost on one NVIDIA H200 (measured): data 64k clips about 40 s on 16 cores; teacher 35 it/s at batch 64 (18k steps
 # about 9 min; the data loader runs in the trainer's process, so two runs sharing a 16-core host get about 20 it/s
 # each); ODE 5.8-6.3 it/s at batch 32; DSA 11-13 it/s at batch 32; a head stage 6-7 it/s at batch 64. A stage stopped
@@ -15,7 +16,8 @@
 # The shipped model's DSA stage ran 1,796 steps, then 3,000 more from its exported model (a second DSA run with
 # --config.train.init_from=$RUN/dsa/model: the generator from its EMA, its head kept, a fresh critic from the teacher),
 # then the polish stage (3,276 of 4,000 steps within its bound; 10.4 it/s), then polish2 (2,426 of 3,000 steps), then
-# polish3 at DMD guidance 1.5 (2,470 of 3,000 steps within its 330 s bound; 9.3-9.9 it/s with a second run on the host).
+# polish3 at DMD guidance 1.5 (2,470 of 3,000 steps within its 330 s bound; 9.3-9.9 it/s with a second run on the host),
+# then polish4 at DMD guidance 0.5 (all 3,300 steps in 366 s; 10.4-11.6 it/s with a second run on the host).
 # The data is generated once per DATA folder (skipped when its prompts.txt exists); stages whose model exists are
 # skipped, so the same command continues a chain.
 set -uo pipefail
@@ -23,14 +25,16 @@ RUN=${RUN:-runs/digits}
 DATA=${DATA:-$RUN/data}
 NUM_SHARDS=${NUM_SHARDS:-32}
 CLIPS_PER_SHARD=${CLIPS_PER_SHARD:-2000}
-STAGES=${STAGES:-teacher ode dsa polish polish2 polish3}
+STAGES=${STAGES:-teacher ode dsa polish polish2 polish3 polish4}
 TEACHER_STEPS=${TEACHER_STEPS:-18000}; STAGE_TEACHER_S=${STAGE_TEACHER_S:-900}
 ODE_STEPS=${ODE_STEPS:-2000};          STAGE_ODE_S=${STAGE_ODE_S:-300}
 DSA_STEPS=${DSA_STEPS:-4000};          STAGE_DSA_S=${STAGE_DSA_S:-600}
 POLISH_STEPS=${POLISH_STEPS:-4000};    STAGE_POLISH_S=${STAGE_POLISH_S:-450}
 POLISH2_STEPS=${POLISH2_STEPS:-3000};  STAGE_POLISH2_S=${STAGE_POLISH2_S:-330}
 POLISH3_STEPS=${POLISH3_STEPS:-3000};  STAGE_POLISH3_S=${STAGE_POLISH3_S:-330}
-POLISH3_GUIDANCE=${POLISH3_GUIDANCE:-1.5}  # DMD guidance of polish3 (the shipped model: 1.5; probes at 1 and 0.5 did better)
+POLISH3_GUIDANCE=${POLISH3_GUIDANCE:-1.5}  # DMD guidance of polish3
+POLISH4_STEPS=${POLISH4_STEPS:-3300};  STAGE_POLISH4_S=${STAGE_POLISH4_S:-420}
+POLISH4_GUIDANCE=${POLISH4_GUIDANCE:-0.5}  # DMD guidance of polish4 (the shipped model: 0.5; 1.0 did a little worse)
 CONSISTENCY=${CONSISTENCY:-0}
 HEADS=${HEADS:-}  # e.g. "remaining consistency": extra confidence heads for the DSA generator (stage 'head', no teacher)
 EXTRA=${EXTRA:-}  # extra overrides for every stage, e.g. --config.train.batch_size=8
@@ -85,8 +89,12 @@ stage polish2 dsa "$STAGE_POLISH2_S" --config.train.steps=$POLISH2_STEPS --confi
 stage polish3 dsa "$STAGE_POLISH3_S" --config.train.steps=$POLISH3_STEPS --config.dmd.guidance=$POLISH3_GUIDANCE \
   --config.train.ckpt_every=500 $PROMPTS --config.train.lr_decay=cosine --config.train.teacher_from=$RUN/teacher/model \
   --config.train.init_from=$RUN/polish2/model
+# polish4: lower still (g = POLISH4_GUIDANCE)
+stage polish4 dsa "$STAGE_POLISH4_S" --config.train.steps=$POLISH4_STEPS --config.dmd.guidance=$POLISH4_GUIDANCE \
+  --config.train.ckpt_every=500 $PROMPTS --config.train.lr_decay=cosine --config.train.teacher_from=$RUN/teacher/model \
+  --config.train.init_from=$RUN/polish3/model
 FINAL=$RUN/dsa
-for s in polish polish2 polish3; do [ -f "$RUN/$s/model/dsa_meta.json" ] && FINAL=$RUN/$s; done
+for s in polish polish2 polish3 polish4; do [ -f "$RUN/$s/model/dsa_meta.json" ] && FINAL=$RUN/$s; done
 if [ "$CONSISTENCY" = 1 ] && [ ! -f "$RUN/dsa_consistency/model/dsa_meta.json" ]; then
   RUN_C=$RUN/dsa_consistency
   echo "== stage dsa (consistency target)"

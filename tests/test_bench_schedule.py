@@ -136,8 +136,10 @@ def test_budget_mean_steps_uses_the_models_calibration(repo_root):
   ckpt = config.sampling.checkpoint
   res = bench.run_bench(config, budget_mean_steps=2.5, ckpt=ckpt, vae=False, runs=1, do_stream=False,
                         do_components=False, log=lambda m: None)
-  tau = threshold_for(params_io.read_meta(ckpt)["calibration"], 2.5)
-  assert res["mode"] == {"kind": "budget_mean_steps", "target": 2.5, "threshold": tau} and 0 < tau < 1
+  table = params_io.read_meta(ckpt)["calibration"]
+  tau = threshold_for(table, 2.5)
+  assert res["mode"] == {"kind": "budget_mean_steps", "target": 2.5, "threshold": tau, "min_steps": table["min_steps"],
+                         "max_steps": table["max_steps"]} and 0 < tau < 1
   assert res["weights"] == ckpt and 1 <= res["steps"]["mean_per_frame"] <= config.sampling.max_steps
 
 

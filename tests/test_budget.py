@@ -26,6 +26,15 @@ def test_threshold_for_inverts_the_table():
     budget.threshold_for(TABLE, 6.0)
 
 
+def test_a_budget_needs_the_tables_step_range():
+  """A tau gives its calibrated average only under the floor / ceiling the table was made with."""
+  assert budget.threshold_for(TABLE, 2.6, step_range=(1, 5)) == pytest.approx(0.5)
+  with pytest.raises(budget.BudgetError, match=r"made with 1-5 steps per frame.*set to 2-5.*--min-steps 1"):
+    budget.threshold_for(TABLE, 2.6, source="'m'", step_range=(2, 5))
+  assert budget.budget_controls(dict(TABLE, min_steps=2), 2.6) == {"threshold": pytest.approx(0.5), "min_steps": 2,
+                                                                   "max_steps": 5}
+
+
 class _CrowdedHead:
   """A stand-in sampler whose frames stop once tau falls below a confidence that crowds near 0 (as the 'remaining'
   head's does after its first step): average steps = 1 + 4 * clip(log10(tau / 1e-4) / log10(0.9 / 1e-4), 0, 1)."""
@@ -113,3 +122,12 @@ def test_calibrate_then_sample_with_a_budget(tmp_path, repo_root, capsys):
   rec = json.loads((out / "a.steps.json").read_text())
   want = budget.threshold_for(table, 2.5)
   assert rec["threshold"] == (want if np.isfinite(want) else str(want))
+  # The table was made with 1-5 steps: an explicit other floor is refused; a config with another floor is overruled
+  # by the table (what the budget was calibrated for), with a note.
+  rc = cli.main(["sample", "--config", tiny, "--ckpt", str(model), "--out", str(out), "--prompt", "a", "--mean-steps",
+                 "2.5", "--min-steps", "2"])
+  assert rc == 2 and "--min-steps 1 --max-steps" in capsys.readouterr().err
+  rc = cli.main(["sample", "--config", tiny, "--ckpt", str(model), "--out", str(out), "--prompt", "a", "--mean-steps",
+                 "2.5", "--config.sampling.min_steps=2"])
+  assert rc == 0 and "calibration table's 1-" in capsys.readouterr().err
+  assert json.loads((out / "a.steps.json").read_text())["min_steps"] == 1

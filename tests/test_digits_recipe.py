@@ -31,13 +31,17 @@ def test_shipped_model_loads_and_samples(repo_root):
   assert np.isfinite(frames).all()
   # A trained model draws bright digits on a dark canvas: mostly background (-1), a few bright pixels.
   assert np.median(frames) < -0.7 and np.percentile(frames, 99.5) > 0.3
-  # The default step budget, through the model's calibration table: the head spends a different number of steps on
-  # different frames, on average fewer than the maximum.
-  from dsa_jax.sampling.budget import threshold_for
-  tau = threshold_for(source["calibration"], config.sampling.mean_steps)
-  dyn = sampler.sample(params, ctx, sampler.make_controls(1, threshold=tau, seed=0))
+  # The default step budget, through the model's calibration table (and its step range): over a few calibration
+  # prompts the head spends different numbers of steps on different frames, on average between the floor and the
+  # maximum (an easy prompt alone may take the floor everywhere).
+  from dsa_jax.sampling import budget
+  controls = budget.budget_controls(source["calibration"], config.sampling.mean_steps)
+  assert controls["min_steps"] == config.sampling.min_steps == 2  # the table was made with the config's floor
+  prompts = budget.calibration_prompts(config, 8)
+  dyn = sampler.sample(params, make_text_encoder(config)(prompts),
+                       sampler.make_controls(len(prompts), seed=np.arange(len(prompts)), **controls))
   steps = np.asarray(dyn.steps)
-  assert len(np.unique(steps)) > 1 and 1 < steps.mean() < config.sampling.max_steps, steps
+  assert steps.min() >= 2 and len(np.unique(steps)) > 1 and 2 < steps.mean() < config.sampling.max_steps, steps
 
 
 def test_runlocal_chain_teacher_ode_dsa(repo_root, tmp_path, capsys):
@@ -109,6 +113,6 @@ def test_launch_script_stages_name_real_config_stages(repo_root):
   script = os.path.join(repo_root, "launch", "digits_gpu.sh")
   subprocess.run(["bash", "-n", script], check=True)
   calls = re.findall(r"^stage (\S+) (\S+) ", open(script).read(), flags=re.M)
-  assert [c[0] for c in calls] == ["teacher", "ode", "dsa", "polish", "polish2", "polish3"], calls
+  assert [c[0] for c in calls] == ["teacher", "ode", "dsa", "polish", "polish2", "polish3", "polish4"], calls
   for _, cfg_stage in calls:
     assert get_config(os.path.join(repo_root, "configs", "digits.py") + ":" + cfg_stage).train.stage == cfg_stage

@@ -332,6 +332,11 @@ def test_claim_sweep_tiny(digits_toy_config, tiny_evaluator, tmp_path):
   ev_dir, _, _ = tiny_evaluator
   bench = claim.Benchmark(digits_toy_config, num=4, evaluator=ev_dir, num_real=6, batch=4, fps_prompts=0,
                           log=lambda s: None)
+  # the digits config's floor is 2 steps per frame: an oracle budget below it is refused before anything is sampled
+  with pytest.raises(claim.BenchmarkError, match=r"--budgets.*\[2, 5\].*1\.5"):
+    claim.run_claim(digits_toy_config, {"remaining": ""}, str(tmp_path), budgets=(1.5, 2.0), bench=bench,
+                    log=lambda s: None)
+  digits_toy_config.sampling.min_steps = 1  # the sweep without the floor
   res = claim.run_claim(digits_toy_config, {"remaining": ""}, str(tmp_path), fixed=(1, 3), thresholds=[0.3, 0.6],
                         deltas=[0.0, 1e9], budgets=(1.5, 2.0), bench=bench, log=lambda s: None)
   g = res["groups"]

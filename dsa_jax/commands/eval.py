@@ -67,7 +67,7 @@ def add_arguments(p):
                  "named by its confidence target, with the head of a head folder after a '+' (repeat for several; "
                  "default: --ckpt (+ --head), named by its head's conf_target, else by the config's conf.target)")
   p.add_argument("--budgets", nargs="+", type=float, default=None, help="sweep: average-steps budgets of the oracle "
-                 "allocation (default 1.5 2 2.5 3); budgets: the requested averages to check")
+                 "allocation (default those of 1.5 2 2.5 3 within sampling.min_steps..max_steps); budgets: the requested averages to check")
   p.add_argument("--out", required=True, help="output folder")
   p.add_argument("--num", type=int, default=256, help="held-out prompts to sample (default 256)")
   p.add_argument("--thresholds", nargs="+", default=None, help="confidence thresholds (numbers, inf, -inf); run: "
@@ -243,7 +243,7 @@ def main(args):
       models = {_head_target(head): (ckpt, head)} if head else {str(config.conf.target): ckpt}
     run_claim(config, models, args.out, thresholds=thresholds, deltas=args.deltas,
               fixed=tuple(args.fixed) if args.fixed else (1, 2, 3, 4, 5),
-              budgets=tuple(args.budgets) if args.budgets else (1.5, 2.0, 2.5, 3.0),
+              budgets=tuple(args.budgets) if args.budgets else None,
               video_oracle=not args.no_video_oracle, **common)
     return 0
   from dsa_jax.eval.evaluate import evaluate

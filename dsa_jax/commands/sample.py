@@ -210,7 +210,24 @@ def config_summary(config, sampler) -> dict:
   }
 
 
-def resolve_budget(config, args, threshold: float, source: dict, ckpt: str, warn) -> tuple[float, str]:
+def budget_step_range(config, args, source: dict, steps: tuple[int, int], warn) -> tuple[int, int]:
+  """The steps per frame under a step budget: the calibration table's own range (a tau gives its average only under
+  the floor and ceiling it was calibrated with) unless --min-steps / --max-steps are given, which must then agree
+  with the table (checked by `resolve_budget`)."""
+  from dsa_jax.sampling import budget
+  table = source.get("calibration")
+  uses_budget = args.threshold is None and bool(args.mean_steps or config.sampling.mean_steps or args.target_fps)
+  if not uses_budget or not table or args.min_steps is not None or args.max_steps is not None:
+    return steps
+  rng = budget.table_step_range(table)
+  if rng != tuple(steps):
+    warn(f"note: the step budget uses the calibration table's {rng[0]}-{rng[1]} steps per frame "
+         f"(config.sampling: {steps[0]}-{steps[1]})")
+  return rng
+
+
+def resolve_budget(config, args, threshold: float, source: dict, ckpt: str, warn,
+                   step_range: tuple[int, int] | None = None) -> tuple[float, str]:
   """tau from a step budget (--mean-steps, else config.sampling.mean_steps) and the model's calibration table.
 
   An explicit --mean-steps without a table is an error that says how to make one; a budget that comes from the
@@ -228,7 +245,7 @@ def resolve_budget(config, args, threshold: float, source: dict, ckpt: str, warn
     warn(f"warning: config.sampling.mean_steps={m:g} but {owner} has no calibration table "
          f"(dsa-jax calibrate); using config.sampling.threshold={threshold:g}")
     return threshold, ""
-  tau = budget.threshold_for(table, m, source=owner)
+  tau = budget.threshold_for(table, m, source=owner, step_range=step_range)
   return tau, f" (from --mean-steps {m:g})" if args.mean_steps is not None else f" (from mean_steps {m:g})"
 
 
@@ -339,10 +356,14 @@ def main(args):
 
   warn = lambda m: print(m, file=sys.stderr, flush=True)
   params, source = load_sampler_params(config, ckpt, use_ema=not args.no_ema, warn=warn, cast=True, head=args.head)
-  threshold, budget_note = resolve_budget(config, args, threshold, source, ckpt, warn)
+  min_steps, max_steps = budget_step_range(config, args, source, (min_steps, max_steps), warn)
+  threshold, budget_note = resolve_budget(config, args, threshold, source, ckpt, warn,
+                                          step_range=(min_steps, max_steps))
   fps_controller = None
   if args.target_fps is not None:
-    from dsa_jax.sampling.budget import FpsController
+    from dsa_jax.sampling.budget import FpsController, check_step_range
+    if source.get("calibration"):
+      check_step_range(source["calibration"], (min_steps, max_steps), source=repr(ckpt or "the model"))
     fps_controller = FpsController(source.get("calibration"), args.target_fps,
                                    initial_steps=args.mean_steps or config.sampling.mean_steps or None)
   sampler = sampler_lib.make_sampler(config, num_frames=args.num_frames)

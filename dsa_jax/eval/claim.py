@@ -35,6 +35,7 @@ from dsa_jax.eval import metrics
 
 FD_BOOTSTRAP = 50
 DEFAULT_TARGETS = (1.25, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 4.5)
+DEFAULT_BUDGETS = (1.5, 2.0, 2.5, 3.0)  # of the oracles
 
 
 class BenchmarkError(ValueError):
@@ -644,7 +645,7 @@ def _pick(trace, rule, targets, min_steps, max_steps, fallback) -> list[float]:
 
 def run_claim(config, models: dict[str, str | tuple[str, str]], out_dir: str, num: int = 256, *,
               thresholds: Sequence[float] | None = None, deltas: Sequence[float] | None = None,
-              fixed: Sequence[int] = (1, 2, 3, 4, 5), budgets: Sequence[float] = (1.5, 2.0, 2.5, 3.0),
+              fixed: Sequence[int] = (1, 2, 3, 4, 5), budgets: Sequence[float] | None = None,
               evaluator=None, batch: int = 32, seed: int = 0, data_seed: int = 0, num_real: int = 1000,
               fps_prompts: int = 8, targets: Sequence[float] = DEFAULT_TARGETS,
               log: Callable[[str], None] = _say, bench: Benchmark | None = None,
@@ -653,7 +654,7 @@ def run_claim(config, models: dict[str, str | tuple[str, str]], out_dir: str, nu
   (checkpoint, head folder) for a head stored apart from its generator}; the first one's generator also serves the
   baselines), the x0-change heuristic, the per-frame oracle and (with
   `video_oracle`, which samples the prompts about num_chunks x (max budget - min_steps) x num_chunks times) the
-  re-rolled video oracle at `budgets`;
+  re-rolled video oracle at `budgets` (default: those of DEFAULT_BUDGETS within the config's step range);
   the head report of each model and DSA's allocation efficiency. Writes claim.md / claim.json / claim.png /
   steps_by_event.png / steps_by_place.png into `out_dir`."""
   import jax.numpy as jnp
@@ -677,6 +678,12 @@ def run_claim(config, models: dict[str, str | tuple[str, str]], out_dir: str, nu
   bad = [k for k in fixed if not 1 <= int(k) <= L]
   if bad:
     raise BenchmarkError(f"fixed: step counts must lie in [1, {L}] (sampling.ladder), got {bad}")
+  if budgets is None:
+    budgets = tuple(b for b in DEFAULT_BUDGETS if mn <= b <= mx)
+  bad = [b for b in budgets if not mn <= float(b) <= mx]
+  if bad:
+    raise BenchmarkError(f"--budgets: the oracle budgets must lie in [sampling.min_steps, sampling.max_steps] = "
+                         f"[{mn}, {mx}], got {bad}")
   dtype = _DTYPES[config.compute.dtype]
 
   def load(spec):
@@ -920,9 +927,10 @@ def check_budgets(config, ckpt: str, out_dir: str, budgets: Sequence[float], *, 
   bench = Benchmark(config, num=num, evaluator=evaluator, data_seed=data_seed, num_real=num_real, batch=batch,
                     seed=seed, fps_prompts=0, log=log)
   sampler = sampler_lib.make_sampler(config)
+  lo, hi = budget_lib.table_step_range(table)  # a table's taus give its averages under its own step range
   rows = []
   for m, tau in zip(budgets, taus):
-    r = bench.run(sampler, params, name=f"mean-steps-{float(m):g}", threshold=tau)
+    r = bench.run(sampler, params, name=f"mean-steps-{float(m):g}", threshold=tau, min_steps=lo, max_steps=hi)
     rows.append({"requested": float(m), "tau": tau, "achieved": r["avg_steps"], "error": r["avg_steps"] - float(m),
                  "fd": r["fd"], "fd_bootstrap_std": r["fd_bootstrap_std"], "agreement": r["agreement"]})
   worst = max(abs(r["error"]) for r in rows)

@@ -113,7 +113,8 @@ def drift(args) -> int:
     from dsa_jax.commands.sample import resolve_budget
     args.threshold, _ = resolve_budget(base, argparse.Namespace(threshold=None, mean_steps=None),
                                        float(base.sampling.threshold), source, base.sampling.checkpoint,
-                                       warn=lambda m: print(m, file=sys.stderr, flush=True))
+                                       warn=lambda m: print(m, file=sys.stderr, flush=True),
+                                       step_range=(int(base.sampling.min_steps), int(base.sampling.max_steps)))
   settings = []
   for item in args.settings.split(","):
     window, sink = (int(v) for v in item.split(":"))

@@ -32,14 +32,25 @@ def _table(calibration: dict) -> tuple[np.ndarray, np.ndarray]:
   return taus, steps
 
 
-def threshold_for(calibration: Optional[dict], mean_steps: float, *, source: str = "the model") -> float:
-  """tau whose calibrated average steps per frame is `mean_steps` (+inf / -inf at the table's ends)."""
+def table_step_range(calibration: dict) -> tuple[int, int]:
+  """(min_steps, max_steps) per frame the table was made with: a tau gives its average only under the same floor
+  and ceiling (a floor of 2 steps moves every average of a table made with a floor of 1)."""
+  return int(calibration["min_steps"]), int(calibration["max_steps"])
+
+
+def threshold_for(calibration: Optional[dict], mean_steps: float, *, source: str = "the model",
+                  step_range: Optional[tuple[int, int]] = None) -> float:
+  """tau whose calibrated average steps per frame is `mean_steps` (+inf / -inf at the table's ends).
+
+  `step_range`: the (min_steps, max_steps) the sampler will use; a table made with another range is an error (its
+  taus would give other averages)."""
   if not calibration:
     raise BudgetError(f"{source} has no step-budget calibration table; make one with `dsa-jax calibrate --config "
                       "CONFIG --ckpt MODEL [--head DIR]` (or pass --threshold instead of --mean-steps)")
   m = float(mean_steps)
   if not math.isfinite(m):
     raise BudgetError(f"--mean-steps: expected a finite number, got {mean_steps!r}")
+  check_step_range(calibration, step_range, source=source)
   lo, hi = float(calibration["min_steps"]), float(calibration["max_steps"])
   if not lo <= m <= hi:
     raise BudgetError(f"--mean-steps {m:g}: must lie in [min_steps, max_steps] = [{lo:g}, {hi:g}]")
@@ -51,6 +62,28 @@ def threshold_for(calibration: Optional[dict], mean_steps: float, *, source: str
   i = int(np.searchsorted(steps, m, side="left"))
   s0, s1, t0, t1 = steps[i - 1], steps[i], taus[i - 1], taus[i]
   return float(t0 if s1 == s0 else t0 + (m - s0) * (t1 - t0) / (s1 - s0))
+
+
+def check_step_range(calibration: dict, step_range: Optional[tuple[int, int]], *, source: str = "the model"):
+  """Raises when the sampler's (min_steps, max_steps) differ from those the calibration table was made with."""
+  if step_range is None:
+    return
+  lo, hi = table_step_range(calibration)
+  mn, mx = (int(v) for v in step_range)
+  if (mn, mx) != (lo, hi):
+    raise BudgetError(
+        f"{source}: its calibration table was made with {lo}-{hi} steps per frame, the sampler is set to {mn}-{mx} "
+        f"(--min-steps / --max-steps, config.sampling.min_steps / max_steps); a budget needs the table's range: use "
+        f"--min-steps {lo} --max-steps {hi}, or make a table for {mn}-{mx} with `dsa-jax calibrate ... "
+        f"--config.sampling.min_steps={mn} --config.sampling.max_steps={mx}`")
+
+
+def budget_controls(calibration: Optional[dict], mean_steps: float, *, source: str = "the model") -> dict[str, Any]:
+  """The sampler controls of a step budget: tau from the table and the table's own step range, ready for
+  `sampler.make_controls(batch, **budget_controls(table, 2.5))`."""
+  tau = threshold_for(calibration, mean_steps, source=source)
+  lo, hi = table_step_range(calibration)
+  return {"threshold": tau, "min_steps": lo, "max_steps": hi}
 
 
 def calibration_table(sampler, params, contexts: np.ndarray, thresholds: Sequence[float] = DEFAULT_THRESHOLDS, *,
