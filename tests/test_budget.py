@@ -131,3 +131,55 @@ def test_calibrate_then_sample_with_a_budget(tmp_path, repo_root, capsys):
                  "2.5", "--config.sampling.min_steps=2"])
   assert rc == 0 and "calibration table's 1-" in capsys.readouterr().err
   assert json.loads((out / "a.steps.json").read_text())["min_steps"] == 1
+
+
+TABLE_X0 = {"thresholds": [0.02, 0.05, 0.1, 0.2, 0.5], "mean_steps": [4.8, 4.0, 3.0, 2.4, 2.0], "min_steps": 2,
+            "max_steps": 5, "stop_rule": "x0_delta"}
+
+
+def test_a_table_of_the_x0_change_rule_runs_the_other_way():
+  """Under the x0-change rule a larger tau stops frames sooner: the table is inverted from its other end, and its
+  ends are +inf (fewest steps: stop at the second prediction) and -inf (never ready: max_steps)."""
+  assert budget.threshold_for(TABLE_X0, 3.0) == pytest.approx(0.1)
+  assert budget.threshold_for(TABLE_X0, 3.5) == pytest.approx(0.075)  # between 4.0 @ 0.05 and 3.0 @ 0.1
+  assert budget.threshold_for(TABLE_X0, 2.0) == float("inf") and budget.threshold_for(TABLE_X0, 5.0) == float("-inf")
+  with pytest.raises(budget.BudgetError, match="second step"):
+    budget.threshold_for(dict(TABLE_X0, min_steps=1), 1.5)
+  ctl = budget.FpsController(TABLE_X0, target_fps=10.0, initial_steps=3.0)
+  assert ctl.threshold == pytest.approx(0.1)
+
+
+class _X0Rule(_CrowdedHead):
+  """Frames stop once their x0 change falls below tau; changes crowd near 0: average steps = 2 + 3 * clip(log10(0.5 /
+  tau) / log10(0.5 / 1e-4), 0, 1) (2 at tau >= 0.5, 5 at tau <= 1e-4)."""
+
+  def __init__(self):
+    self.config = ml_collections.ConfigDict({"sampling": {"min_steps": 2, "max_steps": 5, "stop_rule": "x0_delta"}})
+
+  def sample(self, params, contexts, tau, uncond_context=None):
+    frac = np.clip(np.log10(0.5 / max(tau, 1e-12)) / np.log10(0.5 / 1e-4), 0.0, 1.0)
+    return types.SimpleNamespace(steps=np.full((contexts.shape[0], self.num_frames), 2.0 + 3.0 * frac))
+
+
+def test_calibration_of_the_x0_change_rule():
+  """The grid (tau 0.02-0.98) gives this rule 2-3.1 steps: the table extends towards 0 until it holds the most steps,
+  records its rule, and a budget read from it is what the rule then takes."""
+  rule = _X0Rule()
+  table = budget.calibration_table(rule, None, np.zeros((3, 2, 2)), refine_gap=0.1)
+  assert table["stop_rule"] == "x0_delta" and min(table["thresholds"]) < 0.02
+  assert max(table["mean_steps"]) >= 4.9 and min(table["mean_steps"]) == 2.0
+  for m in (2.5, 3.5, 4.5):
+    tau = budget.threshold_for(table, m)
+    assert abs(float(rule.sample(None, np.zeros((1, 2, 2)), tau).steps.mean()) - m) < 0.1
+  # The x0-change rule's own table: made with the rule's override, stored beside the head's, used by --mean-steps
+  x0 = ["--config.sampling.stop_rule=x0_delta"]
+  assert cli.main(["calibrate", "--config", tiny, "--ckpt", str(model), "--head", "h", "--num", "2"] + x0) == 2
+  assert "uses no confidence head" in capsys.readouterr().err
+  assert cli.main(["calibrate", "--config", tiny, "--ckpt", str(model), "--num", "2", "--batch", "2",
+                   "--refine-gap", "0.5", "--config.data.prompts.kind=digits"] + x0) == 0
+  meta = json.loads((model / "dsa_meta.json").read_text())
+  assert meta["calibration"] == table and meta["calibration_x0_delta"]["stop_rule"] == "x0_delta"
+  assert cli.main(["sample", "--config", tiny, "--ckpt", str(model), "--out", str(out), "--prompt", "a",
+                   "--mean-steps", "2.5"] + x0) == 0
+  want = budget.threshold_for(meta["calibration_x0_delta"], 2.5)
+  assert json.loads((out / "a.steps.json").read_text())["threshold"] == (want if np.isfinite(want) else str(want))

@@ -200,6 +200,15 @@ def load_sampler_params(config, ckpt: str = "", *, use_ema: Optional[bool] = Non
     source.update({"head": head, "generator_fingerprint": fingerprint})
   elif chosen["head"] == RANDOM:
     source["head"] = RANDOM
+  rule = str(config.sampling.get("stop_rule", "confidence"))
+  if rule != "confidence":  # the x0-change rule's budget table is the model's own, whatever head is loaded
+    from dsa_jax.sampling.budget import meta_key
+    source.pop("calibration", None)
+    source["stop_rule"] = rule
+    if ckpt and source["source"] == "checkpoint":
+      table = params_io.read_meta(ckpt).get(meta_key(rule))
+      if table is not None:
+        source["calibration"] = table
   return out, source
 
 
@@ -214,7 +223,7 @@ def calibration_owner(source: dict, model: str) -> str:
   """Where the calibration table of a `load_sampler_params` source comes from, for messages: the head folder when
   the head came from one, else `model` (how the caller names the model)."""
   head = head_folder(source)
-  return f"--head {head!r}" if head else model
+  return f"--head {head!r}" if head and source.get("stop_rule", "confidence") == "confidence" else model
 
 
 def config_head(config) -> str:

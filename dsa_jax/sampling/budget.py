@@ -22,14 +22,29 @@ import numpy as np
 DEFAULT_THRESHOLDS = tuple(float(t) for t in np.round(np.linspace(0.02, 0.98, 49), 4))
 
 
+def meta_key(rule: str) -> str:
+  """The metadata key of a stop rule's table: 'calibration' for the head's (in the model, or in a head folder),
+  'calibration_x0_delta' for the x0-change rule's (in the model: it depends on the generator only)."""
+  return "calibration" if rule == "confidence" else f"calibration_{rule}"
+
+
 class BudgetError(ValueError):
   """A step budget cannot be honoured (no calibration table, or a budget outside what the table covers)."""
 
 
+def table_rule(calibration: dict) -> str:
+  """The stop rule a table was made for: 'confidence' (the head; tables without the field) or 'x0_delta'."""
+  return str(calibration.get("stop_rule", "confidence"))
+
+
 def _table(calibration: dict) -> tuple[np.ndarray, np.ndarray]:
+  """(taus, steps) ordered so that steps never fall: the monotone envelope of the table, read from the end where
+  the rule takes the fewest steps (a confidence threshold gives more steps as it rises, an x0-change one fewer)."""
   taus = np.asarray(calibration["thresholds"], np.float64)
-  steps = np.maximum.accumulate(np.asarray(calibration["mean_steps"], np.float64))
-  return taus, steps
+  steps = np.asarray(calibration["mean_steps"], np.float64)
+  if table_rule(calibration) == "x0_delta":
+    taus, steps = taus[::-1], steps[::-1]
+  return taus, np.maximum.accumulate(steps)
 
 
 def table_step_range(calibration: dict) -> tuple[int, int]:
@@ -46,7 +61,8 @@ def threshold_for(calibration: Optional[dict], mean_steps: float, *, source: str
   taus would give other averages)."""
   if not calibration:
     raise BudgetError(f"{source} has no step-budget calibration table; make one with `dsa-jax calibrate --config "
-                      "CONFIG --ckpt MODEL [--head DIR]` (or pass --threshold instead of --mean-steps)")
+                      "CONFIG --ckpt MODEL [--head DIR]` with the sampling overrides you sample with (e.g. "
+                      "--config.sampling.stop_rule=x0_delta), or pass --threshold instead of --mean-steps")
   m = float(mean_steps)
   if not math.isfinite(m):
     raise BudgetError(f"--mean-steps: expected a finite number, got {mean_steps!r}")
@@ -54,11 +70,16 @@ def threshold_for(calibration: Optional[dict], mean_steps: float, *, source: str
   lo, hi = float(calibration["min_steps"]), float(calibration["max_steps"])
   if not lo <= m <= hi:
     raise BudgetError(f"--mean-steps {m:g}: must lie in [min_steps, max_steps] = [{lo:g}, {hi:g}]")
+  rule = table_rule(calibration)
+  if rule == "x0_delta" and m < min(2.0, hi):
+    raise BudgetError(f"--mean-steps {m:g}: the x0-change rule (sampling.stop_rule='x0_delta') decides from the "
+                      "second step on, so it takes at least 2 steps per frame; smaller budgets need the confidence head")
+  fewest, most = (float("-inf"), float("inf")) if rule == "confidence" else (float("inf"), float("-inf"))
   taus, steps = _table(calibration)
   if m <= steps[0]:
-    return float("-inf") if m <= lo else float(taus[0])
+    return fewest if m <= max(lo, 2.0 if rule == "x0_delta" else lo) else float(taus[0])
   if m >= steps[-1]:
-    return float("inf") if m >= hi else float(taus[-1])
+    return most if m >= hi else float(taus[-1])
   i = int(np.searchsorted(steps, m, side="left"))
   s0, s1, t0, t1 = steps[i - 1], steps[i], taus[i - 1], taus[i]
   return float(t0 if s1 == s0 else t0 + (m - s0) * (t1 - t0) / (s1 - s0))
@@ -95,7 +116,10 @@ def calibration_table(sampler, params, contexts: np.ndarray, thresholds: Sequenc
   Where the grid's lowest (highest) threshold still gives more (fewer) than min_steps (max_steps) by over
   `refine_gap`, thresholds ten times closer to 0 (to 1) are added, for up to `extend_rounds` rounds: a head whose
   confidences crowd an end of (0, 1) (the 'remaining' target is about 0.04 after the first step) otherwise leaves
-  small budgets out of the table. Where neighbouring thresholds differ by more than `refine_gap` average steps (a
+  small budgets out of the table. Under the x0-change rule (`sampling.stop_rule='x0_delta'`, tau = the largest
+  mean |x0 change| at which a frame stops; fewer steps as tau rises, never fewer than 2) the ends are extended the
+  other way: ten times closer to 0 while the lowest tau gives too few steps, ten times larger while the highest
+  gives too many. Where neighbouring thresholds differ by more than `refine_gap` average steps (a
   head's confidences often bunch in a narrow band of tau), their midpoint is added, for up to `refine_rounds`
   rounds, so that interpolating the table lands within a small fraction of a step of the request."""
   s = sampler.config.sampling
@@ -114,15 +138,22 @@ def calibration_table(sampler, params, contexts: np.ndarray, thresholds: Sequenc
       total += float(np.asarray(out.steps)[:min(b, n - start)].sum())
     return total / (n * sampler.num_frames)
 
+  rule = str(s.get("stop_rule", "confidence"))
   table = {float(t): mean_steps(t) for t in thresholds}
   lo, hi = float(s.min_steps), float(s.max_steps)
   for _ in range(int(extend_rounds)):
     taus = sorted(table)
     ends = []
-    if table[taus[0]] > lo + refine_gap and 0.0 < taus[0] <= 1.0:
-      ends.append(taus[0] / 10.0)
-    if table[taus[-1]] < hi - refine_gap and 0.0 <= taus[-1] < 1.0:
-      ends.append(1.0 - (1.0 - taus[-1]) / 10.0)
+    if rule == "x0_delta":
+      if table[taus[0]] < hi - refine_gap and taus[0] > 0.0:
+        ends.append(taus[0] / 10.0)
+      if table[taus[-1]] > max(lo, min(2.0, hi)) + refine_gap and taus[-1] > 0.0:
+        ends.append(taus[-1] * 10.0)
+    else:
+      if table[taus[0]] > lo + refine_gap and 0.0 < taus[0] <= 1.0:
+        ends.append(taus[0] / 10.0)
+      if table[taus[-1]] < hi - refine_gap and 0.0 <= taus[-1] < 1.0:
+        ends.append(1.0 - (1.0 - taus[-1]) / 10.0)
     if not ends:
       break
     table.update({float(t): mean_steps(t) for t in ends})
@@ -134,8 +165,11 @@ def calibration_table(sampler, params, contexts: np.ndarray, thresholds: Sequenc
     table.update({float(t): mean_steps(t) for t in new})
   taus = sorted(table)
   log(f"calibrated {len(taus)} thresholds on {n} prompts in {time.time() - t0:.1f}s")
-  return {"thresholds": taus, "mean_steps": [table[t] for t in taus], "num_prompts": int(n),
-          "min_steps": int(s.min_steps), "max_steps": int(s.max_steps), "seed": int(seed)}
+  out = {"thresholds": taus, "mean_steps": [table[t] for t in taus], "num_prompts": int(n),
+         "min_steps": int(s.min_steps), "max_steps": int(s.max_steps), "seed": int(seed)}
+  if rule != "confidence":
+    out["stop_rule"] = rule
+  return out
 
 
 def calibration_prompts(config, num: int, prompt_file: Optional[str] = None) -> list[str]:
@@ -207,6 +241,10 @@ def calibrate(config, ckpt: str, *, num: int = 256, thresholds: Sequence[float] 
                       "training workdir); got none")
   if int(num) < 1:
     raise BudgetError(f"--num: expected at least 1 calibration prompt, got {num}")
+  rule = str(config.sampling.get("stop_rule", "confidence"))
+  if rule != "confidence" and head:
+    raise BudgetError(f"--head {head!r}: the x0-change rule (sampling.stop_rule={rule!r}) uses no confidence head; "
+                      "its table goes into the model folder (--ckpt)")
   params, source = loading.load_sampler_params(config, ckpt, warn=log, cast=True, head=head)
   sampler = make_sampler(config)
   encode = make_text_encoder(config)
@@ -222,6 +260,7 @@ def calibrate(config, ckpt: str, *, num: int = 256, thresholds: Sequence[float] 
                       f"config.data.prompts ({config.data.prompts.kind}), first {len(prompts)}")
   if write:
     owner = head or ckpt
-    params_io.update_meta(owner, calibration=table)
-    log(f"wrote the calibration table into {os.path.join(owner, params_io.META_FILE)}")
+    params_io.update_meta(owner, **{meta_key(table_rule(table)): table})
+    log(f"wrote the calibration table{'' if table_rule(table) == 'confidence' else ' of the x0-change rule'} into "
+        f"{os.path.join(owner, params_io.META_FILE)}")
   return table
