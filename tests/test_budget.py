@@ -131,6 +131,19 @@ def test_calibrate_then_sample_with_a_budget(tmp_path, repo_root, capsys):
                  "2.5", "--config.sampling.min_steps=2"])
   assert rc == 0 and "calibration table's 1-" in capsys.readouterr().err
   assert json.loads((out / "a.steps.json").read_text())["min_steps"] == 1
+  # The x0-change rule's own table: made with the rule's override, stored beside the head's, used by --mean-steps
+  x0 = ["--config.sampling.stop_rule=x0_delta"]
+  assert cli.main(["calibrate", "--config", tiny, "--ckpt", str(model), "--head", "h", "--num", "2"] + x0) == 2
+  assert "uses no confidence head" in capsys.readouterr().err
+  assert cli.main(["calibrate", "--config", tiny, "--ckpt", str(model), "--num", "2", "--batch", "2",
+                   "--refine-gap", "0.5", "--config.data.prompts.kind=digits"] + x0) == 0
+  meta = json.loads((model / "dsa_meta.json").read_text())
+  assert meta["calibration"] == table and meta["calibration_x0_delta"]["stop_rule"] == "x0_delta"
+  assert cli.main(["sample", "--config", tiny, "--ckpt", str(model), "--out", str(out), "--prompt", "a",
+                   "--mean-steps", "2.5"] + x0) == 0
+  want = budget.threshold_for(meta["calibration_x0_delta"], 2.5)
+  rec = json.loads((out / "a.steps.json").read_text())
+  assert rec["threshold"] == (want if np.isfinite(want) else str(want)) and rec["stop_rule"] == "x0_delta"
 
 
 TABLE_X0 = {"thresholds": [0.02, 0.05, 0.1, 0.2, 0.5], "mean_steps": [4.8, 4.0, 3.0, 2.4, 2.0], "min_steps": 2,
@@ -171,15 +184,3 @@ def test_calibration_of_the_x0_change_rule():
   for m in (2.5, 3.5, 4.5):
     tau = budget.threshold_for(table, m)
     assert abs(float(rule.sample(None, np.zeros((1, 2, 2)), tau).steps.mean()) - m) < 0.1
-  # The x0-change rule's own table: made with the rule's override, stored beside the head's, used by --mean-steps
-  x0 = ["--config.sampling.stop_rule=x0_delta"]
-  assert cli.main(["calibrate", "--config", tiny, "--ckpt", str(model), "--head", "h", "--num", "2"] + x0) == 2
-  assert "uses no confidence head" in capsys.readouterr().err
-  assert cli.main(["calibrate", "--config", tiny, "--ckpt", str(model), "--num", "2", "--batch", "2",
-                   "--refine-gap", "0.5", "--config.data.prompts.kind=digits"] + x0) == 0
-  meta = json.loads((model / "dsa_meta.json").read_text())
-  assert meta["calibration"] == table and meta["calibration_x0_delta"]["stop_rule"] == "x0_delta"
-  assert cli.main(["sample", "--config", tiny, "--ckpt", str(model), "--out", str(out), "--prompt", "a",
-                   "--mean-steps", "2.5"] + x0) == 0
-  want = budget.threshold_for(meta["calibration_x0_delta"], 2.5)
-  assert json.loads((out / "a.steps.json").read_text())["threshold"] == (want if np.isfinite(want) else str(want))

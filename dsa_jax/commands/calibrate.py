@@ -38,7 +38,8 @@ def main(args):
   config = get_config(args.config, args.overrides)
   ckpt = config.sampling.checkpoint if args.ckpt is None else args.ckpt
   table = budget.calibrate(config, ckpt, num=args.num, batch=args.batch, seed=args.seed, write=not args.dry_run,
-                           prompt_file=args.prompts, refine_gap=args.refine_gap, head=args.head)
+                           prompt_file=args.prompts, refine_gap=args.refine_gap, head=args.head,
+                           log=lambda m: print(m, flush=True))
   rows = [f"  tau {t:.3f} -> {m:.3f} steps" for t, m in zip(table["thresholds"], table["mean_steps"])]
   print("\n".join(rows[::4] + [rows[-1]]))
   if args.dry_run:

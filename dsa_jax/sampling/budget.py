@@ -20,6 +20,8 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 
 DEFAULT_THRESHOLDS = tuple(float(t) for t in np.round(np.linspace(0.02, 0.98, 49), 4))
+# The x0-change rule's tau is a mean |x0 change| between steps (latent units, small): a geometric grid.
+DEFAULT_X0_THRESHOLDS = tuple(float(t) for t in np.round(np.geomspace(0.004, 1.0, 17), 5))
 
 
 def meta_key(rule: str) -> str:
@@ -136,7 +138,9 @@ def calibration_table(sampler, params, contexts: np.ndarray, thresholds: Sequenc
                                        seed=seed + np.arange(start, start + b))
       out = sampler.sample(params, contexts[idx], controls, uncond_context=uc)
       total += float(np.asarray(out.steps)[:min(b, n - start)].sum())
-    return total / (n * sampler.num_frames)
+    avg = total / (n * sampler.num_frames)
+    log(f"  tau {float(tau):.4g}: {avg:.3f} steps per frame ({time.time() - t0:.0f} s)")
+    return avg
 
   rule = str(s.get("stop_rule", "confidence"))
   table = {float(t): mean_steps(t) for t in thresholds}
@@ -218,7 +222,7 @@ class FpsController:
     return self.threshold
 
 
-def calibrate(config, ckpt: str, *, num: int = 256, thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
+def calibrate(config, ckpt: str, *, num: int = 256, thresholds: Optional[Sequence[float]] = None,
               batch: int = 64, seed: int = 0, write: bool = True, prompt_file: Optional[str] = None,
               refine_gap: float = 0.05, head: Optional[str] = None,
               log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -246,6 +250,8 @@ def calibrate(config, ckpt: str, *, num: int = 256, thresholds: Sequence[float] 
     raise BudgetError(f"--head {head!r}: the x0-change rule (sampling.stop_rule={rule!r}) uses no confidence head; "
                       "its table goes into the model folder (--ckpt)")
   params, source = loading.load_sampler_params(config, ckpt, warn=log, cast=True, head=head)
+  if thresholds is None:
+    thresholds = DEFAULT_THRESHOLDS if rule == "confidence" else DEFAULT_X0_THRESHOLDS
   sampler = make_sampler(config)
   encode = make_text_encoder(config)
   prompts = calibration_prompts(config, num, prompt_file)

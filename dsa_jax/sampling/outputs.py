@@ -141,8 +141,9 @@ def write_json(path: str, obj) -> str:
 
 def plot_steps(path: str, steps: Sequence[int], confidences: Sequence[float], *, chunk_frames: int,
                threshold: Optional[float] = None, min_steps: Optional[int] = None, max_steps: Optional[int] = None,
-               title: str = "") -> str:
-  """Bar chart of denoising steps per latent frame (chunks shaded) and the final confidence per frame."""
+               title: str = "", stop_rule: str = "confidence") -> str:
+  """Bar chart of denoising steps per latent frame (chunks shaded) and the final confidence per frame (under the
+  x0-change rule the frame's last x0 change, on a scale of its own)."""
   import matplotlib
   matplotlib.use("Agg", force=False)
   import matplotlib.pyplot as plt
@@ -163,9 +164,15 @@ def plot_steps(path: str, steps: Sequence[int], confidences: Sequence[float], *,
     if min_steps is not None:
       ax.axhline(min_steps, color="#999999", lw=0.8, ls=":")
     ax2 = ax.twinx()
-    ax2.plot(frames, conf, color="#dd8452", marker="o", ms=3, lw=1.2, label="confidence")
-    ax2.set_ylim(0, 1)
-    ax2.set_ylabel("confidence (last step)")
+    score = "confidence" if stop_rule == "confidence" else "x0 change"
+    ax2.plot(frames, conf, color="#dd8452", marker="o", ms=3, lw=1.2, label=score)
+    if stop_rule == "confidence":
+      ax2.set_ylim(0, 1)
+    else:
+      finite = conf[np.isfinite(conf)]
+      ax2.set_ylim(0, max(float(finite.max()) if finite.size else 0.0,
+                          threshold if threshold is not None and np.isfinite(threshold) else 0.0, 1e-6) * 1.15)
+    ax2.set_ylabel(f"{score} (last step)")
     if threshold is not None and np.isfinite(threshold):
       ax2.axhline(threshold, color="#dd8452", lw=0.8, ls="--", label=f"tau = {threshold:g}")
     mean = float(steps.mean()) if f else 0.0
@@ -184,7 +191,7 @@ def write_sample(out_dir: str, name: str, pixels, record: dict, *, fps: float, c
   """Writes <name>.mp4/.gif (pixels (T, H, W, C) in [-1, 1], or uint8 frames), <name>.steps.json (`record`) and <name>.steps.png.
 
   `record` needs 'steps' and 'confidences' (per latent frame); 'threshold', 'min_steps', 'max_steps' are plotted
-  when present. Returns {kind: path}.
+  when present, 'stop_rule' names the plotted score. Returns {kind: path}.
   """
   formats = list(formats)
   bad = [f for f in formats if f not in VIDEO_FORMATS]
@@ -205,5 +212,5 @@ def write_sample(out_dir: str, name: str, pixels, record: dict, *, fps: float, c
   paths["png"] = plot_steps(os.path.join(out_dir, name + ".steps.png"), record["steps"], record["confidences"],
                             chunk_frames=chunk_frames, threshold=scalar(th) if not isinstance(th, str) else None,
                             min_steps=scalar(record.get("min_steps")), max_steps=scalar(record.get("max_steps")),
-                            title=name)
+                            title=name, stop_rule=str(record.get("stop_rule", "confidence")))
   return paths
