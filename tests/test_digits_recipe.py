@@ -37,7 +37,7 @@ def test_shipped_model_loads_and_samples(repo_root):
   from dsa_jax.sampling import budget
   controls = budget.budget_controls(source["calibration"], config.sampling.mean_steps)
   assert controls["min_steps"] == config.sampling.min_steps == 2  # the table was made with the config's floor
-  prompts = budget.calibration_prompts(config, 8)
+  prompts = budget.calibration_prompts(config, 4)
   dyn = sampler.sample(params, make_text_encoder(config)(prompts),
                        sampler.make_controls(len(prompts), seed=np.arange(len(prompts)), **controls))
   steps = np.asarray(dyn.steps)

@@ -238,7 +238,8 @@ def test_shipped_evaluator_beats_chance_on_real_test_clips():
 def digits_toy_config(repo_root):
   from dsa_jax.config_lib import get_config
   path = os.path.join(repo_root, "configs", "digits.py")
-  return get_config(path, ["--config.runlocal=True", "--config.compute.dtype=float32"])
+  # the toy runs without the shipped model's floor of 2 steps: half the sampling of most tests here
+  return get_config(path, ["--config.runlocal=True", "--config.compute.dtype=float32", "--config.sampling.min_steps=1"])
 
 
 def test_heuristic_sampler_matches_fixed_steps_and_stops_early(digits_toy_config):
@@ -271,7 +272,8 @@ def test_eval_command_end_to_end(digits_toy_config, tiny_evaluator, tmp_path, re
   out = tmp_path / "eval"
   ev_dir, _, _ = tiny_evaluator
   rc = cli.main(["eval", "--config", os.path.join(repo_root, "configs", "digits.py"), "--config.runlocal=True",
-                 "--config.compute.dtype=float32", "--ckpt", "", "--out", str(out), "--num", "4", "--batch", "2",
+                 "--config.compute.dtype=float32", "--config.sampling.min_steps=1", "--ckpt", "", "--out", str(out),
+                 "--num", "4", "--batch", "2",
                  "--num-real", "6", "--thresholds", "0.5", "inf", "--fixed", "1", "--evaluator", ev_dir,
                  "--fps-prompts", "1"])
   assert rc == 0
@@ -332,7 +334,9 @@ def test_claim_sweep_tiny(digits_toy_config, tiny_evaluator, tmp_path):
   ev_dir, _, _ = tiny_evaluator
   bench = claim.Benchmark(digits_toy_config, num=4, evaluator=ev_dir, num_real=6, batch=4, fps_prompts=0,
                           log=lambda s: None)
-  # the digits config's floor is 2 steps per frame: an oracle budget below it is refused before anything is sampled
+  # with a floor of 2 steps per frame (the shipped digits config's) an oracle budget below it is refused before
+  # anything is sampled
+  digits_toy_config.sampling.min_steps = 2
   with pytest.raises(claim.BenchmarkError, match=r"--budgets.*\[2, 5\].*1\.5"):
     claim.run_claim(digits_toy_config, {"remaining": ""}, str(tmp_path), budgets=(1.5, 2.0), bench=bench,
                     log=lambda s: None)
