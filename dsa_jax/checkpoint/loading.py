@@ -187,28 +187,28 @@ def load_sampler_params(config, ckpt: str = "", *, use_ema: Optional[bool] = Non
     out["head"] = params["head"]
   if cast:
     out["generator"] = cast_params_for_inference(out["generator"], _DTYPES[config.compute.dtype])
+  rule = str(config.sampling.get("stop_rule", "confidence"))
+  meta = {}
   if not ckpt:
     source = {"source": "random"}
   else:
     kind = "checkpoint" if workdir.is_model_dir(ckpt) else "workdir"
     source = {"source": kind, "path": ckpt, "generator": chosen[gen]}
-    if kind == "checkpoint" and not head:  # what the model records about its head: its target, the calibration
+    if kind == "checkpoint" and (not head or rule != "confidence"):
       meta = params_io.read_meta(ckpt)
+    if kind == "checkpoint" and not head:  # what the model records about its head: its target, the calibration
       source.update({k: meta[k] for k in heads.HEAD_META_KEYS if k in meta})
   if head:  # the head folder's record, never the model's: a table calibrated with another head means nothing
     source.update({k: head_meta[k] for k in heads.HEAD_META_KEYS if k in head_meta})
     source.update({"head": head, "generator_fingerprint": fingerprint})
   elif chosen["head"] == RANDOM:
     source["head"] = RANDOM
-  rule = str(config.sampling.get("stop_rule", "confidence"))
   if rule != "confidence":  # the x0-change rule's budget table is the model's own, whatever head is loaded
     from dsa_jax.sampling.budget import meta_key
     source.pop("calibration", None)
     source["stop_rule"] = rule
-    if ckpt and source["source"] == "checkpoint":
-      table = params_io.read_meta(ckpt).get(meta_key(rule))
-      if table is not None:
-        source["calibration"] = table
+    if meta_key(rule) in meta:
+      source["calibration"] = meta[meta_key(rule)]
   return out, source
 
 

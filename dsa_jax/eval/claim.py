@@ -922,16 +922,15 @@ def check_budgets(config, ckpt: str, out_dir: str, budgets: Sequence[float], *, 
   params, source = loading.load_sampler_params(config, ckpt, warn=log, cast=True)
   table = source.get("calibration")
   owner = loading.calibration_owner(source, f"--ckpt {ckpt or config.sampling.checkpoint}")
-  taus = [budget_lib.threshold_for(table, float(m), source=owner)
-          for m in budgets]  # a missing table or an out-of-range request fails before any sampling
+  controls = [budget_lib.budget_controls(table, float(m), source=owner)
+              for m in budgets]  # a missing table or an out-of-range request fails before any sampling
   bench = Benchmark(config, num=num, evaluator=evaluator, data_seed=data_seed, num_real=num_real, batch=batch,
                     seed=seed, fps_prompts=0, log=log)
   sampler = sampler_lib.make_sampler(config)
-  lo, hi = budget_lib.table_step_range(table)  # a table's taus give its averages under its own step range
   rows = []
-  for m, tau in zip(budgets, taus):
-    r = bench.run(sampler, params, name=f"mean-steps-{float(m):g}", threshold=tau, min_steps=lo, max_steps=hi)
-    rows.append({"requested": float(m), "tau": tau, "achieved": r["avg_steps"], "error": r["avg_steps"] - float(m),
+  for m, ctl in zip(budgets, controls):  # a table's taus give its averages under its own step range
+    r = bench.run(sampler, params, name=f"mean-steps-{float(m):g}", **ctl)
+    rows.append({"requested": float(m), "tau": ctl["threshold"], "achieved": r["avg_steps"], "error": r["avg_steps"] - float(m),
                  "fd": r["fd"], "fd_bootstrap_std": r["fd_bootstrap_std"], "agreement": r["agreement"]})
   worst = max(abs(r["error"]) for r in rows)
   log("requested -> achieved average steps: " + ", ".join(f"{r['requested']:g} -> {r['achieved']:.2f}" for r in rows)

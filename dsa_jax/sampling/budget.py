@@ -39,6 +39,12 @@ def table_rule(calibration: dict) -> str:
   return str(calibration.get("stop_rule", "confidence"))
 
 
+def fewest_steps(rule: str, min_steps: float, max_steps: float) -> float:
+  """The fewest average steps per frame a rule can take: min_steps, or for the x0-change rule (which decides from
+  its second prediction on) at least 2 where the ladder allows."""
+  return max(min_steps, min(2.0, max_steps)) if rule == "x0_delta" else min_steps
+
+
 def _table(calibration: dict) -> tuple[np.ndarray, np.ndarray]:
   """(taus, steps) ordered so that steps never fall: the monotone envelope of the table, read from the end where
   the rule takes the fewest steps (a confidence threshold gives more steps as it rises, an x0-change one fewer)."""
@@ -73,13 +79,14 @@ def threshold_for(calibration: Optional[dict], mean_steps: float, *, source: str
   if not lo <= m <= hi:
     raise BudgetError(f"--mean-steps {m:g}: must lie in [min_steps, max_steps] = [{lo:g}, {hi:g}]")
   rule = table_rule(calibration)
-  if rule == "x0_delta" and m < min(2.0, hi):
+  floor = fewest_steps(rule, lo, hi)
+  if m < floor:
     raise BudgetError(f"--mean-steps {m:g}: the x0-change rule (sampling.stop_rule='x0_delta') decides from the "
                       "second step on, so it takes at least 2 steps per frame; smaller budgets need the confidence head")
   fewest, most = (float("-inf"), float("inf")) if rule == "confidence" else (float("inf"), float("-inf"))
   taus, steps = _table(calibration)
   if m <= steps[0]:
-    return fewest if m <= max(lo, 2.0 if rule == "x0_delta" else lo) else float(taus[0])
+    return fewest if m <= floor else float(taus[0])
   if m >= steps[-1]:
     return most if m >= hi else float(taus[-1])
   i = int(np.searchsorted(steps, m, side="left"))
@@ -151,7 +158,7 @@ def calibration_table(sampler, params, contexts: np.ndarray, thresholds: Sequenc
     if rule == "x0_delta":
       if table[taus[0]] < hi - refine_gap and taus[0] > 0.0:
         ends.append(taus[0] / 10.0)
-      if table[taus[-1]] > max(lo, min(2.0, hi)) + refine_gap and taus[-1] > 0.0:
+      if table[taus[-1]] > fewest_steps(rule, lo, hi) + refine_gap and taus[-1] > 0.0:
         ends.append(taus[-1] * 10.0)
     else:
       if table[taus[0]] > lo + refine_gap and 0.0 < taus[0] <= 1.0:
@@ -266,7 +273,7 @@ def calibrate(config, ckpt: str, *, num: int = 256, thresholds: Optional[Sequenc
                       f"config.data.prompts ({config.data.prompts.kind}), first {len(prompts)}")
   if write:
     owner = head or ckpt
-    params_io.update_meta(owner, **{meta_key(table_rule(table)): table})
-    log(f"wrote the calibration table{'' if table_rule(table) == 'confidence' else ' of the x0-change rule'} into "
+    params_io.update_meta(owner, **{meta_key(rule): table})
+    log(f"wrote the calibration table{'' if rule == 'confidence' else ' of the x0-change rule'} into "
         f"{os.path.join(owner, params_io.META_FILE)}")
   return table
