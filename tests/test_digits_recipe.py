@@ -42,6 +42,18 @@ def test_shipped_model_loads_and_samples(repo_root):
                        sampler.make_controls(len(prompts), seed=np.arange(len(prompts)), **controls))
   steps = np.asarray(dyn.steps)
   assert steps.min() >= 2 and len(np.unique(steps)) > 1 and 2 < steps.mean() < config.sampling.max_steps, steps
+  # The training-free x0-change rule has its own table in the shipped model, served under that rule: made with the
+  # same floor, fewer steps as its threshold rises, and covering the budgets from the floor to the maximum.
+  x0_config = _digits(repo_root, "--config.compute.dtype=float32", "--config.sampling.stop_rule=x0_delta")
+  _, x0_source = load_sampler_params(x0_config, x0_config.sampling.checkpoint, warn=lambda *_: None)
+  table = x0_source["calibration"]
+  assert table["stop_rule"] == "x0_delta" and table is not source["calibration"]
+  assert budget.table_step_range(table) == (2, config.sampling.max_steps)
+  order = np.argsort(table["thresholds"])
+  assert (np.diff(np.asarray(table["mean_steps"])[order]) <= 1e-6).all()
+  assert min(table["mean_steps"]) <= 2.01 and max(table["mean_steps"]) >= 4.9
+  taus = [budget.budget_controls(table, m)["threshold"] for m in (2.5, 3.0, 4.0)]
+  assert taus[0] > taus[1] > taus[2] > 0, taus
 
 
 def test_runlocal_chain_teacher_ode_dsa(repo_root, tmp_path, capsys):
