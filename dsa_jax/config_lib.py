@@ -48,7 +48,7 @@ def resolve_config_path(path: str) -> str:
 # digits, docs/claim.md) = teacher/critic disagreement on the exit x0; 'remaining' = how little the frame's x0 would
 # still change by the last ladder step (log-quantile normalised; its confidence rises with every step);
 # 'consistency' = the same distance with a fixed or running-mean scale.
-CONF_TARGETS = ("remaining", "consistency", "dmd")
+CONF_TARGETS = ("remaining", "gain", "consistency", "dmd")
 # compute.remat: what the DiT's blocks keep for the backward pass ('none': everything; 'full': only their inputs;
 # 'dots' / 'dots_no_batch': also matmul outputs; 'attention_saved': their inputs and the self-attention kernel's
 # inputs, output and softmax statistics, the rest recomputed)
@@ -273,7 +273,7 @@ def validate_config(config: ml_collections.ConfigDict):
   _require(h.hidden > 0, "conf.hidden", "must be positive")
   _require(h.target in CONF_TARGETS, "conf.target", f"must be one of {CONF_TARGETS}, got {h.target!r}")
   _require(not (config.train.stage == "head" and h.target == "dmd"), "conf.target",
-           "the 'head' stage has no teacher or critic: use 'remaining' or 'consistency', not 'dmd'")
+           "the 'head' stage has no teacher or critic: use 'remaining', 'gain' or 'consistency', not 'dmd'")
 
   if "mesh" in config:
     shape = dict(config.mesh.shape)

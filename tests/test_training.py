@@ -200,6 +200,53 @@ def test_rollout_gradient_flows_only_through_exit_step():
   assert exit_tangent > 0 and tangent_dots(rollout_output("x0")) == exit_tangent
 
 
+def test_rollout_x0_next_is_one_step_after_the_exit():
+  """x0_next (the 'gain' target's reference) is the x0 one step after the exit: the first chunk (whose context does
+  not depend on the exit) equals the exit x0 of a rollout that exits one step later; at the last step it is the exit
+  x0 itself, and one step before the last it is x0_last."""
+  from dsa_jax.models import factory
+  cfg = tiny()
+  spec = rollout.RolloutSpec.from_config(cfg)
+  gcfg = factory.dit_config(cfg, "model")
+  params = init_net(cfg, "model", 0)
+  ctx = jax.random.normal(jax.random.PRNGKey(1), (1, cfg.model.text_len, cfg.model.text_dim))
+  roll = jax.jit(lambda k: rollout.rollout_no_grad(gcfg, params, ctx, jax.random.PRNGKey(3), k, spec,
+                                                   continue_to_last=True))
+  c, last = spec.chunk_frames, spec.num_steps - 1
+  outs = [jax.device_get(roll(jnp.int32(k))) for k in range(spec.num_steps)]
+  for k in range(last):
+    np.testing.assert_allclose(outs[k]["x0_next"][:, :c], outs[k + 1]["x0"][:, :c], atol=1e-6, err_msg=str(k))
+    assert np.abs(outs[k]["x0_next"] - outs[k]["x0"]).max() > 1e-4  # one more step moves x0
+  np.testing.assert_array_equal(outs[last]["x0_next"], outs[last]["x0"])
+  np.testing.assert_array_equal(outs[last - 1]["x0_next"], outs[last - 1]["x0_last"])
+
+
+def test_gain_targets_read_the_next_step_on_a_log_scale():
+  """'gain': the squared x0 change of one more step on the running log scale ('remaining' measures to the last step
+  instead); a frame the next step barely moves gets a target near 1; the scale is not updated at the last step."""
+  cfg = tiny("--config.conf.target=gain")
+  spec = rollout.RolloutSpec.from_config(cfg)
+
+  class State:
+    dbar = jnp.float32(0.0)
+    target_range = jnp.zeros((2,), jnp.float32)
+
+  x0 = jnp.zeros((2, 4, 2, 2, 1))
+  small, big = 1e-4, 1.0
+  nxt = x0 + jnp.asarray([small, big, big, small])[None, :, None, None, None]
+  roll = {"x0_next": nxt, "x0_last": x0 + 5.0}  # the last step is far from every frame: 'remaining' sees no difference
+  disc, y, _, log_range = steps_lib.head_targets(cfg, spec, State, jnp.int32(1), x0, roll)
+  np.testing.assert_allclose(np.asarray(disc), [[small ** 2, big ** 2, big ** 2, small ** 2]] * 2, rtol=1e-5)
+  y = np.asarray(y)
+  assert (y[:, [0, 3]] == 1.0).all() and (y[:, [1, 2]] == 0.0).all()
+  assert np.asarray(log_range)[0] < np.asarray(log_range)[1]
+  rem = steps_lib.head_targets(tiny("--config.conf.target=remaining"), spec, State, jnp.int32(1), x0, roll)[1]
+  assert np.ptp(np.asarray(rem)) == 0.0
+  # at the last step the running scale stays where it was
+  _, _, _, unchanged = steps_lib.head_targets(cfg, spec, State, jnp.int32(spec.num_steps - 1), x0, roll)
+  np.testing.assert_array_equal(np.asarray(unchanged), np.zeros(2))
+
+
 def test_confidence_head_learns_planted_target(xla_cache):
   """Frames whose generator input is easy by construction (clean, flat latents) get a low planted discrepancy and
   hence a high target y = exp(-d / mean d); the head, trained with the DSA step's loss and optimiser on the

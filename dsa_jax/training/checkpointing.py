@@ -104,7 +104,7 @@ def export_networks(state_or_params, config, out_dir: str, *, step: int | None =
   if isinstance(state_or_params, state_lib.TrainState):
     nets = state_or_params.networks()
     step = int(jax.device_get(state_or_params.step)) if step is None else step
-    if stage in ("dsa", "head") and conf_target["kind"] == "remaining" and state_or_params.target_range is not None:
+    if stage in ("dsa", "head") and conf_target["kind"] in ("remaining", "gain") and state_or_params.target_range is not None:
       # the normalisation the head was trained with: what its confidence means (evaluation reads it back)
       conf_target["log_range"] = [float(x) for x in np.asarray(jax.device_get(state_or_params.target_range))]
   else:

@@ -95,10 +95,11 @@ def consistency_discrepancy(x0_exit, x0_last):
 
 
 def remaining_targets(r, log_range):
-  """Soft targets from a frame's remaining x0 change r (to the last ladder step): 1 at and below the running 10th
-  percentile of log r, 0 at and above the 90th, linear in log r between. The target rises with every step a frame
-  gets (r shrinks to 0 at the last step), and the log scale spreads frames whose changes differ by orders of
-  magnitude. log_range (2,): running (10th, 90th) percentiles of log r, stop-gradient."""
+  """Soft targets from a frame's x0 change r ('remaining': to the last ladder step; 'gain': of one more step): 1 at
+  and below the running 10th percentile of log r, 0 at and above the 90th, linear in log r between. The remaining
+  change shrinks to 0 at the last step, so the target rises with every step a frame gets; the log scale spreads
+  frames whose changes differ by orders of magnitude. log_range (2,): running (10th, 90th) percentiles of log r,
+  stop-gradient."""
   lo, hi = jax.lax.stop_gradient(_f32(log_range[0])), jax.lax.stop_gradient(_f32(log_range[1]))
   log_r = jnp.log(jax.lax.stop_gradient(_f32(r)) + 1e-12)
   return jnp.clip((hi - log_r) / jnp.maximum(hi - lo, 1e-3), 0.0, 1.0)

@@ -99,7 +99,8 @@ def rollout_no_grad(dcfg, params, context, key, exit_index, spec: RolloutSpec, *
   """Phase 1: the full rollout without gradient. context (B, L, D); exit_index traced int32 scalar.
 
   Returns dict: x_in (B,F,H,W,C) the exit step's noisy input per chunk, x0 (B,F,...) the exit x0 (what the rollout
-  outputs and caches), x0_last (continued to step num_steps-1, only if `continue_to_last`), cache (final KV cache).
+  outputs and caches), x0_last (continued to step num_steps-1) and x0_next (one step after the exit; the exit's own
+  x0 when the exit is the last step), both only if `continue_to_last`, cache (final KV cache).
   """
   params = jax.lax.stop_gradient(params)
   context = jax.lax.stop_gradient(context)
@@ -119,7 +120,7 @@ def rollout_no_grad(dcfg, params, context, key, exit_index, spec: RolloutSpec, *
     x = jax.random.normal(k_init, shape, jnp.float32)
 
     def step(carry, k):
-      x, x_in, x0_exit, x0_cur = carry
+      x, x_in, x0_exit, x0_next, x0_cur = carry
 
       def run(x):
         out = model.apply(params, x, tfull(sig[k]), context, cache=cache, frame_offset=offset)
@@ -129,25 +130,29 @@ def rollout_no_grad(dcfg, params, context, key, exit_index, spec: RolloutSpec, *
       is_exit = k == exit_index
       x_in = jnp.where(is_exit, x, x_in)
       x0_exit = jnp.where(is_exit, x0, x0_exit)
+      # the step after the exit, or the exit itself when it is the last step (one more step is worth nothing)
+      is_next = (k == exit_index + 1) | (is_exit & (exit_index == spec.num_steps - 1))
+      x0_next = jnp.where(is_next, x0, x0_next)
       eps = jax.random.normal(jax.random.fold_in(k_steps, k), shape, jnp.float32)
       x_next = flow.renoise(x0, eps, sig[k + 1])
-      return (x_next, x_in, x0_exit, x0), None
+      return (x_next, x_in, x0_exit, x0_next, x0), None
 
     zeros = jnp.zeros(shape, jnp.float32)
-    (_, x_in, x0_exit, x0_last), _ = jax.lax.scan(step, (x, zeros, zeros, zeros),
-                                                  jnp.arange(spec.num_steps, dtype=jnp.int32))
+    (_, x_in, x0_exit, x0_next, x0_last), _ = jax.lax.scan(step, (x, zeros, zeros, zeros, zeros),
+                                                           jnp.arange(spec.num_steps, dtype=jnp.int32))
     # Commit the finished chunk: one forward at t = context_noise writes its keys/values (Self Forcing).
     x_ctx = x0_exit
     if spec.context_sigma > 0:
       x_ctx = flow.add_noise(x0_exit, jax.random.normal(k_ctx, shape, jnp.float32), spec.context_sigma)
     out = model.apply(params, x_ctx, tfull(spec.context_sigma), context, cache=cache, frame_offset=offset)
     new_cache = {k: mesh_lib.constrain(v, cache_names[k], mesh, rules) for k, v in out["cache"].items()}
-    return new_cache, (x_in, x0_exit, x0_last)
+    return new_cache, (x_in, x0_exit, x0_next, x0_last)
 
-  cache, (x_in, x0, x0_last) = jax.lax.scan(chunk, cache, jnp.arange(spec.num_chunks, dtype=jnp.int32))
+  cache, (x_in, x0, x0_next, x0_last) = jax.lax.scan(chunk, cache, jnp.arange(spec.num_chunks, dtype=jnp.int32))
   result = {"x_in": _frames_from_chunks(x_in), "x0": _frames_from_chunks(x0), "cache": cache}
   if continue_to_last:
     result["x0_last"] = _frames_from_chunks(x0_last)
+    result["x0_next"] = _frames_from_chunks(x0_next)
   return jax.tree_util.tree_map(jax.lax.stop_gradient, result)
 
 
@@ -198,7 +203,7 @@ def resolve_remat(spec: RolloutSpec, dcfg) -> str:
 def self_forcing_rollout(dcfg, params, context, key, spec: RolloutSpec, *, exit_index=None, with_grad: bool = True,
                          continue_to_last: bool = False, mesh=None, rules=()):
   """Both phases. Returns dict: x0 (with gradient if `with_grad`), x0_nograd, features (with_grad only), t, exit
-  (int32 scalar k*), x_in, and x0_last when `continue_to_last`."""
+  (int32 scalar k*), x_in, and x0_last and x0_next when `continue_to_last`."""
   k_exit, k_roll = jax.random.split(key)
   if exit_index is None:
     exit_index = sample_exit_index(k_exit, spec)
@@ -207,7 +212,7 @@ def self_forcing_rollout(dcfg, params, context, key, spec: RolloutSpec, *, exit_
                          mesh=mesh, rules=rules)
   out = {"x0_nograd": roll["x0"], "x_in": roll["x_in"], "exit": exit_index}
   if continue_to_last:
-    out["x0_last"] = roll["x0_last"]
+    out["x0_last"], out["x0_next"] = roll["x0_last"], roll["x0_next"]
   if with_grad:
     ex = exit_forward(dcfg, params, context, roll["x_in"], exit_index, roll["cache"], spec, mesh=mesh, rules=rules)
     out.update(x0=ex["x0"], features=ex["features"], t=ex["t"])

@@ -189,6 +189,38 @@ def _critic_apply(state, critic_tx, grads):
   return state.replace(critic=critic, critic_opt=critic_opt)
 
 
+# Confidence targets that need the rollout continued past the exit step (every one but 'dmd').
+ROLLOUT_TARGETS = ("consistency", "remaining", "gain")
+
+
+def head_targets(config, spec, state, exit_index, x0_exit, roll, dmd_discrepancy=None):
+  """(per-frame discrepancy, soft targets, running mean, running log range) of the confidence target
+  config.conf.target at the exit step (all stop-gradient):
+  - 'dmd': exp(-d / running mean) of the teacher/critic discrepancy d (`dmd_discrepancy`);
+  - 'consistency': the same of the squared x0 distance to the rollout's last step;
+  - 'remaining': that distance on a running log scale (1 at its 10th percentile, 0 at its 90th);
+  - 'gain': the same log scale on the squared x0 change of ONE more step (exit -> exit + 1), what the next step is
+    worth to this frame: confidence >= tau then reads "the next step would change this frame by little"."""
+  target = str(config.conf.target)
+  decay = float(config.conf.target_ema)
+  if target == "dmd":
+    disc = dmd_discrepancy
+  else:
+    ref = roll["x0_next"] if target == "gain" else roll["x0_last"]
+    disc = losses.consistency_discrepancy(x0_exit, ref)
+  dbar = losses.update_running_mean(state.dbar, disc, decay)
+  log_range = state.target_range
+  if target in ("remaining", "gain"):
+    # at the last step both changes are 0 everywhere: it would drag the scale's ends to log(1e-12)
+    log_range = losses.update_log_range(state.target_range, disc, decay, exit_index < spec.num_steps - 1)
+    y = losses.remaining_targets(disc, log_range)
+  else:
+    c_scale = float(config.conf.consistency_scale)
+    scale = jnp.float32(c_scale) if (target == "consistency" and c_scale > 0) else dbar
+    y = losses.discrepancy_targets(disc, scale)
+  return disc, y, dbar, log_range
+
+
 def make_dsa_fns(config, mesh, rules):
   """Un-jitted DSA step functions (gen, critic); `build_steps` jits them with shardings."""
   spec = rollout.RolloutSpec.from_config(config)
@@ -198,10 +230,7 @@ def make_dsa_fns(config, mesh, rules):
   hcfg = ConfidenceConfig.from_config(config)
   txs = state_lib.optimizers(config)
   guidance = float(config.dmd.guidance)
-  target = str(config.conf.target)
-  consistency = target == "consistency"
-  continue_to_last = target in ("consistency", "remaining")
-  c_scale = float(config.conf.consistency_scale)
+  continue_to_last = str(config.conf.target) in ROLLOUT_TARGETS
   conf_w = float(config.conf.loss_weight)
   ema_start, ema_decay = int(config.train.ema_start), float(config.train.ema_decay)
   ntt = config.diffusion.num_train_timesteps
@@ -236,16 +265,8 @@ def make_dsa_fns(config, mesh, rules):
         x0_fake = flow.x0_from_velocity(x_t, v_fake, sig_f)
         g, d, norm = losses.dmd_direction(x0, x0_real, x0_fake)
         l_dmd = losses.dmd_loss(x0, g)
-        disc = losses.consistency_discrepancy(jax.lax.stop_gradient(x0), roll["x0_last"]) if continue_to_last else d
-        dbar = losses.update_running_mean(state.dbar, disc, float(config.conf.target_ema))
-        log_range = state.target_range
-        if target == "remaining":
-          log_range = losses.update_log_range(state.target_range, disc, float(config.conf.target_ema),
-                                              exit_index < spec.num_steps - 1)
-          y = losses.remaining_targets(disc, log_range)
-        else:
-          scale = jnp.float32(c_scale) if (consistency and c_scale > 0) else dbar
-          y = losses.discrepancy_targets(disc, scale)
+        disc, y, dbar, log_range = head_targets(config, spec, state, exit_index, jax.lax.stop_gradient(x0), roll,
+                                                dmd_discrepancy=d)
         step_idx = jnp.full((b, f), exit_index, jnp.int32)
         logits = ConfidenceHead(hcfg).apply(hp, ex["features"], step_idx, ex["t"])
         l_conf = losses.confidence_loss(logits, y)
@@ -299,15 +320,12 @@ def make_dsa_fns(config, mesh, rules):
 
 
 def make_head_fns(config, mesh, rules):
-  """The 'head' stage: the confidence head alone on rollouts of a frozen generator (targets 'remaining' or
+  """The 'head' stage: the confidence head alone on rollouts of a frozen generator (targets 'remaining', 'gain' or
   'consistency', which need no teacher). Same rollout, exit step and target as the 'dsa' stage's head update."""
   spec = rollout.RolloutSpec.from_config(config)
   gcfg = factory.dit_config(config, "model")
   hcfg = ConfidenceConfig.from_config(config)
   tx = state_lib.optimizers(config)["head"]
-  target = str(config.conf.target)
-  c_scale = float(config.conf.consistency_scale)
-  decay = float(config.conf.target_ema)
   micro = _Micro(grad_accum(config), mesh)
 
   def head_step(state, teacher, batch, uncond):
@@ -322,14 +340,7 @@ def make_head_fns(config, mesh, rules):
                                      mesh=mesh, rules=rules)
       ex = jax.lax.stop_gradient(rollout.exit_forward(gcfg, state.generator, ctx, roll["x_in"], exit_index,
                                                       roll["cache"], spec, mesh=mesh, rules=rules))
-      disc = losses.consistency_discrepancy(ex["x0"], roll["x0_last"])
-      dbar = losses.update_running_mean(state.dbar, disc, decay)
-      log_range = state.target_range
-      if target == "remaining":
-        log_range = losses.update_log_range(state.target_range, disc, decay, exit_index < spec.num_steps - 1)
-        y = losses.remaining_targets(disc, log_range)
-      else:
-        y = losses.discrepancy_targets(disc, jnp.float32(c_scale) if c_scale > 0 else dbar)
+      disc, y, dbar, log_range = head_targets(config, spec, state, exit_index, ex["x0"], roll)
       step_idx = jnp.full((b, f), exit_index, jnp.int32)
 
       def loss_fn(hp):
