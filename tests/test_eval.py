@@ -397,6 +397,10 @@ def test_trace_rollout_is_the_full_ladder_sampler(digits_toy_config):
   np.testing.assert_allclose(t["x0"][:, :, -1], np.asarray(ref.latents), atol=1e-5)
   np.testing.assert_allclose(t["conf"], np.asarray(ref.conf_trace), atol=1e-5)
   assert np.all(t["remaining"][..., -1] == 0) and np.all(t["remaining"][..., 0] > 0)
+  # the next-step change: step k's x0 to step k + 1's, 0 at the last step; one step before the last it is the remaining
+  step = np.mean(np.square(t["x0"][:, :, 2] - t["x0"][:, :, 1]), axis=(2, 3, 4))
+  np.testing.assert_allclose(t["gain"][:, :, 1], step, rtol=1e-6)
+  assert np.all(t["gain"][..., -1] == 0) and np.allclose(t["gain"][..., -2], t["remaining"][..., -2])
 
 
 def test_oracle_allocation_greedy_by_gain():
@@ -420,9 +424,16 @@ def test_head_report_reads_a_rising_confidence():
   rem[..., -1] = 0.0
   good = oracle.remaining_target(rem, oracle.remaining_log_range(rem))
   rep = oracle.head_report({"conf": good, "remaining": rem})
-  assert rep["conf_rises"] and rep["ece_vs_remaining"] < 1e-9
+  assert rep["conf_rises"] and rep["ece"] < 1e-9 and rep["calibrated_against"] == "remaining"
   flat = oracle.head_report({"conf": np.full_like(rem, 0.9), "remaining": rem})  # overconfident, flat
-  assert not flat["conf_rises"] and flat["step1_spread"] == 0.0 and flat["ece_vs_remaining"] > 0.1
+  assert not flat["conf_rises"] and flat["step1_spread"] == 0.0 and flat["ece"] > 0.1
+  # a 'gain' head is judged against the next-step change, not against the change to the last step
+  gain = np.concatenate([rem[..., :1], rem[..., :-1]], axis=-1)[..., ::-1].copy()
+  gain[..., -1] = 0.0
+  y = oracle.remaining_target(gain, oracle.remaining_log_range(gain))
+  own = oracle.head_report({"conf": y, "remaining": rem, "gain": gain}, target_kind="gain")
+  assert own["calibrated_against"] == "gain" and own["ece"] < 1e-9
+  assert oracle.head_report({"conf": y, "remaining": rem, "gain": gain})["ece"] > 1e-3
 
 
 def test_training_evaluates_every_n_steps(digits_toy_config, tiny_evaluator, tmp_path):

@@ -158,11 +158,16 @@ def test_sweep_model_specs_take_a_head():
     parse_models(["remaining=A+"])
 
 
-def test_shipped_remaining_head_fits_the_shipped_generator(repo_root):
+@pytest.mark.parametrize("kind", ["remaining", "gain"])
+def test_shipped_heads_fit_the_shipped_generator(repo_root, kind):
   from dsa_jax.config_lib import get_config
   config = get_config("digits")
-  head = os.path.join(repo_root, "dsa_jax", "assets", "digits_heads", "remaining")
+  head = os.path.join(repo_root, "dsa_jax", "assets", "digits_heads", kind)
   notes = []
   _, source = loading.load_sampler_params(config, config.sampling.checkpoint, head=head, warn=notes.append)
-  assert notes == [] and source["conf_target"]["kind"] == "remaining"  # the fingerprint matched, nothing said
+  assert notes == [] and source["conf_target"]["kind"] == kind  # the fingerprint matched, nothing said
+  lo, hi = source["conf_target"]["log_range"]  # the normalisation its confidence was trained with
+  assert lo < hi
+  # its table was made with the config's floor and gives a budget's tau inside (0, 1)
+  assert budget.table_step_range(source["calibration"]) == (config.sampling.min_steps, config.sampling.max_steps)
   assert 0.0 < budget.threshold_for(source["calibration"], 2.5) < 1.0

@@ -36,6 +36,7 @@ from dsa_jax.eval import metrics
 FD_BOOTSTRAP = 50
 DEFAULT_TARGETS = (1.25, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 4.5)
 DEFAULT_BUDGETS = (1.5, 2.0, 2.5, 3.0)  # of the oracles
+TRACE_KEYS = ("conf", "remaining", "gain")  # what a full-ladder trace keeps per frame and step
 
 
 class BenchmarkError(ValueError):
@@ -266,8 +267,8 @@ class Benchmark:
     return r
 
   def trace(self, sampler, params) -> dict[str, np.ndarray]:
-    """Full-ladder rollouts of every prompt with every step's confidence and remaining x0 change
-    (`dsa_jax.eval.oracle.trace_rollout`; no guidance): {'conf', 'remaining'} of shape (N, F, L)."""
+    """Full-ladder rollouts of every prompt with every step's confidence, remaining and next-step x0 change
+    (`dsa_jax.eval.oracle.trace_rollout`; no guidance): {'conf', 'remaining', 'gain'} of shape (N, F, L)."""
     from dsa_jax.eval import oracle
 
     b, L, outs = self.batch, len(self.config.sampling.ladder), []
@@ -277,8 +278,8 @@ class Benchmark:
                                        seed=self.seed + np.arange(start, start + b))
       t = oracle.trace_rollout(sampler, params, self.context[idx], controls)
       n = min(b, self.num - start)
-      outs.append({"conf": t["conf"][:n], "remaining": t["remaining"][:n]})
-    return {k: np.concatenate([o[k] for o in outs]) for k in ("conf", "remaining")}
+      outs.append({k: t[k][:n] for k in TRACE_KEYS})
+    return {k: np.concatenate([o[k] for o in outs]) for k in TRACE_KEYS}
 
   def run_allocation(self, sampler, params, steps: np.ndarray, *, name: str, extra: dict | None = None
                      ) -> dict[str, Any]:
@@ -711,11 +712,11 @@ def run_claim(config, models: dict[str, str | tuple[str, str]], out_dir: str, nu
   for n in names:
     log(f"DSA, {n} target: full-ladder trace (head report)")
     traces[n] = bench.trace(sampler, params[n])
-    log_range = (sources[n].get("conf_target") or {}).get("log_range")
-    heads[n] = oracle.head_report(traces[n], log_range)
+    conf_target = sources[n].get("conf_target") or {}
+    heads[n] = oracle.head_report(traces[n], conf_target.get("log_range"), conf_target.get("kind", n))
     h = heads[n]
     log(f"  median confidence by step {[round(c, 3) for c in h['median_conf_by_step']]}; step-1 spread "
-        f"{h['step1_spread']:.3f}; ECE vs the remaining target {h['ece_vs_remaining']:.3f}")
+        f"{h['step1_spread']:.3f}; ECE vs the {h['calibrated_against']} target {h['ece']:.3f}")
     taus = list(thresholds) if thresholds else _pick(traces[n]["conf"], "confidence", targets, mn, mx, fallback_tau)
     log(f"  thresholds {[round(t, 4) for t in taus]}")
     for tau in taus:
@@ -878,12 +879,14 @@ def head_table(heads: dict[str, dict]) -> str:
     return ""
   L = len(next(iter(heads.values()))["median_conf_by_step"])
   text = ("\nWhat the head's confidence means (full-ladder rollouts of the same prompts: median confidence after each "
-          "step, its 10th-90th percentile spread at step 1, and its calibration against the 'remaining' target of the "
-          "same steps):\n\n| target | " + " | ".join(f"median c, step {k + 1}" for k in range(L))
-          + " | rises | step-1 spread | ECE vs remaining |\n|---|" + "---:|" * (L + 3) + "\n")
+          "step, its 10th-90th percentile spread at step 1, and its calibration on the same steps against its own "
+          "target where the trace can compute it, 'gain' for a gain head, else 'remaining'):\n\n| target | "
+          + " | ".join(f"median c, step {k + 1}" for k in range(L))
+          + " | rises | step-1 spread | ECE | against |\n|---|" + "---:|" * (L + 3) + "---|\n")
   for n, h in heads.items():
     text += (f"| {n} | " + " | ".join(f"{c:.3f}" for c in h["median_conf_by_step"])
-             + f" | {'yes' if h['conf_rises'] else 'no'} | {h['step1_spread']:.3f} | {h['ece_vs_remaining']:.3f} |\n")
+             + f" | {'yes' if h['conf_rises'] else 'no'} | {h['step1_spread']:.3f} | {h['ece']:.3f}"
+             f" | {h['calibrated_against']} |\n")
   return text
 
 

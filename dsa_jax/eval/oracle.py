@@ -71,7 +71,7 @@ _PROGRAMS: dict = {}
 
 
 def trace_rollout(sampler: Sampler, params, context, controls, rng=None) -> dict[str, np.ndarray]:
-  """Full-ladder rollout without guidance -> {'x0': (B, F, L, H, W, C), 'conf': (B, F, L), 'remaining': (B, F, L)}.
+  """Full-ladder rollout without guidance -> {'x0': (B, F, L, H, W, C), 'conf', 'remaining', 'gain': (B, F, L)}.
 
   Equal to `sampler.sample` at threshold +inf and max_steps = L: the x0 of the last step is its output and the
   confidences its conf_trace (tests check both)."""
@@ -81,7 +81,15 @@ def trace_rollout(sampler: Sampler, params, context, controls, rng=None) -> dict
     _PROGRAMS[id(sampler)] = (sampler, _trace_program(sampler))
   x0s, confs = jax.device_get(_PROGRAMS[id(sampler)][1](params, context, controls, rng))
   x0s = np.asarray(x0s, np.float32)
-  return {"x0": x0s, "conf": np.asarray(confs, np.float32), "remaining": remaining_change(x0s)}
+  return {"x0": x0s, "conf": np.asarray(confs, np.float32), "remaining": remaining_change(x0s),
+          "gain": next_step_change(x0s)}
+
+
+def next_step_change(x0s: np.ndarray) -> np.ndarray:
+  """(B, F, L, ...) x0 per step -> (B, F, L): mean squared change of each step's x0 by one more step (0 at the last
+  step): what the 'gain' confidence target measures."""
+  d = np.concatenate([x0s[:, :, 1:] - x0s[:, :, :-1], np.zeros_like(x0s[:, :, :1])], axis=2)
+  return np.mean(np.square(d), axis=tuple(range(3, d.ndim)))
 
 
 def remaining_change(x0s: np.ndarray) -> np.ndarray:
@@ -178,8 +186,8 @@ def video_oracle(sample_latents: Callable[[np.ndarray], np.ndarray], num_prompts
 
 
 def remaining_log_range(remaining: np.ndarray) -> tuple[float, float]:
-  """(10th, 90th) percentiles of log remaining change over all steps but the last (where it is 0): the
-  normalisation of the 'remaining' target when the model does not record the one it was trained with."""
+  """(10th, 90th) percentiles of log remaining (or next-step) change over all steps but the last (where it is 0):
+  the normalisation of the 'remaining' / 'gain' target when the model does not record the one it was trained with."""
   r = np.asarray(remaining)[..., :-1].reshape(-1)
   lr = np.log(r + 1e-12)
   return float(np.percentile(lr, 10)), float(np.percentile(lr, 90))
@@ -205,10 +213,13 @@ def expected_calibration_error(conf: np.ndarray, target: np.ndarray, bins: int =
   return float(err)
 
 
-def head_report(trace: dict[str, np.ndarray], log_range=None) -> dict[str, Any]:
+def head_report(trace: dict[str, np.ndarray], log_range=None, target_kind: str = "remaining") -> dict[str, Any]:
   """What the head's confidence means on a full-ladder trace: per-step medians (should rise), the 10th-90th
-  percentile spread at step 1, and calibration against the 'remaining' target of the same steps."""
-  conf, rem = trace["conf"], trace["remaining"]
+  percentile spread at step 1, and calibration against its own target on the same steps where the trace can compute
+  it without a teacher ('gain': the next-step change; every other head against 'remaining'). `log_range`: the
+  target's normalisation as the model recorded it (else the eval set's)."""
+  against = "gain" if target_kind == "gain" else "remaining"
+  conf, rem = trace["conf"], trace[against]
   L = conf.shape[-1]
   source = "model" if log_range is not None else "eval set"
   log_range = remaining_log_range(rem) if log_range is None else tuple(log_range)
@@ -221,7 +232,7 @@ def head_report(trace: dict[str, np.ndarray], log_range=None) -> dict[str, Any]:
       "step1_p10": float(np.percentile(first, 10)), "step1_p90": float(np.percentile(first, 90)),
       "step1_spread": float(np.percentile(first, 90) - np.percentile(first, 10)),
       "median_target_by_step": [float(np.median(target[..., k])) for k in range(L)],
-      "ece_vs_remaining": expected_calibration_error(conf, target),
-      "remaining_log_range": list(map(float, log_range)), "log_range_from": source,
-      "median_remaining_by_step": [float(np.median(rem[..., k])) for k in range(L)],
+      "calibrated_against": against, "ece": expected_calibration_error(conf, target),
+      "log_range": list(map(float, log_range)), "log_range_from": source,
+      f"median_{against}_by_step": [float(np.median(rem[..., k])) for k in range(L)],
   }
