@@ -7,7 +7,7 @@
 #
 #   RUN=runs/digits bash launch/digits_gpu.sh                 # every stage at configs/digits.py's step counts
 #   RUN=runs/digits STAGES="teacher" TEACHER_STEPS=6000 bash launch/digits_gpu.sh   # one stage (others skipped)
-#   RUN=runs/digits HEADS="remaining consistency" bash launch/digits_gpu.sh         # + heads for the DSA generator
+#   RUN=runs/digits HEADS="remaining gain" bash launch/digits_gpu.sh                # + heads for the DSA generator
 #   RUN=runs/digits STAGES=polish4 POLISH4_GUIDANCE=1.0 bash launch/digits_gpu.sh   # polish4 at another guidance
 # Cost on one NVIDIA H200 (measured): data 64k clips about 40 s on 16 cores; teacher 35 it/s at batch 64 (18k steps
 # about 9 min; the data loader runs in the trainer's process, so two runs sharing a 16-core host get about 20 it/s
@@ -36,7 +36,7 @@ POLISH3_GUIDANCE=${POLISH3_GUIDANCE:-1.5}  # DMD guidance of polish3
 POLISH4_STEPS=${POLISH4_STEPS:-3300};  STAGE_POLISH4_S=${STAGE_POLISH4_S:-420}
 POLISH4_GUIDANCE=${POLISH4_GUIDANCE:-0.5}  # DMD guidance of polish4 (the shipped model: 0.5; 1.0 did a little worse)
 CONSISTENCY=${CONSISTENCY:-0}
-HEADS=${HEADS:-}  # e.g. "remaining consistency": extra confidence heads for the DSA generator (stage 'head', no teacher)
+HEADS=${HEADS:-}  # e.g. "remaining gain consistency": extra confidence heads for the DSA generator (stage 'head', no teacher)
 EXTRA=${EXTRA:-}  # extra overrides for every stage, e.g. --config.train.batch_size=8
 PY=${PY:-python3}
 mkdir -p "$RUN" "$DATA"
