@@ -4,7 +4,7 @@ The teacher stage draws its per-sample noise for the global batch and splits it 
 must agree to float tolerance. A DSA micro-batch draws its own exit step and rollout; the comparison matches them
 by giving every micro-batch the step's key and the same prompts, so that the K-micro-batch update must equal the
 one-batch update exactly as averaging requires (generator, head, critic, EMA, d_bar and the step counter).
-The teacher comparison also runs on 8 simulated CPU devices (mesh data=2 x fsdp=2 x tensor=2) in a subprocess.
+The teacher comparison runs on 8 simulated CPU devices (mesh data=2 x fsdp=2 x tensor=2) in a subprocess.
 """
 
 import json
@@ -100,9 +100,11 @@ TEACHER = SMALL + ["--config.train.stage=teacher", "--config.train.teacher_ema_d
 DSA = SMALL
 
 
-def run_all(mesh_fn, b_teacher, k_teacher, b_dsa=0, k_dsa=0, dsa_step="", dsa_overrides=()) -> dict:
+def run_all(mesh_fn, b_teacher=0, k_teacher=0, b_dsa=0, k_dsa=0, dsa_step="", dsa_overrides=()) -> dict:
   cfg = _cfg(TEACHER)
-  report = {"teacher": compare(TEACHER, k_teacher, teacher_batch(cfg, b_teacher), "teacher", mesh_fn)}
+  report = {}
+  if b_teacher:
+    report["teacher"] = compare(TEACHER, k_teacher, teacher_batch(cfg, b_teacher), "teacher", mesh_fn)
   if not dsa_step:
     return report
   one = prompt_batch(cfg, b_dsa)
@@ -114,13 +116,15 @@ def run_all(mesh_fn, b_teacher, k_teacher, b_dsa=0, k_dsa=0, dsa_step="", dsa_ov
 
 
 def _check(report, teacher_tol=1e-4, dsa_tol=1e-4):
-  t = report["teacher"]
-  assert t["steps"] == [1, 1]  # one update, not one per micro-batch
-  for key in ("loss_fm", "grad_norm_teacher", "sigma"):
-    np.testing.assert_allclose(t["metricsk"][key], t["metrics1"][key], rtol=1e-5, err_msg=key)
-  assert set(t["update_rel_diff"]) == {"teacher", "teacher_ema"}
-  for n, v in t["update_rel_diff"].items():
-    assert v < teacher_tol, (n, v)
+  assert report, "nothing compared"
+  if "teacher" in report:
+    t = report["teacher"]
+    assert t["steps"] == [1, 1]  # one update, not one per micro-batch
+    for key in ("loss_fm", "grad_norm_teacher", "sigma"):
+      np.testing.assert_allclose(t["metricsk"][key], t["metrics1"][key], rtol=1e-5, err_msg=key)
+    assert set(t["update_rel_diff"]) == {"teacher", "teacher_ema"}
+    for n, v in t["update_rel_diff"].items():
+      assert v < teacher_tol, (n, v)
   if "dsa" not in report:
     return
   d = report["dsa"]
@@ -149,9 +153,10 @@ def _single(cfg):
   return mesh_lib.make_mesh(cfg)
 
 
-def test_micro_batches_give_the_one_batch_update(xla_cache):
-  # the DSA reference is test_training.py's step (tiny, batch 4): loaded from the shared cache, not compiled again
-  _check(run_all(_single, b_teacher=4, k_teacher=2, b_dsa=4, k_dsa=2, dsa_step="gen", dsa_overrides=[]))
+def test_dsa_micro_batches_give_the_one_batch_update(xla_cache):
+  # the DSA reference is test_training.py's step (tiny, batch 4): loaded from the shared cache, not compiled again.
+  # The teacher stage's comparison runs on the 8-device mesh below (the same split, sharded).
+  _check(run_all(_single, b_dsa=4, k_dsa=2, dsa_step="gen", dsa_overrides=[]))
 
 
 def test_dsa_micro_batches_draw_their_own_exit_step():
