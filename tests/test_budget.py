@@ -35,6 +35,17 @@ def test_a_budget_needs_the_tables_step_range():
                                                                    "max_steps": 5}
 
 
+def test_a_budget_needs_the_tables_ladder():
+  """A table records the timestep ladder it was made with; a sampler on another ladder is refused (a tau gives other
+  step counts there), with the override that samples on the table's ladder and the calibrate command for its own."""
+  table = dict(TABLE, ladder=[1000.0, 750.0, 500.0, 250.0, 125.0])
+  assert budget.threshold_for(table, 2.6, ladder=(1000, 750, 500, 250, 125)) == pytest.approx(0.5)
+  assert budget.threshold_for(TABLE, 2.6, ladder=(1000, 500, 250, 125)) == pytest.approx(0.5)  # an older table
+  with pytest.raises(budget.BudgetError, match=r"'m'.*ladder \(1000,750,500,250,125\).*uses \(1000,500,250,125\).*"
+                                               r"calibrate .*--config.sampling.ladder='\(1000,500,250,125\)'"):
+    budget.budget_controls(table, 2.6, source="'m'", ladder=(1000, 500, 250, 125))
+
+
 class _CrowdedHead:
   """A stand-in sampler whose frames stop once tau falls below a confidence that crowds near 0 (as the 'remaining'
   head's does after its first step): average steps = 1 + 4 * clip(log10(tau / 1e-4) / log10(0.9 / 1e-4), 0, 1)."""
@@ -114,6 +125,7 @@ def test_calibrate_then_sample_with_a_budget(tmp_path, repo_root, capsys):
                    "--refine-gap", "0.5", "--config.data.prompts.kind=digits"]) == 0
   table = json.loads((model / "dsa_meta.json").read_text())["calibration"]
   assert len(table["thresholds"]) == len(table["mean_steps"]) >= len(budget.DEFAULT_THRESHOLDS)
+  assert table["ladder"] == [float(t) for t in cfg.sampling.ladder]  # what its taus mean
   assert table["thresholds"] == sorted(table["thresholds"]) and table["num_prompts"] == 2
   assert table["mean_steps"][0] <= table["mean_steps"][-1]
   rc = cli.main(["sample", "--config", tiny, "--ckpt", str(model), "--out", str(out), "--prompt", "a", "--mean-steps",

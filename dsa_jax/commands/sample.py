@@ -245,7 +245,7 @@ def resolve_budget(config, args, threshold: float, source: dict, ckpt: str, warn
     warn(f"warning: config.sampling.mean_steps={m:g} but {owner} has no calibration table "
          f"(dsa-jax calibrate); using config.sampling.threshold={threshold:g}")
     return threshold, ""
-  tau = budget.threshold_for(table, m, source=owner, step_range=step_range)
+  tau = budget.threshold_for(table, m, source=owner, step_range=step_range, ladder=config.sampling.ladder)
   return tau, f" (from --mean-steps {m:g})" if args.mean_steps is not None else f" (from mean_steps {m:g})"
 
 
@@ -361,9 +361,10 @@ def main(args):
                                           step_range=(min_steps, max_steps))
   fps_controller = None
   if args.target_fps is not None:
-    from dsa_jax.sampling.budget import FpsController, check_step_range
+    from dsa_jax.sampling.budget import FpsController, check_ladder, check_step_range
     if source.get("calibration"):
       check_step_range(source["calibration"], (min_steps, max_steps), source=repr(ckpt or "the model"))
+      check_ladder(source["calibration"], config.sampling.ladder, source=repr(ckpt or "the model"))
     fps_controller = FpsController(source.get("calibration"), args.target_fps,
                                    initial_steps=args.mean_steps or config.sampling.mean_steps or None)
   sampler = sampler_lib.make_sampler(config, num_frames=args.num_frames)

@@ -925,7 +925,7 @@ def check_budgets(config, ckpt: str, out_dir: str, budgets: Sequence[float], *, 
   params, source = loading.load_sampler_params(config, ckpt, warn=log, cast=True)
   table = source.get("calibration")
   owner = loading.calibration_owner(source, f"--ckpt {ckpt or config.sampling.checkpoint}")
-  controls = [budget_lib.budget_controls(table, float(m), source=owner)
+  controls = [budget_lib.budget_controls(table, float(m), source=owner, ladder=config.sampling.ladder)
               for m in budgets]  # a missing table or an out-of-range request fails before any sampling
   bench = Benchmark(config, num=num, evaluator=evaluator, data_seed=data_seed, num_real=num_real, batch=batch,
                     seed=seed, fps_prompts=0, log=log)

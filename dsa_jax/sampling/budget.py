@@ -62,11 +62,12 @@ def table_step_range(calibration: dict) -> tuple[int, int]:
 
 
 def threshold_for(calibration: Optional[dict], mean_steps: float, *, source: str = "the model",
-                  step_range: Optional[tuple[int, int]] = None) -> float:
+                  step_range: Optional[tuple[int, int]] = None, ladder: Optional[Sequence[float]] = None) -> float:
   """tau whose calibrated average steps per frame is `mean_steps` (+inf / -inf at the table's ends).
 
-  `step_range`: the (min_steps, max_steps) the sampler will use; a table made with another range is an error (its
-  taus would give other averages)."""
+  `step_range`: the (min_steps, max_steps) the sampler will use; `ladder`: its timestep ladder
+  (config.sampling.ladder). A table made with another range or ladder is an error (its taus would give other
+  averages)."""
   if not calibration:
     raise BudgetError(f"{source} has no step-budget calibration table; make one with `dsa-jax calibrate --config "
                       "CONFIG --ckpt MODEL [--head DIR]` with the sampling overrides you sample with (e.g. "
@@ -75,6 +76,7 @@ def threshold_for(calibration: Optional[dict], mean_steps: float, *, source: str
   if not math.isfinite(m):
     raise BudgetError(f"--mean-steps: expected a finite number, got {mean_steps!r}")
   check_step_range(calibration, step_range, source=source)
+  check_ladder(calibration, ladder, source=source)
   lo, hi = float(calibration["min_steps"]), float(calibration["max_steps"])
   if not lo <= m <= hi:
     raise BudgetError(f"--mean-steps {m:g}: must lie in [min_steps, max_steps] = [{lo:g}, {hi:g}]")
@@ -108,10 +110,28 @@ def check_step_range(calibration: dict, step_range: Optional[tuple[int, int]], *
         f"--config.sampling.min_steps={mn} --config.sampling.max_steps={mx}`")
 
 
-def budget_controls(calibration: Optional[dict], mean_steps: float, *, source: str = "the model") -> dict[str, Any]:
+def check_ladder(calibration: dict, ladder: Optional[Sequence[float]], *, source: str = "the model"):
+  """Raises when the sampler's timestep ladder differs from the one the table was made with (tables that predate
+  the record carry none and are taken as they are)."""
+  made = calibration.get("ladder")
+  if ladder is None or made is None:
+    return
+  want, have = [float(x) for x in made], [float(x) for x in ladder]
+  if want != have:
+    fmt = lambda xs: "(" + ",".join(f"{x:g}" for x in xs) + ")"
+    raise BudgetError(
+        f"{source}: its calibration table was made with the timestep ladder {fmt(want)}, the sampler uses "
+        f"{fmt(have)} (config.sampling.ladder): a threshold gives other step counts on another ladder; sample with "
+        f"--config.sampling.ladder='{fmt(want)}', or make a table for this ladder with `dsa-jax calibrate ... "
+        f"--config.sampling.ladder='{fmt(have)}'`")
+
+
+def budget_controls(calibration: Optional[dict], mean_steps: float, *, source: str = "the model",
+                    ladder: Optional[Sequence[float]] = None) -> dict[str, Any]:
   """The sampler controls of a step budget: tau from the table and the table's own step range, ready for
-  `sampler.make_controls(batch, **budget_controls(table, 2.5))`."""
-  tau = threshold_for(calibration, mean_steps, source=source)
+  `sampler.make_controls(batch, **budget_controls(table, 2.5))`; `ladder` (config.sampling.ladder) is checked
+  against the table's."""
+  tau = threshold_for(calibration, mean_steps, source=source, ladder=ladder)
   lo, hi = table_step_range(calibration)
   return {"threshold": tau, "min_steps": lo, "max_steps": hi}
 
@@ -178,6 +198,9 @@ def calibration_table(sampler, params, contexts: np.ndarray, thresholds: Sequenc
   log(f"calibrated {len(taus)} thresholds on {n} prompts in {time.time() - t0:.1f}s")
   out = {"thresholds": taus, "mean_steps": [table[t] for t in taus], "num_prompts": int(n),
          "min_steps": int(s.min_steps), "max_steps": int(s.max_steps), "seed": int(seed)}
+  ladder = s.get("ladder")
+  if ladder is not None:  # what the taus mean depends on it (see `check_ladder`)
+    out["ladder"] = [float(x) for x in ladder]
   if rule != "confidence":
     out["stop_rule"] = rule
   return out
