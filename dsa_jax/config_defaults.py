@@ -154,6 +154,10 @@ def base_config() -> ml_collections.ConfigDict:
   t.teacher_ema_decay = 0.0  # teacher stage: EMA of the teacher's weights with this decay, exported instead of the raw weights; 0 = none
   t.ode_guidance = -1.0  # classifier-free guidance of the ODE-pair teacher solves; negative = dmd.guidance
   t.exit_steps = 0  # DSA rollout: exit step drawn among the first exit_steps ladder steps; 0 = sampling.max_steps
+  # (len(train.ladder) when that is set)
+  # The timestep ladder of training rollouts (ode / dsa / head stages); () = sampling.ladder. A model trained on one
+  # ladder may sample best on a sub-ladder of it (the digits model: trained on 5 steps, sampled on 3 of them).
+  t.ladder = ()
   t.rollout_remat = "auto"  # jax.checkpoint around each rollout chunk's exit forward: 'auto', 'chunk' or 'none'
   t.critic_from = ""  # dsa stage: workdir or checkpoint whose model initialises the critic ('' = teacher or generator)
   t.compilation_cache = ""  # folder for JAX's persistent compilation cache ('' = off)

@@ -240,6 +240,10 @@ def validate_config(config: ml_collections.ConfigDict):
            f"must be strictly decreasing, got {ladder!r}")
   _require(0 < ladder[-1] and ladder[0] <= d.num_train_timesteps, "sampling.ladder",
            f"timesteps must lie in (0, {d.num_train_timesteps}], got {ladder!r}")
+  tl = list(config.train.get("ladder") or ())
+  _require(all(isinstance(t, (int, float)) for t in tl) and all(a > b for a, b in zip(tl, tl[1:]))
+           and all(0 < t <= d.num_train_timesteps for t in tl), "train.ladder",
+           f"must be () or strictly decreasing timesteps in (0, {d.num_train_timesteps}], got {tl!r}")
   _require(1 <= s.min_steps <= len(ladder), "sampling.min_steps",
            f"must lie in [1, len(sampling.ladder)={len(ladder)}], got {s.min_steps}")
   _require(s.min_steps <= s.max_steps <= len(ladder), "sampling.max_steps",

@@ -11,7 +11,7 @@ Five actions (a positional word; `run` when omitted):
 
   dsa-jax eval sweep --config configs/digits.py --model remaining=MODEL [--model dmd=MODEL2 ...] --out docs/claim
       [--num 512] [--thresholds ...] [--deltas ...] [--budgets 1.5 2 2.5 3]
-    the quality-vs-steps comparison (also `--sweep`): fixed 1-5 steps, DSA with each model (named by its confidence
+    the quality-vs-steps comparison (also `--sweep`): fixed 1 to all ladder steps, DSA with each model (named by its confidence
     target) at >= 5 thresholds, the x0-change heuristic at several deltas, and at each budget the per-frame oracle
     and the video oracle (steps per chunk, each candidate judged by re-rolling the whole video; --no-video-oracle);
     writes claim.md, claim.json, claim.png, steps_by_event.png, steps_by_place.png (see dsa_jax/eval/claim.py).
@@ -242,7 +242,7 @@ def main(args):
     else:
       models = {_head_target(head): (ckpt, head)} if head else {str(config.conf.target): ckpt}
     run_claim(config, models, args.out, thresholds=thresholds, deltas=args.deltas,
-              fixed=tuple(args.fixed) if args.fixed else (1, 2, 3, 4, 5),
+              fixed=tuple(args.fixed) if args.fixed else tuple(range(1, len(config.sampling.ladder) + 1)),
               budgets=tuple(args.budgets) if args.budgets else None,
               video_oracle=not args.no_video_oracle, **common)
     return 0

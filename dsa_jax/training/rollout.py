@@ -56,8 +56,9 @@ class RolloutSpec:
   @classmethod
   def from_config(cls, config) -> "RolloutSpec":
     lh, lw = latent_hw(config)
-    sig = flow.warp_ladder(config.sampling.ladder, config.diffusion.shift, config.diffusion.num_train_timesteps)
-    steps = int(config.train.exit_steps or config.sampling.max_steps)
+    ladder = training_ladder(config)
+    sig = flow.warp_ladder(ladder, config.diffusion.shift, config.diffusion.num_train_timesteps)
+    steps = int(config.train.exit_steps or (len(ladder) if config.train.get("ladder") else config.sampling.max_steps))
     steps = max(1, min(steps, len(sig)))
     return cls(num_frames=config.video.num_frames, chunk_frames=config.video.chunk_frames, height=lh, width=lw,
                channels=config.model.in_channels, tokens_per_frame=tokens_per_frame(config),
@@ -65,6 +66,11 @@ class RolloutSpec:
                context_sigma=float(config.sampling.context_noise) / config.diffusion.num_train_timesteps,
                num_train_timesteps=config.diffusion.num_train_timesteps,
                remat=str(config.train.rollout_remat))
+
+
+def training_ladder(config) -> tuple:
+  """The timesteps of training rollouts: config.train.ladder, or the sampling ladder when that is empty."""
+  return tuple(config.train.get("ladder") or ()) or tuple(config.sampling.ladder)
 
 
 def sample_exit_index(key, spec: RolloutSpec):
