@@ -118,3 +118,18 @@ def test_train_sigma_sampler():
   assert float(jnp.mean(s)) > 0.6  # shift 5 favours high noise
   with pytest.raises(ValueError, match="train_t_sampler"):
     flow.sample_train_sigma(jax.random.PRNGKey(0), (4,), 5.0, sampler="bad")
+
+
+def test_training_ladder_defaults_to_the_sampling_ladder():
+  """train.ladder: training rollouts on their own ladder (exits drawn over all of its steps), sampling on another;
+  empty = the sampling ladder (exits among its first sampling.max_steps); a bad one is an error naming the field."""
+  from dsa_jax.training import rollout
+  digits = get_config("digits")
+  spec = rollout.RolloutSpec.from_config(digits)
+  assert digits.sampling.ladder == (1000, 500, 250) and digits.sampling.max_steps == 3
+  assert len(spec.sigmas) == spec.num_steps == 5  # the 5-step training ladder, every step a possible exit
+  tiny = get_config("tiny", ["--config.sampling.max_steps=3"])
+  spec = rollout.RolloutSpec.from_config(tiny)
+  assert len(spec.sigmas) == len(tiny.sampling.ladder) and spec.num_steps == 3
+  with pytest.raises(ConfigError, match="train.ladder"):
+    get_config("tiny", ["--config.train.ladder=(250,500)"])

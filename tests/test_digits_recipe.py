@@ -51,9 +51,11 @@ def test_shipped_model_loads_and_samples(repo_root):
   assert budget.table_step_range(table) == (2, config.sampling.max_steps)
   order = np.argsort(table["thresholds"])
   assert (np.diff(np.asarray(table["mean_steps"])[order]) <= 1e-6).all()
-  assert min(table["mean_steps"]) <= 2.01 and max(table["mean_steps"]) >= 4.9
-  taus = [budget.budget_controls(table, m)["threshold"] for m in (2.5, 3.0, 4.0)]
+  assert min(table["mean_steps"]) <= 2.01 and max(table["mean_steps"]) >= config.sampling.max_steps - 0.05
+  taus = [budget.budget_controls(table, m, ladder=config.sampling.ladder)["threshold"] for m in (2.25, 2.5, 2.75)]
   assert taus[0] > taus[1] > taus[2] > 0, taus
+  # both tables were made on the ladder the config samples with
+  assert table["ladder"] == source["calibration"]["ladder"] == [float(t) for t in config.sampling.ladder]
 
 
 def test_runlocal_chain_teacher_ode_dsa(repo_root, tmp_path, capsys):
