@@ -337,7 +337,8 @@ def test_claim_sweep_tiny(digits_toy_config, tiny_evaluator, tmp_path):
   # with a floor of 2 steps per frame (the shipped digits config's) an oracle budget below it is refused before
   # anything is sampled
   digits_toy_config.sampling.min_steps = 2
-  with pytest.raises(claim.BenchmarkError, match=r"--budgets.*\[2, 5\].*1\.5"):
+  L = len(digits_toy_config.sampling.ladder)
+  with pytest.raises(claim.BenchmarkError, match=rf"--budgets.*\[2, {L}\].*1\.5"):
     claim.run_claim(digits_toy_config, {"remaining": ""}, str(tmp_path), budgets=(1.5, 2.0), bench=bench,
                     log=lambda s: None)
   digits_toy_config.sampling.min_steps = 1  # the sweep without the floor

@@ -187,7 +187,8 @@ def load_sampler_params(config, ckpt: str = "", *, use_ema: Optional[bool] = Non
     out["head"] = params["head"]
   if cast:
     out["generator"] = cast_params_for_inference(out["generator"], _DTYPES[config.compute.dtype])
-  rule = str(config.sampling.get("stop_rule", "confidence"))
+  from dsa_jax.sampling.stop_rules import config_stop_rule
+  rule = config_stop_rule(config)
   meta = {}
   if not ckpt:
     source = {"source": "random"}

@@ -242,7 +242,7 @@ def main(args):
     else:
       models = {_head_target(head): (ckpt, head)} if head else {str(config.conf.target): ckpt}
     run_claim(config, models, args.out, thresholds=thresholds, deltas=args.deltas,
-              fixed=tuple(args.fixed) if args.fixed else tuple(range(1, len(config.sampling.ladder) + 1)),
+              fixed=tuple(args.fixed) if args.fixed else None,
               budgets=tuple(args.budgets) if args.budgets else None,
               video_oracle=not args.no_video_oracle, **common)
     return 0

@@ -6,7 +6,7 @@ the prompts with one sampler at one setting and scores the result (FD, prompt ag
 frame and per event label, FPS).
 
 `run_claim` is the sweep that tests the claim, all on the same prompts, seeds and evaluator:
-  * fixed 1..5 steps (tau = +inf, max_steps = k) with the first model's generator (Self Forcing's sampler);
+  * fixed 1..len(ladder) steps (tau = +inf, max_steps = k) with the first model's generator (Self Forcing's sampler);
   * DSA with each given model (one per confidence target) at >= 5 thresholds, and what its head's confidence
     means on full-ladder rollouts (`oracle.head_report`);
   * the training-free x0-change early exit (`heuristic.py`) at several deltas;
@@ -646,7 +646,7 @@ def _pick(trace, rule, targets, min_steps, max_steps, fallback) -> list[float]:
 
 def run_claim(config, models: dict[str, str | tuple[str, str]], out_dir: str, num: int = 256, *,
               thresholds: Sequence[float] | None = None, deltas: Sequence[float] | None = None,
-              fixed: Sequence[int] = (1, 2, 3, 4, 5), budgets: Sequence[float] | None = None,
+              fixed: Sequence[int] | None = None, budgets: Sequence[float] | None = None,
               evaluator=None, batch: int = 32, seed: int = 0, data_seed: int = 0, num_real: int = 1000,
               fps_prompts: int = 8, targets: Sequence[float] = DEFAULT_TARGETS,
               log: Callable[[str], None] = _say, bench: Benchmark | None = None,
@@ -675,6 +675,7 @@ def run_claim(config, models: dict[str, str | tuple[str, str]], out_dir: str, nu
   bench = bench or Benchmark(config, num=num, evaluator=evaluator, data_seed=data_seed, num_real=num_real,
                              batch=batch, seed=seed, fps_prompts=fps_prompts, log=log)
   L = len(config.sampling.ladder)
+  fixed = tuple(range(1, L + 1)) if fixed is None else tuple(fixed)  # default: every step count of the ladder
   mn, mx = int(config.sampling.min_steps), int(config.sampling.max_steps)
   bad = [k for k in fixed if not 1 <= int(k) <= L]
   if bad:

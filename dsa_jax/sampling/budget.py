@@ -19,6 +19,8 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
+from dsa_jax.sampling.stop_rules import config_stop_rule
+
 DEFAULT_THRESHOLDS = tuple(float(t) for t in np.round(np.linspace(0.02, 0.98, 49), 4))
 # The x0-change rule's tau is a mean |x0 change| between steps (latent units, small): a geometric grid.
 DEFAULT_X0_THRESHOLDS = tuple(float(t) for t in np.round(np.geomspace(0.004, 1.0, 17), 5))
@@ -169,7 +171,7 @@ def calibration_table(sampler, params, contexts: np.ndarray, thresholds: Sequenc
     log(f"  tau {float(tau):.4g}: {avg:.3f} steps per frame ({time.time() - t0:.0f} s)")
     return avg
 
-  rule = str(s.get("stop_rule", "confidence"))
+  rule = config_stop_rule(sampler.config)
   table = {float(t): mean_steps(t) for t in thresholds}
   lo, hi = float(s.min_steps), float(s.max_steps)
   for _ in range(int(extend_rounds)):
@@ -275,7 +277,7 @@ def calibrate(config, ckpt: str, *, num: int = 256, thresholds: Optional[Sequenc
                       "training workdir); got none")
   if int(num) < 1:
     raise BudgetError(f"--num: expected at least 1 calibration prompt, got {num}")
-  rule = str(config.sampling.get("stop_rule", "confidence"))
+  rule = config_stop_rule(config)
   if rule != "confidence" and head:
     raise BudgetError(f"--head {head!r}: the x0-change rule (sampling.stop_rule={rule!r}) uses no confidence head; "
                       "its table goes into the model folder (--ckpt)")

@@ -282,7 +282,7 @@ class Sampler:
     self.num_steps = len(self.sigmas)
     self.num_train_timesteps = float(config.diffusion.num_train_timesteps)
     self.context_noise = float(config.sampling.context_noise)
-    self.stop_rule = config.sampling.get("stop_rule", "confidence")
+    self.stop_rule = stop_rules.config_stop_rule(config)
     if self.stop_rule not in STOP_RULES:
       raise ValueError(f"config.sampling.stop_rule: expected one of {STOP_RULES}, got {self.stop_rule!r}")
     self.fixed_step_head = config.sampling.get("fixed_step_head", "every")

@@ -15,6 +15,12 @@ import jax.numpy as jnp
 STOP_RULES = ("confidence", "x0_delta")
 
 
+def config_stop_rule(config) -> str:
+  """config.sampling.stop_rule, 'confidence' where the config predates the field (one read back from an older
+  checkpoint)."""
+  return str(config.sampling.get("stop_rule", "confidence"))
+
+
 def confidence_ready(score, tau, steps):
   """The confidence head's rule: c >= tau (a nan score is never ready)."""
   del steps
