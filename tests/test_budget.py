@@ -143,6 +143,17 @@ def test_calibrate_then_sample_with_a_budget(tmp_path, repo_root, capsys):
                  "2.5", "--config.sampling.min_steps=2"])
   assert rc == 0 and "calibration table's 1-" in capsys.readouterr().err
   assert json.loads((out / "a.steps.json").read_text())["min_steps"] == 1
+  # On another ladder the table's taus mean other step counts: an explicit budget is refused, saying what to do; the
+  # config's own budget falls back to its threshold with a warning that says the same.
+  other = ["--config.sampling.ladder=(1000,500,250)", "--config.sampling.max_steps=3"]
+  rc = cli.main(["sample", "--config", tiny, "--ckpt", str(model), "--out", str(out), "--prompt", "a", "--mean-steps",
+                 "2"] + other)
+  err = capsys.readouterr().err
+  assert rc == 2 and "timestep ladder (1000,750,500,250,125)" in err and "--config.sampling.ladder='(1000,500,250)'" in err
+  rc = cli.main(["sample", "--config", tiny, "--ckpt", str(model), "--out", str(out), "--prompt", "a",
+                 "--config.sampling.mean_steps=2"] + other)
+  assert rc == 0 and "config.sampling.mean_steps=2 cannot be used" in capsys.readouterr().err
+  assert json.loads((out / "a.steps.json").read_text())["threshold"] == cfg.sampling.threshold
   # The x0-change rule's own table: made with the rule's override, stored beside the head's, used by --mean-steps
   x0 = ["--config.sampling.stop_rule=x0_delta"]
   assert cli.main(["calibrate", "--config", tiny, "--ckpt", str(model), "--head", "h", "--num", "2"] + x0) == 2

@@ -219,6 +219,10 @@ def budget_step_range(config, args, source: dict, steps: tuple[int, int], warn) 
   uses_budget = args.threshold is None and bool(args.mean_steps or config.sampling.mean_steps or args.target_fps)
   if not uses_budget or not table or args.min_steps is not None or args.max_steps is not None:
     return steps
+  try:
+    budget.check_ladder(table, config.sampling.ladder)
+  except budget.BudgetError:
+    return steps  # a table of another ladder: `resolve_budget` refuses it, with what to do
   rng = budget.table_step_range(table)
   if rng != tuple(steps):
     warn(f"note: the step budget uses the calibration table's {rng[0]}-{rng[1]} steps per frame "
@@ -230,8 +234,9 @@ def resolve_budget(config, args, threshold: float, source: dict, ckpt: str, warn
                    step_range: tuple[int, int] | None = None) -> tuple[float, str]:
   """tau from a step budget (--mean-steps, else config.sampling.mean_steps) and the model's calibration table.
 
-  An explicit --mean-steps without a table is an error that says how to make one; a budget that comes from the
-  config falls back to config.sampling.threshold with a warning (models without a table still sample)."""
+  An explicit --mean-steps without a table (or with a table made on another ladder) is an error that says how to make
+  one; a budget that comes from the config falls back to config.sampling.threshold with a warning (models without a
+  table still sample, and so does a model on a ladder its table was not made on)."""
   from dsa_jax.sampling import budget
   if args.threshold is not None:
     return threshold, ""
@@ -245,6 +250,13 @@ def resolve_budget(config, args, threshold: float, source: dict, ckpt: str, warn
     warn(f"warning: config.sampling.mean_steps={m:g} but {owner} has no calibration table "
          f"(dsa-jax calibrate); using config.sampling.threshold={threshold:g}")
     return threshold, ""
+  if table is not None and args.mean_steps is None:
+    try:
+      budget.check_ladder(table, config.sampling.ladder, source=owner)
+    except budget.BudgetError as e:
+      warn(f"warning: config.sampling.mean_steps={m:g} cannot be used: {e}; using config.sampling.threshold="
+           f"{threshold:g}")
+      return threshold, ""
   tau = budget.threshold_for(table, m, source=owner, step_range=step_range, ladder=config.sampling.ladder)
   return tau, f" (from --mean-steps {m:g})" if args.mean_steps is not None else f" (from mean_steps {m:g})"
 

@@ -77,8 +77,8 @@ def threshold_for(calibration: Optional[dict], mean_steps: float, *, source: str
   m = float(mean_steps)
   if not math.isfinite(m):
     raise BudgetError(f"--mean-steps: expected a finite number, got {mean_steps!r}")
+  check_ladder(calibration, ladder, source=source)  # first: on another ladder the step range means nothing either
   check_step_range(calibration, step_range, source=source)
-  check_ladder(calibration, ladder, source=source)
   lo, hi = float(calibration["min_steps"]), float(calibration["max_steps"])
   if not lo <= m <= hi:
     raise BudgetError(f"--mean-steps {m:g}: must lie in [min_steps, max_steps] = [{lo:g}, {hi:g}]")
