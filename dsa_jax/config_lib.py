@@ -49,6 +49,8 @@ def resolve_config_path(path: str) -> str:
 # still change by the last ladder step (log-quantile normalised; its confidence rises with every step);
 # 'consistency' = the same distance with a fixed or running-mean scale.
 CONF_TARGETS = ("remaining", "gain", "consistency", "dmd")
+# targets on a running log scale of an x0 change, whose normalisation (`log_range`) a model records with its head
+LOG_SCALE_TARGETS = ("remaining", "gain")
 # compute.remat: what the DiT's blocks keep for the backward pass ('none': everything; 'full': only their inputs;
 # 'dots' / 'dots_no_batch': also matmul outputs; 'attention_saved': their inputs and the self-attention kernel's
 # inputs, output and softmax statistics, the rest recomputed)

@@ -11,9 +11,9 @@ Five actions (a positional word; `run` when omitted):
 
   dsa-jax eval sweep --config configs/digits.py --model remaining=MODEL [--model dmd=MODEL2 ...] --out docs/claim
       [--num 512] [--thresholds ...] [--deltas ...] [--budgets 1.5 2 2.5 3]
-    the quality-vs-steps comparison (also `--sweep`): fixed 1 to all ladder steps, DSA with each model (named by its confidence
-    target) at >= 5 thresholds, the x0-change heuristic at several deltas, and at each budget the per-frame oracle
-    and the video oracle (steps per chunk, each candidate judged by re-rolling the whole video; --no-video-oracle);
+    the quality-vs-steps comparison (also `--sweep`): fixed 1 to all ladder steps, DSA with each model (named by its
+    confidence target) at >= 5 thresholds, the x0-change heuristic at several deltas, and at each budget the
+    per-frame oracle and the video oracle (steps per chunk, each candidate judged by re-rolling the whole video; --no-video-oracle);
     writes claim.md, claim.json, claim.png, steps_by_event.png, steps_by_place.png (see dsa_jax/eval/claim.py).
     TARGET=MODEL+HEAD takes the head from a head folder (dsa-jax convert export-head) and the generator from MODEL:
       --model dmd=dsa_jax/assets/digits_model \\

@@ -219,9 +219,7 @@ def budget_step_range(config, args, source: dict, steps: tuple[int, int], warn) 
   uses_budget = args.threshold is None and bool(args.mean_steps or config.sampling.mean_steps or args.target_fps)
   if not uses_budget or not table or args.min_steps is not None or args.max_steps is not None:
     return steps
-  try:
-    budget.check_ladder(table, config.sampling.ladder)
-  except budget.BudgetError:
+  if budget.ladder_mismatch(table, config.sampling.ladder):
     return steps  # a table of another ladder: `resolve_budget` refuses it, with what to do
   rng = budget.table_step_range(table)
   if rng != tuple(steps):
@@ -250,13 +248,11 @@ def resolve_budget(config, args, threshold: float, source: dict, ckpt: str, warn
     warn(f"warning: config.sampling.mean_steps={m:g} but {owner} has no calibration table "
          f"(dsa-jax calibrate); using config.sampling.threshold={threshold:g}")
     return threshold, ""
-  if table is not None and args.mean_steps is None:
-    try:
-      budget.check_ladder(table, config.sampling.ladder, source=owner)
-    except budget.BudgetError as e:
-      warn(f"warning: config.sampling.mean_steps={m:g} cannot be used: {e}; using config.sampling.threshold="
-           f"{threshold:g}")
-      return threshold, ""
+  why = budget.ladder_mismatch(table, config.sampling.ladder, source=owner) if table is not None else None
+  if why and args.mean_steps is None:
+    warn(f"warning: config.sampling.mean_steps={m:g} cannot be used: {why}; using config.sampling.threshold="
+         f"{threshold:g}")
+    return threshold, ""
   tau = budget.threshold_for(table, m, source=owner, step_range=step_range, ladder=config.sampling.ladder)
   return tau, f" (from --mean-steps {m:g})" if args.mean_steps is not None else f" (from mean_steps {m:g})"
 
@@ -373,10 +369,10 @@ def main(args):
                                           step_range=(min_steps, max_steps))
   fps_controller = None
   if args.target_fps is not None:
-    from dsa_jax.sampling.budget import FpsController, check_ladder, check_step_range
+    from dsa_jax.sampling.budget import FpsController, check_table_fits
     if source.get("calibration"):
-      check_step_range(source["calibration"], (min_steps, max_steps), source=repr(ckpt or "the model"))
-      check_ladder(source["calibration"], config.sampling.ladder, source=repr(ckpt or "the model"))
+      check_table_fits(source["calibration"], step_range=(min_steps, max_steps), ladder=config.sampling.ladder,
+                       source=repr(ckpt or "the model"))
     fps_controller = FpsController(source.get("calibration"), args.target_fps,
                                    initial_steps=args.mean_steps or config.sampling.mean_steps or None)
   sampler = sampler_lib.make_sampler(config, num_frames=args.num_frames)

@@ -934,7 +934,8 @@ def check_budgets(config, ckpt: str, out_dir: str, budgets: Sequence[float], *, 
   rows = []
   for m, ctl in zip(budgets, controls):  # a table's taus give its averages under its own step range
     r = bench.run(sampler, params, name=f"mean-steps-{float(m):g}", **ctl)
-    rows.append({"requested": float(m), "tau": ctl["threshold"], "achieved": r["avg_steps"], "error": r["avg_steps"] - float(m),
+    rows.append({"requested": float(m), "tau": ctl["threshold"], "achieved": r["avg_steps"],
+                 "error": r["avg_steps"] - float(m),
                  "fd": r["fd"], "fd_bootstrap_std": r["fd_bootstrap_std"], "agreement": r["agreement"]})
   worst = max(abs(r["error"]) for r in rows)
   log("requested -> achieved average steps: " + ", ".join(f"{r['requested']:g} -> {r['achieved']:.2f}" for r in rows)

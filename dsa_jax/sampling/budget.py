@@ -77,8 +77,7 @@ def threshold_for(calibration: Optional[dict], mean_steps: float, *, source: str
   m = float(mean_steps)
   if not math.isfinite(m):
     raise BudgetError(f"--mean-steps: expected a finite number, got {mean_steps!r}")
-  check_ladder(calibration, ladder, source=source)  # first: on another ladder the step range means nothing either
-  check_step_range(calibration, step_range, source=source)
+  check_table_fits(calibration, step_range=step_range, ladder=ladder, source=source)
   lo, hi = float(calibration["min_steps"]), float(calibration["max_steps"])
   if not lo <= m <= hi:
     raise BudgetError(f"--mean-steps {m:g}: must lie in [min_steps, max_steps] = [{lo:g}, {hi:g}]")
@@ -112,20 +111,31 @@ def check_step_range(calibration: dict, step_range: Optional[tuple[int, int]], *
         f"--config.sampling.min_steps={mn} --config.sampling.max_steps={mx}`")
 
 
-def check_ladder(calibration: dict, ladder: Optional[Sequence[float]], *, source: str = "the model"):
-  """Raises when the sampler's timestep ladder differs from the one the table was made with (tables that predate
-  the record carry none and are taken as they are)."""
+def ladder_mismatch(calibration: dict, ladder: Optional[Sequence[float]], *, source: str = "the model"
+                    ) -> Optional[str]:
+  """Why the table cannot serve a sampler on timestep ladder `ladder` (made on another one), or None (the same
+  ladder, no ladder given, or a table that predates the record and is taken as it is)."""
   made = calibration.get("ladder")
   if ladder is None or made is None:
-    return
+    return None
   want, have = [float(x) for x in made], [float(x) for x in ladder]
-  if want != have:
-    fmt = lambda xs: "(" + ",".join(f"{x:g}" for x in xs) + ")"
-    raise BudgetError(
-        f"{source}: its calibration table was made with the timestep ladder {fmt(want)}, the sampler uses "
-        f"{fmt(have)} (config.sampling.ladder): a threshold gives other step counts on another ladder; sample with "
-        f"--config.sampling.ladder='{fmt(want)}', or make a table for this ladder with `dsa-jax calibrate ... "
-        f"--config.sampling.ladder='{fmt(have)}'`")
+  if want == have:
+    return None
+  fmt = lambda xs: "(" + ",".join(f"{x:g}" for x in xs) + ")"
+  return (f"{source}: its calibration table was made with the timestep ladder {fmt(want)}, the sampler uses "
+          f"{fmt(have)} (config.sampling.ladder): a threshold gives other step counts on another ladder; sample with "
+          f"--config.sampling.ladder='{fmt(want)}', or make a table for this ladder with `dsa-jax calibrate ... "
+          f"--config.sampling.ladder='{fmt(have)}'`")
+
+
+def check_table_fits(calibration: dict, *, step_range: Optional[tuple[int, int]] = None,
+                     ladder: Optional[Sequence[float]] = None, source: str = "the model"):
+  """Raises when the table was made on another timestep ladder (checked first: there its step range means nothing
+  either) or with another (min_steps, max_steps) than the sampler's."""
+  why = ladder_mismatch(calibration, ladder, source=source)
+  if why:
+    raise BudgetError(why)
+  check_step_range(calibration, step_range, source=source)
 
 
 def budget_controls(calibration: Optional[dict], mean_steps: float, *, source: str = "the model",
@@ -201,7 +211,7 @@ def calibration_table(sampler, params, contexts: np.ndarray, thresholds: Sequenc
   out = {"thresholds": taus, "mean_steps": [table[t] for t in taus], "num_prompts": int(n),
          "min_steps": int(s.min_steps), "max_steps": int(s.max_steps), "seed": int(seed)}
   ladder = s.get("ladder")
-  if ladder is not None:  # what the taus mean depends on it (see `check_ladder`)
+  if ladder is not None:  # what the taus mean depends on it (see `ladder_mismatch`)
     out["ladder"] = [float(x) for x in ladder]
   if rule != "confidence":
     out["stop_rule"] = rule

@@ -23,6 +23,7 @@ import jax
 import numpy as np
 
 from dsa_jax.checkpoint import heads, params_io
+from dsa_jax.config_lib import LOG_SCALE_TARGETS
 from dsa_jax.checkpoint.params_io import CheckpointError  # noqa: F401  (callers catch it from here)
 from dsa_jax.checkpoint.workdir import (CKPT_DIR, MODEL_DIR, SAMPLER_NETWORKS, TrainCheckpointError, Workdir,  # noqa
                                         arch_meta, load_model_from_workdir, ocp)
@@ -104,7 +105,8 @@ def export_networks(state_or_params, config, out_dir: str, *, step: int | None =
   if isinstance(state_or_params, state_lib.TrainState):
     nets = state_or_params.networks()
     step = int(jax.device_get(state_or_params.step)) if step is None else step
-    if stage in ("dsa", "head") and conf_target["kind"] in ("remaining", "gain") and state_or_params.target_range is not None:
+    if (stage in ("dsa", "head") and conf_target["kind"] in LOG_SCALE_TARGETS
+        and state_or_params.target_range is not None):
       # the normalisation the head was trained with: what its confidence means (evaluation reads it back)
       conf_target["log_range"] = [float(x) for x in np.asarray(jax.device_get(state_or_params.target_range))]
   else:

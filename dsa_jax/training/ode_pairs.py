@@ -3,8 +3,8 @@
 The frozen bidirectional teacher integrates the flow ODE dx/dsigma = v from pure noise to a clean video with many
 Euler steps (`train.ode_steps`, with classifier-free guidance `train.ode_guidance`, default `dmd.guidance`, Self
 Forcing's convention). The integration grid passes exactly through every sigma of the training ladder (train.ladder,
-else sampling.ladder), so the trajectory is recorded at the sigmas the student will meet. The student then learns, under the block-causal mask, to map
-x_{sigma_k} (a ladder index k drawn per chunk) to the trajectory's end x0.
+else sampling.ladder), so the trajectory is recorded at the sigmas the student will meet. The student then learns,
+under the block-causal mask, to map x_{sigma_k} (a ladder index k drawn per chunk) to the trajectory's end x0.
 
 Pairs are generated on the fly inside the training step, or once by `dsa-jax data ode-pairs` (`generate_ode_pairs`)
 into an ArrayRecord file (the clip format of `dsa_jax.data.videos`: `video` = x0, extra `trajectory` =

@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from dsa_jax.config_lib import LOG_SCALE_TARGETS
 from dsa_jax.diffusion import flow
 from dsa_jax.models import factory
 from dsa_jax.models.confidence import ConfidenceConfig, ConfidenceHead
@@ -210,7 +211,7 @@ def head_targets(config, spec, state, exit_index, x0_exit, roll, dmd_discrepancy
     disc = losses.consistency_discrepancy(x0_exit, ref)
   dbar = losses.update_running_mean(state.dbar, disc, decay)
   log_range = state.target_range
-  if target in ("remaining", "gain"):
+  if target in LOG_SCALE_TARGETS:
     # at the last step both changes are 0 everywhere: it would drag the scale's ends to log(1e-12)
     log_range = losses.update_log_range(state.target_range, disc, decay, exit_index < spec.num_steps - 1)
     y = losses.remaining_targets(disc, log_range)
