@@ -155,6 +155,8 @@ def base_config() -> ml_collections.ConfigDict:
   t.ode_guidance = -1.0  # classifier-free guidance of the ODE-pair teacher solves; negative = dmd.guidance
   t.exit_steps = 0  # DSA rollout: exit step drawn among the first exit_steps ladder steps; 0 = sampling.max_steps
   # (len(train.ladder) when that is set)
+  t.min_exit_steps = 1  # DSA / head rollouts: exits drawn from [min_exit_steps, exit_steps] steps. A sampler with a step
+  # floor (sampling.min_steps) never outputs a frame after fewer steps, so training its generator there is wasted
   # The timestep ladder of training rollouts (ode / dsa / head stages); () = sampling.ladder. A model trained on one
   # ladder may sample best on a sub-ladder of it (the digits model: trained on 5 steps, sampled on 3 of them).
   t.ladder = ()

@@ -133,3 +133,16 @@ def test_training_ladder_defaults_to_the_sampling_ladder():
   assert len(spec.sigmas) == len(tiny.sampling.ladder) and spec.num_steps == 3
   with pytest.raises(ConfigError, match="train.ladder"):
     get_config("tiny", ["--config.train.ladder=(250,500)"])
+
+
+def test_min_exit_steps_bounds_the_drawn_exit():
+  """train.min_exit_steps: exits below a sampler's step floor are never drawn; out of range is an error naming it."""
+  from dsa_jax.training import rollout
+  cfg = get_config("tiny", ["--config.sampling.max_steps=3", "--config.train.min_exit_steps=2"])
+  spec = rollout.RolloutSpec.from_config(cfg)
+  exits = {int(rollout.sample_exit_index(jax.random.PRNGKey(i), spec)) for i in range(200)}
+  assert exits == {1, 2}
+  spec = rollout.RolloutSpec.from_config(get_config("tiny", ["--config.sampling.max_steps=3"]))
+  assert {int(rollout.sample_exit_index(jax.random.PRNGKey(i), spec)) for i in range(200)} == {0, 1, 2}
+  with pytest.raises(ConfigError, match="train.min_exit_steps"):
+    get_config("tiny", ["--config.sampling.max_steps=3", "--config.train.min_exit_steps=4"])

@@ -44,10 +44,11 @@ class RolloutSpec:
   channels: int
   tokens_per_frame: int
   sigmas: tuple  # warped ladder sigmas
-  num_steps: int  # exit indices are drawn from [0, num_steps)
+  num_steps: int  # exit indices are drawn from [first_exit, num_steps)
   context_sigma: float
   num_train_timesteps: int = 1000
   remat: str = "auto"  # 'auto' | 'chunk' | 'none': jax.checkpoint around each chunk's exit forward
+  first_exit: int = 0  # train.min_exit_steps - 1
 
   @property
   def num_chunks(self) -> int:
@@ -60,12 +61,13 @@ class RolloutSpec:
     sig = flow.warp_ladder(ladder, config.diffusion.shift, config.diffusion.num_train_timesteps)
     steps = int(config.train.exit_steps or (len(ladder) if config.train.get("ladder") else config.sampling.max_steps))
     steps = max(1, min(steps, len(sig)))
+    first = min(max(int(config.train.get("min_exit_steps", 1)), 1), steps) - 1
     return cls(num_frames=config.video.num_frames, chunk_frames=config.video.chunk_frames, height=lh, width=lw,
                channels=config.model.in_channels, tokens_per_frame=tokens_per_frame(config),
                sigmas=tuple(float(s) for s in sig), num_steps=steps,
                context_sigma=float(config.sampling.context_noise) / config.diffusion.num_train_timesteps,
                num_train_timesteps=config.diffusion.num_train_timesteps,
-               remat=str(config.train.rollout_remat))
+               remat=str(config.train.rollout_remat), first_exit=first)
 
 
 def training_ladder(config) -> tuple:
@@ -74,8 +76,8 @@ def training_ladder(config) -> tuple:
 
 
 def sample_exit_index(key, spec: RolloutSpec):
-  """k* ~ U{0, ..., num_steps - 1}, one per rollout."""
-  return jax.random.randint(key, (), 0, spec.num_steps, dtype=jnp.int32)
+  """k* ~ U{first_exit, ..., num_steps - 1}, one per rollout."""
+  return jax.random.randint(key, (), spec.first_exit, spec.num_steps, dtype=jnp.int32)
 
 
 def _chunk_keys(key, i):
