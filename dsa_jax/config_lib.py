@@ -120,6 +120,8 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
       raise ConfigError(f"override {key!r}: config has no field {key!r}")
     value = _parse_value(raw)
     old = node[leaf]
+    if isinstance(old, bool) and isinstance(value, str) and value.lower() in ("true", "false"):
+      value = value.lower() == "true"  # absl flags and YAML habits: --config.x=false
     if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
       value = float(value)
     if isinstance(old, tuple) and isinstance(value, list):

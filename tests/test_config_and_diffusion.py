@@ -47,6 +47,10 @@ def test_overrides():
                         "--config.train.lr_decay=cosine", "--config.train.teacher_ema_decay=0.999"])
   assert (c.train.max_time_s, c.data.num_videos, c.train.ode_guidance) == (60.0, 10, 2.0)
   assert (c.train.lr_decay, c.train.teacher_ema_decay) == ("cosine", 0.999)
+  c = get_config(TINY, ["--config.train.continue_head=false", "--config.train.tensorboard=FALSE"])
+  assert c.train.continue_head is False and c.train.tensorboard is False
+  with pytest.raises(ConfigError, match="continue_head"):
+    get_config(TINY, ["--config.train.continue_head=nah"])
   # runlocal shrinks the recipe first; the other command-line overrides then apply to the toy size.
   digits = os.path.join(os.path.dirname(TINY), "digits.py")
   c = get_config(digits, ["--config.train.ode_steps=4", "--config.runlocal=True", "--config.train.batch_size=2"])
