@@ -17,7 +17,9 @@
 # --config.train.init_from=$RUN/dsa/model: the generator from its EMA, its head kept, a fresh critic from the teacher),
 # then the polish stage (3,276 of 4,000 steps within its bound; 10.4 it/s), then polish2 (2,426 of 3,000 steps), then
 # polish3 at DMD guidance 1.5 (2,470 of 3,000 steps within its 330 s bound; 9.3-9.9 it/s with a second run on the host),
-# then polish4 at DMD guidance 0.5 (all 3,300 steps in 366 s; 10.4-11.6 it/s with a second run on the host).
+# then polish4 at DMD guidance 0.5 (all 3,300 steps in 366 s; 10.4-11.6 it/s with a second run on the host), then
+# ladder3 (1,570 of 2,000 steps) and ladder3b (1,211 of 1,500) within their bounds at 5.4 it/s with four runs sharing
+# the GPU (a run alone goes about twice as fast and finishes its cosine schedule).
 # The data is generated once per DATA folder (skipped when its prompts.txt exists); stages whose model exists are
 # skipped, so the same command continues a chain.
 set -uo pipefail
@@ -25,7 +27,7 @@ RUN=${RUN:-runs/digits}
 DATA=${DATA:-$RUN/data}
 NUM_SHARDS=${NUM_SHARDS:-32}
 CLIPS_PER_SHARD=${CLIPS_PER_SHARD:-2000}
-STAGES=${STAGES:-teacher ode dsa polish polish2 polish3 polish4}
+STAGES=${STAGES:-teacher ode dsa polish polish2 polish3 polish4 ladder3 ladder3b}
 TEACHER_STEPS=${TEACHER_STEPS:-18000}; STAGE_TEACHER_S=${STAGE_TEACHER_S:-900}
 ODE_STEPS=${ODE_STEPS:-2000};          STAGE_ODE_S=${STAGE_ODE_S:-300}
 DSA_STEPS=${DSA_STEPS:-4000};          STAGE_DSA_S=${STAGE_DSA_S:-600}
@@ -35,6 +37,8 @@ POLISH3_STEPS=${POLISH3_STEPS:-3000};  STAGE_POLISH3_S=${STAGE_POLISH3_S:-330}
 POLISH3_GUIDANCE=${POLISH3_GUIDANCE:-1.5}  # DMD guidance of polish3
 POLISH4_STEPS=${POLISH4_STEPS:-3300};  STAGE_POLISH4_S=${STAGE_POLISH4_S:-420}
 POLISH4_GUIDANCE=${POLISH4_GUIDANCE:-0.5}  # DMD guidance of polish4 (the shipped model: 0.5; 1.0 did a little worse)
+LADDER3_STEPS=${LADDER3_STEPS:-2000};  STAGE_LADDER3_S=${STAGE_LADDER3_S:-390}
+LADDER3B_STEPS=${LADDER3B_STEPS:-1500}; STAGE_LADDER3B_S=${STAGE_LADDER3B_S:-320}
 CONSISTENCY=${CONSISTENCY:-0}
 HEADS=${HEADS:-}  # e.g. "remaining gain consistency": extra confidence heads for the DSA generator (stage 'head', no teacher)
 EXTRA=${EXTRA:-}  # extra overrides for every stage, e.g. --config.train.batch_size=8
@@ -93,8 +97,18 @@ stage polish3 dsa "$STAGE_POLISH3_S" --config.train.steps=$POLISH3_STEPS --confi
 stage polish4 dsa "$STAGE_POLISH4_S" --config.train.steps=$POLISH4_STEPS --config.dmd.guidance=$POLISH4_GUIDANCE \
   --config.train.ckpt_every=500 $PROMPTS --config.train.lr_decay=cosine --config.train.teacher_from=$RUN/teacher/model \
   --config.train.init_from=$RUN/polish3/model
+# ladder3, ladder3b: on the sampling ladder (1000, 500, 250) with exits at 2 or 3 steps (the sampler's floor), at
+# guidance 0.5 and a higher rate (4e-5, then 8e-5; cosine): fixed 3 steps FD 69.0 -> 58.7 -> 57.6 (exits at 1 to 3
+# steps instead: 82.0)
+L3="--config.train.ladder=(1000,500,250) --config.train.min_exit_steps=2 --config.dmd.guidance=0.5"
+stage ladder3 dsa "$STAGE_LADDER3_S" --config.train.steps=$LADDER3_STEPS --config.train.lr=4e-5 $L3 \
+  --config.train.ckpt_every=500 $PROMPTS --config.train.lr_decay=cosine --config.train.teacher_from=$RUN/teacher/model \
+  --config.train.init_from=$RUN/polish4/model
+stage ladder3b dsa "$STAGE_LADDER3B_S" --config.train.steps=$LADDER3B_STEPS --config.train.lr=8e-5 $L3 \
+  --config.train.ckpt_every=500 $PROMPTS --config.train.lr_decay=cosine --config.train.teacher_from=$RUN/teacher/model \
+  --config.train.init_from=$RUN/ladder3/model
 FINAL=$RUN/dsa
-for s in polish polish2 polish3 polish4; do [ -f "$RUN/$s/model/dsa_meta.json" ] && FINAL=$RUN/$s; done
+for s in polish polish2 polish3 polish4 ladder3 ladder3b; do [ -f "$RUN/$s/model/dsa_meta.json" ] && FINAL=$RUN/$s; done
 if [ "$CONSISTENCY" = 1 ] && [ ! -f "$RUN/dsa_consistency/model/dsa_meta.json" ]; then
   RUN_C=$RUN/dsa_consistency
   echo "== stage dsa (consistency target)"
@@ -107,7 +121,8 @@ for target in $HEADS; do
   if [ -f "$RUN/head_$target/model/dsa_meta.json" ]; then echo "== head ($target): exists, skipped"; continue; fi
   echo "== head ($target)"
   timeout --signal=INT "$STAGE_DSA_S" $PY -m dsa_jax train --config configs/digits.py:head --workdir "$RUN/head_$target" \
-    --config.conf.target=$target --config.train.init_from=$FINAL/model $PROMPTS $EXTRA
+    --config.conf.target=$target --config.train.init_from=$FINAL/model "--config.train.ladder=(1000,500,250)" $PROMPTS \
+    $EXTRA
   [ -f "$RUN/head_$target/model/dsa_meta.json" ] || $PY -c "import sys; from dsa_jax.training.checkpointing import export_model; export_model(sys.argv[1], sys.argv[1] + '/model')" "$RUN/head_$target"
 done
 echo "== done: models under $RUN/*/model; the final one is $FINAL/model. To ship it:"

@@ -127,6 +127,12 @@ def test_launch_script_stages_name_real_config_stages(repo_root):
   script = os.path.join(repo_root, "launch", "digits_gpu.sh")
   subprocess.run(["bash", "-n", script], check=True)
   calls = re.findall(r"^stage (\S+) (\S+) ", open(script).read(), flags=re.M)
-  assert [c[0] for c in calls] == ["teacher", "ode", "dsa", "polish", "polish2", "polish3", "polish4"], calls
+  assert [c[0] for c in calls] == ["teacher", "ode", "dsa", "polish", "polish2", "polish3", "polish4", "ladder3",
+                                   "ladder3b"], calls
+  digits = os.path.join(repo_root, "configs", "digits.py")
   for _, cfg_stage in calls:
-    assert get_config(os.path.join(repo_root, "configs", "digits.py") + ":" + cfg_stage).train.stage == cfg_stage
+    assert get_config(digits + ":" + cfg_stage).train.stage == cfg_stage
+  # the sampling-ladder stages' shared overrides are a valid config (exits at 2 or 3 of the 3 steps)
+  l3 = re.search(r'^L3="([^"]+)"', open(script).read(), flags=re.M).group(1).split()
+  c = get_config(digits + ":dsa", l3)
+  assert tuple(c.train.ladder) == (1000, 500, 250) and c.train.min_exit_steps == 2 and c.dmd.guidance == 0.5

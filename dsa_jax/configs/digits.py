@@ -39,12 +39,13 @@ def get_config(arg=None):
   c.vae.kind = "identity"
   c.text.update(kind="bow", path="digits")
   c.diffusion.shift = 3.0
-  # Training rollouts run on a 5-step ladder; the model samples on 3 of its steps, (1000, 500, 250): skipping t = 750
-  # and t = 125 is what this student does best (fixed 3 steps FD 69.0 against 86.5 on the first three of the 5-step
-  # ladder; fixed 2 steps 89.9 against 131; docs/claim.md). A step budget of 2.5 average steps per frame, turned
-  # into tau by the shipped model's calibration table (512 prompts, made on this ladder); threshold is the fallback
-  # for a model without a table. Every frame takes at least 2 steps: one step is this student's weakest output
-  # (FD 196), and the tables were made with this floor.
+  # The model samples on a 3-step ladder, (1000, 500, 250): skipping t = 750 and t = 125 of the 5-step ladder the
+  # generator was first trained on is what the student did best (fixed 3 steps FD 69.0 against 86.5 on the first three
+  # of the 5-step ladder); its last two training stages then ran on the 3-step ladder itself (fixed 3 steps 69.0 ->
+  # 57.6; docs/claim.md). A step budget of 2.5 average steps per frame, turned into tau by the shipped model's
+  # calibration table (512 prompts, made on this ladder); threshold is the fallback for a model without a table. Every
+  # frame takes at least 2 steps: one step is this student's weakest output (FD 255), and the tables were made with
+  # this floor.
   c.sampling.update(ladder=(1000, 500, 250), threshold=0.53, min_steps=2, max_steps=3, mean_steps=2.5,
                     checkpoint=DEFAULT_MODEL if os.path.isdir(DEFAULT_MODEL) else "")
   c.train.ladder = (1000, 750, 500, 250, 125)
@@ -74,8 +75,12 @@ def get_config(arg=None):
     # stage 'polish' of launch/digits_gpu.sh); then 2.4k more with the rate decaying from 1e-5 ('polish2'): fixed 4
     # steps 101 -> 99.6, DSA at 3 steps 121 -> 117; then 2.5k more at a lower DMD guidance, 1.5 instead of 3
     # ('polish3'): fixed 3 steps 124 -> 108, DSA at 3 steps 117 -> 95 (guidance 2: fixed 3 steps 105, fixed 4 92
-    # against 1.5's 87; short probes at 1 and 0.5 went further, docs/claim.md). Each continuation is `--config.train.init_from=` the previous model (its EMA generator and
-    # head, a fresh critic from the teacher).
+    # against 1.5's 87; short probes at 1 and 0.5 went further, docs/claim.md); then 3.3k more at guidance 0.5
+    # ('polish4'). The last two stages ran on the sampling ladder with exits at 2 or 3 steps only
+    # (`--config.train.ladder='(1000,500,250)' --config.train.min_exit_steps=2`, the sampler's floor): 1.6k steps at
+    # lr 4e-5 ('ladder3'; fixed 3 steps FD 69.0 -> 58.7; exits at 1 to 3 steps instead: 82.0, worse) and 1.2k at
+    # 8e-5 ('ladder3b'; 57.6). Each continuation is `--config.train.init_from=` the previous model (its EMA generator
+    # and head, a fresh critic from the teacher).
     c.train.update(steps=4000, lr=2e-5, critic_lr=1e-4, conf_lr=1e-3, b1=0.0, ema_decay=0.99)
     c.dmd.update(guidance=3.0, critic_ratio=5)
   return c
