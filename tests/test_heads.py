@@ -9,6 +9,7 @@ import pytest
 
 from dsa_jax import cli
 from dsa_jax.checkpoint import heads, loading, params_io
+from dsa_jax.config_lib import LOG_SCALE_TARGETS
 from dsa_jax.sampling import budget
 
 # Two calibration tables that ask different thresholds for the same budget (the tiny ladder has 5 steps).
@@ -79,6 +80,32 @@ def test_export_head_round_trip(models, tiny_config):
   config.sampling.head = models["head"]
   got2, source2 = loading.load_sampler_params(config, models["model"], warn=notes.append)
   assert _bitwise_equal(got2["head"], models["second"]) and source2["calibration"] == TABLE_HEAD
+
+
+def test_attach_head_makes_it_the_models_own(models, tiny_config, tmp_path):
+  """attach-head is export-head's inverse: the model's own head, conf_target and table become the head folder's;
+  its generator and other tables stay; a head for another generator is refused; --out may be --ckpt itself."""
+  import shutil
+  model = str(tmp_path / "model")
+  shutil.copytree(models["model"], model)
+  params_io.update_meta(model, calibration_x0_delta=TABLE_OWN)
+  out = str(tmp_path / "attached")
+  assert cli.main(["convert", "attach-head", "--ckpt", model, "--head", models["head"], "--out", out]) == 0
+  meta = params_io.read_meta(out)
+  assert meta["conf_target"] == {"kind": "remaining"} and meta["calibration"] == TABLE_HEAD
+  assert meta["calibration_x0_delta"] == TABLE_OWN and meta["source"]["command"] == "convert attach-head"
+  got, source = loading.load_sampler_params(tiny_config, out, use_ema=False, warn=lambda m: None)
+  assert _bitwise_equal(got["head"], models["second"]) and _bitwise_equal(got["generator"], models["nets"]["generator"])
+  assert source["calibration"] == TABLE_HEAD
+  # exporting the attached head again gives the same head folder contents
+  again = str(tmp_path / "again")
+  heads.export_head(out, again)
+  assert params_io.read_meta(again)[heads.FINGERPRINT_KEY] == params_io.read_meta(models["head"])[heads.FINGERPRINT_KEY]
+  with pytest.raises(params_io.CheckpointError, match="trained for another generator"):
+    heads.attach_head(models["other"], models["head"], str(tmp_path / "bad"))
+  assert not os.path.exists(tmp_path / "bad")
+  heads.attach_head(model, models["head"], model)  # in place
+  assert params_io.read_meta(model)["conf_target"] == {"kind": "remaining"}
 
 
 def test_head_for_another_generator_is_refused(models, tiny_config):
@@ -158,7 +185,7 @@ def test_sweep_model_specs_take_a_head():
     parse_models(["remaining=A+"])
 
 
-@pytest.mark.parametrize("kind", ["remaining", "gain"])
+@pytest.mark.parametrize("kind", ["remaining", "gain", "dmd"])
 def test_shipped_heads_fit_the_shipped_generator(repo_root, kind):
   from dsa_jax.config_lib import get_config
   config = get_config("digits")
@@ -166,8 +193,9 @@ def test_shipped_heads_fit_the_shipped_generator(repo_root, kind):
   notes = []
   _, source = loading.load_sampler_params(config, config.sampling.checkpoint, head=head, warn=notes.append)
   assert notes == [] and source["conf_target"]["kind"] == kind  # the fingerprint matched, nothing said
-  lo, hi = source["conf_target"]["log_range"]  # the normalisation its confidence was trained with
-  assert lo < hi
+  if kind in LOG_SCALE_TARGETS:
+    lo, hi = source["conf_target"]["log_range"]  # the normalisation its confidence was trained with
+    assert lo < hi
   # its table was made with the config's floor and gives a budget's tau inside (0, 1)
   assert budget.table_step_range(source["calibration"]) == (config.sampling.min_steps, config.sampling.max_steps)
   assert 0.0 < budget.threshold_for(source["calibration"], 2.5) < 1.0

@@ -162,3 +162,40 @@ def export_head(src: str, out: str, log=lambda m: None) -> dict:
         f"--head {out}` before using --mean-steps with it")
   params_io.save_params(out, {"head": params["head"]}, head_meta)
   return params_io.read_meta(out)
+
+
+def attach_head(model: str, head: str, out: str, log=lambda m: None) -> dict:
+  """Writes a model folder `out` that is `model` with the head of the head folder `head` as its own (the inverse of
+  `export_head`): the head's parameters, architecture, conf_target and calibration table replace the model's, so
+  every command that reads the model's head uses it without --head. Everything else of `model` (its generators, a
+  stop rule's table such as calibration_x0_delta) is kept. Refused when the head was trained for another generator.
+  `out` may be `model` itself: the folder is replaced atomically once the new one is complete."""
+  if not os.path.isdir(model) or not os.path.isfile(os.path.join(model, params_io.META_FILE)):
+    raise CheckpointError(f"--ckpt {model!r}: expected a model folder with {params_io.META_FILE}")
+  head_meta = check_head_folder(head)
+  if "head" not in head_meta.get("arch", {}):
+    raise CheckpointError(f"--head {head!r} records no architecture for its 'head' (arch.head in "
+                          f"{params_io.META_FILE})")
+  meta = params_io.read_meta(model)
+  networks = list(meta.get("networks", []))
+  gen = sampling_generator(networks)
+  if gen is None:
+    raise CheckpointError(f"--ckpt {model!r} holds no generator ('generator_ema' or 'generator'); it has "
+                          f"{sorted(networks)}")
+  params, _ = params_io.load_params(model, networks)
+  fingerprint = generator_fingerprint(params[gen])
+  if not check_fingerprint(head_meta, fingerprint, head):
+    raise CheckpointError(f"--head {head!r} records no generator fingerprint: it cannot be checked against "
+                          f"--ckpt {model!r}; re-export it with `dsa-jax convert export-head`")
+  params["head"] = params_io.load_params(head, ["head"])[0]["head"]
+  new_meta = {k: v for k, v in meta.items() if k not in ("format_version", "networks", *HEAD_META_KEYS)}
+  new_meta.update({k: head_meta[k] for k in HEAD_META_KEYS if k in head_meta})
+  new_meta["arch"] = {**meta.get("arch", {}), "head": head_meta["arch"]["head"]}
+  new_meta.update(fingerprint_meta({n: params[n] for n in GENERATORS if n in params}))
+  new_meta["source"] = {"command": "convert attach-head", "model": os.path.abspath(model),
+                        "head": os.path.abspath(head), "model_source": meta.get("source")}
+  if "calibration" not in head_meta:
+    log(f"note: {head!r} has no calibration table, so {out!r} has none: run `dsa-jax calibrate --ckpt {out}` "
+        "before using --mean-steps with it")
+  params_io.save_params(out, params, new_meta)
+  return params_io.read_meta(out)

@@ -10,6 +10,8 @@
   dsa-jax convert export-diffusers --src ckpt/self_forcing --network generator_ema --out export/transformer
   # the confidence head of a model alone (a few hundred kB), for `dsa-jax sample --ckpt MODEL --head heads/remaining`
   dsa-jax convert export-head --src runs/digits/head/model --out heads/remaining
+  # the other way: a model whose own head is that head (its table too), for commands without --head
+  dsa-jax convert attach-head --ckpt runs/digits/dsa/model --head heads/remaining --out models/digits_remaining
 
 A checkpoint is a folder written by `dsa_jax.checkpoint.params_io.save_params`; its `dsa_meta.json` records each
 network's architecture, so `sample`, `train` and `eval` refuse a checkpoint that does not match their config.
@@ -79,6 +81,13 @@ def add_arguments(p):
   h.add_argument("--src", required=True, help="model folder holding the head and the generator it was trained with "
                  "(its fingerprint is taken of 'generator_ema' where present, else 'generator')")
   h.add_argument("--out", required=True, help="output head folder")
+
+  a = sub.add_parser("attach-head", help="a model folder + a head folder trained for its generator -> a model folder "
+                                         "whose own head (conf_target, calibration table) is that head")
+  a.add_argument("--ckpt", required=True, help="model folder (its generators and other tables are kept)")
+  a.add_argument("--head", required=True, help="head folder (dsa-jax convert export-head) trained for --ckpt's "
+                 "generator")
+  a.add_argument("--out", required=True, help="output model folder (may be --ckpt itself: replaced atomically)")
 
 
 def _log(msg: str):
@@ -234,9 +243,18 @@ def _export_head(args):
        f"{meta[heads.FINGERPRINT_KEY]}")
 
 
+def _attach_head(args):
+  from dsa_jax.checkpoint import heads
+  _log(f"reading {args.ckpt} and {args.head} [head]")
+  meta = heads.attach_head(args.ckpt, args.head, args.out, log=_log)
+  table = "its calibration table" if "calibration" in meta else "no calibration table"
+  _log(f"wrote {os.path.abspath(args.out)}: {sorted(meta['networks'])}, head with conf_target "
+       f"{(meta.get('conf_target') or {}).get('kind', '?')!r} and {table}")
+
+
 def main(args):
   handlers = {"dit": _convert_dit, "vae": _convert_vae, "umt5": _convert_umt5, "export-diffusers": _export_diffusers,
-              "export-head": _export_head}
+              "export-head": _export_head, "attach-head": _attach_head}
   if args.what != "dit" and args.overrides:
     raise ValueError(f"convert {args.what} takes no --config.* overrides (got {args.overrides})")
   handlers[args.what](args)
