@@ -149,7 +149,7 @@ def base_config() -> ml_collections.ConfigDict:
   # AdamW with b1 = 0: 'auto' stores no first moment (it equals the gradient; one fp32 copy of the generator and of
   # the critic less); 'keep' stores it, as optimiser states saved before did (resuming such a run picks it by itself)
   t.adam_first_moment = "auto"
-  t.continue_head = True  # head stage: start from init_from's head when it has one of the same conf.target
+  t.continue_head = True  # head and dsa stages: start from init_from's head when it has one of the same conf.target
   t.lr_decay = "constant"  # learning rate after warmup: 'constant' or 'cosine' (to 5% of the rate at train.steps)
   t.teacher_ema_decay = 0.0  # teacher stage: EMA of the teacher's weights with this decay, exported instead of the raw weights; 0 = none
   t.ode_guidance = -1.0  # classifier-free guidance of the ODE-pair teacher solves; negative = dmd.guidance

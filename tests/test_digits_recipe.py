@@ -114,6 +114,12 @@ def test_runlocal_chain_teacher_ode_dsa(repo_root, tmp_path, capsys):
     if continues:
       for a, b in zip(jax.tree_util.tree_leaves(hnets["head"]), jax.tree_util.tree_leaves(stored["head"])):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # the DSA stage likewise keeps a head only of its own target: the 'remaining' copy's head starts afresh for 'dmd'
+  for target, continues in (("dmd", False), ("remaining", True)):
+    dcfg = get_config(cfg + ":dsa", common + [f"--config.train.teacher_from={t}/model", f"--config.train.init_from={rem}",
+                                              f"--config.conf.target={target}"])
+    dnets, dsources = trainer.initial_networks(dcfg, lambda: None)
+    assert ("head" in dnets) == continues and dsources["generator"] == rem, (target, dsources)
   out = tmp_path / "sample"
   assert cli.main(["sample", "--config", cfg, "--config.runlocal=True", "--ckpt", f"{d}/model", "--out", str(out),
                    "--prompt", "digit 3 moves fast"]) == 0

@@ -208,10 +208,17 @@ def initial_networks(config, teacher_host: Callable[[], Any]) -> tuple[dict, dic
     nets["generator"] = loading.load_networks(config, init_from, ("generator",),
                                               fallbacks=loading.INIT_FROM_FALLBACKS, log=_log)[0]["generator"]
     sources["generator"] = init_from
-    if stage == "dsa" and "head" in stored_networks(init_from)[0]:
-      # continuing a DSA model keeps its confidence head (a fresh one would have to relearn it from scratch)
-      nets["head"] = loading.load_networks(config, init_from, ("head",), fallbacks={}, log=_log)[0]["head"]
-      sources["head"] = init_from
+    stored, meta = stored_networks(init_from) if stage == "dsa" else ((), {})
+    if "head" in stored:
+      # continuing a DSA model keeps its confidence head (a fresh one would have to relearn it from scratch), when
+      # it was trained on this stage's target: another target's confidence means something else
+      stored_kind = (meta.get("conf_target") or {}).get("kind")
+      if stored_kind not in (None, str(config.conf.target)):
+        _log(f"note: {init_from} has a {stored_kind!r} head and this stage trains conf.target="
+             f"{config.conf.target!r}: the head starts afresh (pass --config.conf.target={stored_kind} to continue it)")
+      elif config.train.get("continue_head", True):
+        nets["head"] = loading.load_networks(config, init_from, ("head",), fallbacks={}, log=_log)[0]["head"]
+        sources["head"] = init_from
   elif stage == "ode" and config.train.teacher_from and _same_arch(config, "model", "teacher"):
     nets["generator"] = teacher_host()  # CausVid: the causal student starts from the bidirectional teacher
     sources["generator"] = f"the teacher {config.train.teacher_from}"
