@@ -178,6 +178,17 @@ def test_calibrate_with_head_writes_into_the_head_folder(models, tiny_config, ti
   assert "--head" in capsys.readouterr().err
 
 
+def test_sweep_refuses_a_target_name_that_is_not_the_heads(models, tiny_config, tmp_path):
+  """A sweep's model name labels its rows and verdicts: 'dmd=' on a model whose head is a 'remaining' head is refused
+  before anything is sampled; the right name, or the head given apart, is taken."""
+  from dsa_jax.eval import claim
+  with pytest.raises(claim.BenchmarkError, match="trained on 'remaining'; name it remaining="):
+    claim.run_claim(tiny_config, {"dmd": models["trained"]}, str(tmp_path), log=lambda s: None)
+  with pytest.raises(claim.BenchmarkError, match="trained on 'remaining'"):
+    claim.run_claim(tiny_config, {"gain": (models["model"], models["head"])}, str(tmp_path), log=lambda s: None)
+  assert not os.listdir(tmp_path)
+
+
 def test_sweep_model_specs_take_a_head():
   from dsa_jax.commands.eval import parse_models
   assert parse_models(["dmd=A", "remaining=A+H"]) == {"dmd": "A", "remaining": ("A", "H")}

@@ -15,9 +15,10 @@ Five actions (a positional word; `run` when omitted):
     confidence target) at >= 5 thresholds, the x0-change heuristic at several deltas, and at each budget the
     per-frame oracle and the video oracle (steps per chunk, each candidate judged by re-rolling the whole video; --no-video-oracle);
     writes claim.md, claim.json, claim.png, steps_by_event.png, steps_by_place.png (see dsa_jax/eval/claim.py).
-    TARGET=MODEL+HEAD takes the head from a head folder (dsa-jax convert export-head) and the generator from MODEL:
-      --model dmd=dsa_jax/assets/digits_model \\
-      --model remaining=dsa_jax/assets/digits_model+dsa_jax/assets/digits_heads/remaining
+    TARGET=MODEL+HEAD takes the head from a head folder (dsa-jax convert export-head) and the generator from MODEL;
+    a TARGET that names a confidence target must be the head's own (the shipped digits model's is 'gain'):
+      --model gain=dsa_jax/assets/digits_model \\
+      --model dmd=dsa_jax/assets/digits_model+dsa_jax/assets/digits_heads/dmd
 
   dsa-jax eval budgets --config configs/digits.py [--ckpt MODEL] [--head HEAD] --budgets 1.25 1.5 2 2.5 3 --out OUT
       [--num 512]

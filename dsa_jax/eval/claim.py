@@ -662,6 +662,7 @@ def run_claim(config, models: dict[str, str | tuple[str, str]], out_dir: str, nu
 
   from dsa_jax.atomic import write_text
   from dsa_jax.checkpoint import loading
+  from dsa_jax.config_lib import CONF_TARGETS
   from dsa_jax.eval import heuristic
   from dsa_jax.eval import oracle
   from dsa_jax.models.dit import _DTYPES
@@ -672,8 +673,6 @@ def run_claim(config, models: dict[str, str | tuple[str, str]], out_dir: str, nu
     raise BenchmarkError("models: give at least one DSA checkpoint")
   os.makedirs(out_dir, exist_ok=True)
   t_all = time.time()
-  bench = bench or Benchmark(config, num=num, evaluator=evaluator, data_seed=data_seed, num_real=num_real,
-                             batch=batch, seed=seed, fps_prompts=fps_prompts, log=log)
   L = len(config.sampling.ladder)
   fixed = tuple(range(1, L + 1)) if fixed is None else tuple(fixed)  # default: every step count of the ladder
   mn, mx = int(config.sampling.min_steps), int(config.sampling.max_steps)
@@ -703,7 +702,14 @@ def run_claim(config, models: dict[str, str | tuple[str, str]], out_dir: str, nu
   params = {}
   for n in names:
     params[n], sources[n] = load(models[n])
+    kind = (sources[n].get("conf_target") or {}).get("kind")
+    if n in CONF_TARGETS and kind and kind != n:
+      # the name labels every row, plot and verdict of the claim: a target name must be the head's own target
+      raise BenchmarkError(f"--model {n}={models[n]}: the name is a confidence target but this head was trained on "
+                           f"{kind!r}; name it {kind}= (or give the {n!r} head as {n}=MODEL+HEAD)")
   primary = params[names[0]]
+  bench = bench or Benchmark(config, num=num, evaluator=evaluator, data_seed=data_seed, num_real=num_real,
+                             batch=batch, seed=seed, fps_prompts=fps_prompts, log=log)
 
   log("fixed steps")
   for k in sorted({int(k) for k in fixed}):
