@@ -4,6 +4,13 @@ import sys
 # Tests run on the CPU even where a GPU is visible, and never preallocate.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+# One persistent compilation cache, outside the home folder, for every test from its first compile on and for every
+# subprocess a test starts (the environment is set before jax is imported). `dsa-jax sample` used to turn it on
+# half-way through a worker's tests; with it on from the start, a program already compiled by an earlier run or by
+# another module (the tiny config's sampler and training steps are built by many) is loaded instead of compiled.
+os.environ.setdefault("DSA_JAX_CACHE", os.path.join(__import__("tempfile").gettempdir(), "dsa_jax_test_xla_cache"))
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.environ["DSA_JAX_CACHE"])
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")  # what `dsa-jax sample` sets
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
@@ -42,5 +49,3 @@ def context():
   return np.random.RandomState(0).standard_normal((2, 8, 32)).astype(np.float32)
 
 
-# `dsa-jax sample` turns on jax's persistent compilation cache; tests keep it out of the home folder.
-os.environ.setdefault("DSA_JAX_CACHE", os.path.join(__import__("tempfile").gettempdir(), "dsa_jax_test_xla_cache"))

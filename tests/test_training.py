@@ -29,7 +29,11 @@ BATCH = ["--config.train.batch_size=4"]
 
 
 def shared_cache_dir(tmp_path_factory):
-  """One folder per pytest session, shared by xdist workers and by test_training_multidevice.py's subprocess."""
+  """The tests' persistent compilation cache (conftest.py), shared by xdist workers and by
+  test_training_multidevice.py's subprocess; without one configured, a folder per pytest session."""
+  if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    os.makedirs(os.environ["JAX_COMPILATION_CACHE_DIR"], exist_ok=True)
+    return os.environ["JAX_COMPILATION_CACHE_DIR"]
   base = tmp_path_factory.getbasetemp()
   if os.environ.get("PYTEST_XDIST_WORKER"):
     base = base.parent

@@ -101,11 +101,8 @@ def report(tmp_path_factory):
   # The single-device reference step is the program test_training.py compiled (same config and batch): with the
   # session's persistent compilation cache it is loaded, not compiled again (the device-count flag is not part of
   # jax's cache key).
-  base = tmp_path_factory.getbasetemp()
-  if os.environ.get("PYTEST_XDIST_WORKER"):
-    base = base.parent
-  cache = base / "dsa_jax_xla_cache"  # the folder test_training.py uses
-  os.makedirs(cache, exist_ok=True)
+  from test_training import shared_cache_dir
+  cache = shared_cache_dir(tmp_path_factory)  # the folder test_training.py uses
   # NPROC sizes XLA:CPU's thread pools (default: the core count, at least the device count). XLA:CPU runs independent
   # parts of a program concurrently, so 8 devices can block more than 8 threads in collectives at once and starve
   # the devices they wait for (seen as "Termination timeout for all gather ..." aborts on a busy 2-core machine).
