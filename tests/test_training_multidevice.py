@@ -98,9 +98,9 @@ def _worker(out_path: str, ckpt_dir: str):
 def report(tmp_path_factory):
   tmp = tmp_path_factory.mktemp("multidevice")
   out = tmp / "report.json"
-  # The single-device reference step is the program test_training.py compiled (same config and batch): with the
-  # session's persistent compilation cache it is loaded, not compiled again (the device-count flag is not part of
-  # jax's cache key).
+  # The worker shares the tests' persistent compilation cache: a program it compiles twice (a step before and after
+  # a restore) is compiled once. (Its 1-layer, 4-frame networks are not test_training.py's, so nothing comes from
+  # there.)
   from test_training import shared_cache_dir
   cache = shared_cache_dir(tmp_path_factory)  # the folder test_training.py uses
   # NPROC sizes XLA:CPU's thread pools (default: the core count, at least the device count). XLA:CPU runs independent
