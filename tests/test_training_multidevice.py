@@ -98,9 +98,8 @@ def _worker(out_path: str, ckpt_dir: str):
 def report(tmp_path_factory):
   tmp = tmp_path_factory.mktemp("multidevice")
   out = tmp / "report.json"
-  # The worker shares the tests' persistent compilation cache: a program it compiles twice (a step before and after
-  # a restore) is compiled once. (Its 1-layer, 4-frame networks are not test_training.py's, so nothing comes from
-  # there.)
+  # The worker shares the tests' persistent compilation cache (a program built again is loaded, not compiled); its
+  # 1-layer, 4-frame networks are not test_training.py's, so it shares no program with that file.
   from test_training import shared_cache_dir
   cache = shared_cache_dir(tmp_path_factory)  # the folder test_training.py uses
   # NPROC sizes XLA:CPU's thread pools (default: the core count, at least the device count). XLA:CPU runs independent
