@@ -248,11 +248,11 @@ def validate_config(config: ml_collections.ConfigDict):
   _require(all(isinstance(t, (int, float)) for t in tl) and all(a > b for a, b in zip(tl, tl[1:]))
            and all(0 < t <= d.num_train_timesteps for t in tl), "train.ladder",
            f"must be () or strictly decreasing timesteps in (0, {d.num_train_timesteps}], got {tl!r}")
-  n_exit = int(config.train.exit_steps or (len(tl) if tl else s.max_steps))
-  _require(isinstance(config.train.get("min_exit_steps", 1), int)
-           and 1 <= config.train.get("min_exit_steps", 1) <= min(n_exit, len(tl or ladder)), "train.min_exit_steps",
-           f"must be an integer in [1, {min(n_exit, len(tl or ladder))}] (the rollout's exit steps), "
-           f"got {config.train.get('min_exit_steps', 1)!r}")
+  n_exit = min(int(config.train.exit_steps or (len(tl) if tl else s.max_steps)), len(tl or ladder))
+  first_exit = config.train.get("min_exit_steps", 1)
+  _require(isinstance(first_exit, int) and not isinstance(first_exit, bool) and 1 <= first_exit <= n_exit,
+           "train.min_exit_steps",
+           f"must be an integer in [1, {n_exit}] (the rollout's exit steps), got {first_exit!r}")
   _require(1 <= s.min_steps <= len(ladder), "sampling.min_steps",
            f"must lie in [1, len(sampling.ladder)={len(ladder)}], got {s.min_steps}")
   _require(s.min_steps <= s.max_steps <= len(ladder), "sampling.max_steps",
