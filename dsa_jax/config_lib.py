@@ -186,6 +186,14 @@ def latent_hw(config) -> tuple[int, int]:
   return config.video.height // sh, config.video.width // sw
 
 
+def rollout_exit_steps(config) -> int:
+  """How many ladder steps a training rollout may exit at: train.exit_steps, else len(train.ladder) where that is
+  set, else sampling.max_steps; at most the training ladder's length."""
+  train_ladder = tuple(config.train.get("ladder") or ())
+  n = int(config.train.exit_steps or (len(train_ladder) if train_ladder else config.sampling.max_steps))
+  return max(1, min(n, len(train_ladder or tuple(config.sampling.ladder))))
+
+
 def tokens_per_frame(config) -> int:
   """Tokens of one latent frame after patchifying."""
   _, ph, pw = config.model.patch_size
@@ -248,7 +256,7 @@ def validate_config(config: ml_collections.ConfigDict):
   _require(all(isinstance(t, (int, float)) for t in tl) and all(a > b for a, b in zip(tl, tl[1:]))
            and all(0 < t <= d.num_train_timesteps for t in tl), "train.ladder",
            f"must be () or strictly decreasing timesteps in (0, {d.num_train_timesteps}], got {tl!r}")
-  n_exit = min(int(config.train.exit_steps or (len(tl) if tl else s.max_steps)), len(tl or ladder))
+  n_exit = rollout_exit_steps(config)
   first_exit = config.train.get("min_exit_steps", 1)
   _require(isinstance(first_exit, int) and not isinstance(first_exit, bool) and 1 <= first_exit <= n_exit,
            "train.min_exit_steps",

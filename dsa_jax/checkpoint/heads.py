@@ -183,15 +183,15 @@ def attach_head(model: str, head: str, out: str, log=lambda m: None) -> dict:
     raise CheckpointError(f"--ckpt {model!r} holds no generator ('generator_ema' or 'generator'); it has "
                           f"{sorted(networks)}")
   params, _ = params_io.load_params(model, networks)
-  fingerprint = generator_fingerprint(params[gen])
-  if not check_fingerprint(head_meta, fingerprint, head):
+  prints = fingerprint_meta({n: params[n] for n in GENERATORS if n in params})
+  if not check_fingerprint(head_meta, prints[FINGERPRINT_KEY], head):
     raise CheckpointError(f"--head {head!r} records no generator fingerprint: it cannot be checked against "
                           f"--ckpt {model!r}; re-export it with `dsa-jax convert export-head`")
   params["head"] = params_io.load_params(head, ["head"])[0]["head"]
   new_meta = {k: v for k, v in meta.items() if k not in ("format_version", "networks", *HEAD_META_KEYS)}
   new_meta.update({k: head_meta[k] for k in HEAD_META_KEYS if k in head_meta})
   new_meta["arch"] = {**meta.get("arch", {}), "head": head_meta["arch"]["head"]}
-  new_meta.update(fingerprint_meta({n: params[n] for n in GENERATORS if n in params}))
+  new_meta.update(prints)
   new_meta["source"] = {"command": "convert attach-head", "model": os.path.abspath(model),
                         "head": os.path.abspath(head), "model_source": meta.get("source")}
   if "calibration" not in head_meta:

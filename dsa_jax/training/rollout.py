@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dsa_jax.config_lib import latent_hw, tokens_per_frame
+from dsa_jax.config_lib import latent_hw, rollout_exit_steps, tokens_per_frame
 from dsa_jax.diffusion import flow
 from dsa_jax.models.dit import WanDiT, cache_logical_axes, init_cache
 from dsa_jax.parallel import mesh as mesh_lib
@@ -59,8 +59,7 @@ class RolloutSpec:
     lh, lw = latent_hw(config)
     ladder = training_ladder(config)
     sig = flow.warp_ladder(ladder, config.diffusion.shift, config.diffusion.num_train_timesteps)
-    steps = int(config.train.exit_steps or (len(ladder) if config.train.get("ladder") else config.sampling.max_steps))
-    steps = max(1, min(steps, len(sig)))
+    steps = rollout_exit_steps(config)
     first = min(max(int(config.train.get("min_exit_steps", 1)), 1), steps) - 1
     return cls(num_frames=config.video.num_frames, chunk_frames=config.video.chunk_frames, height=lh, width=lw,
                channels=config.model.in_channels, tokens_per_frame=tokens_per_frame(config),

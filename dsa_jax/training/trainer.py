@@ -177,6 +177,24 @@ def load_teacher(config, mesh, rules, shardings):
 HEAD_STAGE_FALLBACKS = {"generator": ("generator_ema", "teacher")}
 
 
+def _continued_head(config, init_from: str, *, unrecorded_ok: bool):
+  """init_from's confidence head where this stage continues it (it has one and train.continue_head), else None. Only
+  a head trained on this stage's conf.target continues: another target's confidence means something else (a note
+  says so); `unrecorded_ok` also takes a head whose model records no target."""
+  if not config.train.get("continue_head", True):
+    return None
+  stored, meta = stored_networks(init_from)
+  if "head" not in stored:
+    return None
+  kind, target = (meta.get("conf_target") or {}).get("kind"), str(config.conf.target)
+  if kind != target and not (unrecorded_ok and kind is None):
+    if kind is not None:
+      _log(f"note: {init_from} has a {kind!r} head and this stage trains conf.target={target!r}: the head starts "
+           f"afresh (pass --config.conf.target={kind} to continue it)")
+    return None
+  return loading.load_networks(config, init_from, ("head",), fallbacks={}, log=_log)[0]["head"]
+
+
 def initial_networks(config, teacher_host: Callable[[], Any]) -> tuple[dict, dict]:
   """Host params that replace fresh initialisation at step 0 of a stage (the previous stage's model, the teacher as
   the ODE student's and the critic's start), and where each came from."""
@@ -195,30 +213,22 @@ def initial_networks(config, teacher_host: Callable[[], Any]) -> tuple[dict, dic
     nets["generator"] = loading.load_networks(config, init_from, ("generator",), fallbacks=HEAD_STAGE_FALLBACKS,
                                               log=_log)[0]["generator"]
     sources["generator"] = init_from
-    stored, meta = stored_networks(init_from)
-    kind = str(config.conf.target)
-    same_target = (meta.get("conf_target") or {}).get("kind") == kind
-    if config.train.get("continue_head", True) and "head" in stored and same_target:
-      # a head of the same target continues (a longer run in two parts); train.continue_head=False starts afresh
-      nets["head"] = loading.load_networks(config, init_from, ("head",), fallbacks={}, log=_log)[0]["head"]
-      sources["head"] = f"{init_from} (its {kind!r} head continues)"
+    head = _continued_head(config, init_from, unrecorded_ok=False)  # a longer head run in two parts
+    if head is not None:
+      nets["head"] = head
+      sources["head"] = f"{init_from} (its {str(config.conf.target)!r} head continues)"
     return nets, sources
   if init_from:
     # a converted base model stored as 'teacher' with the generator's architecture (e.g. Wan2.1-1.3B) also serves
     nets["generator"] = loading.load_networks(config, init_from, ("generator",),
                                               fallbacks=loading.INIT_FROM_FALLBACKS, log=_log)[0]["generator"]
     sources["generator"] = init_from
-    stored, meta = stored_networks(init_from) if stage == "dsa" else ((), {})
-    if "head" in stored:
-      # continuing a DSA model keeps its confidence head (a fresh one would have to relearn it from scratch), when
-      # it was trained on this stage's target: another target's confidence means something else
-      stored_kind = (meta.get("conf_target") or {}).get("kind")
-      if stored_kind not in (None, str(config.conf.target)):
-        _log(f"note: {init_from} has a {stored_kind!r} head and this stage trains conf.target="
-             f"{config.conf.target!r}: the head starts afresh (pass --config.conf.target={stored_kind} to continue it)")
-      elif config.train.get("continue_head", True):
-        nets["head"] = loading.load_networks(config, init_from, ("head",), fallbacks={}, log=_log)[0]["head"]
-        sources["head"] = init_from
+    # continuing a DSA model keeps its confidence head (a fresh one would have to relearn it from scratch); DSA
+    # exports made before models recorded their target are taken as they are
+    head = _continued_head(config, init_from, unrecorded_ok=True) if stage == "dsa" else None
+    if head is not None:
+      nets["head"] = head
+      sources["head"] = init_from
   elif stage == "ode" and config.train.teacher_from and _same_arch(config, "model", "teacher"):
     nets["generator"] = teacher_host()  # CausVid: the causal student starts from the bidirectional teacher
     sources["generator"] = f"the teacher {config.train.teacher_from}"
