@@ -46,6 +46,39 @@ def test_a_budget_needs_the_tables_ladder():
     budget.budget_controls(table, 2.6, source="'m'", ladder=(1000, 500, 250, 125))
 
 
+def test_a_model_keeps_a_table_per_step_range_and_a_budget_picks_the_one_that_covers_it():
+  """A floor of 2 steps cannot give 1.5 steps per frame: a model calibrated for 2-5 and for 1-5 steps answers 2.6
+  with its 2-5 table (the sampler's own range) and 1.5 with its 1-5 table; a fixed range picks its own table."""
+  floor2 = dict(TABLE, mean_steps=[2.0, 2.3, 2.9, 3.6, 4.7], min_steps=2)
+  meta = {}
+  meta.update(budget.stored_tables(meta, "confidence", floor2))
+  assert meta == {"calibration": floor2}
+  meta.update(budget.stored_tables(meta, "confidence", TABLE))  # another range: kept beside the first
+  assert meta["calibration"] is floor2 and meta["calibration_ranges"] == {"1-5": TABLE}
+  remade = dict(floor2, thresholds=[0.1, 0.2, 0.5, 0.7, 0.9])
+  meta.update(budget.stored_tables(meta, "confidence", remade))  # the same range again: the first is remade
+  assert meta["calibration"] is remade and meta["calibration_ranges"] == {"1-5": TABLE}
+  other_ladder = dict(TABLE, ladder=[1000.0, 500.0, 250.0], max_steps=3)
+  assert budget.stored_tables({"calibration": dict(floor2, ladder=[1000.0, 750.0, 500.0, 250.0, 125.0])},
+                              "confidence", other_ladder) == {"calibration": other_ladder}
+  x0 = budget.stored_tables({"calibration": floor2}, "x0_delta", dict(TABLE_X0))
+  assert x0 == {"calibration_x0_delta": TABLE_X0}
+
+  source = {"calibration": floor2, "calibration_ranges": {"1-5": TABLE}}
+  assert budget.pick_table(source, 2.6, prefer=(2, 5)) is floor2
+  assert budget.pick_table(source, 2.6, prefer=(1, 5)) is TABLE  # the config's own range where it covers
+  assert budget.pick_table(source, 1.5, prefer=(2, 5)) is TABLE  # below the floor: the table that covers it
+  assert budget.pick_table(source, 2.6, step_range=(1, 5)) is TABLE
+  assert budget.pick_table(source, 2.6, step_range=(3, 5)) is floor2  # none of that range: the check names it
+  assert budget.pick_table(source, 9.0, prefer=(2, 5)) is floor2  # covered by none: the first says its range
+  assert budget.pick_table({}, 2.0) is None
+  assert budget.budget_controls(budget.pick_table(source, 1.5), 1.5)["min_steps"] == 1
+  # a table of another ladder is passed over when one of the sampler's ladder covers the budget
+  mixed = {"calibration": dict(floor2, ladder=[1000.0, 750.0, 500.0, 250.0, 125.0]),
+           "calibration_ranges": {"1-5": dict(TABLE, ladder=[1000.0, 800.0, 600.0, 400.0, 200.0])}}
+  assert budget.pick_table(mixed, 1.5, ladder=(1000, 750, 500, 250, 125)) is mixed["calibration"]
+
+
 class _CrowdedHead:
   """A stand-in sampler whose frames stop once tau falls below a confidence that crowds near 0 (as the 'remaining'
   head's does after its first step): average steps = 1 + 4 * clip(log10(tau / 1e-4) / log10(0.9 / 1e-4), 0, 1)."""
@@ -142,6 +175,23 @@ def test_calibrate_then_sample_with_a_budget(tmp_path, repo_root, capsys):
   rc = cli.main(["sample", "--config", tiny, "--ckpt", str(model), "--out", str(out), "--prompt", "a", "--mean-steps",
                  "2.5", "--config.sampling.min_steps=2"])
   assert rc == 0 and "calibration table's 1-" in capsys.readouterr().err
+  assert json.loads((out / "a.steps.json").read_text())["min_steps"] == 1
+  # A table for 2-5 steps joins the 1-5 one: a config with floor 2 now samples 2.5 with its own table, and 1.5 (below
+  # its floor) with the 1-5 table, saying so
+  assert cli.main(["calibrate", "--config", tiny, "--ckpt", str(model), "--num", "2", "--batch", "2",
+                   "--refine-gap", "0.5", "--config.data.prompts.kind=digits", "--config.sampling.min_steps=2"]) == 0
+  assert "beside its table for another step range" in capsys.readouterr().out
+  meta = json.loads((model / "dsa_meta.json").read_text())
+  assert meta["calibration"] == table and meta["calibration_ranges"]["2-5"]["min_steps"] == 2
+  floor2 = ["--config.sampling.min_steps=2"]
+  assert cli.main(["sample", "--config", tiny, "--ckpt", str(model), "--out", str(out), "--prompt", "a",
+                   "--mean-steps", "2.5"] + floor2) == 0
+  rec = json.loads((out / "a.steps.json").read_text())
+  want = budget.threshold_for(meta["calibration_ranges"]["2-5"], 2.5)
+  assert rec["min_steps"] == 2 and rec["threshold"] == (want if np.isfinite(want) else str(want))
+  assert cli.main(["sample", "--config", tiny, "--ckpt", str(model), "--out", str(out), "--prompt", "a",
+                   "--mean-steps", "1.5"] + floor2) == 0
+  assert "calibration table's 1-5" in capsys.readouterr().err
   assert json.loads((out / "a.steps.json").read_text())["min_steps"] == 1
   # On another ladder the table's taus mean other step counts: an explicit budget is refused, saying what to do; the
   # config's own budget falls back to its threshold with a warning that says the same.

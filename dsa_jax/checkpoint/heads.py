@@ -27,7 +27,7 @@ from dsa_jax.checkpoint.params_io import CheckpointError
 FINGERPRINT_KEY = "generator_fingerprint"
 ALL_FINGERPRINTS_KEY = "generator_fingerprints"  # {network: fingerprint} when a model holds more than one generator
 GENERATORS = ("generator_ema", "generator")  # the sampling generator first, as load_sampler_params picks it
-HEAD_META_KEYS = ("conf_target", "calibration")
+HEAD_META_KEYS = ("conf_target", "calibration", "calibration_ranges")
 FINGERPRINT_HEX = 16
 
 

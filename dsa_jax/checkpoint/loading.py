@@ -205,11 +205,13 @@ def load_sampler_params(config, ckpt: str = "", *, use_ema: Optional[bool] = Non
   elif chosen["head"] == RANDOM:
     source["head"] = RANDOM
   if rule != "confidence":  # the x0-change rule's budget table is the model's own, whatever head is loaded
-    from dsa_jax.sampling.budget import meta_key
+    from dsa_jax.sampling.budget import meta_key, ranges_key
     source.pop("calibration", None)
+    source.pop("calibration_ranges", None)
     source["stop_rule"] = rule
-    if meta_key(rule) in meta:
-      source["calibration"] = meta[meta_key(rule)]
+    for key, name in ((meta_key(rule), "calibration"), (ranges_key(rule), "calibration_ranges")):
+      if key in meta:
+        source[name] = meta[key]
   return out, source
 
 

@@ -210,12 +210,27 @@ def config_summary(config, sampler) -> dict:
   }
 
 
+def _budget_mean_steps(config, args) -> float:
+  """The requested average steps per frame (--mean-steps, else config.sampling.mean_steps; 0 = none)."""
+  return args.mean_steps if args.mean_steps is not None else float(config.sampling.mean_steps or 0.0)
+
+
+def budget_table(config, args, source: dict, steps: tuple[int, int]) -> dict | None:
+  """The calibration table a step budget uses: the one of the range fixed by --min-steps / --max-steps, else the
+  config's range where its table covers the budget, else one that covers it (`budget.pick_table`)."""
+  from dsa_jax.sampling import budget
+  explicit = args.min_steps is not None or args.max_steps is not None
+  m = _budget_mean_steps(config, args) or None
+  return budget.pick_table(source, m, step_range=steps if explicit else None, prefer=steps,
+                           ladder=config.sampling.ladder)
+
+
 def budget_step_range(config, args, source: dict, steps: tuple[int, int], warn) -> tuple[int, int]:
   """The steps per frame under a step budget: the calibration table's own range (a tau gives its average only under
   the floor and ceiling it was calibrated with) unless --min-steps / --max-steps are given, which must then agree
   with the table (checked by `resolve_budget`)."""
   from dsa_jax.sampling import budget
-  table = source.get("calibration")
+  table = budget_table(config, args, source, steps)
   uses_budget = args.threshold is None and bool(args.mean_steps or config.sampling.mean_steps or args.target_fps)
   if not uses_budget or not table or args.min_steps is not None or args.max_steps is not None:
     return steps
@@ -230,7 +245,8 @@ def budget_step_range(config, args, source: dict, steps: tuple[int, int], warn) 
 
 def resolve_budget(config, args, threshold: float, source: dict, ckpt: str, warn,
                    step_range: tuple[int, int] | None = None) -> tuple[float, str]:
-  """tau from a step budget (--mean-steps, else config.sampling.mean_steps) and the model's calibration table.
+  """tau from a step budget (--mean-steps, else config.sampling.mean_steps) and the model's calibration table (of
+  the step range `step_range`, which `budget_step_range` chose).
 
   An explicit --mean-steps without a table (or with a table made on another ladder) is an error that says how to make
   one; a budget that comes from the config falls back to config.sampling.threshold with a warning (models without a
@@ -238,10 +254,10 @@ def resolve_budget(config, args, threshold: float, source: dict, ckpt: str, warn
   from dsa_jax.sampling import budget
   if args.threshold is not None:
     return threshold, ""
-  m = args.mean_steps if args.mean_steps is not None else float(config.sampling.mean_steps or 0.0)
+  m = _budget_mean_steps(config, args)
   if not m:
     return threshold, ""
-  table = source.get("calibration")
+  table = budget.pick_table(source, m, step_range=step_range, ladder=config.sampling.ladder)
   from dsa_jax.checkpoint.loading import calibration_owner
   owner = calibration_owner(source, repr(ckpt or "the model"))
   if table is None and args.mean_steps is None:

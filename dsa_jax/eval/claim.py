@@ -813,6 +813,8 @@ def _sources_text(sources: dict) -> str:
     cal = src.get("calibration")
     if isinstance(cal, dict):
       src["calibration"] = f"{len(cal.get('thresholds', ()))} thresholds on {cal.get('num_prompts')} prompts"
+    if isinstance(src.get("calibration_ranges"), dict):
+      src["calibration_ranges"] = "tables for " + ", ".join(sorted(src["calibration_ranges"])) + " steps"
     return ", ".join(f"{k}: {v}" for k, v in src.items())
   return "; ".join(f"{name} ({one(src)})" for name, src in sources.items())
 
@@ -930,10 +932,11 @@ def check_budgets(config, ckpt: str, out_dir: str, budgets: Sequence[float], *, 
   from dsa_jax.sampling import sampler as sampler_lib
 
   params, source = loading.load_sampler_params(config, ckpt, warn=log, cast=True)
-  table = source.get("calibration")
   owner = loading.calibration_owner(source, f"--ckpt {ckpt or config.sampling.checkpoint}")
-  controls = [budget_lib.budget_controls(table, float(m), source=owner, ladder=config.sampling.ladder)
-              for m in budgets]  # a missing table or an out-of-range request fails before any sampling
+  prefer = (int(config.sampling.min_steps), int(config.sampling.max_steps))
+  controls = [budget_lib.budget_controls(  # each budget with the table of the step range that covers it
+      budget_lib.pick_table(source, float(m), prefer=prefer, ladder=config.sampling.ladder), float(m), source=owner,
+      ladder=config.sampling.ladder) for m in budgets]  # a missing table or an out-of-range request fails first
   bench = Benchmark(config, num=num, evaluator=evaluator, data_seed=data_seed, num_real=num_real, batch=batch,
                     seed=seed, fps_prompts=0, log=log)
   sampler = sampler_lib.make_sampler(config)

@@ -7,6 +7,12 @@ metadata (`calibration`), written by `dsa-jax calibrate`, or in a head folder's 
 (`--head`: the table belongs to the head, whose confidences it measures). `threshold_for` inverts it by linear
 interpolation on the monotone envelope (average steps never fall as tau rises).
 
+A tau gives its average only under the floor and ceiling (min_steps, max_steps) the table was made with, so a model
+may carry one table per step range: the first in `calibration`, tables for other ranges beside it in
+`calibration_ranges` ({"1-3": table}). `pick_table` chooses the one a budget uses: the sampler's own range where its
+table covers the budget, else the table that covers it with the highest floor (a budget of 1.5 steps on a model
+whose default floor is 2 uses its 1-3 table).
+
 For streams, `FpsController` moves tau chunk by chunk from measured chunk times so that a stream holds a target
 frame rate where the hardware allows it.
 """
@@ -30,6 +36,15 @@ def meta_key(rule: str) -> str:
   """The metadata key of a stop rule's table: 'calibration' for the head's (in the model, or in a head folder),
   'calibration_x0_delta' for the x0-change rule's (in the model: it depends on the generator only)."""
   return "calibration" if rule == "confidence" else f"calibration_{rule}"
+
+
+def ranges_key(rule: str) -> str:
+  """The metadata key of a stop rule's tables for other step ranges than its first table's."""
+  return f"{meta_key(rule)}_ranges"
+
+
+def range_name(step_range: Sequence[int]) -> str:
+  return f"{int(step_range[0])}-{int(step_range[1])}"
 
 
 class BudgetError(ValueError):
@@ -136,6 +151,58 @@ def check_table_fits(calibration: dict, *, step_range: Optional[tuple[int, int]]
   if why:
     raise BudgetError(why)
   check_step_range(calibration, step_range, source=source)
+
+
+def source_tables(source: dict) -> list[dict]:
+  """Every calibration table of a `load_sampler_params` source: its first table, then those of other step ranges."""
+  first = source.get("calibration")
+  more = source.get("calibration_ranges") or {}
+  return ([first] if first else []) + [t for _, t in sorted(more.items()) if t]
+
+
+def pick_table(source: dict, mean_steps: Optional[float], *, step_range: Optional[Sequence[int]] = None,
+               prefer: Optional[Sequence[int]] = None, ladder: Optional[Sequence[float]] = None) -> Optional[dict]:
+  """The table a budget of `mean_steps` uses among the source's tables (None when it has none).
+
+  `step_range`: the range the user fixed (--min-steps / --max-steps): its table, else the first (whose mismatch the
+  caller's check then names). Otherwise the table of `prefer` (the config's range) where it covers the budget, else
+  the first table where it covers it, else the covering table with the highest floor; tables made on another ladder
+  than `ladder` are passed over. With no covering table, the first (the caller's range check says what it covers)."""
+  tables = source_tables(source)
+  if not tables:
+    return None
+  if step_range is not None:
+    want = tuple(int(v) for v in step_range)
+    return next((t for t in tables if table_step_range(t) == want), tables[0])
+  fits = [t for t in tables if ladder_mismatch(t, ladder) is None]
+  if mean_steps is None or not math.isfinite(float(mean_steps)):
+    return tables[0]
+  m = float(mean_steps)
+  covers = [t for t in fits if table_step_range(t)[0] <= m <= table_step_range(t)[1]]
+  if prefer is not None:
+    own = [t for t in covers if table_step_range(t) == tuple(int(v) for v in prefer)]
+    if own:
+      return own[0]
+  if not covers:
+    return tables[0]
+  if covers[0] is tables[0]:
+    return tables[0]
+  return max(covers, key=lambda t: table_step_range(t)[0])
+
+
+def stored_tables(meta: dict, rule: str, table: dict) -> dict[str, Any]:
+  """The metadata updates that store `table` (made for `rule`) beside a model's or head folder's existing tables:
+  it becomes the first table when there is none, when the first was made with the same step range or on another
+  ladder (it is remade), else it joins the tables of other step ranges under its range's name."""
+  key, more_key = meta_key(rule), ranges_key(rule)
+  first = meta.get(key)
+  rng = table_step_range(table)
+  if not first or table_step_range(first) == rng or ladder_mismatch(first, table.get("ladder")):
+    more = {k: v for k, v in (meta.get(more_key) or {}).items() if k != range_name(rng)}
+    return {key: table, more_key: more} if more_key in meta else {key: table}
+  more = dict(meta.get(more_key) or {})
+  more[range_name(rng)] = table
+  return {more_key: more}
 
 
 def budget_controls(calibration: Optional[dict], mean_steps: float, *, source: str = "the model",
@@ -308,7 +375,10 @@ def calibrate(config, ckpt: str, *, num: int = 256, thresholds: Optional[Sequenc
                       f"config.data.prompts ({config.data.prompts.kind}), first {len(prompts)}")
   if write:
     owner = head or ckpt
-    params_io.update_meta(owner, **{meta_key(rule): table})
-    log(f"wrote the calibration table{'' if rule == 'confidence' else ' of the x0-change rule'} into "
+    updates = stored_tables(params_io.read_meta(owner), rule, table)
+    params_io.update_meta(owner, **updates)
+    where = ("" if meta_key(rule) in updates else
+             f" for {range_name(table_step_range(table))} steps per frame, beside its table for another step range")
+    log(f"wrote the calibration table{'' if rule == 'confidence' else ' of the x0-change rule'}{where} into "
         f"{os.path.join(owner, params_io.META_FILE)}")
   return table
