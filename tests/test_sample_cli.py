@@ -2,6 +2,7 @@
 
 import json
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -78,6 +79,12 @@ def test_sample_bad_inputs(tmp_path, tiny, capsys, extra, message):
   assert rc == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert message in err[-1] and err[-1].startswith("dsa-jax sample: error:")
+
+
+def test_sample_without_ffmpeg_says_so_before_sampling(tmp_path, tiny, capsys, monkeypatch):
+  monkeypatch.setitem(sys.modules, "imageio_ffmpeg", None)  # as on a machine without the package: import fails
+  assert cli.main(["sample", "--config", tiny, "--out", str(tmp_path / "o"), "--prompt", "x"]) == 2
+  assert "pip install imageio-ffmpeg" in capsys.readouterr().err and not (tmp_path / "o").exists()
 
 
 def test_bench_sample(tmp_path, tiny, capsys):

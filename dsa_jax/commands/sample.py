@@ -347,6 +347,12 @@ def main(args):
   from dsa_jax.sampling.outputs import VIDEO_FORMATS
   if not formats or any(f not in VIDEO_FORMATS for f in formats):
     raise ValueError(f"--formats: expected a comma-separated subset of {','.join(VIDEO_FORMATS)}, got {args.formats!r}")
+  if "mp4" in formats:  # found out now, not after the sampling
+    try:
+      import imageio_ffmpeg  # noqa: F401
+    except ImportError:
+      raise ValueError("--formats mp4: writing mp4 needs the imageio-ffmpeg package (pip install imageio-ffmpeg); "
+                       "or write gifs only with --formats gif") from None
   prompts = read_prompts(args)
   schedule = None
   if args.prompt_schedule is not None:  # one video; its prompts become the schedule's contexts
