@@ -59,8 +59,9 @@ def test_a_model_keeps_a_table_per_step_range_and_a_budget_picks_the_one_that_co
   meta.update(budget.stored_tables(meta, "confidence", remade))  # the same range again: the first is remade
   assert meta["calibration"] is remade and meta["calibration_ranges"] == {"1-5": TABLE}
   other_ladder = dict(TABLE, ladder=[1000.0, 500.0, 250.0], max_steps=3)
-  assert budget.stored_tables({"calibration": dict(floor2, ladder=[1000.0, 750.0, 500.0, 250.0, 125.0])},
-                              "confidence", other_ladder) == {"calibration": other_ladder}
+  five = [1000.0, 750.0, 500.0, 250.0, 125.0]
+  assert budget.stored_tables({"calibration": dict(floor2, ladder=five), "calibration_ranges": {"1-5": dict(
+      TABLE, ladder=five)}}, "confidence", other_ladder) == {"calibration": other_ladder, "calibration_ranges": {}}
   x0 = budget.stored_tables({"calibration": floor2}, "x0_delta", dict(TABLE_X0))
   assert x0 == {"calibration_x0_delta": TABLE_X0}
 

@@ -174,18 +174,16 @@ def pick_table(source: dict, mean_steps: Optional[float], *, step_range: Optiona
   if step_range is not None:
     want = tuple(int(v) for v in step_range)
     return next((t for t in tables if table_step_range(t) == want), tables[0])
-  fits = [t for t in tables if ladder_mismatch(t, ladder) is None]
   if mean_steps is None or not math.isfinite(float(mean_steps)):
     return tables[0]
   m = float(mean_steps)
-  covers = [t for t in fits if table_step_range(t)[0] <= m <= table_step_range(t)[1]]
+  covers = [t for t in tables if ladder_mismatch(t, ladder) is None
+            and table_step_range(t)[0] <= m <= table_step_range(t)[1]]
   if prefer is not None:
     own = [t for t in covers if table_step_range(t) == tuple(int(v) for v in prefer)]
     if own:
       return own[0]
-  if not covers:
-    return tables[0]
-  if covers[0] is tables[0]:
+  if not covers or covers[0] is tables[0]:
     return tables[0]
   return max(covers, key=lambda t: table_step_range(t)[0])
 
@@ -198,7 +196,9 @@ def stored_tables(meta: dict, rule: str, table: dict) -> dict[str, Any]:
   first = meta.get(key)
   rng = table_step_range(table)
   if not first or table_step_range(first) == rng or ladder_mismatch(first, table.get("ladder")):
-    more = {k: v for k, v in (meta.get(more_key) or {}).items() if k != range_name(rng)}
+    # tables of another range made on another ladder go with the first one they stood beside
+    more = {k: v for k, v in (meta.get(more_key) or {}).items()
+            if k != range_name(rng) and not ladder_mismatch(v, table.get("ladder"))}
     return {key: table, more_key: more} if more_key in meta else {key: table}
   more = dict(meta.get(more_key) or {})
   more[range_name(rng)] = table
