@@ -10,7 +10,9 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 # another module (the tiny config's sampler and training steps are built by many) is loaded instead of compiled.
 os.environ.setdefault("DSA_JAX_CACHE", os.path.join(__import__("tempfile").gettempdir(), "dsa_jax_test_xla_cache"))
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.environ["DSA_JAX_CACHE"])
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")  # what `dsa-jax sample` sets
+# Every program is cached, also those compiling in under a second (the two workers and the subprocesses build many
+# of the same small ones): the whole suite 11:09 instead of 11:29 from an empty cache on a 2-core machine.
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
