@@ -82,7 +82,7 @@ def test_export_head_round_trip(models, tiny_config):
   assert _bitwise_equal(got2["head"], models["second"]) and source2["calibration"] == TABLE_HEAD
 
 
-def test_attach_head_makes_it_the_models_own(models, tiny_config, tmp_path):
+def test_attach_head_makes_it_the_models_own(models, tiny_config, tmp_path, capsys):
   """attach-head is export-head's inverse: the model's own head, conf_target and table become the head folder's;
   its generator and other tables stay; a head for another generator is refused; --out may be --ckpt itself."""
   import shutil
@@ -106,6 +106,17 @@ def test_attach_head_makes_it_the_models_own(models, tiny_config, tmp_path):
   assert not os.path.exists(tmp_path / "bad")
   heads.attach_head(model, models["head"], model)  # in place
   assert params_io.read_meta(model)["conf_target"] == {"kind": "remaining"}
+  # The tables of other step ranges travel with their head: the head folder's arrive, the model's old ones go
+  params_io.update_meta(model, calibration_ranges={"2-5": dict(TABLE_OWN, min_steps=2)})
+  head2 = str(tmp_path / "head2")
+  shutil.copytree(models["head"], head2)
+  params_io.update_meta(head2, calibration_ranges={"3-5": dict(TABLE_HEAD, min_steps=3)})
+  capsys.readouterr()
+  assert cli.main(["convert", "attach-head", "--ckpt", model, "--head", head2, "--out", model]) == 0
+  assert "its calibration tables (steps per frame 1-5, 3-5)" in capsys.readouterr().out
+  assert params_io.read_meta(model)["calibration_ranges"] == {"3-5": dict(TABLE_HEAD, min_steps=3)}
+  assert cli.main(["convert", "export-head", "--src", model, "--out", str(tmp_path / "head3")]) == 0
+  assert params_io.read_meta(str(tmp_path / "head3"))["calibration_ranges"] == {"3-5": dict(TABLE_HEAD, min_steps=3)}
 
 
 def test_head_for_another_generator_is_refused(models, tiny_config):
