@@ -23,7 +23,7 @@ def test_notebook_runs_on_cpu(monkeypatch, tmp_path):
   i = next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", []))
   # Like papermill: a cell after the parameters cell overrides them (already installed, no widgets, no Wan).
   nb.cells.insert(i + 1, nbformat.v4.new_code_cell("INSTALL = False\nUSE_WIDGETS = False\nRUN_WAN = False\n"
-                                                   "STREAM = True\nBUDGET = 2.0\nHEAD = \"dsa_jax/assets/digits_heads/remaining\""))
+                                                   "STREAM = True\nBUDGET = 1.5\nHEAD = \"dsa_jax/assets/digits_heads/remaining\""))
   monkeypatch.setenv("JAX_PLATFORMS", "cpu")  # the kernel inherits the environment
   monkeypatch.setenv("TMPDIR", str(tmp_path))
   updates = []
@@ -44,6 +44,9 @@ def test_notebook_runs_on_cpu(monkeypatch, tmp_path):
   assert "backend: cpu" in text
   assert "head: dsa_jax/assets/digits_heads/remaining (remaining target)" in text
   assert "steps per frame: [" in text
+  # 1.5 steps per frame lies below the config's floor of 2: the head's 1-3 table let frames stop after one step
+  steps = [int(v) for v in text.split("steps per frame: [")[1].split("]")[0].split(",")]
+  assert min(steps) == 1 and len(steps) == 16
   assert "Wan2.1 section skipped (RUN_WAN = False" in text
   html = [o.data["text/html"] for o in outputs if o.output_type == "display_data" and "text/html" in o.get("data", {})]
   final = [h for h in html if "alt='video'" in h]
