@@ -194,6 +194,11 @@ def test_calibrate_then_sample_with_a_budget(tmp_path, repo_root, capsys):
                    "--mean-steps", "1.5"] + floor2) == 0
   assert "calibration table's 1-5" in capsys.readouterr().err
   assert json.loads((out / "a.steps.json").read_text())["min_steps"] == 1
+  assert cli.main(["sample", "--config", tiny, "--ckpt", str(model), "--out", str(out), "--prompt", "a",
+                   "--config.sampling.mean_steps=1.5"] + floor2) == 0  # the config's own budget, below its floor
+  rec = json.loads((out / "a.steps.json").read_text())
+  want = budget.threshold_for(table, 1.5)
+  assert rec["min_steps"] == 1 and rec["threshold"] == (want if np.isfinite(want) else str(want))
   # On another ladder the table's taus mean other step counts: an explicit budget is refused, saying what to do; the
   # config's own budget falls back to its threshold with a warning that says the same.
   other = ["--config.sampling.ladder=(1000,500,250)", "--config.sampling.max_steps=3"]
