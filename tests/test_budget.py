@@ -199,6 +199,10 @@ def test_calibrate_then_sample_with_a_budget(tmp_path, repo_root, capsys):
   rec = json.loads((out / "a.steps.json").read_text())
   want = budget.threshold_for(table, 1.5)
   assert rec["min_steps"] == 1 and rec["threshold"] == (want if np.isfinite(want) else str(want))
+  # a stream holding a frame rate steers tau with the table of the range it samples with (here 2-5, not the first)
+  assert cli.main(["sample", "--config", tiny, "--ckpt", str(model), "--out", str(out), "--prompt", "a", "--stream",
+                   "--target-fps", "1000", "--mean-steps", "2.5"] + floor2) == 0
+  assert json.loads((out / "a.steps.json").read_text())["min_steps"] == 2
   # On another ladder the table's taus mean other step counts: an explicit budget is refused, saying what to do; the
   # config's own budget falls back to its threshold with a warning that says the same.
   other = ["--config.sampling.ladder=(1000,500,250)", "--config.sampling.max_steps=3"]

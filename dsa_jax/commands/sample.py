@@ -391,11 +391,12 @@ def main(args):
                                           step_range=(min_steps, max_steps))
   fps_controller = None
   if args.target_fps is not None:
-    from dsa_jax.sampling.budget import FpsController, check_table_fits
-    if source.get("calibration"):
-      check_table_fits(source["calibration"], step_range=(min_steps, max_steps), ladder=config.sampling.ladder,
+    from dsa_jax.sampling.budget import FpsController, check_table_fits, pick_table
+    table = pick_table(source, None, step_range=(min_steps, max_steps))  # the table of the range chosen above
+    if table:
+      check_table_fits(table, step_range=(min_steps, max_steps), ladder=config.sampling.ladder,
                        source=repr(ckpt or "the model"))
-    fps_controller = FpsController(source.get("calibration"), args.target_fps,
+    fps_controller = FpsController(table, args.target_fps,
                                    initial_steps=args.mean_steps or config.sampling.mean_steps or None)
   sampler = sampler_lib.make_sampler(config, num_frames=args.num_frames)
   decoder = PixelDecoder(config)
