@@ -74,6 +74,10 @@ def test_a_model_keeps_a_table_per_step_range_and_a_budget_picks_the_one_that_co
   assert budget.pick_table(source, 9.0, prefer=(2, 5)) is floor2  # covered by none: the first says its range
   assert budget.pick_table({}, 2.0) is None
   assert budget.budget_controls(budget.pick_table(source, 1.5), 1.5)["min_steps"] == 1
+  cfg = ml_collections.ConfigDict({"sampling": {"min_steps": 2, "max_steps": 5, "ladder": (1000, 750, 500, 250, 125)}})
+  assert budget.controls_for_budget(source, 1.5, cfg) == budget.budget_controls(TABLE, 1.5)
+  assert budget.controls_for_budget(source, 2.6, cfg) == {"threshold": pytest.approx(budget.threshold_for(floor2, 2.6)),
+                                                          "min_steps": 2, "max_steps": 5}
   # a table of another ladder is passed over when one of the sampler's ladder covers the budget
   mixed = {"calibration": dict(floor2, ladder=[1000.0, 750.0, 500.0, 250.0, 125.0]),
            "calibration_ranges": {"1-5": dict(TABLE, ladder=[1000.0, 800.0, 600.0, 400.0, 200.0])}}

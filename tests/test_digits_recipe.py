@@ -42,6 +42,12 @@ def test_shipped_model_loads_and_samples(repo_root):
                        sampler.make_controls(len(prompts), seed=np.arange(len(prompts)), **controls))
   steps = np.asarray(dyn.steps)
   assert steps.min() >= 2 and len(np.unique(steps)) > 1 and 2 < steps.mean() < config.sampling.max_steps, steps
+  # Below the floor the model's 1-3 table answers: frames may stop after one step, fewer steps on average
+  low = budget.controls_for_budget(source, 1.5, config)
+  assert low["min_steps"] == 1 and low["threshold"] < controls["threshold"]
+  few = np.asarray(sampler.sample(params, make_text_encoder(config)(prompts),
+                                  sampler.make_controls(len(prompts), seed=np.arange(len(prompts)), **low)).steps)
+  assert few.min() == 1 and few.mean() < steps.mean(), few
   # The training-free x0-change rule has its own table in the shipped model, served under that rule: made with the
   # same floor, fewer steps as its threshold rises, and covering the budgets from the floor to the maximum.
   x0_config = _digits(repo_root, "--config.compute.dtype=float32", "--config.sampling.stop_rule=x0_delta")

@@ -933,10 +933,9 @@ def check_budgets(config, ckpt: str, out_dir: str, budgets: Sequence[float], *, 
 
   params, source = loading.load_sampler_params(config, ckpt, warn=log, cast=True)
   owner = loading.calibration_owner(source, f"--ckpt {ckpt or config.sampling.checkpoint}")
-  prefer = (int(config.sampling.min_steps), int(config.sampling.max_steps))
-  controls = [budget_lib.budget_controls(  # each budget with the table of the step range that covers it
-      budget_lib.pick_table(source, float(m), prefer=prefer, ladder=config.sampling.ladder), float(m), source=owner,
-      ladder=config.sampling.ladder) for m in budgets]  # a missing table or an out-of-range request fails first
+  # each budget with the table of the step range that covers it; a missing table or an out-of-range request fails
+  # before any sampling
+  controls = [budget_lib.controls_for_budget(source, float(m), config, source_name=owner) for m in budgets]
   bench = Benchmark(config, num=num, evaluator=evaluator, data_seed=data_seed, num_real=num_real, batch=batch,
                     seed=seed, fps_prompts=0, log=log)
   sampler = sampler_lib.make_sampler(config)

@@ -316,9 +316,7 @@ def run_bench(config, *, steps=None, threshold=None, mean_steps=None, budget_mea
     ctl_kw = dict(threshold=np.inf, min_steps=sched[None, :], max_steps=sched[None, :])
   elif budget_mean_steps is not None:
     from dsa_jax.sampling import budget
-    table = budget.pick_table(source, budget_mean_steps, ladder=config.sampling.ladder,
-                              prefer=(int(config.sampling.min_steps), int(config.sampling.max_steps)))
-    ctl_kw = budget.budget_controls(table, budget_mean_steps, source=repr(ckpt), ladder=config.sampling.ladder)
+    ctl_kw = budget.controls_for_budget(source, budget_mean_steps, config, source_name=repr(ckpt))
     mode = {"kind": "budget_mean_steps", "target": float(budget_mean_steps), "threshold": ctl_kw["threshold"],
             "min_steps": ctl_kw["min_steps"], "max_steps": ctl_kw["max_steps"]}
   elif threshold is not None:

@@ -215,6 +215,16 @@ def budget_controls(calibration: Optional[dict], mean_steps: float, *, source: s
   return {"threshold": tau, "min_steps": lo, "max_steps": hi}
 
 
+def controls_for_budget(source: dict, mean_steps: float, config, *, source_name: str = "the model"
+                        ) -> dict[str, Any]:
+  """`budget_controls` of a `load_sampler_params` source: the table of the step range that covers `mean_steps` (the
+  config's own range where it does, `pick_table`), checked against the config's ladder:
+  `sampler.make_controls(1, **controls_for_budget(source, 1.5, config))`."""
+  s = config.sampling
+  table = pick_table(source, mean_steps, prefer=(int(s.min_steps), int(s.max_steps)), ladder=s.ladder)
+  return budget_controls(table, mean_steps, source=source_name, ladder=s.ladder)
+
+
 def calibration_table(sampler, params, contexts: np.ndarray, thresholds: Sequence[float] = DEFAULT_THRESHOLDS, *,
                       batch: int = 64, seed: int = 0, guidance: float = 0.0, uncond=None, refine_gap: float = 0.15,
                       refine_rounds: int = 3, extend_rounds: int = 4,
