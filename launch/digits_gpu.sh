@@ -11,7 +11,9 @@
 #   RUN=runs/digits STAGES=polish4 POLISH4_GUIDANCE=1.0 bash launch/digits_gpu.sh   # polish4 at another guidance
 # Cost on one NVIDIA H200 (measured): data 64k clips about 40 s on 16 cores; teacher 35 it/s at batch 64 (18k steps
 # about 9 min; the data loader runs in the trainer's process, so two runs sharing a 16-core host get about 20 it/s
-# each); ODE 5.8-6.3 it/s at batch 32; DSA 11-13 it/s at batch 32; a head stage 6-7 it/s at batch 64. A stage stopped
+# each; with evaluation jobs on the host's other GPU it ran at 21 it/s and a 14k-step run was stopped by its bound at
+# step 7,927: FD 182 as a 32-step sampler, and DSA runs distilled against it got worse: give the teacher its host and
+# its whole schedule); ODE 5.8-6.3 it/s at batch 32; DSA 11-13 it/s at batch 32; a head stage 6-7 it/s at batch 64. A stage stopped
 # by its time bound is resumed by the same command (or continued from its model with --config.train.init_from).
 # The shipped model's DSA stage ran 1,796 steps, then 3,000 more from its exported model (a second DSA run with
 # --config.train.init_from=$RUN/dsa/model: the generator from its EMA, its head kept, a fresh critic from the teacher),
