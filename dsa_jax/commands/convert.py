@@ -232,16 +232,17 @@ def _export_diffusers(args):
        "(load with diffusers.WanTransformer3DModel.from_pretrained)")
 
 
-def _tables_text(meta: dict, what: str, own: str = "a ") -> str:
-  """'a calibration table (steps per frame 2-3, 1-3)' / 'no calibration table', for the head commands' summaries."""
+def _tables_text(meta: dict, article: str = "a") -> str:
+  """'a calibration table (steps per frame 2-3)', 'calibration tables (steps per frame 2-3, 1-3)' or 'no calibration
+  table', for the head commands' summaries."""
   from dsa_jax.sampling import budget
   tables = budget.source_tables(meta)
   if not tables:
-    return f"no {what}"
+    return "no calibration table"
   ranges = ", ".join(budget.range_name(budget.table_step_range(t)) for t in tables)
-  if len(tables) > 1:
-    own, what = ("" if own == "a " else own), what + "s"
-  return f"{own}{what} (steps per frame {ranges})"
+  many = len(tables) > 1
+  lead = "" if many and article == "a" else f"{article} "
+  return f"{lead}calibration table{'s' if many else ''} (steps per frame {ranges})"
 
 
 def _export_head(args):
@@ -249,7 +250,7 @@ def _export_head(args):
   _log(f"reading {args.src} [head]")
   meta = heads.export_head(args.src, args.out, log=_log)
   size = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(args.out) for f in files)
-  table = _tables_text(meta, "calibration table")
+  table = _tables_text(meta)
   _log(f"wrote {os.path.abspath(args.out)} ({size / 1e3:.0f} kB): head with conf_target "
        f"{(meta.get('conf_target') or {}).get('kind', '?')!r}, {table}, generator fingerprint "
        f"{meta[heads.FINGERPRINT_KEY]}")
@@ -259,7 +260,7 @@ def _attach_head(args):
   from dsa_jax.checkpoint import heads
   _log(f"reading {args.ckpt} and {args.head} [head]")
   meta = heads.attach_head(args.ckpt, args.head, args.out, log=_log)
-  table = _tables_text(meta, "calibration table", own="its ")
+  table = _tables_text(meta, article="its")
   _log(f"wrote {os.path.abspath(args.out)}: {sorted(meta['networks'])}, head with conf_target "
        f"{(meta.get('conf_target') or {}).get('kind', '?')!r} and {table}")
 
