@@ -9,11 +9,12 @@
 #   RUN=runs/digits STAGES="teacher" TEACHER_STEPS=6000 bash launch/digits_gpu.sh   # one stage (others skipped)
 #   RUN=runs/digits HEADS="remaining gain" bash launch/digits_gpu.sh                # + heads for the DSA generator
 #   RUN=runs/digits STAGES=polish4 POLISH4_GUIDANCE=1.0 bash launch/digits_gpu.sh   # polish4 at another guidance
-# Cost on one NVIDIA H200 (measured): data 64k clips about 40 s on 16 cores; teacher 35 it/s at batch 64 (18k steps
-# about 9 min; the data loader runs in the trainer's process, so two runs sharing a 16-core host get about 20 it/s
-# each; with evaluation jobs on the host's other GPU it ran at 21 it/s and a 14k-step run was stopped by its bound at
-# step 7,927: FD 182 as a 32-step sampler, and DSA runs distilled against it got worse: give the teacher its host and
-# its whole schedule); ODE 5.8-6.3 it/s at batch 32; DSA 11-13 it/s at batch 32; a head stage 6-7 it/s at batch 64. A stage stopped
+# Cost on one NVIDIA H200 (measured): data 64k clips about 40 s on 16 cores; teacher 35 it/s at batch 64 in the run
+# that made the first teacher, but 20.8-22.6 it/s alone on a 32-core host with two H200s later (the data loader runs
+# in the trainer's process and bounds it: plan 15 min for 18k steps); a teacher stopped at step 7,927 of a 14k
+# schedule scored FD 182 as a 32-step sampler and DSA runs against it got worse; one stopped at step 13,672 of 18k
+# scored FD 51.5 / agreement 0.57 and the ladder3c stage against it improved the student; ODE 5.8-6.3 it/s at batch
+# 32; DSA 11-13 it/s at batch 32; a head stage 6-7 it/s at batch 64 (14-15 it/s alone, 1,500 steps). A stage stopped
 # by its time bound is resumed by the same command (or continued from its model with --config.train.init_from).
 # The shipped model's DSA stage ran 1,796 steps, then 3,000 more from its exported model (a second DSA run with
 # --config.train.init_from=$RUN/dsa/model: the generator from its EMA, its head kept, a fresh critic from the teacher),
@@ -21,7 +22,8 @@
 # polish3 at DMD guidance 1.5 (2,470 of 3,000 steps within its 330 s bound; 9.3-9.9 it/s with a second run on the host),
 # then polish4 at DMD guidance 0.5 (all 3,300 steps in 366 s; 10.4-11.6 it/s with a second run on the host), then
 # ladder3 (1,570 of 2,000 steps) and ladder3b (1,211 of 1,500) within their bounds at 5.4 it/s with four runs sharing
-# the GPU (a run alone goes about twice as fast and finishes its cosine schedule).
+# the GPU (a run alone goes about twice as fast and finishes its cosine schedule), then ladder3c (all 3,600 steps at
+# 12.6 it/s, one run per H200 of a two-GPU host).
 # The data is generated once per DATA folder (skipped when its prompts.txt exists); stages whose model exists are
 # skipped, so the same command continues a chain.
 set -uo pipefail
@@ -29,8 +31,8 @@ RUN=${RUN:-runs/digits}
 DATA=${DATA:-$RUN/data}
 NUM_SHARDS=${NUM_SHARDS:-32}
 CLIPS_PER_SHARD=${CLIPS_PER_SHARD:-2000}
-STAGES=${STAGES:-teacher ode dsa polish polish2 polish3 polish4 ladder3 ladder3b}
-TEACHER_STEPS=${TEACHER_STEPS:-18000}; STAGE_TEACHER_S=${STAGE_TEACHER_S:-900}
+STAGES=${STAGES:-teacher ode dsa polish polish2 polish3 polish4 ladder3 ladder3b ladder3c}
+TEACHER_STEPS=${TEACHER_STEPS:-18000}; STAGE_TEACHER_S=${STAGE_TEACHER_S:-1000}
 ODE_STEPS=${ODE_STEPS:-2000};          STAGE_ODE_S=${STAGE_ODE_S:-300}
 DSA_STEPS=${DSA_STEPS:-4000};          STAGE_DSA_S=${STAGE_DSA_S:-600}
 POLISH_STEPS=${POLISH_STEPS:-4000};    STAGE_POLISH_S=${STAGE_POLISH_S:-450}
@@ -41,6 +43,7 @@ POLISH4_STEPS=${POLISH4_STEPS:-3300};  STAGE_POLISH4_S=${STAGE_POLISH4_S:-420}
 POLISH4_GUIDANCE=${POLISH4_GUIDANCE:-0.5}  # DMD guidance of polish4 (the shipped model: 0.5; 1.0 did a little worse)
 LADDER3_STEPS=${LADDER3_STEPS:-2000};  STAGE_LADDER3_S=${STAGE_LADDER3_S:-390}
 LADDER3B_STEPS=${LADDER3B_STEPS:-1500}; STAGE_LADDER3B_S=${STAGE_LADDER3B_S:-320}
+LADDER3C_STEPS=${LADDER3C_STEPS:-3600}; STAGE_LADDER3C_S=${STAGE_LADDER3C_S:-450}
 CONSISTENCY=${CONSISTENCY:-0}
 HEADS=${HEADS:-}  # e.g. "remaining gain consistency": extra confidence heads for the DSA generator (stage 'head', no teacher)
 EXTRA=${EXTRA:-}  # extra overrides for every stage, e.g. --config.train.batch_size=8
@@ -109,8 +112,14 @@ stage ladder3 dsa "$STAGE_LADDER3_S" --config.train.steps=$LADDER3_STEPS --confi
 stage ladder3b dsa "$STAGE_LADDER3B_S" --config.train.steps=$LADDER3B_STEPS --config.train.lr=8e-5 $L3 \
   --config.train.ckpt_every=500 $PROMPTS --config.train.lr_decay=cosine --config.train.teacher_from=$RUN/teacher/model \
   --config.train.init_from=$RUN/ladder3/model
+# ladder3c: once more at 4e-5 (cosine over 3.6k steps, guidance 0.5): fixed 3 steps 57.6 -> 48.9, fixed 2 87.8 -> 78.7
+# (the shipped model ran this stage against a second teacher, trained as above but stopped at step 13,672; at
+# guidance 0 instead: fixed 3 steps 69.7, agreement 0.53)
+stage ladder3c dsa "$STAGE_LADDER3C_S" --config.train.steps=$LADDER3C_STEPS --config.train.lr=4e-5 $L3 \
+  --config.train.ckpt_every=600 $PROMPTS --config.train.lr_decay=cosine --config.train.teacher_from=$RUN/teacher/model \
+  --config.train.init_from=$RUN/ladder3b/model
 FINAL=$RUN/dsa
-for s in polish polish2 polish3 polish4 ladder3 ladder3b; do [ -f "$RUN/$s/model/dsa_meta.json" ] && FINAL=$RUN/$s; done
+for s in polish polish2 polish3 polish4 ladder3 ladder3b ladder3c; do [ -f "$RUN/$s/model/dsa_meta.json" ] && FINAL=$RUN/$s; done
 if [ "$CONSISTENCY" = 1 ] && [ ! -f "$RUN/dsa_consistency/model/dsa_meta.json" ]; then
   RUN_C=$RUN/dsa_consistency
   echo "== stage dsa (consistency target)"
