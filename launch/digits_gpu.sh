@@ -9,6 +9,7 @@
 #   RUN=runs/digits STAGES="teacher" TEACHER_STEPS=6000 bash launch/digits_gpu.sh   # one stage (others skipped)
 #   RUN=runs/digits HEADS="remaining gain" bash launch/digits_gpu.sh                # + heads for the DSA generator
 #   RUN=runs/digits STAGES=polish4 POLISH4_GUIDANCE=1.0 bash launch/digits_gpu.sh   # polish4 at another guidance
+#   RUN=runs/digits TEACHER=checkpoints/digits_teacher STAGES="ode dsa" bash launch/digits_gpu.sh  # the kept teacher
 # Cost on one NVIDIA H200 (measured): data 64k clips about 40 s on 16 cores; teacher 35 it/s at batch 64 in the run
 # that made the first teacher, but 20.8-22.6 it/s alone on a 32-core host with two H200s later (the data loader runs
 # in the trainer's process and bounds it: plan 15 min for 18k steps); a teacher stopped at step 7,927 of a 14k
@@ -48,7 +49,12 @@ CONSISTENCY=${CONSISTENCY:-0}
 HEADS=${HEADS:-}  # e.g. "remaining gain consistency": extra confidence heads for the DSA generator (stage 'head', no teacher)
 EXTRA=${EXTRA:-}  # extra overrides for every stage, e.g. --config.train.batch_size=8
 PY=${PY:-python3}
+TEACHER=${TEACHER:-}  # a teacher model folder to start from instead of the teacher stage (e.g. checkpoints/digits_teacher)
 mkdir -p "$RUN" "$DATA"
+if [ -n "$TEACHER" ] && [ ! -f "$RUN/teacher/model/dsa_meta.json" ]; then
+  [ -f "$TEACHER/dsa_meta.json" ] || { echo "TEACHER=$TEACHER: not a model folder (no dsa_meta.json)" >&2; exit 2; }
+  mkdir -p "$RUN/teacher" && cp -r "$TEACHER" "$RUN/teacher/model" && echo "== teacher: copied from $TEACHER"
+fi
 
 if [ -f "$DATA/prompts.txt" ]; then echo "== data: $DATA exists"; else
 echo "== data: $NUM_SHARDS shards x $CLIPS_PER_SHARD clips"
