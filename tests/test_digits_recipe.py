@@ -147,7 +147,7 @@ def test_launch_script_stages_name_real_config_stages(repo_root):
   subprocess.run(["bash", "-n", script], check=True)
   calls = re.findall(r"^stage (\S+) (\S+) ", open(script).read(), flags=re.M)
   assert [c[0] for c in calls] == ["teacher", "ode", "dsa", "polish", "polish2", "polish3", "polish4", "ladder3",
-                                   "ladder3b"], calls
+                                   "ladder3b", "ladder3c"], calls
   digits = os.path.join(repo_root, "configs", "digits.py")
   for _, cfg_stage in calls:
     assert get_config(digits + ":" + cfg_stage).train.stage == cfg_stage
@@ -155,3 +155,24 @@ def test_launch_script_stages_name_real_config_stages(repo_root):
   l3 = re.search(r'^L3="([^"]+)"', open(script).read(), flags=re.M).group(1).split()
   c = get_config(digits + ":dsa", l3)
   assert tuple(c.train.ladder) == (1000, 500, 250) and c.train.min_exit_steps == 2 and c.dmd.guidance == 0.5
+
+
+def test_launch_script_starts_from_a_kept_teacher(repo_root, tmp_path):
+  """TEACHER=DIR copies a model folder in as the teacher stage's model (so its stage is skipped); a folder that is not
+  a model stops the script before any work, naming it."""
+  import sys
+  script = os.path.join(repo_root, "launch", "digits_gpu.sh")
+  env = dict(os.environ, RUN=str(tmp_path / "run"), STAGES="none", NUM_SHARDS="1", CLIPS_PER_SHARD="2",
+             PY=sys.executable, PYTHONPATH=repo_root)
+  bad = subprocess.run(["bash", script], env=dict(env, TEACHER=str(tmp_path / "nowhere")), cwd=repo_root,
+                       capture_output=True, text=True)
+  assert bad.returncode == 2 and "nowhere: not a model folder" in bad.stderr, bad.stderr
+  assert not (tmp_path / "run" / "data" / "prompts.txt").exists()
+  teacher = tmp_path / "kept"
+  teacher.mkdir()
+  (teacher / "dsa_meta.json").write_text('{"stage": "teacher"}')
+  ok = subprocess.run(["bash", script], env=dict(env, TEACHER=str(teacher)), cwd=repo_root, capture_output=True,
+                      text=True)
+  assert ok.returncode == 0, ok.stderr
+  assert "teacher: copied from" in ok.stdout
+  assert (tmp_path / "run" / "teacher" / "model" / "dsa_meta.json").read_text() == '{"stage": "teacher"}'
