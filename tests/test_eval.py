@@ -202,6 +202,13 @@ def test_evaluator_trains_saves_and_loads(tiny_evaluator):
     ev.load_evaluator(out + "_missing")
 
 
+def test_diverged_evaluator_training_stops_at_the_first_bad_step():
+  from dsa_jax.eval import evaluator as ev
+  ev.check_training_losses([2.0, 1.5, 1.2], 12, 100, 3e-3)  # finite: nothing happens
+  with pytest.raises(ev.EvaluatorError, match=r"non-finite at step 11 of 100 \(lr=0.003\); nothing was saved"):
+    ev.check_training_losses([2.0, float("nan"), float("inf")], 12, 100, 3e-3)
+
+
 def test_augment_frames_warps_within_range():
   import jax
   from dsa_jax.eval import evaluator as ev

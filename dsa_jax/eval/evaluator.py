@@ -384,6 +384,7 @@ def train_evaluator(out_dir: str | None, steps: int = 1200, batch: int = 16, see
     if step % log_every == 0 or step == steps:
       m = jax.device_get(hist)
       hist = []
+      check_training_losses([x["loss"] for x in m], step, steps, lr)
       loss = float(np.mean([x["loss"] for x in m]))
       acc = float(np.mean([x["set_acc"] for x in m]))
       facc = float(np.mean([x["frame_digit_acc"] for x in m]))
@@ -402,12 +403,26 @@ def train_evaluator(out_dir: str | None, steps: int = 1200, batch: int = 16, see
              "data": {"dataset": "moving_digits", "train_split_seed": seed, "test_split_seed": seed + 1,
                       "frames": frames, "size": size}}
   if out_dir:
+    from dsa_jax.checkpoint.params_io import nonfinite_leaves
+    bad_leaves = nonfinite_leaves(params)
+    if bad_leaves:
+      raise EvaluatorError(f"evaluator training: the parameters hold NaN/inf ({', '.join(bad_leaves[:3])}); "
+                           f"{out_dir} was not written")
     save_params(out_dir, {NETWORK: params}, {"arch": {NETWORK: cfg.to_dict()}, "evaluator": summary})
     summary["path"] = os.path.abspath(out_dir)
     summary["bytes"] = dir_size(out_dir)
     log(f"evaluator saved to {out_dir} ({summary['bytes'] / 1e6:.2f} MB)")
   summary["params"] = params
   return summary
+
+
+def check_training_losses(losses, last_step: int, steps: int, lr: float):
+  """Stops evaluator training at the first non-finite loss of a logging window ending at `last_step`: a diverged
+  evaluator would otherwise be saved and only refused when loaded."""
+  bad = [last_step - len(losses) + 1 + i for i, x in enumerate(losses) if not np.isfinite(float(x))]
+  if bad:
+    raise EvaluatorError(f"evaluator training: the loss became non-finite at step {bad[0]} of {steps} (lr={lr}); "
+                         "nothing was saved. Try a lower learning rate or another seed")
 
 
 def to_float(video):
