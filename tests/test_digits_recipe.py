@@ -74,10 +74,9 @@ def test_runlocal_chain_teacher_ode_dsa(repo_root, tmp_path):
   common = ["--config.runlocal=True", "--config.train.steps=1", "--config.train.ckpt_every=1",
             "--config.train.log_every=1"]
   t, o, d = (str(tmp_path / n) for n in ("teacher", "ode", "dsa"))
-  # `dsa-jax train` in subprocesses compiled with XLA's backend optimisation off: the chain is compile-bound (a
-  # third faster), and what is checked here (each stage runs, exports, and starts from the one before) holds at any
-  # optimisation level
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=repo_root, XLA_FLAGS="--xla_backend_optimization_level=0")
+  # `dsa-jax train` in subprocesses with the suite's XLA flags (conftest.py: backend optimisation off, the chain is
+  # compile-bound)
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=repo_root)
   log = ""
   for args in ([cfg + ":teacher", "--workdir", t],
                [cfg + ":ode", "--workdir", o, f"--config.train.teacher_from={t}/model", "--config.train.ode_steps=4"],

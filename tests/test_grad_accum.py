@@ -193,9 +193,8 @@ def _mesh8(cfg):
 
 def test_micro_batches_on_8_devices(tmp_path):
   out = tmp_path / "report.json"
-  # 8 simulated devices; XLA's backend optimisation off: the worker is compile-bound (about a third faster), and
-  # what it checks (sharded == one device, no recompiles) holds at any optimisation level
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0",
+  # 8 simulated devices, beside the suite's XLA flags (conftest.py)
+  env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8",
              JAX_PLATFORMS="cpu", NPROC="64",
              PYTHONPATH=ROOT)
   res = subprocess.run([sys.executable, os.path.abspath(__file__), str(out)], env=env, capture_output=True,

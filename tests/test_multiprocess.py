@@ -56,9 +56,8 @@ def test_two_processes_train_a_step(tmp_path):
   videos = str(tmp_path / "latents.array_record")
   _write_clips(videos)
   work = tmp_path / "work"
-  # XLA's backend optimisation off: the two processes compile the training programs at about half the cost, and
-  # what is checked (the two processes agree, every step runs) does not depend on how fast the code runs
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, XLA_FLAGS="--xla_backend_optimization_level=0")
+  # the suite's XLA flags (conftest.py: backend optimisation off, the two processes are compile-bound)
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
   procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), str(port), str(i), str(work),
                              str(tmp_path / f"out{i}.json"), videos], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True) for i in range(2)]

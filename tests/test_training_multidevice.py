@@ -105,9 +105,8 @@ def report(tmp_path_factory):
   # NPROC sizes XLA:CPU's thread pools (default: the core count, at least the device count). XLA:CPU runs independent
   # parts of a program concurrently, so 8 devices can block more than 8 threads in collectives at once and starve
   # the devices they wait for (seen as "Termination timeout for all gather ..." aborts on a busy 2-core machine).
-  # 8 simulated devices; XLA's backend optimisation off: the worker is compile-bound (about a third faster), and
-  # what it checks (sharded == one device, no recompiles) holds at any optimisation level
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0",
+  # 8 simulated devices, beside the suite's XLA flags (conftest.py)
+  env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8",
              JAX_PLATFORMS="cpu", NPROC="64",
              PYTHONPATH=ROOT, JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
   res = subprocess.run([sys.executable, os.path.abspath(__file__), str(out), str(tmp / "ckpt")], env=env,

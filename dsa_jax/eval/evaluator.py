@@ -91,6 +91,15 @@ def _norm_inits(axis: str) -> dict:
           "bias_init": nn.with_logical_partitioning(nn.initializers.zeros, (axis,))}
 
 
+def _max_over(x, axis: int):
+  """The max over `axis` with its gradient routed to the (first) arg-max by a gather. `jnp.max`'s gradient finds the
+  maximum again by comparing the operand with the result and divides by the number of matches: where the compiler
+  recomputes the operand with other rounding in the backward pass (XLA:CPU without backend optimisation does), no
+  element matches and the gradient is 0 / 0 = NaN."""
+  idx = jax.lax.stop_gradient(jnp.argmax(x, axis=axis, keepdims=True))
+  return jnp.squeeze(jnp.take_along_axis(x, idx, axis=axis), axis)
+
+
 class DigitsEvaluator(nn.Module):
   cfg: EvaluatorConfig
 
@@ -110,7 +119,7 @@ class DigitsEvaluator(nn.Module):
                   bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("conv_out",)))(x)
       x = nn.gelu(nn.GroupNorm(num_groups=8, name=f"gn{i}", **_norm_inits("conv_out"))(x))
     # presence branch (translation-invariant pooling: which digits are drawn) -> per-frame digit logits
-    pooled = jnp.concatenate([jnp.max(x, axis=(1, 2)), jnp.mean(x, axis=(1, 2))], -1)
+    pooled = jnp.concatenate([_max_over(x.reshape(x.shape[0], -1, x.shape[-1]), 1), jnp.mean(x, axis=(1, 2))], -1)
     zp = _dense(c.frame_dim, (None, "embed"), "frame_proj")(pooled)
     zp = nn.gelu(nn.LayerNorm(name="frame_norm", **_norm_inits("embed"))(zp)).reshape(b, f, c.frame_dim)
     frame_digit_logits = _dense(NUM_DIGITS, ("embed", None), "frame_digit_head")(zp)
@@ -139,7 +148,7 @@ class DigitsEvaluator(nn.Module):
       h = h + nn.gelu(t)
     z = nn.LayerNorm(name="norm", **_norm_inits("embed"))(h)
     event_logits = _dense(c.num_events, ("embed", None), "event_head")(z)
-    clip = jnp.concatenate([jnp.mean(z, axis=1), jnp.max(z, axis=1)], -1)
+    clip = jnp.concatenate([jnp.mean(z, axis=1), _max_over(z, 1)], -1)
     feats = _dense(c.feature_dim, (None, "embed"), "feature_proj")(clip)
     hfeat = nn.gelu(feats)
     return {
