@@ -17,8 +17,9 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 # steps (36 -> 23 s) and takes the whole suite from 11:00 to under 9 minutes on a 2-core machine. What the tests check
 # (parity within float tolerances, equalities between code paths, shapes, control flow, errors) holds at any level;
 # DSA_JAX_TEST_FULL_OPT=1 runs them at XLA's default level instead.
-if os.environ.get("DSA_JAX_TEST_FULL_OPT") != "1" and "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
+_flags = os.environ.get("XLA_FLAGS", "")
+if os.environ.get("DSA_JAX_TEST_FULL_OPT") != "1" and "xla_backend_optimization_level" not in _flags:
+  os.environ["XLA_FLAGS"] = (_flags + " --xla_backend_optimization_level=0").strip()
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
