@@ -159,7 +159,6 @@ def test_launch_script_stages_name_real_config_stages(repo_root):
 def test_launch_script_starts_from_a_kept_teacher(repo_root, tmp_path):
   """TEACHER=DIR copies a model folder in as the teacher stage's model (so its stage is skipped); a folder that is not
   a model stops the script before any work, naming it."""
-  import sys
   script = os.path.join(repo_root, "launch", "digits_gpu.sh")
   env = dict(os.environ, RUN=str(tmp_path / "run"), STAGES="none", NUM_SHARDS="1", CLIPS_PER_SHARD="2",
              PY=sys.executable, PYTHONPATH=repo_root)

@@ -14,6 +14,7 @@ import sys
 
 import numpy as np
 import pytest
+from simulated_devices import eight_device_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny.py")
@@ -193,10 +194,7 @@ def _mesh8(cfg):
 
 def test_micro_batches_on_8_devices(tmp_path):
   out = tmp_path / "report.json"
-  # 8 simulated devices, beside the suite's XLA flags (conftest.py)
-  env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu", NPROC="64",
-             PYTHONPATH=ROOT)
+  env = eight_device_env()
   res = subprocess.run([sys.executable, os.path.abspath(__file__), str(out)], env=env, capture_output=True,
                        text=True, timeout=600)
   assert res.returncode == 0, res.stderr[-4000:]

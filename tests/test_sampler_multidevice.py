@@ -14,6 +14,7 @@ import subprocess
 import sys
 
 import pytest
+from simulated_devices import eight_device_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MESHES = {"data8": {"data": 8, "fsdp": 1, "tensor": 1}, "data2_tensor4": {"data": 2, "fsdp": 1, "tensor": 4},
@@ -130,12 +131,7 @@ def _worker(out_path: str):
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
   out = tmp_path_factory.mktemp("sampler_multidevice") / "report.json"
-  # NPROC: see test_training_multidevice.py (XLA:CPU thread pools large enough that 8 devices' collectives cannot
-  # starve each other on a 2-core machine).
-  # 8 simulated devices, beside the suite's XLA flags (conftest.py)
-  env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu", NPROC="64",
-             PYTHONPATH=ROOT)
+  env = eight_device_env()
   res = subprocess.run([sys.executable, os.path.abspath(__file__), str(out)], env=env, capture_output=True, text=True,
                        timeout=600)
   assert res.returncode == 0, res.stderr[-4000:]

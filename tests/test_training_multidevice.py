@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import pytest
+from simulated_devices import eight_device_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -102,13 +103,7 @@ def report(tmp_path_factory):
   # 1-layer, 4-frame networks are not test_training.py's, so it shares no program with that file.
   from test_training import shared_cache_dir
   cache = shared_cache_dir(tmp_path_factory)  # the folder test_training.py uses
-  # NPROC sizes XLA:CPU's thread pools (default: the core count, at least the device count). XLA:CPU runs independent
-  # parts of a program concurrently, so 8 devices can block more than 8 threads in collectives at once and starve
-  # the devices they wait for (seen as "Termination timeout for all gather ..." aborts on a busy 2-core machine).
-  # 8 simulated devices, beside the suite's XLA flags (conftest.py)
-  env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu", NPROC="64",
-             PYTHONPATH=ROOT, JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+  env = eight_device_env(JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
   res = subprocess.run([sys.executable, os.path.abspath(__file__), str(out), str(tmp / "ckpt")], env=env,
                        capture_output=True, text=True, timeout=600)
   assert res.returncode == 0, res.stderr[-4000:]

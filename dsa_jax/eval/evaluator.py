@@ -393,8 +393,9 @@ def train_evaluator(out_dir: str | None, steps: int = 1200, batch: int = 16, see
     if step % log_every == 0 or step == steps:
       m = jax.device_get(hist)
       hist = []
-      check_training_losses([x["loss"] for x in m], step, steps, lr)
-      loss = float(np.mean([x["loss"] for x in m]))
+      losses = [x["loss"] for x in m]
+      check_training_losses(losses, step, steps, lr)
+      loss = float(np.mean(losses))
       acc = float(np.mean([x["set_acc"] for x in m]))
       facc = float(np.mean([x["frame_digit_acc"] for x in m]))
       its = step / (time.time() - t_start)
