@@ -75,6 +75,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.sampling = ml_collections.ConfigDict(dict(
       ladder=(1000, 750, 500, 250, 125),  # before warping; our reading: Self Forcing's 4 steps plus a 5th
       threshold=0.5, min_steps=1, max_steps=5,
+      # The fewest steps of the first chunk's frames (0: min_steps, like every chunk; capped at a frame's max_steps).
+      # Every later chunk attends to the first through the KV cache, so its errors spread over the whole video: the
+      # re-rolled video oracle spends most of its extra steps there, and the digits model samples better per step
+      # with its first chunk at full steps. Calibration tables record it; a budget needs a table made with the same.
+      first_chunk_min_steps=0,
       # guidance g: classifier-free guidance cond + g (cond - uncond), 0 = off (the convention of dmd.guidance).
       context_noise=0.0, guidance=0.0, batch_size=1, checkpoint="", use_ema=True,
       # What a finished frame feeds its unfinished chunk neighbours (our reading): 'clean' = its final x0 at

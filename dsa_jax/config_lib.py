@@ -265,6 +265,9 @@ def validate_config(config: ml_collections.ConfigDict):
            f"must lie in [1, len(sampling.ladder)={len(ladder)}], got {s.min_steps}")
   _require(s.min_steps <= s.max_steps <= len(ladder), "sampling.max_steps",
            f"must lie in [sampling.min_steps={s.min_steps}, len(sampling.ladder)={len(ladder)}], got {s.max_steps}")
+  fc = s.get("first_chunk_min_steps", 0)
+  _require(isinstance(fc, int) and not isinstance(fc, bool) and 0 <= fc <= len(ladder), "sampling.first_chunk_min_steps",
+           f"must be 0 (off) or an integer in [1, len(sampling.ladder)={len(ladder)}], got {fc!r}")
   # a budget below min_steps is allowed: it uses the model's calibration table of a lower floor where it has one
   _require(s.mean_steps == 0 or 1 <= s.mean_steps <= s.max_steps, "sampling.mean_steps",
            f"must be 0 (use sampling.threshold) or lie in [1, max_steps] = [1, {s.max_steps}], got {s.mean_steps}")

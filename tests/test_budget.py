@@ -82,6 +82,13 @@ def test_a_model_keeps_a_table_per_step_range_and_a_budget_picks_the_one_that_co
   mixed = {"calibration": dict(floor2, ladder=[1000.0, 750.0, 500.0, 250.0, 125.0]),
            "calibration_ranges": {"1-5": dict(TABLE, ladder=[1000.0, 800.0, 600.0, 400.0, 200.0])}}
   assert budget.pick_table(mixed, 1.5, ladder=(1000, 750, 500, 250, 125)) is mixed["calibration"]
+  # of two covering tables with the same floor the narrower one: 1-3 answers 1.5 (no third steps while frames stop
+  # after one), 1-5 answers what 1-3 cannot
+  one_three = dict(TABLE, mean_steps=[1.0, 1.3, 1.8, 2.4, 3.0], max_steps=3)
+  both = {"calibration": floor2, "calibration_ranges": {"1-5": TABLE, "1-3": one_three}}
+  assert budget.pick_table(both, 1.5, prefer=(2, 5)) is one_three
+  assert budget.pick_table(both, 3.5, prefer=(2, 5)) is floor2
+  assert budget.controls_for_budget(both, 1.5, cfg)["max_steps"] == 3
 
 
 class _CrowdedHead:
@@ -112,6 +119,49 @@ def test_calibration_reaches_the_ends_of_a_crowded_head():
   assert abs(float(sampler.sample(None, np.zeros((1, 2, 2)), tau).steps.mean()) - 1.5) < 0.1
   short = budget.calibration_table(sampler, None, np.zeros((3, 2, 2)), refine_gap=0.1, extend_rounds=0)
   assert short["mean_steps"][0] > 2.5  # what the grid alone gave
+
+
+def test_tables_made_with_a_first_chunk_floor():
+  """sampling.first_chunk_min_steps lifts the fewest average a table gives (2-3 steps, first chunk of 2 of 16
+  frames at 3: 2.125); a budget below it uses a table of a lower floor, and a table made with another first-chunk
+  floor than the sampler's is passed over, or refused with what to do."""
+  made = {"first_chunk_min_steps": 3, "chunk_frames": 2, "num_frames": 16}
+  two_three = dict(TABLE, min_steps=2, max_steps=3, mean_steps=[2.25, 2.4, 2.6, 2.8, 3.0], **made)
+  one_two = dict(TABLE, min_steps=1, max_steps=2, mean_steps=[1.2, 1.4, 1.6, 1.8, 1.95], **made)
+  assert budget.table_bounds(two_three) == (2.125, 3.0) and budget.table_bounds(one_two) == (1.125, 2.0)
+  assert budget.table_bounds(TABLE) == (1.0, 5.0)
+  with pytest.raises(budget.BudgetError, match=r"at least 2\.125 .*first_chunk_min_steps=3"):
+    budget.threshold_for(two_three, 2.0)
+  assert budget.threshold_for(two_three, 2.125) == float("-inf")
+  source = {"calibration": two_three, "calibration_ranges": {"1-2": one_two}}
+  assert budget.pick_table(source, 2.0, prefer=(2, 3), first_chunk=3) is one_two
+  assert budget.pick_table(source, 2.5, prefer=(2, 3), first_chunk=3) is two_three
+  cfg = ml_collections.ConfigDict({"sampling": {"min_steps": 2, "max_steps": 3, "ladder": (1000, 500, 250),
+                                                "first_chunk_min_steps": 3}})
+  assert budget.controls_for_budget(source, 2.0, cfg) == {"threshold": float("inf"), "min_steps": 1, "max_steps": 2}
+  why = budget.sampling_mismatch(two_three, None, 0)
+  assert "first_chunk_min_steps=3" in why and "dsa-jax calibrate" in why
+  assert budget.sampling_mismatch(two_three, None, 3) is None and budget.sampling_mismatch(two_three, None) is None
+  with pytest.raises(budget.BudgetError, match="first_chunk_min_steps"):
+    budget.threshold_for(two_three, 2.5, first_chunk=0)
+  with pytest.raises(budget.BudgetError, match="first_chunk_min_steps"):
+    budget.controls_for_budget(source, 2.5, _with_floor(cfg, 0))
+  # a table made with another floor replaces the first and drops the other ranges' tables of the old floor
+  plain = dict(TABLE, min_steps=2, max_steps=3, mean_steps=[2.0, 2.3, 2.6, 2.8, 3.0])
+  assert budget.stored_tables(source, "confidence", plain) == {"calibration": plain, "calibration_ranges": {}}
+  # calibration records the floor, and the fewest average it allows
+  sampler = _CrowdedHead()
+  sampler.config.sampling.first_chunk_min_steps = 2
+  sampler.chunk_frames = 2
+  table = budget.calibration_table(sampler, None, np.zeros((3, 2, 2)), refine_gap=0.1)
+  assert {k: table[k] for k in made} == {"first_chunk_min_steps": 2, "chunk_frames": 2, "num_frames": 4}
+  assert budget.table_bounds(table) == (1.5, 5.0)
+
+
+def _with_floor(cfg, floor):
+  out = cfg.copy_and_resolve_references()
+  out.sampling.first_chunk_min_steps = floor
+  return out
 
 
 def test_fps_controller_on_a_simulated_clock():

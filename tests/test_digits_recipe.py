@@ -44,12 +44,14 @@ def test_shipped_model_loads_and_samples(repo_root):
                        sampler.make_controls(len(prompts), seed=np.arange(len(prompts)), **controls))
   steps = np.asarray(dyn.steps)
   assert steps.min() >= 2 and len(np.unique(steps)) > 1 and 2 < steps.mean() < config.sampling.max_steps, steps
-  # Below the floor the model's 1-3 table answers: frames may stop after one step, fewer steps on average
+  c = sampler.chunk_frames
+  assert config.sampling.first_chunk_min_steps == 3 and (steps[:, :c] == 3).all()  # the first chunk at full steps
+  # Below the floor the model's 1-2 table answers: frames may stop after one step, fewer steps on average
   low = budget.controls_for_budget(source, 1.5, config)
   assert low["min_steps"] == 1 and low["threshold"] < controls["threshold"]
   few = np.asarray(sampler.sample(params, make_text_encoder(config)(prompts),
                                   sampler.make_controls(len(prompts), seed=np.arange(len(prompts)), **low)).steps)
-  assert few.min() == 1 and few.mean() < steps.mean(), few
+  assert few.min() == 1 and few.mean() < steps.mean() and (few[:, :c] == 2).all(), few
   # The training-free x0-change rule has its own table in the shipped model, served under that rule: made with the
   # same floor, fewer steps as its threshold rises, and covering the budgets from the floor to the maximum.
   x0_config = _digits(repo_root, "--config.compute.dtype=float32", "--config.sampling.stop_rule=x0_delta")
@@ -59,7 +61,9 @@ def test_shipped_model_loads_and_samples(repo_root):
   assert budget.table_step_range(table) == (2, config.sampling.max_steps)
   order = np.argsort(table["thresholds"])
   assert (np.diff(np.asarray(table["mean_steps"])[order]) <= 1e-6).all()
-  assert min(table["mean_steps"]) <= 2.01 and max(table["mean_steps"]) >= config.sampling.max_steps - 0.05
+  fewest = budget.table_bounds(table)[0]  # 2 steps, the first chunk's frames 3
+  assert fewest == (2 * (16 - c) + 3 * c) / 16
+  assert min(table["mean_steps"]) <= fewest + 0.01 and max(table["mean_steps"]) >= config.sampling.max_steps - 0.05
   taus = [budget.budget_controls(table, m, ladder=config.sampling.ladder)["threshold"] for m in (2.25, 2.5, 2.75)]
   assert taus[0] > taus[1] > taus[2] > 0, taus
   # both tables were made on the ladder the config samples with

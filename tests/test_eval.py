@@ -266,7 +266,10 @@ def test_heuristic_sampler_matches_fixed_steps_and_stops_early(digits_toy_config
   trace = np.asarray(never.conf_trace)
   assert np.isnan(trace[..., 0]).all() and np.isfinite(trace[..., 1:3]).all()  # x0 change from step 2 on
   always = h.sample(params, ctx, h.make_controls(2, threshold=np.inf, min_steps=1, max_steps=L, seed=5))
-  assert (np.asarray(always.steps) == 2).all()  # stops at the first step where a change can be measured
+  # stops at the first step where a change can be measured, the first chunk at its own floor
+  first = max(2, min(int(config.sampling.first_chunk_min_steps), L))
+  assert (np.asarray(always.steps)[:, base.chunk_frames:] == 2).all()
+  assert (np.asarray(always.steps)[:, :base.chunk_frames] == first).all()
   # a delta between the measured changes stops some frames at 2 and some later
   mid = float(np.median(trace[..., 1]))
   some = h.sample(params, ctx, h.make_controls(2, threshold=mid, min_steps=1, max_steps=L, seed=5))
@@ -354,7 +357,10 @@ def test_claim_sweep_tiny(digits_toy_config, tiny_evaluator, tmp_path):
   g = res["groups"]
   assert [r["avg_steps"] for r in g["fixed"]] == [1, 3]
   assert len(g["dsa_remaining"]) == 2
-  assert [r["avg_steps"] for r in g["heuristic"]] == [digits_toy_config.sampling.max_steps, 2]
+  # the rule's fewest: 2 steps per frame, the first chunk's frames at their floor
+  v, fc = digits_toy_config.video, max(2, min(digits_toy_config.sampling.first_chunk_min_steps, 3))
+  fewest = (v.chunk_frames * fc + (v.num_frames - v.chunk_frames) * 2) / v.num_frames
+  assert [r["avg_steps"] for r in g["heuristic"]] == [digits_toy_config.sampling.max_steps, fewest]
   assert [r["avg_steps"] for r in g["oracle"]] == [1.5, 2.0]  # the oracle spends exactly its budget
   # the video oracle: exactly its budget too, one step count per chunk, and at least as close to the max-step video
   # as it gets with a larger budget
@@ -539,18 +545,37 @@ def test_budget_check_on_held_out_prompts(digits_toy_config, tiny_evaluator, tmp
   assert not (tmp_path / "none").exists()
   # a stored table (what `dsa-jax calibrate` writes; made by hand here: this test is about the check)
   from dsa_jax.checkpoint import params_io
-  table = {"thresholds": [0.0, 0.4, 0.6, 1.0], "mean_steps": [1.0, 1.8, 3.1, 5.0], "num_prompts": 4, "min_steps": 1,
-           "max_steps": config.sampling.max_steps, "seed": 0}
+  table = {"thresholds": [0.0, 0.4, 0.6, 1.0], "mean_steps": [1.2, 1.8, 3.1, 5.0], "num_prompts": 4, "min_steps": 1,
+           "max_steps": config.sampling.max_steps, "seed": 0,
+           "first_chunk_min_steps": config.sampling.first_chunk_min_steps, "chunk_frames": config.video.chunk_frames,
+           "num_frames": config.video.num_frames}
   params_io.update_meta(str(model), calibration=table)
+  with pytest.raises(claim.BenchmarkError, match=r"--fixed.*\[1, \d+\].*\[0\]"):
+    claim.check_budgets(config, str(model), str(tmp_path / "bad"), (1.5,), fixed=(0, 2), num=4, evaluator=ev_dir,
+                        batch=4, num_real=6, log=lambda s: None)
+  L = config.sampling.max_steps
   res = claim.check_budgets(config, str(model), str(tmp_path / "check"), (1.5, 2.5), num=4, evaluator=ev_dir,
-                            batch=4, num_real=6, log=lambda s: None)
+                            batch=4, num_real=6, fixed=(1, L), log=lambda s: None)
   rows = res["rows"]
   assert [r["requested"] for r in rows] == [1.5, 2.5]
   assert [r["tau"] for r in rows] == [budget.threshold_for(table, 1.5), budget.threshold_for(table, 2.5)]
   for r in rows:
     assert 1.0 <= r["achieved"] <= config.sampling.max_steps and r["error"] == r["achieved"] - r["requested"]
   assert res["max_abs_error"] == max(abs(r["error"]) for r in rows)
-  assert json.loads((tmp_path / "check" / "budget_check.json").read_text())["rows"] == rows
+  saved = json.loads((tmp_path / "check" / "budget_check.json").read_text())
+  assert saved["rows"] == rows
+  # each budget against fixed steps at its achieved average: the fixed runs' curve interpolated, paired replicates kept
+  runs = {r["name"]: r for r in saved["runs"]}
+  assert set(runs) == {"mean-steps-1.5", "mean-steps-2.5", "fixed-1", f"fixed-{L}"}
+  f1, fL = runs["fixed-1"], runs[f"fixed-{L}"]
+  assert f1["avg_steps"] == 1.0 and fL["avg_steps"] == L and len(f1["fd_bootstrap"]) == len(fL["fd_bootstrap"]) > 1
+  for r in rows:
+    want = np.interp(r["achieved"], [1.0, L], [f1["fd"], fL["fd"]])
+    assert r["fixed_fd"] == pytest.approx(want) and r["fd_better_than_fixed"] == pytest.approx(want - r["fd"])
+    assert np.isfinite(r["fd_paired_se"]) and isinstance(r["fd_significant_paired"], bool)
+    assert r["agreement_better_than_fixed"] == pytest.approx(r["agreement"] - r["fixed_agreement"])
+  assert claim.bracketing_steps((1.5, 2.5), 5) == (1, 2, 3) and claim.bracketing_steps((2.0,), 5) == (2, 3)
+  assert claim.bracketing_steps((3.0, 1.0), 3) == (1, 2, 3)
   # the command line: --budgets is required for this action
   assert cli.main(["eval", "budgets", "--config", "digits", "--ckpt", str(model), "--out", str(tmp_path / "c2"),
                    "--num", "4", "--batch", "4", "--evaluator", ev_dir, "--num-real", "6",

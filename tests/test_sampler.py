@@ -189,6 +189,34 @@ def test_load_params_from_checkpoint(tmp_path, sampler, params, context):
   assert source["generator"] == "generator"
 
 
+def test_first_chunk_floor(tiny_config, sampler, params, context):
+  """sampling.first_chunk_min_steps: the first chunk's frames take at least that many steps (never above their
+  ceiling); later chunks keep min_steps; a fixed count or a forced allocation is left as it is. The same video as
+  the plain sampler given those floors frame by frame."""
+  config = tiny_config.copy_and_resolve_references()
+  with config.unlocked():
+    config.sampling.first_chunk_min_steps = 3
+  sm = S.make_sampler(config)
+  c, f = sm.chunk_frames, sm.num_frames
+  ctl = sm.make_controls(2, threshold=-np.inf, min_steps=1, max_steps=4, seed=3)
+  want = np.ones((2, f), np.int32)
+  want[:, :c] = 3
+  np.testing.assert_array_equal(np.asarray(ctl.min_steps), want)
+  np.testing.assert_array_equal(np.asarray(sm.make_controls(2, min_steps=1, max_steps=2).min_steps)[:, :c], 2)
+  forced = np.tile(np.arange(f) % 2 + 1, (2, 1))
+  np.testing.assert_array_equal(np.asarray(sm.make_controls(2, min_steps=forced, max_steps=forced).min_steps), forced)
+  out = _np(sm.sample(params, context, ctl))
+  np.testing.assert_array_equal(out.steps, want)
+  plain = _np(sampler.sample(params, context, sampler.make_controls(2, threshold=-np.inf, min_steps=want, max_steps=4,
+                                                                    seed=3)))
+  np.testing.assert_allclose(out.latents, plain.latents, atol=TOL)
+  for bad in (-1, sm.num_steps + 1, True):
+    config.sampling.first_chunk_min_steps = bad
+    with pytest.raises(ValueError, match="sampling.first_chunk_min_steps"):
+      from dsa_jax.config_lib import validate_config
+      validate_config(config)
+
+
 def test_noisy_frozen_frames_mode(tiny_config, params, context):
   """sampling.frozen_frames='noisy': finished frames keep feeding their last noisy input; cache == recompute."""
   config = tiny_config.copy_and_resolve_references()

@@ -23,7 +23,9 @@ Five actions (a positional word; `run` when omitted):
   dsa-jax eval budgets --config configs/digits.py [--ckpt MODEL] [--head HEAD] --budgets 1.25 1.5 2 2.5 3 --out OUT
       [--num 512]
     the step budget on held-out prompts: tau from the model's calibration table for each requested average
-    (`dsa-jax sample --mean-steps`), the achieved average steps, FD and agreement -> OUT/budget_check.json.
+    (`dsa-jax sample --mean-steps`), the achieved average steps, FD and agreement, each against fixed steps at the
+    same average (interpolated between the step counts on either side; the paired standard error of the difference)
+    -> OUT/budget_check.json.
 
   dsa-jax eval curves --run teacher=runs/digits/teacher [--run more=runs/digits/teacher2:8000 ...] --out docs/curves
     the in-training evaluation curves (WORKDIR/eval.jsonl, written when train.eval_every > 0): FD and prompt
@@ -80,7 +82,8 @@ def add_arguments(p):
   p.add_argument("--no-video-oracle", action="store_true",
                  help="sweep: skip the re-rolled video oracle (it samples the prompts about chunks^2 x budget times)")
   p.add_argument("--fixed", nargs="+", type=int, default=None, help="run: also sample with these fixed step "
-                 "counts; sweep: default 1 2 3 4 5")
+                 "counts; sweep: default every step count of the ladder; budgets: the fixed step counts each budget "
+                 "is compared with (default those on either side of each budget; 0: none)")
   p.add_argument("--deltas", nargs="+", type=float, default=None, help="sweep: x0-change thresholds of the heuristic")
   p.add_argument("--evaluator", default=None, help="evaluator checkpoint (default: dsa_jax/assets/evaluator)")
   p.add_argument("--batch", type=int, default=32, help="prompts per compiled sampling batch (default 32)")
@@ -234,7 +237,8 @@ def main(args):
     if not args.budgets:
       raise ValueError("--budgets: give the average steps per frame to check, e.g. --budgets 1.5 2 2.5 3")
     check_budgets(config, ckpt, args.out, tuple(args.budgets), num=args.num, evaluator=args.evaluator,
-                  batch=args.batch, seed=args.seed, data_seed=args.data_seed, num_real=args.num_real)
+                  batch=args.batch, seed=args.seed, data_seed=args.data_seed, num_real=args.num_real,
+                  fixed=None if args.fixed is None else tuple(k for k in args.fixed if k != 0))
     return 0
   if action == "sweep":
     from dsa_jax.eval.claim import run_claim

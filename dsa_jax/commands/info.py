@@ -56,7 +56,8 @@ def summarize(config) -> dict:
   flops["teacher_full_video"] = factory.dit_forward_flops(teacher, full, full, config.video.num_frames)
   out["flops_per_forward"] = flops
   out["sampling"] = {"ladder": list(config.sampling.ladder), "min_steps": config.sampling.min_steps,
-                     "max_steps": config.sampling.max_steps, "threshold": config.sampling.threshold}
+                     "max_steps": config.sampling.max_steps, "threshold": config.sampling.threshold,
+                     "first_chunk_min_steps": int(config.sampling.get("first_chunk_min_steps", 0))}
   return out
 
 

@@ -920,17 +920,34 @@ def places_table(places: dict[str, dict]) -> str:
   return text
 
 
+def bracketing_steps(budgets: Sequence[float], num_steps: int) -> tuple[int, ...]:
+  """The fixed step counts a budget is compared with: the whole numbers on either side of each budget (1.5 -> 1, 2;
+  a whole budget, which needs a second point for the curve: 2 -> 2, 3), within the ladder's 1..num_steps."""
+  ks = set()
+  for m in budgets:
+    lo, hi = int(math.floor(float(m) + 1e-9)), int(math.ceil(float(m) - 1e-9))
+    ks.update((lo, hi) if lo != hi else (lo, lo + 1 if lo < num_steps else lo - 1))
+  return tuple(sorted(k for k in ks if 1 <= k <= num_steps))
+
+
 def check_budgets(config, ckpt: str, out_dir: str, budgets: Sequence[float], *, num: int = 512, evaluator=None,
                   batch: int = 32, seed: int = 0, data_seed: int = 0, num_real: int = 1000,
-                  log: Callable[[str], None] = _say) -> dict[str, Any]:
+                  fixed: Sequence[int] | None = None, log: Callable[[str], None] = _say) -> dict[str, Any]:
   """The step budget on held-out prompts: for each requested average (`--mean-steps`), tau from the model's
   calibration table (made on training prompts), then the achieved average steps, FD and agreement on `num`
-  test-split prompts. Writes budget_check.json into `out_dir`."""
+  test-split prompts, and both against fixed steps at the same average (`fixed`: the step counts to sample, default
+  those bracketing the budgets; empty: none), with the paired standard error of the difference (every run is scored
+  on the same bootstrap resamples of the prompts). Writes budget_check.json into `out_dir`."""
   from dsa_jax.checkpoint import loading
   from dsa_jax.sampling import budget as budget_lib
   from dsa_jax.sampling import outputs
   from dsa_jax.sampling import sampler as sampler_lib
 
+  L = len(config.sampling.ladder)
+  fixed = bracketing_steps(budgets, L) if fixed is None else tuple(sorted({int(k) for k in fixed}))
+  bad = [k for k in fixed if not 1 <= k <= L]
+  if bad:
+    raise BenchmarkError(f"--fixed: step counts must lie in [1, {L}] (sampling.ladder), got {bad}")
   params, source = loading.load_sampler_params(config, ckpt, warn=log, cast=True)
   owner = loading.calibration_owner(source, f"--ckpt {ckpt or config.sampling.checkpoint}")
   # each budget with the table of the step range that covers it; a missing table or an out-of-range request fails
@@ -939,18 +956,38 @@ def check_budgets(config, ckpt: str, out_dir: str, budgets: Sequence[float], *, 
   bench = Benchmark(config, num=num, evaluator=evaluator, data_seed=data_seed, num_real=num_real, batch=batch,
                     seed=seed, fps_prompts=0, log=log)
   sampler = sampler_lib.make_sampler(config)
-  rows = []
+  runs = []
   for m, ctl in zip(budgets, controls):  # a table's taus give its averages under its own step range
-    r = bench.run(sampler, params, name=f"mean-steps-{float(m):g}", **ctl)
-    rows.append({"requested": float(m), "tau": ctl["threshold"], "achieved": r["avg_steps"],
-                 "error": r["avg_steps"] - float(m),
-                 "fd": r["fd"], "fd_bootstrap_std": r["fd_bootstrap_std"], "agreement": r["agreement"]})
+    runs.append(bench.run(sampler, params, name=f"mean-steps-{float(m):g}", **ctl))
+  fixed_runs = [bench.run(sampler, params, name=f"fixed-{k}", threshold=float("inf"), min_steps=1, max_steps=k)
+                for k in fixed]
+  groups = {"fixed": fixed_runs, "dsa_budget": runs}
+  against = {metric: (verdict(groups, metric, lower)["dsa_budget"].get("fixed") or {}).get("points")
+             for metric, lower in (("fd", True), ("agreement", False))}
+  rows = []
+  for i, (m, ctl, r) in enumerate(zip(budgets, controls, runs)):
+    row = {"requested": float(m), "tau": ctl["threshold"], "min_steps": ctl["min_steps"], "max_steps": ctl["max_steps"],
+           "achieved": r["avg_steps"], "error": r["avg_steps"] - float(m), "fd": r["fd"],
+           "fd_bootstrap_std": r["fd_bootstrap_std"], "agreement": r["agreement"]}
+    for metric, points in against.items():
+      p = points[i] if points else None
+      if p is not None and p["better"] is not None:  # inside the fixed counts' range
+        row[f"fixed_{metric}"] = p[f"fixed_{metric}"]
+        row[f"{metric}_better_than_fixed"] = (p[f"fixed_{metric}"] - p[metric]) * (1 if metric == "fd" else -1)
+        row[f"{metric}_paired_se"] = p["paired_se"]
+        row[f"{metric}_significant_paired"] = p["significant_paired"]
+    rows.append(row)
   worst = max(abs(r["error"]) for r in rows)
   log("requested -> achieved average steps: " + ", ".join(f"{r['requested']:g} -> {r['achieved']:.2f}" for r in rows)
       + f"  (largest error {worst:.3f})")
+  for r in rows:
+    if "fixed_fd" in r:
+      log(f"  {r['requested']:g} ({r['min_steps']}-{r['max_steps']} steps table): FD {r['fd']:.1f} vs fixed steps "
+          f"{r['fixed_fd']:.1f} at {r['achieved']:.2f} steps: better by {r['fd_better_than_fixed']:.1f} (paired SE "
+          f"{r['fd_paired_se']:.1f}); agreement {r['agreement']:.3f} vs {r['fixed_agreement']:.3f}")
   os.makedirs(out_dir, exist_ok=True)
   result = {"config": config.name, "checkpoint": source, "benchmark": bench.describe(), "rows": rows,
-            "max_abs_error": worst}
+            "max_abs_error": worst, "runs": [public(r) for r in runs + fixed_runs]}
   log(f"wrote {outputs.write_json(os.path.join(out_dir, 'budget_check.json'), result)}")
   return result
 

@@ -10,8 +10,11 @@ interpolation on the monotone envelope (average steps never fall as tau rises).
 A tau gives its average only under the floor and ceiling (min_steps, max_steps) the table was made with, so a model
 may carry one table per step range: the first in `calibration`, tables for other ranges beside it in
 `calibration_ranges` ({"1-3": table}). `pick_table` chooses the one a budget uses: the sampler's own range where its
-table covers the budget, else the table that covers it with the highest floor (a budget of 1.5 steps on a model
-whose default floor is 2 uses its 1-3 table).
+table covers the budget, else the table that covers it with the highest floor, then the lowest ceiling (a budget of
+1.5 steps on a model whose default range is 2-3 uses its 1-2 table where it has one, else its 1-3 table).
+
+A table also holds only for the first chunk's floor it was made with (`sampling.first_chunk_min_steps`, recorded in
+the table): that floor lifts the fewest average steps a table can give above min_steps (`table_bounds`).
 
 For streams, `FpsController` moves tau chunk by chunk from measured chunk times so that a stream holds a target
 frame rate where the hardware allows it.
@@ -62,6 +65,23 @@ def fewest_steps(rule: str, min_steps: float, max_steps: float) -> float:
   return max(min_steps, min(2.0, max_steps)) if rule == "x0_delta" else min_steps
 
 
+def table_first_chunk(calibration: dict) -> int:
+  """The first chunk's floor the table was made with (sampling.first_chunk_min_steps; 0 for tables without it)."""
+  return int(calibration.get("first_chunk_min_steps", 0) or 0)
+
+
+def table_bounds(calibration: dict) -> tuple[float, float]:
+  """(fewest, most) average steps per frame the table's sampler can give: every frame at its floor (the rule's
+  `fewest_steps`, the first chunk's frames at the first-chunk floor) or at max_steps."""
+  lo, hi = table_step_range(calibration)
+  per_frame = fewest_steps(table_rule(calibration), lo, hi)
+  fc = table_first_chunk(calibration)
+  if fc:
+    c, f = int(calibration["chunk_frames"]), int(calibration["num_frames"])
+    per_frame = (c * min(max(per_frame, fc), hi) + (f - c) * per_frame) / f
+  return float(per_frame), float(hi)
+
+
 def _table(calibration: dict) -> tuple[np.ndarray, np.ndarray]:
   """(taus, steps) ordered so that steps never fall: the monotone envelope of the table, read from the end where
   the rule takes the fewest steps (a confidence threshold gives more steps as it rises, an x0-change one fewer)."""
@@ -79,12 +99,13 @@ def table_step_range(calibration: dict) -> tuple[int, int]:
 
 
 def threshold_for(calibration: Optional[dict], mean_steps: float, *, source: str = "the model",
-                  step_range: Optional[tuple[int, int]] = None, ladder: Optional[Sequence[float]] = None) -> float:
+                  step_range: Optional[tuple[int, int]] = None, ladder: Optional[Sequence[float]] = None,
+                  first_chunk: Optional[int] = None) -> float:
   """tau whose calibrated average steps per frame is `mean_steps` (+inf / -inf at the table's ends).
 
   `step_range`: the (min_steps, max_steps) the sampler will use; `ladder`: its timestep ladder
-  (config.sampling.ladder). A table made with another range or ladder is an error (its taus would give other
-  averages)."""
+  (config.sampling.ladder); `first_chunk`: its first chunk's floor (config.sampling.first_chunk_min_steps). A table
+  made with another range, ladder or first-chunk floor is an error (its taus would give other averages)."""
   if not calibration:
     raise BudgetError(f"{source} has no step-budget calibration table; make one with `dsa-jax calibrate --config "
                       "CONFIG --ckpt MODEL [--head DIR]` with the sampling overrides you sample with (e.g. "
@@ -92,15 +113,21 @@ def threshold_for(calibration: Optional[dict], mean_steps: float, *, source: str
   m = float(mean_steps)
   if not math.isfinite(m):
     raise BudgetError(f"--mean-steps: expected a finite number, got {mean_steps!r}")
-  check_table_fits(calibration, step_range=step_range, ladder=ladder, source=source)
+  check_table_fits(calibration, step_range=step_range, ladder=ladder, first_chunk=first_chunk, source=source)
   lo, hi = float(calibration["min_steps"]), float(calibration["max_steps"])
   if not lo <= m <= hi:
     raise BudgetError(f"--mean-steps {m:g}: must lie in [min_steps, max_steps] = [{lo:g}, {hi:g}]")
   rule = table_rule(calibration)
-  floor = fewest_steps(rule, lo, hi)
-  if m < floor:
+  if m < fewest_steps(rule, lo, hi):
     raise BudgetError(f"--mean-steps {m:g}: the x0-change rule (sampling.stop_rule='x0_delta') decides from the "
                       "second step on, so it takes at least 2 steps per frame; smaller budgets need the confidence head")
+  floor = table_bounds(calibration)[0]
+  if m < floor - 1e-9:
+    fc = table_first_chunk(calibration)
+    raise BudgetError(f"--mean-steps {m:g}: {source}'s {range_name((lo, hi))} steps table gives at least {floor:.4g} "
+                      f"steps per frame on average (its first chunk takes at least {min(fc, int(hi))} steps, "
+                      f"sampling.first_chunk_min_steps={fc}); ask for {floor:.4g} or more, or use a table of a lower "
+                      "floor")
   fewest, most = (float("-inf"), float("inf")) if rule == "confidence" else (float("inf"), float("-inf"))
   taus, steps = _table(calibration)
   if m <= steps[0]:
@@ -126,10 +153,17 @@ def check_step_range(calibration: dict, step_range: Optional[tuple[int, int]], *
         f"--config.sampling.min_steps={mn} --config.sampling.max_steps={mx}`")
 
 
-def ladder_mismatch(calibration: dict, ladder: Optional[Sequence[float]], *, source: str = "the model"
-                    ) -> Optional[str]:
-  """Why the table cannot serve a sampler on timestep ladder `ladder` (made on another one), or None (the same
-  ladder, no ladder given, or a table that predates the record and is taken as it is)."""
+def sampling_mismatch(calibration: dict, ladder: Optional[Sequence[float]], first_chunk: Optional[int] = None, *,
+                      source: str = "the model") -> Optional[str]:
+  """Why the table cannot serve a sampler on timestep ladder `ladder` with first-chunk floor `first_chunk` (made with
+  other ones), or None (the same, nothing given to compare, or a table that predates the ladder's record and is
+  taken as it is)."""
+  if first_chunk is not None and table_first_chunk(calibration) != int(first_chunk):
+    made_fc, fc = table_first_chunk(calibration), int(first_chunk)
+    return (f"{source}: its calibration table was made with sampling.first_chunk_min_steps={made_fc}, the sampler "
+            f"uses {fc}: the first chunk's floor moves every average; sample with "
+            f"--config.sampling.first_chunk_min_steps={made_fc}, or make a table with `dsa-jax calibrate ... "
+            f"--config.sampling.first_chunk_min_steps={fc}`")
   made = calibration.get("ladder")
   if ladder is None or made is None:
     return None
@@ -144,10 +178,11 @@ def ladder_mismatch(calibration: dict, ladder: Optional[Sequence[float]], *, sou
 
 
 def check_table_fits(calibration: dict, *, step_range: Optional[tuple[int, int]] = None,
-                     ladder: Optional[Sequence[float]] = None, source: str = "the model"):
-  """Raises when the table was made on another timestep ladder (checked first: there its step range means nothing
-  either) or with another (min_steps, max_steps) than the sampler's."""
-  why = ladder_mismatch(calibration, ladder, source=source)
+                     ladder: Optional[Sequence[float]] = None, first_chunk: Optional[int] = None,
+                     source: str = "the model"):
+  """Raises when the table was made on another timestep ladder or first-chunk floor (checked first: there its step
+  range means nothing either) or with another (min_steps, max_steps) than the sampler's."""
+  why = sampling_mismatch(calibration, ladder, first_chunk, source=source)
   if why:
     raise BudgetError(why)
   check_step_range(calibration, step_range, source=source)
@@ -161,13 +196,16 @@ def source_tables(source: dict) -> list[dict]:
 
 
 def pick_table(source: dict, mean_steps: Optional[float], *, step_range: Optional[Sequence[int]] = None,
-               prefer: Optional[Sequence[int]] = None, ladder: Optional[Sequence[float]] = None) -> Optional[dict]:
+               prefer: Optional[Sequence[int]] = None, ladder: Optional[Sequence[float]] = None,
+               first_chunk: Optional[int] = None) -> Optional[dict]:
   """The table a budget of `mean_steps` uses among the source's tables (None when it has none).
 
   `step_range`: the range the user fixed (--min-steps / --max-steps): its table, else the first (whose mismatch the
   caller's check then names). Otherwise the table of `prefer` (the config's range) where it covers the budget, else
-  the first table where it covers it, else the covering table with the highest floor; tables made on another ladder
-  than `ladder` are passed over. With no covering table, the first (the caller's range check says what it covers)."""
+  the first table where it covers it, else the covering table with the highest floor, then the lowest ceiling; a
+  table covers the averages of its `table_bounds`; tables made on another ladder than `ladder` or with another
+  first-chunk floor than `first_chunk` are passed over. With no covering table, the first (the caller's range
+  check says what it covers)."""
   tables = source_tables(source)
   if not tables:
     return None
@@ -177,15 +215,17 @@ def pick_table(source: dict, mean_steps: Optional[float], *, step_range: Optiona
   if mean_steps is None or not math.isfinite(float(mean_steps)):
     return tables[0]
   m = float(mean_steps)
-  covers = [t for t in tables if ladder_mismatch(t, ladder) is None
-            and table_step_range(t)[0] <= m <= table_step_range(t)[1]]
+  covers = [t for t in tables if sampling_mismatch(t, ladder, first_chunk) is None
+            and table_bounds(t)[0] - 1e-9 <= m <= table_bounds(t)[1]]
   if prefer is not None:
     own = [t for t in covers if table_step_range(t) == tuple(int(v) for v in prefer)]
     if own:
       return own[0]
   if not covers or covers[0] is tables[0]:
     return tables[0]
-  return max(covers, key=lambda t: table_step_range(t)[0])
+  # the highest floor, then the lowest ceiling: of a 1-2 and a 1-3 table, a budget of 1.8 uses the 1-2 one, which
+  # cannot spend steps on a third step while other frames stop after one
+  return min(covers, key=lambda t: (-table_step_range(t)[0], table_step_range(t)[1]))
 
 
 def stored_tables(meta: dict, rule: str, table: dict) -> dict[str, Any]:
@@ -195,10 +235,11 @@ def stored_tables(meta: dict, rule: str, table: dict) -> dict[str, Any]:
   key, more_key = meta_key(rule), ranges_key(rule)
   first = meta.get(key)
   rng = table_step_range(table)
-  if not first or table_step_range(first) == rng or ladder_mismatch(first, table.get("ladder")):
-    # tables of another range made on another ladder go with the first one they stood beside
+  made_with = (table.get("ladder"), table_first_chunk(table))
+  if not first or table_step_range(first) == rng or sampling_mismatch(first, *made_with):
+    # tables of another range made on another ladder or first-chunk floor go with the first one they stood beside
     more = {k: v for k, v in (meta.get(more_key) or {}).items()
-            if k != range_name(rng) and not ladder_mismatch(v, table.get("ladder"))}
+            if k != range_name(rng) and not sampling_mismatch(v, *made_with)}
     return {key: table, more_key: more} if more_key in meta else {key: table}
   more = dict(meta.get(more_key) or {})
   more[range_name(rng)] = table
@@ -206,11 +247,11 @@ def stored_tables(meta: dict, rule: str, table: dict) -> dict[str, Any]:
 
 
 def budget_controls(calibration: Optional[dict], mean_steps: float, *, source: str = "the model",
-                    ladder: Optional[Sequence[float]] = None) -> dict[str, Any]:
+                    ladder: Optional[Sequence[float]] = None, first_chunk: Optional[int] = None) -> dict[str, Any]:
   """The sampler controls of a step budget: tau from the table and the table's own step range, ready for
-  `sampler.make_controls(batch, **budget_controls(table, 2.5))`; `ladder` (config.sampling.ladder) is checked
-  against the table's."""
-  tau = threshold_for(calibration, mean_steps, source=source, ladder=ladder)
+  `sampler.make_controls(batch, **budget_controls(table, 2.5))`; `ladder` (config.sampling.ladder) and
+  `first_chunk` (config.sampling.first_chunk_min_steps) are checked against the table's."""
+  tau = threshold_for(calibration, mean_steps, source=source, ladder=ladder, first_chunk=first_chunk)
   lo, hi = table_step_range(calibration)
   return {"threshold": tau, "min_steps": lo, "max_steps": hi}
 
@@ -218,11 +259,13 @@ def budget_controls(calibration: Optional[dict], mean_steps: float, *, source: s
 def controls_for_budget(source: dict, mean_steps: float, config, *, source_name: str = "the model"
                         ) -> dict[str, Any]:
   """`budget_controls` of a `load_sampler_params` source: the table of the step range that covers `mean_steps` (the
-  config's own range where it does, `pick_table`), checked against the config's ladder:
+  config's own range where it does, `pick_table`), checked against the config's ladder and first-chunk floor:
   `sampler.make_controls(1, **controls_for_budget(source, 1.5, config))`."""
   s = config.sampling
-  table = pick_table(source, mean_steps, prefer=(int(s.min_steps), int(s.max_steps)), ladder=s.ladder)
-  return budget_controls(table, mean_steps, source=source_name, ladder=s.ladder)
+  fc = int(s.get("first_chunk_min_steps", 0))
+  table = pick_table(source, mean_steps, prefer=(int(s.min_steps), int(s.max_steps)), ladder=s.ladder,
+                     first_chunk=fc)
+  return budget_controls(table, mean_steps, source=source_name, ladder=s.ladder, first_chunk=fc)
 
 
 def calibration_table(sampler, params, contexts: np.ndarray, thresholds: Sequence[float] = DEFAULT_THRESHOLDS, *,
@@ -260,14 +303,18 @@ def calibration_table(sampler, params, contexts: np.ndarray, thresholds: Sequenc
 
   rule = config_stop_rule(sampler.config)
   table = {float(t): mean_steps(t) for t in thresholds}
-  lo, hi = float(s.min_steps), float(s.max_steps)
+  fc = int(s.get("first_chunk_min_steps", 0))
+  made_with = {"min_steps": int(s.min_steps), "max_steps": int(s.max_steps), **({"stop_rule": rule} if rule != "confidence"
+               else {}), **({"first_chunk_min_steps": fc, "chunk_frames": int(sampler.chunk_frames),
+                             "num_frames": int(sampler.num_frames)} if fc else {})}
+  lo, hi = table_bounds(made_with)  # the fewest average steps reachable (a first-chunk floor lifts it above min_steps)
   for _ in range(int(extend_rounds)):
     taus = sorted(table)
     ends = []
     if rule == "x0_delta":
       if table[taus[0]] < hi - refine_gap and taus[0] > 0.0:
         ends.append(taus[0] / 10.0)
-      if table[taus[-1]] > fewest_steps(rule, lo, hi) + refine_gap and taus[-1] > 0.0:
+      if table[taus[-1]] > lo + refine_gap and taus[-1] > 0.0:
         ends.append(taus[-1] * 10.0)
     else:
       if table[taus[0]] > lo + refine_gap and 0.0 < taus[0] <= 1.0:
@@ -285,13 +332,11 @@ def calibration_table(sampler, params, contexts: np.ndarray, thresholds: Sequenc
     table.update({float(t): mean_steps(t) for t in new})
   taus = sorted(table)
   log(f"calibrated {len(taus)} thresholds on {n} prompts in {time.time() - t0:.1f}s")
-  out = {"thresholds": taus, "mean_steps": [table[t] for t in taus], "num_prompts": int(n),
-         "min_steps": int(s.min_steps), "max_steps": int(s.max_steps), "seed": int(seed)}
+  out = {"thresholds": taus, "mean_steps": [table[t] for t in taus], "num_prompts": int(n), "seed": int(seed),
+         **made_with}
   ladder = s.get("ladder")
-  if ladder is not None:  # what the taus mean depends on it (see `ladder_mismatch`)
+  if ladder is not None:  # what the taus mean depends on it (see `sampling_mismatch`)
     out["ladder"] = [float(x) for x in ladder]
-  if rule != "confidence":
-    out["stop_rule"] = rule
   return out
 
 
@@ -326,7 +371,7 @@ class FpsController:
     if not calibration:
       raise BudgetError("--target-fps needs the model's step-budget calibration table (dsa-jax calibrate)")
     self.calibration, self.target, self.gain = calibration, float(target_fps), float(gain)
-    self.lo, self.hi = float(calibration["min_steps"]), float(calibration["max_steps"])
+    self.lo, self.hi = table_bounds(calibration)
     self.budget = float(initial_steps) if initial_steps is not None else (self.lo + self.hi) / 2
 
   @property

@@ -208,6 +208,17 @@ def _per_frame_ints(value, batch: int, frames: int, num_steps: int, name: str) -
   return np.broadcast_to(a, (batch, frames)).astype(np.int32)
 
 
+def first_chunk_floor(min_steps: np.ndarray, max_steps: np.ndarray, chunk_frames: int, floor: int) -> np.ndarray:
+  """(B, F) floors with the first chunk's frames raised to `floor` (0: unchanged), never above their ceilings: a
+  fixed count (min = max) or a forced allocation stays as it is."""
+  if not floor:
+    return min_steps
+  out = np.array(min_steps, copy=True)
+  c = int(chunk_frames)
+  out[:, :c] = np.minimum(np.maximum(out[:, :c], int(floor)), max_steps[:, :c])
+  return out
+
+
 def _signature(args, use_cfg):
   """Hashable shapes/dtypes of program arguments: which ahead-of-time executable fits them."""
   leaves, treedef = jax.tree_util.tree_flatten(args)
@@ -442,6 +453,7 @@ class Sampler:
     if np.any(mn > mx):
       raise ValueError(f"sampling min_steps must not exceed max_steps (got min {mn.min()}..{mn.max()}, "
                        f"max {mx.min()}..{mx.max()})")
+    mn = first_chunk_floor(mn, mx, self.chunk_frames, int(s.get("first_chunk_min_steps", 0)))
     g = np.broadcast_to(np.asarray(guidance, np.float32), (b,))
     if not np.isfinite(g).all():
       raise ValueError(f"sampling guidance: expected a finite number, got {guidance!r}")
