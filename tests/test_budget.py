@@ -136,6 +136,11 @@ def test_tables_made_with_a_first_chunk_floor():
   source = {"calibration": two_three, "calibration_ranges": {"1-2": one_two}}
   assert budget.pick_table(source, 2.0, prefer=(2, 3), first_chunk=3) is one_two
   assert budget.pick_table(source, 2.5, prefer=(2, 3), first_chunk=3) is two_three
+  # a budget no table covers gets the nearest table, whose check says what it covers
+  assert budget.pick_table(source, 2.1, prefer=(2, 3), first_chunk=3) is two_three
+  assert budget.pick_table(source, 1.0, prefer=(2, 3), first_chunk=3) is one_two
+  with pytest.raises(budget.BudgetError, match=r"1-2 steps table .* at least 1\.125"):
+    budget.threshold_for(one_two, 1.0)
   cfg = ml_collections.ConfigDict({"sampling": {"min_steps": 2, "max_steps": 3, "ladder": (1000, 500, 250),
                                                 "first_chunk_min_steps": 3}})
   assert budget.controls_for_budget(source, 2.0, cfg) == {"threshold": float("inf"), "min_steps": 1, "max_steps": 2}

@@ -574,6 +574,15 @@ def test_budget_check_on_held_out_prompts(digits_toy_config, tiny_evaluator, tmp
     assert r["fixed_fd"] == pytest.approx(want) and r["fd_better_than_fixed"] == pytest.approx(want - r["fd"])
     assert np.isfinite(r["fd_paired_se"]) and isinstance(r["fd_significant_paired"], bool)
     assert r["agreement_better_than_fixed"] == pytest.approx(r["agreement"] - r["fixed_agreement"])
+  # under the x0-change rule too the fixed runs take their step counts (its tau = inf would stop every frame at once)
+  x0 = config.copy_and_resolve_references()
+  x0.sampling.stop_rule = "x0_delta"
+  params_io.update_meta(str(model), calibration_x0_delta=dict(table, thresholds=[1.0, 0.6, 0.4, 0.0],
+                                                              mean_steps=[2.3, 2.6, 3.1, 5.0], min_steps=2,
+                                                              stop_rule="x0_delta"))
+  res = claim.check_budgets(x0, str(model), str(tmp_path / "x0"), (2.5,), num=4, evaluator=ev_dir, batch=4,
+                            num_real=6, fixed=(2, L), log=lambda s: None)
+  assert [r["avg_steps"] for r in res["runs"][1:]] == [2.0, float(L)]
   assert claim.bracketing_steps((1.5, 2.5), 5) == (1, 2, 3) and claim.bracketing_steps((2.0,), 5) == (2, 3)
   assert claim.bracketing_steps((3.0, 1.0), 3) == (1, 2, 3)
   # the command line: --budgets is required for this action

@@ -713,7 +713,7 @@ def run_claim(config, models: dict[str, str | tuple[str, str]], out_dir: str, nu
 
   log("fixed steps")
   for k in sorted({int(k) for k in fixed}):
-    groups["fixed"].append(bench.run(sampler, primary, name=f"fixed-{k}", threshold=float("inf"), min_steps=1,
+    groups["fixed"].append(bench.run(sampler, primary, name=f"fixed-{k}", threshold=float("inf"), min_steps=k,
                                      max_steps=k, extra={"group": "fixed"}))
   fallback_tau = (0.2, 0.35, 0.5, 0.65, 0.8, 0.9, 0.95)
   for n in names:
@@ -959,7 +959,8 @@ def check_budgets(config, ckpt: str, out_dir: str, budgets: Sequence[float], *, 
   runs = []
   for m, ctl in zip(budgets, controls):  # a table's taus give its averages under its own step range
     runs.append(bench.run(sampler, params, name=f"mean-steps-{float(m):g}", **ctl))
-  fixed_runs = [bench.run(sampler, params, name=f"fixed-{k}", threshold=float("inf"), min_steps=1, max_steps=k)
+  # floor = ceiling = k: k steps for every frame under any stop rule (the x0-change rule stops at once at tau = inf)
+  fixed_runs = [bench.run(sampler, params, name=f"fixed-{k}", threshold=float("inf"), min_steps=k, max_steps=k)
                 for k in fixed]
   groups = {"fixed": fixed_runs, "dsa_budget": runs}
   against = {metric: (verdict(groups, metric, lower)["dsa_budget"].get("fixed") or {}).get("points")

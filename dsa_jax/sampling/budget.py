@@ -9,7 +9,7 @@ interpolation on the monotone envelope (average steps never fall as tau rises).
 
 A tau gives its average only under the floor and ceiling (min_steps, max_steps) the table was made with, so a model
 may carry one table per step range: the first in `calibration`, tables for other ranges beside it in
-`calibration_ranges` ({"1-3": table}). `pick_table` chooses the one a budget uses: the sampler's own range where its
+`calibration_ranges` ({"1-2": table}). `pick_table` chooses the one a budget uses: the sampler's own range where its
 table covers the budget, else the table that covers it with the highest floor, then the lowest ceiling (a budget of
 1.5 steps on a model whose default range is 2-3 uses its 1-2 table where it has one, else its 1-3 table).
 
@@ -124,10 +124,11 @@ def threshold_for(calibration: Optional[dict], mean_steps: float, *, source: str
   floor = table_bounds(calibration)[0]
   if m < floor - 1e-9:
     fc = table_first_chunk(calibration)
-    raise BudgetError(f"--mean-steps {m:g}: {source}'s {range_name((lo, hi))} steps table gives at least {floor:.4g} "
-                      f"steps per frame on average (its first chunk takes at least {min(fc, int(hi))} steps, "
-                      f"sampling.first_chunk_min_steps={fc}); ask for {floor:.4g} or more, or use a table of a lower "
-                      "floor")
+    raise BudgetError(f"--mean-steps {m:g}: the {range_name((lo, hi))} steps table of {source} gives at least "
+                      f"{floor:.4g} steps per frame on average (its first chunk takes at least {min(fc, int(hi))} "
+                      f"steps, sampling.first_chunk_min_steps={fc}); ask for {floor:.4g} or more, or for less with a table "
+                      "of a lower floor (`dsa-jax calibrate ... --config.sampling.min_steps=N "
+                      "--config.sampling.first_chunk_min_steps=N`, sampled with the same)")
   fewest, most = (float("-inf"), float("inf")) if rule == "confidence" else (float("inf"), float("-inf"))
   taus, steps = _table(calibration)
   if m <= steps[0]:
@@ -204,8 +205,8 @@ def pick_table(source: dict, mean_steps: Optional[float], *, step_range: Optiona
   caller's check then names). Otherwise the table of `prefer` (the config's range) where it covers the budget, else
   the first table where it covers it, else the covering table with the highest floor, then the lowest ceiling; a
   table covers the averages of its `table_bounds`; tables made on another ladder than `ladder` or with another
-  first-chunk floor than `first_chunk` are passed over. With no covering table, the first (the caller's range
-  check says what it covers)."""
+  first-chunk floor than `first_chunk` are passed over. With no covering table, the nearest one (the caller's range
+  check then says what it covers)."""
   tables = source_tables(source)
   if not tables:
     return None
@@ -221,7 +222,10 @@ def pick_table(source: dict, mean_steps: Optional[float], *, step_range: Optiona
     own = [t for t in covers if table_step_range(t) == tuple(int(v) for v in prefer)]
     if own:
       return own[0]
-  if not covers or covers[0] is tables[0]:
+  if not covers:
+    usable = [t for t in tables if sampling_mismatch(t, ladder, first_chunk) is None] or tables[:1]
+    return min(usable, key=lambda t: max(table_bounds(t)[0] - m, m - table_bounds(t)[1]))
+  if covers[0] is tables[0]:
     return tables[0]
   # the highest floor, then the lowest ceiling: of a 1-2 and a 1-3 table, a budget of 1.8 uses the 1-2 one, which
   # cannot spend steps on a third step while other frames stop after one
