@@ -266,7 +266,8 @@ def validate_config(config: ml_collections.ConfigDict):
   _require(s.min_steps <= s.max_steps <= len(ladder), "sampling.max_steps",
            f"must lie in [sampling.min_steps={s.min_steps}, len(sampling.ladder)={len(ladder)}], got {s.max_steps}")
   fc = s.get("first_chunk_min_steps", 0)
-  _require(isinstance(fc, int) and not isinstance(fc, bool) and 0 <= fc <= len(ladder), "sampling.first_chunk_min_steps",
+  _require(isinstance(fc, int) and not isinstance(fc, bool) and 0 <= fc <= len(ladder),
+           "sampling.first_chunk_min_steps",
            f"must be 0 (off) or an integer in [1, len(sampling.ladder)={len(ladder)}], got {fc!r}")
   # a budget below min_steps is allowed: it uses the model's calibration table of a lower floor where it has one
   _require(s.mean_steps == 0 or 1 <= s.mean_steps <= s.max_steps, "sampling.mean_steps",

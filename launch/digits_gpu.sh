@@ -144,3 +144,5 @@ for target in $HEADS; do
 done
 echo "== done: models under $RUN/*/model; the final one is $FINAL/model. To ship it:"
 echo "   python -m dsa_jax.training.checkpointing slim $FINAL/model OUT && dsa-jax calibrate --config digits --ckpt OUT --num 512 --batch 128"
+echo "   and its table for budgets up to 2: dsa-jax calibrate --config digits --ckpt OUT --num 512 --batch 128 \\"
+echo "     --config.sampling.min_steps=1 --config.sampling.max_steps=2 --config.sampling.mean_steps=0"

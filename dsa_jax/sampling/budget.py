@@ -126,8 +126,8 @@ def threshold_for(calibration: Optional[dict], mean_steps: float, *, source: str
     fc = table_first_chunk(calibration)
     raise BudgetError(f"--mean-steps {m:g}: the {range_name((lo, hi))} steps table of {source} gives at least "
                       f"{floor:.4g} steps per frame on average (its first chunk takes at least {min(fc, int(hi))} "
-                      f"steps, sampling.first_chunk_min_steps={fc}); ask for {floor:.4g} or more, or for less with a table "
-                      "of a lower floor (`dsa-jax calibrate ... --config.sampling.min_steps=N "
+                      f"steps, sampling.first_chunk_min_steps={fc}); ask for {floor:.4g} or more, or for less with a "
+                      "table of a lower floor (`dsa-jax calibrate ... --config.sampling.min_steps=N "
                       "--config.sampling.first_chunk_min_steps=N`, sampled with the same)")
   fewest, most = (float("-inf"), float("inf")) if rule == "confidence" else (float("inf"), float("-inf"))
   taus, steps = _table(calibration)
@@ -308,9 +308,12 @@ def calibration_table(sampler, params, contexts: np.ndarray, thresholds: Sequenc
   rule = config_stop_rule(sampler.config)
   table = {float(t): mean_steps(t) for t in thresholds}
   fc = int(s.get("first_chunk_min_steps", 0))
-  made_with = {"min_steps": int(s.min_steps), "max_steps": int(s.max_steps), **({"stop_rule": rule} if rule != "confidence"
-               else {}), **({"first_chunk_min_steps": fc, "chunk_frames": int(sampler.chunk_frames),
-                             "num_frames": int(sampler.num_frames)} if fc else {})}
+  made_with = {"min_steps": int(s.min_steps), "max_steps": int(s.max_steps)}
+  if rule != "confidence":
+    made_with["stop_rule"] = rule
+  if fc:  # what turns the floor into the fewest average (`table_bounds`)
+    made_with.update(first_chunk_min_steps=fc, chunk_frames=int(sampler.chunk_frames),
+                     num_frames=int(sampler.num_frames))
   lo, hi = table_bounds(made_with)  # the fewest average steps reachable (a first-chunk floor lifts it above min_steps)
   for _ in range(int(extend_rounds)):
     taus = sorted(table)
