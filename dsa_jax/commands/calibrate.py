@@ -4,10 +4,13 @@ for an average number of steps (`dsa-jax sample --mean-steps 2.5`) instead of a 
   dsa-jax calibrate --config digits --ckpt runs/digits/dsa/model [--num 256]
   dsa-jax calibrate --config digits --ckpt dsa_jax/assets/digits_model --head heads/remaining   # into the head folder
 
-A table holds for the steps per frame it was made with (config.sampling.min_steps / max_steps). A table made for
-another range than the model's first is kept beside it, and a budget uses the table whose range covers it:
+A table holds for the steps per frame it was made with (config.sampling.min_steps / max_steps) and the first chunk's
+floor (config.sampling.first_chunk_min_steps), both recorded in it. A table made for another range than the model's
+first is kept beside it, and a budget uses the table whose averages cover it (the highest floor, then the lowest
+ceiling):
 
-  dsa-jax calibrate --config digits --ckpt MODEL --config.sampling.min_steps=1   # then --mean-steps 1.5 works too
+  dsa-jax calibrate --config digits --ckpt MODEL --config.sampling.min_steps=1 --config.sampling.max_steps=2 \
+      --config.sampling.mean_steps=0                                           # then --mean-steps 1.5 works too
 
 The prompts are the config's training prompts (config.data.prompts), never the held-out evaluation prompts, or a
 prompt file given with --prompts (prompts like the ones you will sample fit best).
