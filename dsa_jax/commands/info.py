@@ -33,6 +33,7 @@ def add_arguments(p):
 def summarize(config) -> dict:
   from dsa_jax.config_lib import latent_hw, pixel_frames, tokens_per_frame
   from dsa_jax.models import factory
+  from dsa_jax.sampling.stop_rules import config_first_chunk_floor
 
   gen = factory.dit_config(config, "model")
   out = {"name": config.name}
@@ -57,7 +58,7 @@ def summarize(config) -> dict:
   out["flops_per_forward"] = flops
   out["sampling"] = {"ladder": list(config.sampling.ladder), "min_steps": config.sampling.min_steps,
                      "max_steps": config.sampling.max_steps, "threshold": config.sampling.threshold,
-                     "first_chunk_min_steps": int(config.sampling.get("first_chunk_min_steps", 0))}
+                     "first_chunk_min_steps": config_first_chunk_floor(config)}
   return out
 
 

@@ -281,6 +281,11 @@ class Benchmark:
       outs.append({k: t[k][:n] for k in TRACE_KEYS})
     return {k: np.concatenate([o[k] for o in outs]) for k in TRACE_KEYS}
 
+  def run_fixed(self, sampler, params, k: int, *, extra: dict | None = None) -> dict[str, Any]:
+    """The fixed-steps baseline 'fixed-k': floor = ceiling = k, so every frame takes k steps under any stop rule (the
+    x0-change rule would stop every frame at once at tau = inf)."""
+    return self.run(sampler, params, name=f"fixed-{k}", threshold=float("inf"), min_steps=k, max_steps=k, extra=extra)
+
   def run_allocation(self, sampler, params, steps: np.ndarray, *, name: str, extra: dict | None = None
                      ) -> dict[str, Any]:
     """Samples every prompt with a given number of steps per frame (steps (N, F): min = max = steps) and scores it."""
@@ -713,8 +718,7 @@ def run_claim(config, models: dict[str, str | tuple[str, str]], out_dir: str, nu
 
   log("fixed steps")
   for k in sorted({int(k) for k in fixed}):
-    groups["fixed"].append(bench.run(sampler, primary, name=f"fixed-{k}", threshold=float("inf"), min_steps=k,
-                                     max_steps=k, extra={"group": "fixed"}))
+    groups["fixed"].append(bench.run_fixed(sampler, primary, k, extra={"group": "fixed"}))
   fallback_tau = (0.2, 0.35, 0.5, 0.65, 0.8, 0.9, 0.95)
   for n in names:
     log(f"DSA, {n} target: full-ladder trace (head report)")
@@ -959,9 +963,7 @@ def check_budgets(config, ckpt: str, out_dir: str, budgets: Sequence[float], *, 
   runs = []
   for m, ctl in zip(budgets, controls):  # a table's taus give its averages under its own step range
     runs.append(bench.run(sampler, params, name=f"mean-steps-{float(m):g}", **ctl))
-  # floor = ceiling = k: k steps for every frame under any stop rule (the x0-change rule stops at once at tau = inf)
-  fixed_runs = [bench.run(sampler, params, name=f"fixed-{k}", threshold=float("inf"), min_steps=k, max_steps=k)
-                for k in fixed]
+  fixed_runs = [bench.run_fixed(sampler, params, k) for k in fixed]
   groups = {"fixed": fixed_runs, "dsa_budget": runs}
   against = {metric: (verdict(groups, metric, lower)["dsa_budget"].get("fixed") or {}).get("points")
              for metric, lower in (("fd", True), ("agreement", False))}

@@ -58,8 +58,7 @@ def evaluate(config, ckpt: str, out_dir: str, *, num: int = 256, thresholds=None
   for tau in thresholds:
     runs.append(bench.run(sampler, params, name=f"dsa-tau{tau:g}", threshold=tau, extra={"group": "dsa"}))
   for k in fixed or ():
-    runs.append(bench.run(sampler, params, name=f"fixed-{k}", threshold=float("inf"), min_steps=k, max_steps=k,
-                          extra={"group": "fixed"}))
+    runs.append(bench.run_fixed(sampler, params, k, extra={"group": "fixed"}))
   result = {"config": config.name, "checkpoint": source, "benchmark": bench.describe(),
             "runs": [claim.public(r) for r in runs]}
   # the scores first: they cost the sampling, the pictures are cheap to redo

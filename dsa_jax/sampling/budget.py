@@ -28,7 +28,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
-from dsa_jax.sampling.stop_rules import config_stop_rule
+from dsa_jax.sampling.stop_rules import config_first_chunk_floor, config_stop_rule
 
 DEFAULT_THRESHOLDS = tuple(float(t) for t in np.round(np.linspace(0.02, 0.98, 49), 4))
 # The x0-change rule's tau is a mean |x0 change| between steps (latent units, small): a geometric grid.
@@ -159,8 +159,9 @@ def sampling_mismatch(calibration: dict, ladder: Optional[Sequence[float]], firs
   """Why the table cannot serve a sampler on timestep ladder `ladder` with first-chunk floor `first_chunk` (made with
   other ones), or None (the same, nothing given to compare, or a table that predates the ladder's record and is
   taken as it is)."""
-  if first_chunk is not None and table_first_chunk(calibration) != int(first_chunk):
-    made_fc, fc = table_first_chunk(calibration), int(first_chunk)
+  made_fc = table_first_chunk(calibration)
+  if first_chunk is not None and made_fc != int(first_chunk):
+    fc = int(first_chunk)
     return (f"{source}: its calibration table was made with sampling.first_chunk_min_steps={made_fc}, the sampler "
             f"uses {fc}: the first chunk's floor moves every average; sample with "
             f"--config.sampling.first_chunk_min_steps={made_fc}, or make a table with `dsa-jax calibrate ... "
@@ -266,7 +267,7 @@ def controls_for_budget(source: dict, mean_steps: float, config, *, source_name:
   config's own range where it does, `pick_table`), checked against the config's ladder and first-chunk floor:
   `sampler.make_controls(1, **controls_for_budget(source, 1.5, config))`."""
   s = config.sampling
-  fc = int(s.get("first_chunk_min_steps", 0))
+  fc = config_first_chunk_floor(config)
   table = pick_table(source, mean_steps, prefer=(int(s.min_steps), int(s.max_steps)), ladder=s.ladder,
                      first_chunk=fc)
   return budget_controls(table, mean_steps, source=source_name, ladder=s.ladder, first_chunk=fc)
@@ -307,7 +308,7 @@ def calibration_table(sampler, params, contexts: np.ndarray, thresholds: Sequenc
 
   rule = config_stop_rule(sampler.config)
   table = {float(t): mean_steps(t) for t in thresholds}
-  fc = int(s.get("first_chunk_min_steps", 0))
+  fc = config_first_chunk_floor(sampler.config)
   made_with = {"min_steps": int(s.min_steps), "max_steps": int(s.max_steps)}
   if rule != "confidence":
     made_with["stop_rule"] = rule

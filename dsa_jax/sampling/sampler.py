@@ -453,7 +453,7 @@ class Sampler:
     if np.any(mn > mx):
       raise ValueError(f"sampling min_steps must not exceed max_steps (got min {mn.min()}..{mn.max()}, "
                        f"max {mx.min()}..{mx.max()})")
-    mn = first_chunk_floor(mn, mx, self.chunk_frames, int(s.get("first_chunk_min_steps", 0)))
+    mn = first_chunk_floor(mn, mx, self.chunk_frames, stop_rules.config_first_chunk_floor(self.config))
     g = np.broadcast_to(np.asarray(guidance, np.float32), (b,))
     if not np.isfinite(g).all():
       raise ValueError(f"sampling guidance: expected a finite number, got {guidance!r}")

@@ -21,6 +21,11 @@ def config_stop_rule(config) -> str:
   return str(config.sampling.get("stop_rule", "confidence"))
 
 
+def config_first_chunk_floor(config) -> int:
+  """config.sampling.first_chunk_min_steps, 0 (no floor of its own) where the config predates the field."""
+  return int(config.sampling.get("first_chunk_min_steps", 0))
+
+
 def confidence_ready(score, tau, steps):
   """The confidence head's rule: c >= tau (a nan score is never ready)."""
   del steps
