@@ -124,6 +124,13 @@ def test_decode_only_and_table(tmp_path, repo_root, capsys):
   assert "| vae.json | cpu | tiny | float32 | VAE only |" in out and "--decode-only" in out
   assert cli.main(["bench", "table", str(tmp_path / "missing.json")]) == 2
   assert "bench table:" in capsys.readouterr().err
+  other = tmp_path / "train.json"  # e.g. a training bench beside it (a folder's *.json): left out, named
+  other.write_text(json.dumps({"steps": {}}))
+  assert cli.main(["bench", "table", str(path), str(other)]) == 0
+  out = capsys.readouterr().out
+  assert "| vae.json |" in out and "Left out (not `dsa-jax bench sample` JSON files): train.json" in out
+  assert cli.main(["bench", "table", str(other)]) == 2
+  assert "none of" in capsys.readouterr().err
 
 
 def test_budget_mean_steps_uses_the_models_calibration(repo_root):
@@ -153,5 +160,6 @@ def test_bench_train_times_a_step_and_profiles_it(tmp_path, repo_root):
   res = json.loads(out.read_text())
   step = res["steps"]["critic"]
   assert list(res["steps"]) == ["critic"] and step["step_s"] > 0 and step["model_tflop_per_step"] > 0
+  assert res["command"].startswith("dsa-jax bench train --config ") and res["command"].endswith(str(out))
   assert step["compiled_memory"] is None or step["compiled_memory"]["peak_gb"] > 0
   assert step["profile"]["top_kernels"] and step["profile"]["dir"].startswith(str(prof / "critic"))

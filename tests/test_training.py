@@ -204,6 +204,35 @@ def test_rollout_gradient_flows_only_through_exit_step():
   assert exit_tangent > 0 and tangent_dots(rollout_output("x0")) == exit_tangent
 
 
+def _primitive_names(jaxpr) -> set:
+  names = set()
+  for e in jaxpr.eqns:
+    names.add(e.primitive.name)
+    for sub in jax.extend.core.jaxprs_in_params(e.params):
+      names |= _primitive_names(sub)
+  return names
+
+
+def test_rollout_no_grad_phase_runs_without_remat():
+  """Phase 1 is never differentiated: its forwards run the blocks without jax.checkpoint (and so with the KV cache
+  updated in place) whatever compute.remat says; the differentiated exit forward keeps the configured remat."""
+  from dsa_jax.models import factory
+  from dsa_jax.models.dit import init_cache
+  cfg = tiny()
+  cfg.compute.remat = "full"
+  spec = rollout.RolloutSpec.from_config(cfg)
+  gcfg = factory.dit_config(cfg, "model")
+  params = jax.eval_shape(lambda k: mesh_lib.unbox(factory.init_dit(gcfg, cfg, k)), jax.random.PRNGKey(0))
+  ctx = jnp.zeros((1, cfg.model.text_len, cfg.model.text_dim))
+  phase1 = jax.make_jaxpr(lambda p: rollout.rollout_no_grad(gcfg, p, ctx, jax.random.PRNGKey(2), 1, spec))(params)
+  remat_names = {"remat2", "checkpoint"}  # jax.checkpoint's primitive (named by jax version)
+  assert not remat_names & _primitive_names(phase1.jaxpr)
+  x_in = jnp.zeros((1, spec.num_frames, spec.height, spec.width, spec.channels))
+  cache = init_cache(gcfg, 1, spec.num_frames, spec.tokens_per_frame)
+  phase2 = jax.make_jaxpr(lambda p: rollout.exit_forward(gcfg, p, ctx, x_in, 1, cache, spec)["x0"])(params)
+  assert remat_names & _primitive_names(phase2.jaxpr)
+
+
 def test_rollout_x0_next_is_one_step_after_the_exit():
   """x0_next (the 'gain' target's reference) is the x0 one step after the exit: the first chunk (whose context does
   not depend on the exit) equals the exit x0 of a rollout that exits one step later; at the last step it is the exit

@@ -48,6 +48,10 @@ def test_fused_norm_silu_and_upsample_are_exact():
   plain = jax.nn.silu(RMSNorm(1e-12, axes=("conv_out",)).apply(scale, x))
   np.testing.assert_array_equal(np.asarray(fused), np.asarray(plain))
   assert V.RMSNormSiLU(dtype=jnp.bfloat16).apply(scale, x).dtype == jnp.bfloat16
+  # only the per-pixel statistic passes the barrier (so the scale and SiLU can fuse into the conv's gather)
+  barriers = [e for e in jax.make_jaxpr(lambda v: V.RMSNormSiLU().apply(scale, v))(x).jaxpr.eqns
+              if e.primitive.name == "optimization_barrier"]
+  assert [v.aval.shape for e in barriers for v in e.outvars] == [x.shape[:-1] + (1,)]
   np.testing.assert_array_equal(np.asarray(V._upsample_nearest2x(x)),
                                 np.asarray(jnp.repeat(jnp.repeat(x, 2, axis=2), 2, axis=3)))
 

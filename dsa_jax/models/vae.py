@@ -369,8 +369,14 @@ def _rms_norm(name: str, dtype, param_dtype) -> RMSNorm:
 
 
 class RMSNormSiLU(nn.Module):
-  """SiLU(RMS norm over channels), one fp32 expression cast once to `dtype` (same params as `_rms_norm`): the
-  statistics, scale and activation fuse into one pass and no intermediate is rounded to bf16."""
+  """SiLU(RMS norm over channels), one fp32 expression cast once to `dtype` (same params as `_rms_norm`): no
+  intermediate is rounded to bf16.
+
+  The per-pixel statistic passes an optimization barrier: without it XLA's GPU compiler turns the whole
+  reduce-then-scale expression into one normalisation kernel whose output, the normalised activations, is a
+  buffer of its own that the convolution's time-window gather ('fold') then reads. Behind the barrier only the
+  statistic (one value per pixel) is its own pass and the scale and SiLU fuse into their consumers: the same
+  values and speed, about 1 GiB less scratch per decode chunk for the 1.3B model's VAE at 832x480."""
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   eps: float = 1e-12
@@ -379,7 +385,9 @@ class RMSNormSiLU(nn.Module):
   def __call__(self, x: Array) -> Array:
     scale = self.param("scale", _part(nn.initializers.ones, ("conv_out",)), (x.shape[-1],), self.param_dtype)
     x32 = x.astype(jnp.float32)
-    y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps) * scale.astype(jnp.float32)
+    inv_rms = jax.lax.optimization_barrier(
+        jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps))
+    y = x32 * inv_rms * scale.astype(jnp.float32)
     return nn.silu(y).astype(self.dtype)
 
 

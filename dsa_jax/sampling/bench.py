@@ -673,8 +673,10 @@ def table_row(res: dict, name: str = "") -> dict:
 
 
 def markdown_table(paths) -> str:
-  """README's benchmark table from bench JSON files, with the command that made each row under it."""
-  rows, commands = [], []
+  """README's benchmark table from bench JSON files, with the command that made each row under it. Other JSON files
+  among them (training benches, evaluations: a folder's `*.json`) are listed as left out; none of `dsa-jax bench
+  sample`'s, or a file that cannot be read, is an error."""
+  rows, commands, skipped = [], [], []
   for path in paths:
     try:
       with open(path) as fh:
@@ -682,11 +684,17 @@ def markdown_table(paths) -> str:
     except (OSError, ValueError) as e:
       raise ValueError(f"bench table: {path}: not a readable bench JSON file ({e})") from None
     if not isinstance(res, dict) or "mode" not in res:
-      raise ValueError(f"bench table: {path}: not a `dsa-jax bench sample` JSON file (no 'mode')")
+      skipped.append(os.path.basename(path))
+      continue
     rows.append(table_row(res, os.path.basename(path)))
     commands.append(f"- `{os.path.basename(path)}`: `{res.get('command', '?')}`")
+  if not rows:
+    raise ValueError(f"bench table: none of {', '.join(map(str, paths))} is a `dsa-jax bench sample` JSON file "
+                     "(no 'mode')")
   lines = ["| " + " | ".join(TABLE_COLUMNS) + " |", "| " + " | ".join("---" for _ in TABLE_COLUMNS) + " |"]
   lines += ["| " + " | ".join(str(r[c]) for c in TABLE_COLUMNS) + " |" for r in rows]
+  if skipped:
+    commands.append(f"\nLeft out (not `dsa-jax bench sample` JSON files): {', '.join(skipped)}")
   return "\n".join(lines + [""] + commands)
 
 

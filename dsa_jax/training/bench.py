@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
+import sys
 import time
 
 import numpy as np
@@ -142,7 +144,9 @@ def run_bench_train(args) -> dict:
             "generator": {k: config.model[k] for k in ("dim", "ffn_dim", "num_layers", "num_heads")},
             "video": {"num_frames": config.video.num_frames, "chunk_frames": config.video.chunk_frames,
                       "height": config.video.height, "width": config.video.width},
-            "compute": dict(config.compute), "init_s": init_s, "steps": {}}
+            "compute": dict(config.compute), "init_s": init_s, "steps": {},
+            "command": ("dsa-jax " + shlex.join(args._argv)) if getattr(args, "_argv", None) is not None
+            else shlex.join(sys.argv)}
   peak = peak_flops(dev)
   kinds = [args.only] if args.only else ["gen", "critic"]
   for kind in kinds:

@@ -111,7 +111,9 @@ def rollout_no_grad(dcfg, params, context, key, exit_index, spec: RolloutSpec, *
   """
   params = jax.lax.stop_gradient(params)
   context = jax.lax.stop_gradient(context)
-  model = WanDiT(dcfg)
+  # Nothing here is differentiated, so the blocks need no remat; without it they also update the KV cache in place
+  # (the whole cache in the layer loop's carry) instead of copying each layer's slice in and out.
+  model = WanDiT(dataclasses.replace(dcfg, remat="none"))
   b = context.shape[0]
   shape = _chunk_shape(spec, b)
   sig = jnp.asarray(spec.sigmas + (0.0,), jnp.float32)  # sig[num_steps] unused but keeps indexing in range
