@@ -36,6 +36,7 @@ def _worker(out_path: str):
   from dsa_jax.parallel import mesh as mesh_lib
   from dsa_jax.sampling import sampler as S
   from dsa_jax.sampling import stream as ST
+  from dsa_jax.sampling.decode import PixelDecoder
 
   assert len(jax.devices()) == 8, jax.devices()
   spec_json = lambda spec: [a if a is None or isinstance(a, str) else list(a) for a in spec]
@@ -75,6 +76,14 @@ def _worker(out_path: str):
     r["retraced"] = sm.trace_counts["program"] - traces
     r["new_programs"] = len(sm._mesh_jits) + len(sm._compiled) - programs
     if name == "data2_tensor4":
+      # Sharded latents are decoded by the VAE's single-device program (gathered first): the same pixels as from
+      # host latents, and no second compilation of the decoder for the mesh's sharding.
+      decoder = PixelDecoder.random(cfg)
+      host = list(decoder.decode_chunks_to_host(np.asarray(out.latents)[:2], uint8=True))
+      compiled = decoder._decode_chunk_uint8._cache_size()
+      sharded = list(decoder.decode_chunks_to_host(out.latents[:2], uint8=True))
+      r["decode_sharded_equal"] = all(np.array_equal(a, b) for a, b in zip(host, sharded))
+      r["decode_new_programs"] = decoder._decode_chunk_uint8._cache_size() - compiled
       streamed = ST.collect(ST.stream(sm, params, ctx, controls(sm, tau)))
       r["stream_max_diff"] = float(np.abs(streamed["latents"] - ref.latents).max())
       r["stream_steps_equal"] = bool((streamed["steps"] == ref.steps).all())
@@ -169,6 +178,11 @@ def test_unrolled_layers_on_a_mesh(report):
 def test_streaming_on_a_mesh(report):
   r = report["data2_tensor4"]
   assert r["stream_steps_equal"] and r["stream_max_diff"] < 1e-4
+
+
+def test_decoding_sharded_latents(report):
+  r = report["data2_tensor4"]
+  assert r["decode_sharded_equal"] and r["decode_new_programs"] == 0, r
 
 
 def test_splash_kernel_per_shard(report):

@@ -9,6 +9,10 @@
 Whole videos are decoded chunk by chunk too (`decode_video`): each chunk's pixels are copied to the host while the
 next chunk decodes, so the device never holds a whole video of pixels (81 frames of 832x480 are ~0.4 GB in fp32)
 next to the sampler. The causal cache is donated from chunk to chunk (updated in place, not copied).
+
+The Wan VAE runs on one device. Latents from a sampler on a mesh arrive sharded over its devices; they are first
+gathered onto that device (a few MB), so the decoder is the same compiled program as for a single-device sampler
+instead of one partitioned (and compiled again) by the latents' sharding.
 """
 
 from __future__ import annotations
@@ -136,7 +140,7 @@ class PixelDecoder:
     of the bytes to copy back), equal to `outputs.to_uint8` of the float pixels."""
     if self.kind == "wan":
       if not self.chunked:
-        px = self._decode_video(self.vae_params, jnp.asarray(latents, jnp.float32))
+        px = self._decode_video(self.vae_params, self._on_vae_device(latents))
         return pixels_to_uint8(px) if uint8 else px
       return np.concatenate(list(self.decode_chunks_to_host(latents, uint8=uint8)), axis=1)
     latents = jnp.asarray(latents, jnp.float32)
@@ -157,10 +161,18 @@ class PixelDecoder:
     c = self.chunk_frames
     return [(a, min(a + c, num_frames)) for a in range(0, num_frames, c)]
 
+  def _on_vae_device(self, latents):
+    """Latents as a float32 array on the VAE's device (see the module docstring); from another process's shards
+    of a multi-process mesh, gathered through the host first."""
+    if isinstance(latents, jax.Array) and not latents.is_fully_addressable:
+      from jax.experimental import multihost_utils
+      latents = multihost_utils.process_allgather(latents, tiled=True)
+    return jax.device_put(jnp.asarray(latents, jnp.float32), jax.local_devices()[0])
+
   def decode_chunks_to_host(self, latents, *, uint8: bool = False):
     """Yields each chunk's pixels as a host numpy array, decoding chunk i + 1 while chunk i is copied back, so at
     most two chunks of pixels are on the device at a time (`uint8`: see `decode_video`)."""
-    latents = jnp.asarray(latents, jnp.float32)
+    latents = self._on_vae_device(latents) if self.kind == "wan" else jnp.asarray(latents, jnp.float32)
     state, pending = self.init_state(latents.shape[0]), None
     for i, (a, b) in enumerate(self.chunk_bounds(latents.shape[1])):
       pixels, state = self.decode_chunk(latents[:, a:b], state, first=(i == 0), uint8=uint8)
@@ -176,7 +188,7 @@ class PixelDecoder:
     """One chunk -> (pixels, state). 'none' uses a fixed scale so chunks of a stream look alike."""
     if self.kind == "wan":
       fn = self._decode_chunk_uint8 if uint8 else self._decode_chunk
-      return fn(self.vae_params, latents_chunk, None if first else state, first=first)
+      return fn(self.vae_params, self._on_vae_device(latents_chunk), None if first else state, first=first)
     if self.kind == "identity":
       px = self._identity(latents_chunk)
     else:
