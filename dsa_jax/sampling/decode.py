@@ -10,9 +10,10 @@ Whole videos are decoded chunk by chunk too (`decode_video`): each chunk's pixel
 next chunk decodes, so the device never holds a whole video of pixels (81 frames of 832x480 are ~0.4 GB in fp32)
 next to the sampler. The causal cache is donated from chunk to chunk (updated in place, not copied).
 
-The Wan VAE runs on one device. Latents from a sampler on a mesh arrive sharded over its devices; they are first
-gathered onto that device (a few MB), so the decoder is the same compiled program as for a single-device sampler
-instead of one partitioned (and compiled again) by the latents' sharding.
+Latents from a sampler on a mesh: split over the batch (data parallel), each device decodes its own videos (the VAE's
+weights replicated on the mesh, the latents' other splits dropped; its convolutions are per video, so nothing is
+exchanged); not split over the batch (tensor parallel), they are gathered onto one device (a few MB) and decoded by
+the single-device program. On a mesh of several processes every process gathers the whole batch and decodes it.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 from dsa_jax.config_lib import latent_hw
 from dsa_jax.sampling.outputs import quantize_frames
@@ -84,6 +86,7 @@ class PixelDecoder:
       raise ValueError(f"config.vae.kind='identity' needs video.latent_channels 1 or 3 (pixels), got {c}")
     self.vae = None
     self.vae_params = None
+    self._mesh_params = {}
     if self.kind == "wan":
       from dsa_jax.models import vae as vae_lib
       from dsa_jax.models.dit import _DTYPES
@@ -140,7 +143,7 @@ class PixelDecoder:
     of the bytes to copy back), equal to `outputs.to_uint8` of the float pixels."""
     if self.kind == "wan":
       if not self.chunked:
-        px = self._decode_video(self.vae_params, self._on_vae_device(latents))
+        px = self._decode_video(*self._placed(latents))
         return pixels_to_uint8(px) if uint8 else px
       return np.concatenate(list(self.decode_chunks_to_host(latents, uint8=uint8)), axis=1)
     latents = jnp.asarray(latents, jnp.float32)
@@ -161,18 +164,25 @@ class PixelDecoder:
     c = self.chunk_frames
     return [(a, min(a + c, num_frames)) for a in range(0, num_frames, c)]
 
-  def _on_vae_device(self, latents):
-    """Latents as a float32 array on the VAE's device (see the module docstring); from another process's shards
-    of a multi-process mesh, gathered through the host first."""
+  def _placed(self, latents):
+    """(VAE params, float32 latents) placed for decoding (see the module docstring)."""
     if isinstance(latents, jax.Array) and not latents.is_fully_addressable:
       from jax.experimental import multihost_utils
       latents = multihost_utils.process_allgather(latents, tiled=True)
-    return jax.device_put(jnp.asarray(latents, jnp.float32), jax.local_devices()[0])
+    sharding = getattr(latents, "sharding", None)
+    if isinstance(sharding, jax.sharding.NamedSharding) and sharding.mesh.size > 1 and sharding.spec \
+        and sharding.spec[0] is not None:
+      mesh = sharding.mesh
+      if mesh not in self._mesh_params:  # the weights replicated on the mesh, once per mesh
+        self._mesh_params[mesh] = jax.device_put(self.vae_params, jax.sharding.NamedSharding(mesh, P()))
+      by_batch = jax.sharding.NamedSharding(mesh, P(sharding.spec[0]))
+      return self._mesh_params[mesh], jax.device_put(latents.astype(jnp.float32), by_batch)
+    return self.vae_params, jax.device_put(jnp.asarray(latents, jnp.float32), jax.local_devices()[0])
 
   def decode_chunks_to_host(self, latents, *, uint8: bool = False):
     """Yields each chunk's pixels as a host numpy array, decoding chunk i + 1 while chunk i is copied back, so at
     most two chunks of pixels are on the device at a time (`uint8`: see `decode_video`)."""
-    latents = self._on_vae_device(latents) if self.kind == "wan" else jnp.asarray(latents, jnp.float32)
+    latents = self._placed(latents)[1] if self.kind == "wan" else jnp.asarray(latents, jnp.float32)
     state, pending = self.init_state(latents.shape[0]), None
     for i, (a, b) in enumerate(self.chunk_bounds(latents.shape[1])):
       pixels, state = self.decode_chunk(latents[:, a:b], state, first=(i == 0), uint8=uint8)
@@ -188,7 +198,8 @@ class PixelDecoder:
     """One chunk -> (pixels, state). 'none' uses a fixed scale so chunks of a stream look alike."""
     if self.kind == "wan":
       fn = self._decode_chunk_uint8 if uint8 else self._decode_chunk
-      return fn(self.vae_params, self._on_vae_device(latents_chunk), None if first else state, first=first)
+      params, latents_chunk = self._placed(latents_chunk)
+      return fn(params, latents_chunk, None if first else state, first=first)
     if self.kind == "identity":
       px = self._identity(latents_chunk)
     else:

@@ -1,0 +1,117 @@
+#!/usr/bin/env bash
+# The multi-GPU checks of one host, each run's log and JSON under OUT (commands in OUT/commands.txt):
+#
+#   launch/multi_gpu_checks.sh OUT                      # every stage on all visible GPUs
+#   GPUS=2 STAGES="sampler resume" launch/multi_gpu_checks.sh OUT
+#
+# sampler  `dsa-jax bench sample` (CONFIG, forced 2.5 steps, random weights): one GPU, data parallel (GPUS streams,
+#          batch GPUS: total FPS) and tensor parallel (batch 1: FPS and latency to the first chunk)
+# train    `dsa-jax bench train`: the CONFIG student + critic + head with a teacher of TEACHER_SHAPE (default the
+#          14B shape: dim 5120, FFN 13824, 40 heads, 40 layers), FSDP over the GPUS; step time, MFU, memory
+# resume   RESUME_CONFIG trained by GPUS processes (launch/gpu_local.sh PROCS=GPUS, one per GPU, jax.distributed)
+#          for RESUME_STEPS steps three times: uninterrupted; interrupted (one process killed once the first of
+#          three checkpoints is complete, the rest torn down as a scheduler would); the same command rerun. The
+#          rerun must resume from a checkpoint and end with the uninterrupted run's parameters bit for bit
+#          (XLA's deterministic GPU ops on for this stage); OUT/resume.json says.
+# TIMEOUT (seconds, default 900) bounds each command; RESUME_ARGS adds overrides to the resume stage's runs. On CPU
+# (a dry run of the plumbing): JAX_PLATFORMS=cpu GPUS=2 CONFIG=tiny TEACHER_SHAPE="" (the config's own teacher)
+# RESUME_CONFIG=configs/digits.py:teacher RESUME_ARGS=--config.runlocal=True, and for the sampler and train stages
+# XLA_FLAGS=--xla_force_host_platform_device_count=2.
+set -uo pipefail
+if [ $# -lt 1 ]; then
+  sed -n '2,5p' "$0"; exit 2
+fi
+OUT=$1
+HERE=$(cd "$(dirname "$0")" && pwd)
+PY=${PYTHON:-python3}
+GPUS=${GPUS:-$( (nvidia-smi -L 2>/dev/null || true) | grep -c '^GPU')}
+[ "$GPUS" -ge 2 ] 2>/dev/null || { echo "multi_gpu_checks: needs GPUS >= 2 (got '${GPUS}')" >&2; exit 2; }
+STAGES=${STAGES:-sampler train resume}
+CONFIG=${CONFIG:-wan_1_3b}
+TEACHER_SHAPE=${TEACHER_SHAPE---config.teacher.dim=5120 --config.teacher.ffn_dim=13824 --config.teacher.num_heads=40 --config.teacher.num_layers=40}
+RESUME_CONFIG=${RESUME_CONFIG:-digits:teacher}
+RESUME_STEPS=${RESUME_STEPS:-300}
+TIMEOUT=${TIMEOUT:-900}
+mkdir -p "$OUT"
+status=0
+
+run() {  # run NAME CMD...: logs to OUT/NAME.log, records the command, keeps going on failure
+  local name=$1; shift
+  echo "$*" >> "$OUT/commands.txt"
+  echo "== $name: $*"
+  if ! timeout "$TIMEOUT" "$@" > "$OUT/$name.log" 2>&1; then
+    echo "   $name FAILED (see $OUT/$name.log)"; tail -n 5 "$OUT/$name.log"; status=1
+  fi
+  grep -E "FPS|first chunk|s/step|MFU|mfu" "$OUT/$name.log" | tail -n 6
+}
+
+for stage in $STAGES; do
+  case $stage in
+  sampler)
+    S=(-m dsa_jax bench sample --config "$CONFIG" --forced-mean-steps 2.5 --runs 3 --no-components)
+    run sample_1gpu env CUDA_VISIBLE_DEVICES=0 "$PY" "${S[@]}" --no-stream --json "$OUT/sample_1gpu.json"
+    run "sample_data$GPUS" "$PY" "${S[@]}" --no-stream --batch-size "$GPUS" --config.mesh.shape.data="$GPUS" \
+      --config.mesh.shape.tensor=1 --json "$OUT/sample_data$GPUS.json"
+    run "sample_tensor$GPUS" "$PY" "${S[@]}" --config.mesh.shape.data=1 --config.mesh.shape.tensor="$GPUS" \
+      --json "$OUT/sample_tensor$GPUS.json"
+    ;;
+  train)
+    # shellcheck disable=SC2086  (TEACHER_SHAPE is a list of overrides)
+    run "train_fsdp$GPUS" env XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.95}" "$PY" -m dsa_jax \
+      bench train --config "$CONFIG" --steps 3 $TEACHER_SHAPE --config.mesh.shape.data=1 \
+      --config.mesh.shape.fsdp="$GPUS" --json "$OUT/train_fsdp$GPUS.json"
+    ;;
+  resume)
+    R=$OUT/resume; rm -rf "$R"; mkdir -p "$R"
+    every=$(( RESUME_STEPS / 3 > 0 ? RESUME_STEPS / 3 : 1 ))
+    # shellcheck disable=SC2206  (RESUME_ARGS is a list of overrides)
+    args=(--config.train.steps="$RESUME_STEPS" --config.train.ckpt_every="$every" --config.train.log_every="$every"
+          ${RESUME_ARGS:-})
+    export XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_deterministic_ops=true"
+    port=${PORT:-12399}
+    launch=(env PROCS="$GPUS" PYTHON="$PY" bash "$HERE/gpu_local.sh" "$RESUME_CONFIG")
+    run resume_reference env PORT=$port "${launch[@]}" "$R/reference" "${args[@]}"
+    echo "PORT=$((port + 1)) ${launch[*]} $R/run ${args[*]}   # killed once checkpoint $every is complete" \
+      >> "$OUT/commands.txt"
+    PORT=$((port + 1)) "${launch[@]}" "$R/run" "${args[@]}" > "$OUT/resume_interrupted.log" 2>&1 &
+    job=$!
+    # once the first checkpoint is complete: kill one process (rank 1), then tear the job down as a scheduler would
+    for _ in $(seq 1 $(( 5 * TIMEOUT ))); do
+      done_steps=$("$PY" -c "import sys; from dsa_jax.checkpoint.workdir import complete_steps; \
+print(max(complete_steps(sys.argv[1]), default=-1))" "$R/run/checkpoints" 2>/dev/null || echo -1)
+      [ "$done_steps" -ge "$every" ] && break
+      kill -0 "$job" 2>/dev/null || break
+      sleep 0.2
+    done
+    victim=$(pgrep -f "dsa_jax train .*--workdir $R/run " | sed -n 2p)
+    if [ -n "$victim" ]; then kill -9 "$victim"; else echo "   resume: the run ended before it could be killed"; fi
+    sleep 5
+    pkill -TERM -f "dsa_jax train .*--workdir $R/run " 2>/dev/null
+    wait "$job" 2>/dev/null
+    run resume_rerun env PORT=$((port + 2)) "${launch[@]}" "$R/run" "${args[@]}"
+    kill_step=$every
+    "$PY" - "$R" "$kill_step" "$RESUME_STEPS" "$OUT/resume.json" <<'EOF' || status=1
+import glob, json, sys
+import numpy as np
+import jax
+from dsa_jax.checkpoint.params_io import load_params
+root, kill_step, steps, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+ref, _ = load_params(f"{root}/reference/model")
+new, _ = load_params(f"{root}/run/model")
+a, b = jax.tree_util.tree_leaves_with_path(ref), jax.tree_util.tree_leaves_with_path(new)
+same_tree = [p for p, _ in a] == [p for p, _ in b]
+diff = max((float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64)))) for (_, x), (_, y) in zip(a, b)),
+           default=0.0) if same_tree else None
+logs = "".join(open(f).read() for f in sorted(glob.glob(f"{root}/run/train.*.log")))
+resumed = [l for l in logs.splitlines() if "resumed from" in l]
+res = {"kill_after_step": kill_step, "steps": steps, "resumed_lines": resumed[:4], "same_tree": same_tree,
+       "max_abs_diff": diff, "bit_identical": diff == 0.0}
+json.dump(res, open(out, "w"), indent=1)
+print(json.dumps(res))
+sys.exit(0 if res["bit_identical"] and resumed else 1)
+EOF
+    ;;
+  *) echo "multi_gpu_checks: unknown stage '$stage' (sampler, train, resume)" >&2; exit 2 ;;
+  esac
+done
+exit $status
