@@ -67,9 +67,9 @@ for stage in $STAGES; do
     # shellcheck disable=SC2206  (RESUME_ARGS is a list of overrides)
     args=(--config.train.steps="$RESUME_STEPS" --config.train.ckpt_every="$every" --config.train.log_every="$every"
           ${RESUME_ARGS:-})
-    export XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_deterministic_ops=true"
     port=${PORT:-12399}
-    launch=(env PROCS="$GPUS" PYTHON="$PY" bash "$HERE/gpu_local.sh" "$RESUME_CONFIG")
+    launch=(env PROCS="$GPUS" PYTHON="$PY" XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_deterministic_ops=true"
+            bash "$HERE/gpu_local.sh" "$RESUME_CONFIG")
     run resume_reference env PORT=$port "${launch[@]}" "$R/reference" "${args[@]}"
     echo "PORT=$((port + 1)) ${launch[*]} $R/run ${args[*]}   # killed once checkpoint $every is complete" \
       >> "$OUT/commands.txt"
