@@ -33,7 +33,6 @@ import time
 import numpy as np
 
 from dsa_jax.sampling.sampler import parse_threshold
-from dsa_jax.sampling.stop_rules import config_first_chunk_floor
 
 HELP = "sample videos (mp4/gif) with per-frame steps and confidences (json + plot)"
 
@@ -223,7 +222,7 @@ def budget_table(config, args, source: dict, steps: tuple[int, int]) -> dict | N
   explicit = args.min_steps is not None or args.max_steps is not None
   m = _budget_mean_steps(config, args) or None
   return budget.pick_table(source, m, step_range=steps if explicit else None, prefer=steps,
-                           ladder=config.sampling.ladder, first_chunk=config_first_chunk_floor(config))
+                           **budget.sampler_settings(config))
 
 
 def budget_step_range(config, args, source: dict, steps: tuple[int, int], warn) -> tuple[int, int]:
@@ -235,7 +234,7 @@ def budget_step_range(config, args, source: dict, steps: tuple[int, int], warn) 
   uses_budget = args.threshold is None and bool(args.mean_steps or config.sampling.mean_steps or args.target_fps)
   if not uses_budget or not table or args.min_steps is not None or args.max_steps is not None:
     return steps
-  if budget.sampling_mismatch(table, config.sampling.ladder, config_first_chunk_floor(config)):
+  if budget.sampling_mismatch(table, **budget.sampler_settings(config)):
     return steps  # a table of another ladder or first-chunk floor: `resolve_budget` refuses it, with what to do
   rng = budget.table_step_range(table)
   if rng != tuple(steps):
@@ -258,22 +257,19 @@ def resolve_budget(config, args, threshold: float, source: dict, ckpt: str, warn
   m = _budget_mean_steps(config, args)
   if not m:
     return threshold, ""
-  table = budget.pick_table(source, m, step_range=step_range, ladder=config.sampling.ladder,
-                            first_chunk=config_first_chunk_floor(config))
+  table = budget.pick_table(source, m, step_range=step_range, **budget.sampler_settings(config))
   from dsa_jax.checkpoint.loading import calibration_owner
   owner = calibration_owner(source, repr(ckpt or "the model"))
   if table is None and args.mean_steps is None:
     warn(f"warning: config.sampling.mean_steps={m:g} but {owner} has no calibration table "
          f"(dsa-jax calibrate); using config.sampling.threshold={threshold:g}")
     return threshold, ""
-  why = (budget.sampling_mismatch(table, config.sampling.ladder, config_first_chunk_floor(config), source=owner)
-         if table is not None else None)
+  why = budget.sampling_mismatch(table, **budget.sampler_settings(config), source=owner) if table is not None else None
   if why and args.mean_steps is None:
     warn(f"warning: config.sampling.mean_steps={m:g} cannot be used: {why}; using config.sampling.threshold="
          f"{threshold:g}")
     return threshold, ""
-  tau = budget.threshold_for(table, m, source=owner, step_range=step_range, ladder=config.sampling.ladder,
-                             first_chunk=config_first_chunk_floor(config))
+  tau = budget.threshold_for(table, m, source=owner, step_range=step_range, **budget.sampler_settings(config))
   return tau, f" (from --mean-steps {m:g})" if args.mean_steps is not None else f" (from mean_steps {m:g})"
 
 
@@ -395,11 +391,11 @@ def main(args):
                                           step_range=(min_steps, max_steps))
   fps_controller = None
   if args.target_fps is not None:
-    from dsa_jax.sampling.budget import FpsController, check_table_fits, pick_table
+    from dsa_jax.sampling.budget import FpsController, check_table_fits, pick_table, sampler_settings
     table = pick_table(source, None, step_range=(min_steps, max_steps))  # the table of the range chosen above
     if table:
-      check_table_fits(table, step_range=(min_steps, max_steps), ladder=config.sampling.ladder,
-                       first_chunk=config_first_chunk_floor(config), source=repr(ckpt or "the model"))
+      check_table_fits(table, step_range=(min_steps, max_steps), **sampler_settings(config),
+                       source=repr(ckpt or "the model"))
     fps_controller = FpsController(table, args.target_fps,
                                    initial_steps=args.mean_steps or config.sampling.mean_steps or None)
   sampler = sampler_lib.make_sampler(config, num_frames=args.num_frames)

@@ -261,16 +261,20 @@ def budget_controls(calibration: Optional[dict], mean_steps: float, *, source: s
   return {"threshold": tau, "min_steps": lo, "max_steps": hi}
 
 
+def sampler_settings(config) -> dict[str, Any]:
+  """What a table must have been made with to serve `config`'s sampler besides its step range, as the keyword
+  arguments `ladder` and `first_chunk` of `pick_table`, `threshold_for`, `check_table_fits`, `sampling_mismatch`."""
+  return {"ladder": config.sampling.ladder, "first_chunk": config_first_chunk_floor(config)}
+
+
 def controls_for_budget(source: dict, mean_steps: float, config, *, source_name: str = "the model"
                         ) -> dict[str, Any]:
   """`budget_controls` of a `load_sampler_params` source: the table of the step range that covers `mean_steps` (the
   config's own range where it does, `pick_table`), checked against the config's ladder and first-chunk floor:
   `sampler.make_controls(1, **controls_for_budget(source, 1.5, config))`."""
-  s = config.sampling
-  fc = config_first_chunk_floor(config)
-  table = pick_table(source, mean_steps, prefer=(int(s.min_steps), int(s.max_steps)), ladder=s.ladder,
-                     first_chunk=fc)
-  return budget_controls(table, mean_steps, source=source_name, ladder=s.ladder, first_chunk=fc)
+  s, made_with = config.sampling, sampler_settings(config)
+  table = pick_table(source, mean_steps, prefer=(int(s.min_steps), int(s.max_steps)), **made_with)
+  return budget_controls(table, mean_steps, source=source_name, **made_with)
 
 
 def calibration_table(sampler, params, contexts: np.ndarray, thresholds: Sequence[float] = DEFAULT_THRESHOLDS, *,
