@@ -681,9 +681,7 @@ def run_claim(config, models: dict[str, str | tuple[str, str]], out_dir: str, nu
   L = len(config.sampling.ladder)
   fixed = tuple(range(1, L + 1)) if fixed is None else tuple(fixed)  # default: every step count of the ladder
   mn, mx = int(config.sampling.min_steps), int(config.sampling.max_steps)
-  bad = [k for k in fixed if not 1 <= int(k) <= L]
-  if bad:
-    raise BenchmarkError(f"fixed: step counts must lie in [1, {L}] (sampling.ladder), got {bad}")
+  check_fixed_steps(fixed, L, "fixed")
   if budgets is None:
     budgets = tuple(b for b in DEFAULT_BUDGETS if mn <= b <= mx)
   bad = [b for b in budgets if not mn <= float(b) <= mx]
@@ -924,6 +922,13 @@ def places_table(places: dict[str, dict]) -> str:
   return text
 
 
+def check_fixed_steps(fixed: Sequence[int], num_steps: int, name: str):
+  """Raises, naming the option `name`, when a fixed-steps baseline's step count lies outside the ladder's."""
+  bad = [k for k in fixed if not 1 <= int(k) <= num_steps]
+  if bad:
+    raise BenchmarkError(f"{name}: step counts must lie in [1, {num_steps}] (sampling.ladder), got {bad}")
+
+
 def bracketing_steps(budgets: Sequence[float], num_steps: int) -> tuple[int, ...]:
   """The fixed step counts a budget is compared with: the whole numbers on either side of each budget (1.5 -> 1, 2;
   a whole budget, which needs a second point for the curve: 2 -> 2, 3), within the ladder's 1..num_steps."""
@@ -949,9 +954,7 @@ def check_budgets(config, ckpt: str, out_dir: str, budgets: Sequence[float], *, 
 
   L = len(config.sampling.ladder)
   fixed = bracketing_steps(budgets, L) if fixed is None else tuple(sorted({int(k) for k in fixed}))
-  bad = [k for k in fixed if not 1 <= k <= L]
-  if bad:
-    raise BenchmarkError(f"--fixed: step counts must lie in [1, {L}] (sampling.ladder), got {bad}")
+  check_fixed_steps(fixed, L, "--fixed")
   params, source = loading.load_sampler_params(config, ckpt, warn=log, cast=True)
   owner = loading.calibration_owner(source, f"--ckpt {ckpt or config.sampling.checkpoint}")
   # each budget with the table of the step range that covers it; a missing table or an out-of-range request fails
