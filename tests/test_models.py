@@ -202,3 +202,64 @@ def test_attention_backends():
   assert mask.shape == (6, 6) and mask[0, 2] == 0 and mask[2, 1] == 1 and mask[3, 2] == 1
   with pytest.raises(RuntimeError, match="TPU only"):
     dot_product_attention(q, k, v, backend="splash")
+
+
+@pytest.mark.parametrize("lq, block", [(12, 4), (10, 4)])
+def test_block_causal_by_blocks_equals_the_masked_attention_and_its_gradient(lq, block):
+  """The per-block form (one unmasked call per block of queries) is the block-causal mask's function: same values and
+  the same gradients for q, k and v, also when the last block is short."""
+  from dsa_jax.models.attention import block_causal_by_blocks
+  k1, k2, k3, k4 = jax.random.split(jax.random.PRNGKey(1), 4)
+  q, k, v = (jax.random.normal(key, (2, lq, 2, 8)) for key in (k1, k2, k3))
+  g = jax.random.normal(k4, (2, lq, 2, 8))
+  plain = lambda a, b, c: dot_product_attention(a, b, c)
+  masked = lambda a, b, c: dot_product_attention(a, b, c, causal_block=block)
+  blocks = lambda a, b, c: block_causal_by_blocks(plain, a, b, c, block)
+  np.testing.assert_allclose(blocks(q, k, v), masked(q, k, v), atol=1e-5)
+  loss = lambda f: (lambda a, b, c: jnp.sum(f(a, b, c) * g))
+  for got, want in zip(jax.grad(loss(blocks), (0, 1, 2))(q, k, v), jax.grad(loss(masked), (0, 1, 2))(q, k, v)):
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_cudnn_block_causal_runs_one_unmasked_call_per_block(monkeypatch):
+  """cuDNN takes a mask only as a dense (L, L) bias over every tile; the block-causal training mask goes instead as one
+  call per block of queries over exactly the keys it sees, without a mask (the calls are recorded here and run by
+  the XLA reference, cuDNN being GPU-only)."""
+  from dsa_jax.models import attention as A
+  calls = []
+  reference = jax.nn.dot_product_attention
+
+  def recorder(q, k, v, mask=None, implementation=None, **kw):
+    calls.append((q.shape[1], k.shape[1], mask is None, implementation, sorted(kw)))
+    return reference(q, k, v, mask=mask, **kw)
+  monkeypatch.setattr(jax.nn, "dot_product_attention", recorder)
+  k1, k2, k3 = jax.random.split(jax.random.PRNGKey(2), 3)
+  q, k, v = (jax.random.normal(key, (1, 12, 2, 8)) for key in (k1, k2, k3))
+  out = A.dot_product_attention(q, k, v, causal_block=4, backend="cudnn")
+  assert calls == [(4, 4, True, "cudnn", []), (4, 8, True, "cudnn", []), (4, 12, True, "cudnn", [])]
+  np.testing.assert_allclose(out, A.dot_product_attention(q, k, v, causal_block=4), atol=1e-5)
+  calls.clear()  # the cache's kv_lengths keep the one padded call
+  A.dot_product_attention(q, k, v, kv_lengths=jnp.array([8]), backend="cudnn")
+  assert calls == [(12, 12, True, "cudnn", ["key_value_seq_lengths"])]
+
+
+def test_bench_attention_times_every_form_at_the_config_shapes(tiny_config):
+  """`dsa-jax bench attention`: the block-causal form as the model runs it and with the dense mask (same values),
+  full attention, and the sampler's cache attention at the first, middle and last chunk, with the FLOPs the mask
+  lets through."""
+  from dsa_jax.eval import bench_attention
+  res = bench_attention.run(tiny_config, reps=1, log=lambda m: None)
+  rows = {(r["form"], r["variant"]): r for r in res["rows"]}
+  tpf = tokens_per_frame(tiny_config)
+  length, block = tiny_config.video.num_frames * tpf, tiny_config.video.chunk_frames * tpf
+  assert set(rows) == {("block_causal", "model"), ("block_causal", "dense mask"), ("full", ""),
+                       ("cache", "chunk 0"), ("cache", "chunk 1"), ("cache", "chunk 2")}
+  assert rows[("block_causal", "dense mask")]["max_abs_diff_vs_model"] < 1e-5
+  assert [rows[("cache", f"chunk {i}")]["kv"] for i in range(3)] == [block, 2 * block, length]
+  full, causal = rows[("full", "")], rows[("block_causal", "model")]
+  ratio = (causal["forward_tflops"] * causal["forward_ms"]) / (full["forward_tflops"] * full["forward_ms"])
+  assert ratio == pytest.approx(2 / 3)  # 3 chunks: 1 + 2 + 3 of 9 blocks
+  assert all(r["forward_ms"] > 0 for r in res["rows"]) and "forward_backward_ms" in full
+  assert "dense mask" in bench_attention.format_table({**res, "device": {"kind": "cpu"}})
+  with pytest.raises(ValueError, match="--reps"):
+    bench_attention.run(tiny_config, reps=0)

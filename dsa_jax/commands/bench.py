@@ -5,6 +5,7 @@
   dsa-jax bench sample --config configs/wan_1_3b.py --decode-only --json out/bench_vae.json
   dsa-jax bench sample --config configs/tiny.py --steps 2 --runs 2 --json /tmp/bench.json
   dsa-jax bench vae-convs --config configs/wan_1_3b.py --json out/vae_convs.json   # the VAE's conv lowerings
+  dsa-jax bench attention --config configs/wan_1_3b.py --json out/attention.json  # the DiT's attention forms
   dsa-jax bench table docs/bench/*.json          # README's table from the JSON files
   dsa-jax bench train --config configs/wan_1_3b.py --teacher-like-model --steps 5 --json out/bench_train.json
 """
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 
-HELP = "speed benchmarks (sample, vae-convs, train) and their table"
+HELP = "speed benchmarks (sample, vae-convs, attention, train) and their table"
 
 
 def add_arguments(p):
@@ -28,6 +29,11 @@ def add_arguments(p):
                       description=bench_vae.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   bench_vae.add_arguments(vp)
   vp.set_defaults(_bench=bench_vae.main)
+  from dsa_jax.eval import bench_attention
+  ap = sub.add_parser("attention", help="the DiT's self-attention timed alone in each form the model calls it",
+                      description=bench_attention.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  bench_attention.add_arguments(ap)
+  ap.set_defaults(_bench=bench_attention.main)
   tb = sub.add_parser("table", help="README's benchmark table (markdown) from bench sample JSON files")
   tb.add_argument("files", nargs="+", help="JSON files written by `dsa-jax bench sample --json`")
   tb.set_defaults(_bench=lambda args: print(bench_sample.markdown_table(args.files)) or 0)
