@@ -46,8 +46,9 @@ def test_forced_schedule_achieved_by_the_sampler(tiny_config):
   assert sampler.trace_counts["program"] == 1  # schedules are traced controls
 
 
-def test_bench_json_has_memory_meta_decode_and_profile(tmp_path, repo_root, capsys):
+def test_bench_json_has_memory_meta_decode_and_profile(tmp_path, repo_root, capsys, monkeypatch):
   from dsa_jax import cli
+  monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.157")  # recorded: a memory cap changes what is measured
   path, prof = tmp_path / "b.json", tmp_path / "prof"
   rc = cli.main(["bench", "sample", "--config", f"{repo_root}/configs/tiny.py", "--forced-mean-steps", "2.5",
                  "--runs", "1", "--no-stream", "--no-components", "--profile", str(prof), "--json", str(path)])
@@ -59,6 +60,7 @@ def test_bench_json_has_memory_meta_decode_and_profile(tmp_path, repo_root, caps
     assert res["device"][key]
   assert res["jax_version"] and res["dtype"] == res["vae_dtype"] == "float32" and res["config"]["name"] == "tiny"
   assert res["config"]["file"].endswith("tiny.py") and "--forced-mean-steps 2.5" in res["command"]
+  assert res["environment"]["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.157"
   progs = res["memory"]["programs"]
   assert set(progs) == {"sampler", "vae_first_chunk", "vae_chunk"}
   for m in progs.values():
@@ -150,10 +152,11 @@ def test_budget_mean_steps_uses_the_models_calibration(repo_root):
   assert res["weights"] == ckpt and 1 <= res["steps"]["mean_per_frame"] <= config.sampling.max_steps
 
 
-def test_bench_train_times_a_step_and_profiles_it(tmp_path, repo_root):
+def test_bench_train_times_a_step_and_profiles_it(tmp_path, repo_root, monkeypatch):
   """`dsa-jax bench train` on the tiny config: a timed critic step, XLA's compiled memory, and with --profile a trace of
   one step whose top kernels land in the JSON."""
   from dsa_jax import cli
+  monkeypatch.setenv("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # recorded with the run
   out, prof = tmp_path / "train.json", tmp_path / "prof"
   assert cli.main(["bench", "train", "--config", f"{repo_root}/configs/tiny.py", "--steps", "1", "--only", "critic",
                    "--profile", str(prof), "--json", str(out)]) == 0
@@ -161,5 +164,6 @@ def test_bench_train_times_a_step_and_profiles_it(tmp_path, repo_root):
   step = res["steps"]["critic"]
   assert list(res["steps"]) == ["critic"] and step["step_s"] > 0 and step["model_tflop_per_step"] > 0
   assert res["command"].startswith("dsa-jax bench train --config ") and res["command"].endswith(str(out))
+  assert res["environment"]["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"
   assert step["compiled_memory"] is None or step["compiled_memory"]["peak_gb"] > 0
   assert step["profile"]["top_kernels"] and step["profile"]["dir"].startswith(str(prof / "critic"))

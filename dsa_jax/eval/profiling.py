@@ -1,4 +1,5 @@
-"""Profiles for the benchmarks: one call of a function under `jax.profiler`, and the top kernels of its trace.
+"""Profiles for the benchmarks: one call of a function under `jax.profiler`, the top kernels of its trace, and the
+XLA settings a run was made with.
 
 `profile_one` writes the trace (TensorBoard's profile plugin, or the Perfetto JSON in ui.perfetto.dev) and returns
 the kernels that took the most device time, summed by name, so a benchmark's JSON says where the time went.
@@ -11,6 +12,16 @@ import gzip
 import json
 import os
 import time
+
+
+XLA_ENVIRONMENT = ("XLA_FLAGS", "XLA_PYTHON_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_PREALLOCATE",
+                   "XLA_PYTHON_CLIENT_ALLOCATOR", "CUDA_VISIBLE_DEVICES")
+
+
+def xla_environment() -> dict:
+  """The environment variables that change what a benchmark measures (memory cap, XLA flags, visible GPUs), as set
+  for this process: a bench JSON's command line alone does not say them."""
+  return {k: os.environ[k] for k in XLA_ENVIRONMENT if k in os.environ}
 
 
 def profile_one(fn, log_dir: str, top: int = 25, log=print, what: str = "one video") -> dict:

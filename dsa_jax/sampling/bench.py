@@ -57,7 +57,7 @@ import time
 
 import numpy as np
 
-from dsa_jax.eval.profiling import profile_one
+from dsa_jax.eval.profiling import profile_one, xla_environment
 
 
 def add_arguments(p):
@@ -161,6 +161,7 @@ def _bench_meta(config, config_arg=None, overrides=None, argv=None) -> dict:
                  "attention": config.compute.attention},
       "dtype": config.compute.dtype,
       "command": "dsa-jax " + shlex.join(argv) if argv is not None else shlex.join(sys.argv),
+      "environment": xla_environment(),
   }
 
 

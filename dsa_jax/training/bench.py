@@ -34,6 +34,8 @@ import time
 
 import numpy as np
 
+from dsa_jax.eval.profiling import xla_environment
+
 # Dense bf16 peak per device (vendor datasheets), by substring of `device_kind`.
 PEAK_BF16 = (("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L4", 121e12), ("v6", 918e12),
              ("v5p", 459e12), ("v5 lite", 197e12), ("v5e", 197e12), ("v4", 275e12))
@@ -146,7 +148,7 @@ def run_bench_train(args) -> dict:
                       "height": config.video.height, "width": config.video.width},
             "compute": dict(config.compute), "init_s": init_s, "steps": {},
             "command": ("dsa-jax " + shlex.join(args._argv)) if getattr(args, "_argv", None) is not None
-            else shlex.join(sys.argv)}
+            else shlex.join(sys.argv), "environment": xla_environment()}
   peak = peak_flops(dev)
   kinds = [args.only] if args.only else ["gen", "critic"]
   for kind in kinds:
