@@ -179,3 +179,55 @@ def test_remat_attention_saved_same_gradient_without_rerunning_attention(tiny_co
 def test_unknown_remat_mode_is_a_clear_error(tiny_config):
   with pytest.raises(ValueError, match="compute.remat: must be one of .*attention_saved"):
     get_config(DIGITS, ["--config.compute.remat=attention"])
+
+
+def test_fp8_scales_are_powers_of_two_and_rows_are_padded_inside_the_quantizing_pass():
+  """Per-tensor fp8 scales are powers of two (exact in any dtype) using the top octave of float8's range; the fp8
+  Dense product equals the dequantized operands' product, for row counts that are not multiples of 16 and for
+  DenseGeneral's multi-axis kernels."""
+  from dsa_jax.models.layers import FP8_MAX, fp8_dot_general, quantize_fp8
+  k1, k2 = jax.random.split(jax.random.PRNGKey(0))
+  x = jax.random.normal(k1, (2, 13, 4, 8), jnp.float32) * 3.0
+  w = jax.random.normal(k2, (4, 8, 24), jnp.float32) * 0.02
+  q, s = quantize_fp8(w)
+  assert q.dtype == jnp.float8_e4m3fn and float(jnp.log2(s)) == int(jnp.log2(s))
+  assert FP8_MAX / 2 < float(jnp.max(jnp.abs(w)) / s) <= FP8_MAX
+  qs, ss = quantize_fp8(jnp.stack([w, 10 * w]), axis=0)  # one scale per layer of stacked weights
+  assert ss.shape == (2,) and float(ss[1]) > float(ss[0]) and np.array_equal(qs[0], q)
+  y = fp8_dot_general(x, w, (((2, 3), (0, 1)), ((), ())))
+  qx, sx = quantize_fp8(x.reshape(26, 32))
+  want = (np.asarray(qx, np.float32) * float(sx)) @ (np.asarray(q, np.float32).reshape(32, 24) * float(s))
+  assert y.shape == (2, 13, 24)
+  np.testing.assert_allclose(np.asarray(y).reshape(26, 24), want, rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="fp8_dot_general"):
+    fp8_dot_general(x, w, (((1,), (0,)), ((), ())))
+
+
+@pytest.mark.parametrize("scan", [True, False], ids=["scan", "unrolled"])
+def test_fp8_weights_quantized_once_give_the_same_forward(tiny_config, scan):
+  """`fp8_weights`: every block's ten fp8 linear layers quantized once (what the sampler passes to each forward)
+  give the forward the DiT computes when it quantizes them at every call, bit for bit; the sampler's generator
+  variables carry them under compute.matmul='fp8'."""
+  from dsa_jax.models.dit import fp8_weights, unstack_layers
+  config = get_config("tiny", ["--config.compute.dtype=bfloat16", "--config.compute.matmul=fp8"])
+  dcfg = dataclasses.replace(factory.dit_config(config), scan_layers=scan)
+  params = factory.init_dit(factory.dit_config(config), config, jax.random.PRNGKey(0))
+  if not scan:
+    params = unstack_layers(params, dcfg.num_layers)
+  quantized = fp8_weights(params, dcfg.dtype)
+  blocks = [quantized["blocks"]] if scan else [quantized[f"blocks_{i}"] for i in range(dcfg.num_layers)]
+  for b in blocks:
+    assert sorted(b) == ["cross_attn", "ffn_in", "ffn_out", "self_attn"]
+    assert sorted(b["self_attn"]) == sorted(b["cross_attn"]) == ["k", "o", "q", "v"]
+  if scan:
+    assert quantized["blocks"]["ffn_in"]["scale"].shape == (dcfg.num_layers,)
+  lh, lw = dcfg_latent(config)
+  k1, k2 = jax.random.split(jax.random.PRNGKey(1))
+  x = jax.random.normal(k1, (1, 2, lh, lw, dcfg.in_channels))
+  ctx = jax.random.normal(k2, (1, dcfg.text_len, dcfg.text_dim))
+  t = jnp.full((1, 2), 700.0)
+  run = jax.jit(lambda v: WanDiT(dcfg).apply(v, x, t, ctx)["velocity"])
+  np.testing.assert_array_equal(run({**params, "fp8": quantized}), run(params))
+  sampler = S.make_sampler(config)
+  assert "fp8" in sampler.generator_variables(factory.init_dit(factory.dit_config(config), config,
+                                                                  jax.random.PRNGKey(0)))

@@ -21,6 +21,7 @@ Three ways to call it (`WanDiT.__call__`):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -31,7 +32,7 @@ import jax.numpy as jnp
 from dsa_jax.models import rope as rope_lib
 from dsa_jax.models.attention import dot_product_attention, resolve_backend
 from dsa_jax.models.layers import DTYPES as _DTYPES  # noqa: F401 - callers still import the table from here
-from dsa_jax.models.layers import RMSNorm, dtype_name, matmul_fn, to_dtype
+from dsa_jax.models.layers import RMSNorm, dtype_name, fp8_dot_general, matmul_fn, quantize_fp8, to_dtype
 from dsa_jax.parallel.mesh import constrain_activation
 
 
@@ -143,6 +144,44 @@ class LayerNorm32(nn.Module):
     return y.astype(self.dtype)
 
 
+FP8_LAYERS = {"self_attn": ("q", "k", "v", "o"), "cross_attn": ("q", "k", "v", "o"), None: ("ffn_in", "ffn_out")}
+
+
+def _layer_dot(module, name: str):
+  """The `dot_general` of `module`'s linear layer `name` under `compute.matmul` (called in `setup`): None (lax's) by
+  default; for 'fp8' the float8 one, with the layer's kernel as quantized beforehand when the variables carry it
+  (collection 'fp8', from `fp8_weights`), else quantized at the call."""
+  if module.cfg.matmul != "fp8":
+    return None
+  if module.has_variable("fp8", name):
+    w = module.get_variable("fp8", name)
+    return functools.partial(fp8_dot_general, quantized_rhs=(w["kernel"], w["scale"]))
+  return fp8_dot_general
+
+
+def fp8_weights(variables, dtype) -> dict:
+  """The 'fp8' variable collection of DiT variables (scanned or unrolled): every block's fp8 linear layer's kernel
+  quantized once from its value in the compute `dtype` (float8 values and a power-of-two scale, one per layer).
+  Passed with the variables (`{**variables, 'fp8': fp8_weights(variables, dtype)}`), it spares every forward of a `compute.matmul='fp8'` DiT
+  the pass over its weights that quantizing them again would take; the result is the same bit for bit."""
+  params = nn.unbox(variables["params"] if "params" in variables else variables)
+  out = {}
+  for block, p in params.items():
+    if not block.startswith("blocks"):
+      continue
+    stacked = block == "blocks"
+    layers = {}
+    for parent, names in FP8_LAYERS.items():
+      src = p if parent is None else p.get(parent, {})
+      dst = layers if parent is None else layers.setdefault(parent, {})
+      for name in names:
+        if name in src:
+          q, s = quantize_fp8(jnp.asarray(src[name]["kernel"]).astype(dtype), axis=0 if stacked else None)
+          dst[name] = {"kernel": q, "scale": s}
+    out[block] = layers
+  return out
+
+
 class Attention(nn.Module):
   """Multi-head attention with q/k RMSNorm; self-attention takes RoPE, masks and the KV cache.
 
@@ -155,16 +194,16 @@ class Attention(nn.Module):
 
   def setup(self):
     c = self.cfg
-    dot = matmul_fn(c.matmul)
-    proj = lambda: nn.DenseGeneral((c.num_heads, c.head_dim), axis=-1, dtype=c.dtype, param_dtype=c.param_dtype,
-                                   kernel_init=_partitioned(_dense_init(), ("embed", "heads", "kv")),
-                                   bias_init=_partitioned(nn.initializers.zeros, ("heads", "kv")), dot_general=dot)
-    self.q, self.k, self.v = proj(), proj(), proj()
+    proj = lambda name: nn.DenseGeneral((c.num_heads, c.head_dim), axis=-1, dtype=c.dtype, param_dtype=c.param_dtype,
+                                        kernel_init=_partitioned(_dense_init(), ("embed", "heads", "kv")),
+                                        bias_init=_partitioned(nn.initializers.zeros, ("heads", "kv")),
+                                        dot_general=_layer_dot(self, name))
+    self.q, self.k, self.v = proj("q"), proj("k"), proj("v")
     self.norm_q = RMSNorm(c.eps, axes=("heads", "kv"))
     self.norm_k = RMSNorm(c.eps, axes=("heads", "kv"))
     self.o = nn.DenseGeneral(c.dim, axis=(-2, -1), dtype=c.dtype, param_dtype=c.param_dtype,
                              kernel_init=_partitioned(_dense_init(), ("heads", "kv", "embed")),
-                             bias_init=_partitioned(nn.initializers.zeros, ("embed",)), dot_general=dot)
+                             bias_init=_partitioned(nn.initializers.zeros, ("embed",)), dot_general=_layer_dot(self, "o"))
 
   def kv(self, source):
     """Keys (normed) and values of `source` (B, L, D) -> two (B, L, H, head_dim) arrays in the compute dtype."""
@@ -238,7 +277,6 @@ class WanBlock(nn.Module):
   def setup(self):
     c = self.cfg
     md = c.mod_dtype
-    dot = matmul_fn(c.matmul)
     self.modulation = self.param("modulation", _partitioned(nn.initializers.normal(1.0 / math.sqrt(c.dim)),
                                                             (None, "mod", "embed")), (1, 6, c.dim), jnp.float32)
     self.norm1 = LayerNorm32(c.eps, dtype=md)
@@ -248,10 +286,12 @@ class WanBlock(nn.Module):
     self.norm2 = LayerNorm32(c.eps, dtype=md)
     self.ffn_in = nn.Dense(c.ffn_dim, dtype=c.dtype, param_dtype=c.param_dtype,
                            kernel_init=_partitioned(_dense_init(), ("embed", "mlp")),
-                           bias_init=_partitioned(nn.initializers.zeros, ("mlp",)), dot_general=dot)
+                           bias_init=_partitioned(nn.initializers.zeros, ("mlp",)),
+                           dot_general=_layer_dot(self, "ffn_in"))
     self.ffn_out = nn.Dense(c.dim, dtype=c.dtype, param_dtype=c.param_dtype,
                             kernel_init=_partitioned(_dense_init(), ("mlp", "embed")),
-                            bias_init=_partitioned(nn.initializers.zeros, ("embed",)), dot_general=dot)
+                            bias_init=_partitioned(nn.initializers.zeros, ("embed",)),
+                            dot_general=_layer_dot(self, "ffn_out"))
 
   def _modulation(self, e0):
     """The six per-frame (B, F, 1, D) shift/scale/gate vectors: shift, scale, gate of the self-attention, then of
@@ -364,7 +404,7 @@ class WanTextKV(nn.Module):
     c = self.cfg
     ctx = _text_embedding(c, context)
     if c.scan_layers:
-      stack = nn.scan(_BlockTextKV, variable_axes={"params": 0}, split_rngs={"params": True},
+      stack = nn.scan(_BlockTextKV, variable_axes={"params": 0, "fp8": 0}, split_rngs={"params": True},
                       in_axes=(nn.broadcast,), length=c.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
       _, (k, v) = stack(c, name="blocks")(None, ctx)
     else:
@@ -459,7 +499,7 @@ class WanDiT(nn.Module):
     whole, sliced = (cache, None) if in_place else (None, cache)
     layers = jnp.arange(c.num_layers, dtype=jnp.int32) if in_place else None
     if c.scan_layers:
-      stack = nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True},
+      stack = nn.scan(block_cls, variable_axes={"params": 0, "fp8": 0}, split_rngs={"params": True},
                       in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0),
                       length=c.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
       (h, whole), sliced = stack(c, causal_block, name="blocks")((h, whole), e0, ctx, rope, cache_pos,

@@ -7,6 +7,7 @@ maps names to dtypes, `to_dtype` accepts either and `dtype_name` goes back.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -60,25 +61,48 @@ class RMSNorm(nn.Module):
 
 MATMULS = ("default", "fp8")
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
+FP8_ROW_MULTIPLE = 16  # cuBLASLt's fp8 GEMMs take row counts that are multiples of 16
 
 
-def _fp8_quantize(x):
-  """x -> (float8_e4m3fn values, float32 per-tensor scale) with x ~ values * scale (amax mapped to FP8_MAX)."""
-  amax = jnp.max(jnp.abs(x)).astype(jnp.float32)
-  scale = jnp.maximum(amax, jnp.finfo(jnp.float32).tiny) / FP8_MAX
+def fp8_scale(amax):
+  """The per-tensor scale of values whose largest magnitude is `amax`: the smallest power of two s with amax / s <=
+  FP8_MAX. A power of two is exact in every float type, so x / s and q * s round nothing beyond the float8 cast."""
+  amax = jnp.maximum(jnp.asarray(amax, jnp.float32), jnp.finfo(jnp.float32).tiny)
+  return jnp.exp2(jnp.ceil(jnp.log2(amax / FP8_MAX)))
+
+
+def quantize_fp8(x, axis=None):
+  """x -> (float8_e4m3fn values, float32 scale) with x ~ values * scale; `axis`: keep that axis (one scale per
+  index along it, e.g. per layer of stacked weights), else one scale for the tensor."""
+  reduce = None if axis is None else tuple(d for d in range(x.ndim) if d != axis % x.ndim)
+  scale = fp8_scale(jnp.max(jnp.abs(x), axis=reduce, keepdims=axis is not None))
   q = jnp.clip(x.astype(jnp.float32) / scale, -FP8_MAX, FP8_MAX).astype(jnp.float8_e4m3fn)
-  return q, scale
+  return q, (scale if axis is None else scale.reshape(-1))
 
 
-def fp8_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
-  """`lax.dot_general` on float8_e4m3fn operands with per-tensor scales: the weight's from its amax, the
-  activation's from its amax at this call (dynamic scaling, no calibration state to carry). The product accumulates in
-  float32 and is rescaled into the input dtype, so XLA on Hopper can run it as an fp8 GEMM."""
+def fp8_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, quantized_rhs=None):
+  """`lax.dot_general` of a Dense layer in float8_e4m3fn with per-tensor power-of-two scales: the activation's from
+  its amax at this call (dynamic scaling, no calibration state), the weight's from its amax, or `quantized_rhs` =
+  (float8 kernel, scale) quantized once beforehand (`DiT fp8_weights`: a sampler does it once per program, not at
+  every forward; `rhs` is then unused). Written as dequantize-then-dot in the input dtype, the form XLA on Hopper
+  turns into one cuBLASLt fp8 GEMM with the scales and the output cast inside it; the activation's rows are padded
+  to a multiple of 16 in the quantizing pass (cuBLASLt's fp8 row alignment), not copied again by XLA."""
   del precision, preferred_element_type
-  qx, sx = _fp8_quantize(lhs)
-  qw, sw = _fp8_quantize(rhs)
-  out = jax.lax.dot_general(qx, qw, dimension_numbers, preferred_element_type=jnp.float32)
-  return (out * (sx * sw)).astype(lhs.dtype)
+  (lc, rc), (lb, rb) = dimension_numbers
+  lc, rc = tuple(d % lhs.ndim for d in lc), tuple(d % rhs.ndim for d in rc)
+  if lb or rb or lc != tuple(range(lhs.ndim - len(lc), lhs.ndim)) or rc != tuple(range(len(rc))):
+    raise ValueError(f"fp8_dot_general: expects a Dense layer's contraction (trailing lhs dims with leading rhs "
+                     f"dims, no batch dims), got {dimension_numbers}")
+  dtype = lhs.dtype
+  out_shape = rhs.shape[len(rc):]
+  x = lhs.reshape(-1, math.prod(lhs.shape[lhs.ndim - len(lc):]))
+  rows = x.shape[0]
+  x = jnp.pad(x, ((0, -rows % FP8_ROW_MULTIPLE), (0, 0)))
+  qx, sx = quantize_fp8(x)
+  qw, sw = quantize_fp8(rhs) if quantized_rhs is None else quantized_rhs
+  qw = qw.reshape(x.shape[1], -1)
+  y = jax.lax.dot(qx.astype(dtype) * sx.astype(dtype), qw.astype(dtype) * jnp.asarray(sw).astype(dtype))
+  return y[:rows].reshape(lhs.shape[:lhs.ndim - len(lc)] + out_shape)
 
 
 def matmul_fn(name: str, field: str = "compute.matmul"):

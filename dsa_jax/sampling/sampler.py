@@ -75,7 +75,8 @@ from dsa_jax.diffusion import flow
 from dsa_jax.diffusion.guidance import guided_velocity
 from dsa_jax.models import factory
 from dsa_jax.models.confidence import ConfidenceConfig, ConfidenceHead
-from dsa_jax.models.dit import DiTConfig, WanDiT, WanTextKV, cache_logical_axes, init_cache, rope_for, unstack_layers
+from dsa_jax.models.dit import (DiTConfig, WanDiT, WanTextKV, cache_logical_axes, fp8_weights, init_cache, rope_for,
+                                 unstack_layers)
 from dsa_jax.models.factory import as_variables
 from dsa_jax.parallel import mesh as mesh_lib
 from dsa_jax.sampling import stop_rules
@@ -561,9 +562,13 @@ class Sampler:
     return place
 
   def generator_variables(self, gen_params):
-    """The generator variables in the layout of this sampler's DiT: split per layer when it is unrolled (inside a
-    program: once per call, before its loops)."""
-    return unstack_layers(gen_params, self.dcfg.num_layers) if self.unroll_layers else gen_params
+    """The generator variables in the layout of this sampler's DiT: split per layer when it is unrolled, and with
+    `compute.matmul='fp8'` their linear layers' kernels quantized (inside a program: once per call, before its
+    loops, instead of at every forward)."""
+    gen = unstack_layers(gen_params, self.dcfg.num_layers) if self.unroll_layers else gen_params
+    if self.dcfg.matmul == "fp8" and "params" in gen:
+      gen = {**gen, "fp8": fp8_weights(gen, self.dcfg.dtype)}
+    return gen
 
   def _with_generator_layout(self, params):
     return {**params, "generator": self.generator_variables(params["generator"])}
