@@ -84,9 +84,11 @@ def fp8_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_eleme
   """`lax.dot_general` of a Dense layer in float8_e4m3fn with per-tensor power-of-two scales: the activation's from
   its amax at this call (dynamic scaling, no calibration state), the weight's from its amax, or `quantized_rhs` =
   (float8 kernel, scale) quantized once beforehand (`DiT fp8_weights`: a sampler does it once per program, not at
-  every forward; `rhs` is then unused). Written as dequantize-then-dot in the input dtype, the form XLA on Hopper
-  turns into one cuBLASLt fp8 GEMM with the scales and the output cast inside it; the activation's rows are padded
-  to a multiple of 16 in the quantizing pass (cuBLASLt's fp8 row alignment), not copied again by XLA."""
+  every forward; `rhs` is then unused). The float8 operands go to the dot as they are (XLA on Hopper runs it as a
+  cuBLASLt fp8 GEMM; dequantized operands would let it hoist the weights' dequantization out of the sampler's loops
+  and run a bf16 GEMM), its output in the input dtype, and the product of the two power-of-two scales applied after
+  (exact, fused into the consumer). The activation's rows are padded to a multiple of 16 in the quantizing pass
+  (cuBLASLt's fp8 row alignment), not copied again by XLA."""
   del precision, preferred_element_type
   (lc, rc), (lb, rb) = dimension_numbers
   lc, rc = tuple(d % lhs.ndim for d in lc), tuple(d % rhs.ndim for d in rc)
@@ -101,7 +103,7 @@ def fp8_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_eleme
   qx, sx = quantize_fp8(x)
   qw, sw = quantize_fp8(rhs) if quantized_rhs is None else quantized_rhs
   qw = qw.reshape(x.shape[1], -1)
-  y = jax.lax.dot(qx.astype(dtype) * sx.astype(dtype), qw.astype(dtype) * jnp.asarray(sw).astype(dtype))
+  y = jax.lax.dot(qx, qw, preferred_element_type=dtype) * (sx * sw).astype(dtype)
   return y[:rows].reshape(lhs.shape[:lhs.ndim - len(lc)] + out_shape)
 
 
