@@ -80,31 +80,58 @@ def quantize_fp8(x, axis=None):
   return q, (scale if axis is None else scale.reshape(-1))
 
 
+def _fp8_product(x, qw, sw, dtype):
+  """(rows, K) activations x float8 (K, N) weights with scale `sw` -> (rows, N) in `dtype`."""
+  rows = x.shape[0]
+  qx, sx = quantize_fp8(jnp.pad(x, ((0, -rows % FP8_ROW_MULTIPLE), (0, 0))))
+  return (jax.lax.dot(qx, qw, preferred_element_type=dtype) * (sx * sw).astype(dtype))[:rows]
+
+
+@jax.custom_vjp
+def _fp8_matmul(x, w):
+  return _fp8_product(x, *quantize_fp8(w), x.dtype)
+
+
+def _fp8_matmul_fwd(x, w):
+  return _fp8_matmul(x, w), (x, w)
+
+
+def _fp8_matmul_bwd(res, g):
+  # Straight through the quantization: the gradients of x @ w in the input dtype (float32 accumulation). Through
+  # the float8 product itself they would come back as float8 cotangents without a scale, i.e. mostly zero.
+  x, w = res
+  g = g.astype(x.dtype)
+  return (jnp.dot(g, w.T, preferred_element_type=jnp.float32).astype(x.dtype),
+          jnp.dot(x.T, g, preferred_element_type=jnp.float32).astype(w.dtype))
+
+
+_fp8_matmul.defvjp(_fp8_matmul_fwd, _fp8_matmul_bwd)
+
+
 def fp8_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, quantized_rhs=None):
   """`lax.dot_general` of a Dense layer in float8_e4m3fn with per-tensor power-of-two scales: the activation's from
   its amax at this call (dynamic scaling, no calibration state), the weight's from its amax, or `quantized_rhs` =
   (float8 kernel, scale) quantized once beforehand (`DiT fp8_weights`: a sampler does it once per program, not at
-  every forward; `rhs` is then unused). The float8 operands go to the dot as they are (XLA on Hopper runs it as a
-  cuBLASLt fp8 GEMM; dequantized operands would let it hoist the weights' dequantization out of the sampler's loops
-  and run a bf16 GEMM), its output in the input dtype, and the product of the two power-of-two scales applied after
-  (exact, fused into the consumer). The activation's rows are padded to a multiple of 16 in the quantizing pass
-  (cuBLASLt's fp8 row alignment), not copied again by XLA."""
+  every forward; `rhs` is then unused, and nothing is differentiated). The float8 operands go to the dot as they
+  are (XLA on Hopper runs it as a cuBLASLt fp8 GEMM; dequantized operands would let it hoist the weights'
+  dequantization out of the sampler's loops and run a bf16 GEMM), its output in the input dtype, and the product of
+  the two power-of-two scales applied after (exact, fused into the consumer). The activation's rows are padded to a
+  multiple of 16 in the quantizing pass (cuBLASLt's fp8 row alignment), not copied again by XLA. Gradients pass
+  straight through the quantization (those of the same product in the input dtype)."""
   del precision, preferred_element_type
   (lc, rc), (lb, rb) = dimension_numbers
   lc, rc = tuple(d % lhs.ndim for d in lc), tuple(d % rhs.ndim for d in rc)
   if lb or rb or lc != tuple(range(lhs.ndim - len(lc), lhs.ndim)) or rc != tuple(range(len(rc))):
     raise ValueError(f"fp8_dot_general: expects a Dense layer's contraction (trailing lhs dims with leading rhs "
                      f"dims, no batch dims), got {dimension_numbers}")
-  dtype = lhs.dtype
-  out_shape = rhs.shape[len(rc):]
-  x = lhs.reshape(-1, math.prod(lhs.shape[lhs.ndim - len(lc):]))
-  rows = x.shape[0]
-  x = jnp.pad(x, ((0, -rows % FP8_ROW_MULTIPLE), (0, 0)))
-  qx, sx = quantize_fp8(x)
-  qw, sw = quantize_fp8(rhs) if quantized_rhs is None else quantized_rhs
-  qw = qw.reshape(x.shape[1], -1)
-  y = jax.lax.dot(qx, qw, preferred_element_type=dtype) * (sx * sw).astype(dtype)
-  return y[:rows].reshape(lhs.shape[:lhs.ndim - len(lc)] + out_shape)
+  k = math.prod(lhs.shape[lhs.ndim - len(lc):])
+  x = lhs.reshape(-1, k)
+  if quantized_rhs is None:
+    y = _fp8_matmul(x, rhs.astype(lhs.dtype).reshape(k, -1))
+  else:
+    qw, sw = quantized_rhs
+    y = _fp8_product(x, qw.reshape(k, -1), sw, lhs.dtype)
+  return y.reshape(lhs.shape[:lhs.ndim - len(lc)] + rhs.shape[len(rc):])
 
 
 def matmul_fn(name: str, field: str = "compute.matmul"):
