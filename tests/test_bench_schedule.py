@@ -124,6 +124,10 @@ def test_decode_only_and_table(tmp_path, repo_root, capsys):
   assert cli.main(["bench", "table", str(path)]) == 0
   out = capsys.readouterr().out
   assert "| vae.json | cpu | tiny | float32 | VAE only |" in out and "--decode-only" in out
+  capped = tmp_path / "capped.json"  # the run's XLA environment prefixes its command
+  capped.write_text(json.dumps({**res, "environment": {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.157"}}))
+  assert cli.main(["bench", "table", str(capped)]) == 0
+  assert "- `capped.json`: `XLA_PYTHON_CLIENT_MEM_FRACTION=0.157 dsa-jax bench sample" in capsys.readouterr().out
   assert cli.main(["bench", "table", str(tmp_path / "missing.json")]) == 2
   assert "bench table:" in capsys.readouterr().err
   other = tmp_path / "train.json"  # e.g. a training bench beside it (a folder's *.json): left out, named

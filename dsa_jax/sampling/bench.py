@@ -677,7 +677,8 @@ def table_row(res: dict, name: str = "") -> dict:
 
 
 def markdown_table(paths) -> str:
-  """README's benchmark table from bench JSON files, with the command that made each row under it. Other JSON files
+  """README's benchmark table from bench JSON files, with the command that made each row under it (prefixed by the
+  XLA environment variables it ran with). Other JSON files
   among them (training benches, evaluations: a folder's `*.json`) are listed as left out; none of `dsa-jax bench
   sample`'s, or a file that cannot be read, is an error."""
   rows, commands, skipped = [], [], []
@@ -691,7 +692,8 @@ def markdown_table(paths) -> str:
       skipped.append(os.path.basename(path))
       continue
     rows.append(table_row(res, os.path.basename(path)))
-    commands.append(f"- `{os.path.basename(path)}`: `{res.get('command', '?')}`")
+    env = "".join(f"{k}={shlex.quote(str(v))} " for k, v in sorted((res.get("environment") or {}).items()))
+    commands.append(f"- `{os.path.basename(path)}`: `{env}{res.get('command', '?')}`")
   if not rows:
     raise ValueError(f"bench table: none of {', '.join(map(str, paths))} is a `dsa-jax bench sample` JSON file "
                      "(no 'mode')")
