@@ -162,8 +162,9 @@ def _layer_dot(module, name: str):
 def fp8_weights(variables, dtype) -> dict:
   """The 'fp8' variable collection of DiT variables (scanned or unrolled): every block's fp8 linear layer's kernel
   quantized once from its value in the compute `dtype` (float8 values and a power-of-two scale, one per layer).
-  Passed with the variables (`{**variables, 'fp8': fp8_weights(variables, dtype)}`), it spares every forward of a `compute.matmul='fp8'` DiT
-  the pass over its weights that quantizing them again would take; the result is the same bit for bit."""
+  Passed with the variables (`{**variables, 'fp8': fp8_weights(variables, dtype)}`), it spares every forward of a
+  `compute.matmul='fp8'` DiT the pass over its weights that quantizing them again would take; the same result bit
+  for bit."""
   params = nn.unbox(variables["params"] if "params" in variables else variables)
   out = {}
   for block, p in params.items():
@@ -203,7 +204,8 @@ class Attention(nn.Module):
     self.norm_k = RMSNorm(c.eps, axes=("heads", "kv"))
     self.o = nn.DenseGeneral(c.dim, axis=(-2, -1), dtype=c.dtype, param_dtype=c.param_dtype,
                              kernel_init=_partitioned(_dense_init(), ("heads", "kv", "embed")),
-                             bias_init=_partitioned(nn.initializers.zeros, ("embed",)), dot_general=_layer_dot(self, "o"))
+                             bias_init=_partitioned(nn.initializers.zeros, ("embed",)),
+                             dot_general=_layer_dot(self, "o"))
 
   def kv(self, source):
     """Keys (normed) and values of `source` (B, L, D) -> two (B, L, H, head_dim) arrays in the compute dtype."""

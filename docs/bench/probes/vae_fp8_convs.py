@@ -1,6 +1,7 @@
-"""Probe (one H200 run, jax 0.11.2): does XLA run fp8 (e4m3) convolutions of the VAE decoder's folded shapes through cuDNN's
-fp8 graph convolution, and are they faster than bf16? Each variant: whether the compiled HLO has the fp8 graph conv
-("graph"), median ms of 15 calls, TFLOP/s. Result: rewritten, but slower than bf16 (docs/bench/probes/vae_fp8_convs.json).
+"""Probe (one H200 run, jax 0.11.2): does XLA run fp8 (e4m3) convolutions of the VAE decoder's folded shapes
+through cuDNN's fp8 graph convolution, and are they faster than bf16? Each variant: whether the compiled HLO has the
+fp8 graph conv ("graph"), median ms of 15 calls, TFLOP/s. Result: rewritten, but slower than bf16
+(docs/bench/probes/vae_fp8_convs.json).
 
   python docs/bench/probes/vae_fp8_convs.py      # OUT=dir for the JSON
 """
@@ -16,9 +17,11 @@ variants = {
   "f8_direct_bf16out": lambda x, w, s: conv(x, w, jnp.bfloat16),
   "wide_f32": lambda x, w, s: conv(x.astype(jnp.float32), w.astype(jnp.float32)),
   "wide_f32_scaled": lambda x, w, s: conv(x.astype(jnp.float32) * s, w.astype(jnp.float32) * s),
-  "wide_f32_scaled_bf16cast": lambda x, w, s: conv(x.astype(jnp.float32) * s, w.astype(jnp.float32) * s).astype(jnp.bfloat16),
+  "wide_f32_scaled_bf16cast": lambda x, w, s: conv(x.astype(jnp.float32) * s,
+                                                   w.astype(jnp.float32) * s).astype(jnp.bfloat16),
   "wide_bf16": lambda x, w, s: conv(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)),
-  "wide_bf16_scaled": lambda x, w, s: conv(x.astype(jnp.bfloat16) * s.astype(jnp.bfloat16), w.astype(jnp.bfloat16) * s.astype(jnp.bfloat16)),
+  "wide_bf16_scaled": lambda x, w, s: conv(x.astype(jnp.bfloat16) * s.astype(jnp.bfloat16),
+                                           w.astype(jnp.bfloat16) * s.astype(jnp.bfloat16)),
 }
 res = {}
 for shape in [(12, 240, 416, 576, 192), (12, 480, 832, 288, 96)]:
