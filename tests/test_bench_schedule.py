@@ -171,3 +171,28 @@ def test_bench_train_times_a_step_and_profiles_it(tmp_path, repo_root, monkeypat
   assert res["environment"]["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"
   assert step["compiled_memory"] is None or step["compiled_memory"]["peak_gb"] > 0
   assert step["profile"]["top_kernels"] and step["profile"]["dir"].startswith(str(prof / "critic"))
+
+
+def test_bench_train_ode_stage_times_the_block_causal_regression_step(tmp_path, repo_root, capsys):
+  """`dsa-jax bench train --stage ode`: the ODE-regression step on stored (random) pairs, its model FLOPs the
+  student's forward and backward over the keys the block-causal mask lets through (less than full attention's)."""
+  from dsa_jax import cli
+  from dsa_jax.config_lib import get_config, tokens_per_frame
+  from dsa_jax.models import factory
+  from dsa_jax.training.bench import step_model_flops
+  out = tmp_path / "ode.json"
+  assert cli.main(["bench", "train", "--config", f"{repo_root}/configs/tiny.py", "--stage", "ode", "--steps", "1",
+                   "--json", str(out)]) == 0
+  res = json.loads(out.read_text())
+  step = res["steps"]["ode"]
+  assert res["stage"] == "ode" and list(res["steps"]) == ["ode"] and step["step_s"] > 0
+  assert {"loss_ode", "grad_norm_gen"} <= set(step["last_metrics"]) and res["mean_iteration_s"] == step["step_s"]
+  config = get_config(f"{repo_root}/configs/tiny.py")
+  ode = step_model_flops(config, None, "ode")
+  tokens = config.video.num_frames * tokens_per_frame(config)
+  full = 3 * factory.dit_forward_flops(factory.dit_config(config, "model"), tokens, tokens, config.video.num_frames)
+  assert step["model_tflop_per_step"] * 1e12 == pytest.approx(ode) and 0 < ode < full
+  capsys.readouterr()
+  assert cli.main(["bench", "train", "--config", f"{repo_root}/configs/tiny.py", "--stage", "ode", "--only",
+                   "gen"]) == 2
+  assert "--only picks a DSA step function" in capsys.readouterr().err

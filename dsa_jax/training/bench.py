@@ -1,7 +1,13 @@
-"""Benchmark of the DSA training step: step time, peak memory, model FLOP utilisation (random weights).
+"""Benchmark of a training step: step time, peak memory, model FLOP utilisation (random weights).
 
   dsa-jax bench train --config configs/wan_1_3b.py --teacher-like-model --steps 5 --json out/bench_train.json
   dsa-jax bench train --config configs/wan_1_3b.py --teacher-like-model --steps 2 --profile /tmp/prof_train  # + traces
+  dsa-jax bench train --config configs/wan_1_3b.py --stage ode --steps 5 --json out/bench_train_ode.json
+
+`--stage ode` times the ODE-regression step on stored pairs (random trajectories, as `train.ode_pairs` feeds them):
+the causal student's forward and backward on the whole video under the block-causal mask (3 forwards of model
+FLOPs, attention counted over the keys the mask lets through); the teacher is not run (stored pairs), so it gets
+the student's architecture whatever the config says. The rest of this text is about the default, `--stage dsa`.
 
 Batch 1 per device and micro-batch (global batch = devices x `--grad-accum`), the config's mesh (default: all devices
 on 'data'). `--grad-accum K` accumulates K micro-batches per update (train.grad_accum): compare K = 1 and K = 4 to see
@@ -51,7 +57,9 @@ def add_bench_train_arguments(p):
   p.add_argument("--per-device-batch", type=int, default=1, help="videos per device in each micro-batch")
   p.add_argument("--grad-accum", type=int, default=None,
                  help="micro-batches accumulated per update (default: the config's train.grad_accum)")
-  p.add_argument("--only", choices=("gen", "critic"), default=None, help="time one step function only")
+  p.add_argument("--stage", choices=("dsa", "ode"), default="dsa",
+                 help="the training stage whose step is timed (default dsa; ode: ODE regression on stored pairs)")
+  p.add_argument("--only", choices=("gen", "critic"), default=None, help="time one step function only (dsa)")
   p.add_argument("--profile", default=None, metavar="DIR",
                  help="after timing, write a jax.profiler trace of one step of each step function to DIR/<gen|critic> "
                       "and print its top kernels by time (also in the JSON)")
@@ -65,8 +73,9 @@ def peak_flops(device) -> float | None:
   return None
 
 
-def step_model_flops(config, exit_steps: int, kind: str) -> float:
-  """Model FLOPs of one iteration per video (see the module docstring) for exit index k* = exit_steps - 1."""
+def step_model_flops(config, exit_steps, kind: str) -> float:
+  """Model FLOPs of one iteration per video (see the module docstring) for exit index k* = exit_steps - 1 (unused
+  for kind 'ode': the student's forward and backward on the block-causal video)."""
   from dsa_jax.config_lib import tokens_per_frame
   from dsa_jax.models import factory
   gcfg = factory.dit_config(config, "model")
@@ -77,6 +86,8 @@ def step_model_flops(config, exit_steps: int, kind: str) -> float:
   n = f // c
   chunk = [factory.dit_forward_flops(gcfg, c * tpf, (i + 1) * c * tpf, c) for i in range(n)]
   full = lambda d: factory.dit_forward_flops(d, f * tpf, f * tpf, f)
+  if kind == "ode":  # block-causal over the whole video = the chunks' forwards against the keys before them
+    return 3 * sum(chunk)
   k_before = exit_steps - 1
   critic_train = 3 * full(ccfg)
   if kind == "critic":
@@ -112,9 +123,12 @@ def run_bench_train(args) -> dict:
   from dsa_jax.training import trainer
 
   config = get_config(args.config, getattr(args, "overrides", []))
-  if args.teacher_like_model:
+  stage = getattr(args, "stage", "dsa")
+  if stage == "ode" and args.only:
+    raise ValueError("bench train: --only picks a DSA step function (gen or critic); --stage ode has one step")
+  if args.teacher_like_model or stage == "ode":  # stored ODE pairs: the teacher is an unused argument
     config.teacher = config.model.copy_and_resolve_references()
-  config.train.stage = "dsa"
+  config.train.stage = stage
   config.train.teacher_from = ""
   n_dev = jax.device_count()
   if getattr(args, "grad_accum", None) is not None:
@@ -127,7 +141,7 @@ def run_bench_train(args) -> dict:
   dev = jax.local_devices()[0]
 
   t0 = time.time()
-  bundle = steps_lib.build_steps(config, mesh, rules)
+  bundle = steps_lib.build_steps(config, mesh, rules, stored_ode_pairs=stage == "ode")
   teacher = trainer.load_teacher(config, mesh, rules, bundle.teacher_shardings)
   state, _ = state_lib.create_sharded_state(config, mesh, rules, jax.random.PRNGKey(0))
   jax.block_until_ready(state)
@@ -135,6 +149,14 @@ def run_bench_train(args) -> dict:
   b = config.train.batch_size
   ctx = np.random.default_rng(0).standard_normal((b, config.model.text_len, config.model.text_dim), np.float32)
   batch = {"context": trainer.place(ctx, bundle.batch_sharding)}
+  if stage == "ode":  # stored pairs: a trajectory at the ladder's sigmas and its end, random
+    from dsa_jax.training.rollout import RolloutSpec
+    spec = RolloutSpec.from_config(config)
+    rs = np.random.default_rng(1)
+    frames = (b, spec.num_frames, spec.height, spec.width, spec.channels)
+    batch["trajectory"] = trainer.place(rs.standard_normal((frames[0], spec.num_steps) + frames[1:], np.float32),
+                                        bundle.batch_sharding)
+    batch["video"] = trainer.place(rs.standard_normal(frames, np.float32), bundle.batch_sharding)
   uncond = trainer.place(np.zeros((1, config.model.text_len, config.model.text_dim), np.float32),
                          mesh_lib.replicated(mesh))
 
@@ -150,7 +172,8 @@ def run_bench_train(args) -> dict:
             "command": ("dsa-jax " + shlex.join(args._argv)) if getattr(args, "_argv", None) is not None
             else shlex.join(sys.argv), "environment": xla_environment()}
   peak = peak_flops(dev)
-  kinds = [args.only] if args.only else ["gen", "critic"]
+  kinds = ["ode"] if stage == "ode" else [args.only] if args.only else ["gen", "critic"]
+  result["stage"] = stage
   for kind in kinds:
     t0 = time.time()
     with mesh_lib.activation_context(bundle.mesh, bundle.rules):
@@ -165,7 +188,7 @@ def run_bench_train(args) -> dict:
       state, m = run(state)
       m = jax.device_get(m)
       times.append(time.time() - t0)
-      flops.append(b * step_model_flops(config, int(m["exit_step"]), kind))
+      flops.append(b * step_model_flops(config, int(m["exit_step"]) if "exit_step" in m else None, kind))
     step_s = float(np.mean(times))
     model_tflop = float(np.mean(flops)) / 1e12
     entry = {"compile_and_first_step_s": compile_s, "step_s": step_s, "step_s_min": float(np.min(times)),
@@ -187,6 +210,10 @@ def run_bench_train(args) -> dict:
   if stats:
     result["peak_memory_gb"] = stats.get("peak_bytes_in_use", 0) / 1e9
     result["memory_limit_gb"] = stats.get("bytes_limit", 0) / 1e9
+  if stage == "ode":
+    e = result["steps"]["ode"]
+    result["mean_iteration_s"], result["mean_mfu"] = e["step_s"], e["mfu"]
+    result["videos_per_s"] = b / e["step_s"]
   if "gen" in result["steps"] and "critic" in result["steps"]:
     r = max(1, int(config.dmd.critic_ratio))
     g, c = result["steps"]["gen"], result["steps"]["critic"]
