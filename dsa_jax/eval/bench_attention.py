@@ -15,27 +15,15 @@ median of --reps calls after a warm-up.
 
 from __future__ import annotations
 
-import sys
-import time
-
 import numpy as np
+
+from dsa_jax.eval.profiling import median_call_s
 
 
 def add_arguments(p):
   p.add_argument("--config", required=True, help="config whose video size and model are benchmarked")
   p.add_argument("--reps", type=int, default=10, help="timed calls per form (default 10; median reported)")
   p.add_argument("--json", default=None, help="write the results here")
-
-
-def _time(fn, args, reps: int) -> tuple[float, object]:
-  import jax
-  out = jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(reps):
-    t = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t)
-  return float(np.median(times)), out
 
 
 def run(config, reps: int = 10, log=print) -> dict:
@@ -69,11 +57,11 @@ def run(config, reps: int = 10, log=print) -> dict:
   rows, outs = [], {}
   for name, variant, fn, flops in forms:
     fwd = jax.jit(fn)
-    s, out = _time(fwd, (q, k, v, mask), reps)
+    s, out = median_call_s(fwd, (q, k, v, mask), reps)
     outs[(name, variant)] = out
     loss = lambda a, b, c, m, fn=fn: jnp.sum(fn(a, b, c, m).astype(jnp.float32) * g.astype(jnp.float32))
     bwd = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
-    s_bwd, _ = _time(bwd, (q, k, v, mask), reps)
+    s_bwd, _ = median_call_s(bwd, (q, k, v, mask), reps)
     rows.append({"form": name, "variant": variant, "q": length, "kv": length, "forward_ms": 1e3 * s,
                  "forward_tflops": flops / s / 1e12, "forward_backward_ms": 1e3 * s_bwd,
                  "forward_backward_tflops": 3.5 * flops / s_bwd / 1e12})
@@ -86,7 +74,7 @@ def run(config, reps: int = 10, log=print) -> dict:
   cache_fn = jax.jit(lambda a, b, c, n: attend(a, b, c, kv_lengths=n))
   for i in sorted({0, chunks // 2, chunks - 1}):
     keys = min((i + 1) * block, length)
-    s, _ = _time(cache_fn, (q[:, :block], k, v, jnp.array([keys], jnp.int32)), reps)
+    s, _ = median_call_s(cache_fn, (q[:, :block], k, v, jnp.array([keys], jnp.int32)), reps)
     rows.append({"form": "cache", "variant": f"chunk {i}", "q": block, "kv": keys, "forward_ms": 1e3 * s,
                  "forward_tflops": flop(block, keys) / s / 1e12})
     log(f"  cache        chunk {i:<3d} {block}x{keys}: forward {1e3 * s:8.3f} ms {rows[-1]['forward_tflops']:7.1f} "
@@ -109,14 +97,5 @@ def format_table(res: dict) -> str:
 
 
 def main(args) -> int:
-  from dsa_jax.config_lib import get_config
-  from dsa_jax.sampling.bench import _bench_meta
-  config = get_config(args.config, args.overrides)
-  res = run(config, reps=args.reps, log=lambda m: print(m, file=sys.stderr, flush=True))
-  res.update(_bench_meta(config, args.config, args.overrides, getattr(args, "_argv", None)))
-  print(format_table(res), flush=True)
-  if args.json:
-    from dsa_jax.sampling.outputs import write_json
-    write_json(args.json, res)
-    print(f"wrote {args.json}", flush=True)
-  return 0
+  from dsa_jax.sampling.bench import run_kernel_bench
+  return run_kernel_bench(args, run, format_table)

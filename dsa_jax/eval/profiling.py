@@ -1,5 +1,5 @@
-"""Profiles for the benchmarks: one call of a function under `jax.profiler`, the top kernels of its trace, and the
-XLA settings a run was made with.
+"""Profiles for the benchmarks: one call of a function under `jax.profiler`, the top kernels of its trace, the
+median time of repeated calls, and the XLA settings a run was made with.
 
 `profile_one` writes the trace (TensorBoard's profile plugin, or the Perfetto JSON in ui.perfetto.dev) and returns
 the kernels that took the most device time, summed by name, so a benchmark's JSON says where the time went.
@@ -16,6 +16,19 @@ import time
 
 XLA_ENVIRONMENT = ("XLA_FLAGS", "XLA_PYTHON_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_PREALLOCATE",
                    "XLA_PYTHON_CLIENT_ALLOCATOR", "CUDA_VISIBLE_DEVICES")
+
+
+def median_call_s(fn, args, reps: int) -> tuple[float, object]:
+  """(median seconds of `reps` calls of fn(*args) after one warm-up call, the warm-up call's output)."""
+  import jax
+  import numpy as np
+  out = jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(reps):
+    t = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t)
+  return float(np.median(times)), out
 
 
 def xla_environment() -> dict:

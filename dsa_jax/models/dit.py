@@ -151,12 +151,11 @@ def _layer_dot(module, name: str):
   """The `dot_general` of `module`'s linear layer `name` under `compute.matmul` (called in `setup`): None (lax's) by
   default; for 'fp8' the float8 one, with the layer's kernel as quantized beforehand when the variables carry it
   (collection 'fp8', from `fp8_weights`), else quantized at the call."""
-  if module.cfg.matmul != "fp8":
-    return None
-  if module.has_variable("fp8", name):
+  dot = matmul_fn(module.cfg.matmul)
+  if dot is fp8_dot_general and module.has_variable("fp8", name):
     w = module.get_variable("fp8", name)
-    return functools.partial(fp8_dot_general, quantized_rhs=(w["kernel"], w["scale"]))
-  return fp8_dot_general
+    return functools.partial(dot, quantized_rhs=(w["kernel"], w["scale"]))
+  return dot
 
 
 def fp8_weights(variables, dtype) -> dict:

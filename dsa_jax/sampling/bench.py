@@ -165,6 +165,21 @@ def _bench_meta(config, config_arg=None, overrides=None, argv=None) -> dict:
   }
 
 
+def run_kernel_bench(args, run, format_table, **run_kwargs) -> int:
+  """`main` of a bench that times pieces of the model alone (`dsa-jax bench vae-convs`, `attention`): the config,
+  `run(config, reps=, log=, **run_kwargs)`, the meta a table needs, the printed table and the JSON."""
+  from dsa_jax.config_lib import get_config
+  config = get_config(args.config, args.overrides)
+  res = run(config, reps=args.reps, log=lambda m: print(m, file=sys.stderr, flush=True), **run_kwargs)
+  res.update(_bench_meta(config, args.config, args.overrides, getattr(args, "_argv", None)))
+  print(format_table(res), flush=True)
+  if args.json:
+    from dsa_jax.sampling.outputs import write_json
+    write_json(args.json, res)
+    print(f"wrote {args.json}", flush=True)
+  return 0
+
+
 def _make_decoder(config, vae: bool):
   from dsa_jax.sampling.decode import PixelDecoder
   if not vae:

@@ -16,10 +16,9 @@ The per-video effect is what `dsa-jax bench sample --decode-only` measures; this
 
 from __future__ import annotations
 
-import sys
-import time
-
 import numpy as np
+
+from dsa_jax.eval.profiling import median_call_s
 
 
 def add_arguments(p):
@@ -48,17 +47,6 @@ def decoder_shapes(config, vae_config) -> list[dict]:
   return rows
 
 
-def _time(fn, args, reps: int) -> tuple[float, object]:
-  import jax
-  out = jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(reps):
-    t = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t)
-  return float(np.median(times)), out
-
-
 def _rel(a, b) -> float:
   a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
   return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
@@ -84,7 +72,7 @@ def _time_lowerings(key, block: int, layer: str, shape, c_out: int, dtype, reps:
       def f(x, hist, kernel, scale, impl=impl, norm=norm):
         y = V.RMSNormSiLU(dtype=dtype).apply({"params": {"scale": scale}}, x) if norm else x
         return V._conv3d_same_time(y, kernel, (0, 0), impl, dtype, None, history=hist)
-      s, out = _time(jax.jit(f), (x, hist, kernel, scale), reps)
+      s, out = median_call_s(jax.jit(f), (x, hist, kernel, scale), reps)
       if ref is None:
         ref = out
       rows.append({"block": block, "layer": layer, "shape": [t, hh, ww, c], "channels_out": c_out, "impl": impl,
@@ -132,8 +120,8 @@ def run(config, reps: int = 20, blocks=None, log=print) -> dict:
 
     def subpixel(x, k):
       return V.upsample2x_conv3x3(x, k, dtype, None)
-    s_plain, a = _time(jax.jit(plain), (xu, ku), reps)
-    s_sub, b = _time(jax.jit(subpixel), (xu, ku), reps)
+    s_plain, a = median_call_s(jax.jit(plain), (xu, ku), reps)
+    s_sub, b = median_call_s(jax.jit(subpixel), (xu, ku), reps)
     up_rows.append({"block": row["block"], "input": [up["frames"], hh, ww, c], "channels_out": up["channels_out"],
                     "upsample_then_conv_ms": 1e3 * s_plain, "subpixel_ms": 1e3 * s_sub, "rel_diff": _rel(b, a)})
     log(f"  block {row['block']} {up['mode']} conv {up['frames']}x{hh}x{ww}x{c}->{up['channels_out']}: "
@@ -157,14 +145,5 @@ def format_table(res: dict) -> str:
 
 
 def main(args) -> int:
-  from dsa_jax.config_lib import get_config
-  from dsa_jax.sampling.bench import _bench_meta
-  config = get_config(args.config, args.overrides)
-  res = run(config, reps=args.reps, blocks=args.blocks, log=lambda m: print(m, file=sys.stderr, flush=True))
-  res.update(_bench_meta(config, args.config, args.overrides, getattr(args, "_argv", None)))
-  print(format_table(res), flush=True)
-  if args.json:
-    from dsa_jax.sampling.outputs import write_json
-    write_json(args.json, res)
-    print(f"wrote {args.json}", flush=True)
-  return 0
+  from dsa_jax.sampling.bench import run_kernel_bench
+  return run_kernel_bench(args, run, format_table, blocks=args.blocks)
