@@ -1,6 +1,7 @@
 """`dsa-jax bench sample`: the forced mean-steps schedule, per-program memory, the JSON's metadata, the profile."""
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -196,3 +197,22 @@ def test_bench_train_ode_stage_times_the_block_causal_regression_step(tmp_path, 
   assert cli.main(["bench", "train", "--config", f"{repo_root}/configs/tiny.py", "--stage", "ode", "--only",
                    "gen"]) == 2
   assert "--only picks a DSA step function" in capsys.readouterr().err
+
+
+def test_median_call_s_times_calls_enqueued_back_to_back(monkeypatch):
+  """Per-call seconds over rounds of calls enqueued back to back, waited for once per round (not once per call:
+  the host's wait would be counted in every call of a short kernel)."""
+  import jax
+  calls, waits = [], []
+  real_block = jax.block_until_ready
+  monkeypatch.setattr(jax, "block_until_ready", lambda x: (waits.append(x), real_block(x))[1])
+
+  def fn(a):
+    calls.append(a)
+    time.sleep(0.004)
+    return len(calls)
+
+  per_call, first = profiling.median_call_s(fn, (7,), reps=5, rounds=3)
+  assert first == 1 and len(calls) == 1 + 15
+  assert waits == [1, 6, 11, 16]  # the warm-up, then the last call of each round
+  assert 0.004 <= per_call < 0.02

@@ -10,7 +10,7 @@ computed: what the model ran before it went per block of queries); 'full' (teach
 kv_lengths) at the first, middle and last chunk. Forward, and forward + backward for the training forms. Random
 inputs in the config's dtype, batch 1, the model's heads and head dim, the config's attention backend ('auto':
 cuDNN on GPU). TFLOP/s count the FLOPs the mask lets through (4 Lq Lk D H forward, 2.5 times that backward); the
-median of --reps calls after a warm-up.
+per call over --reps calls enqueued back to back (median of 3 such rounds) after a warm-up.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from dsa_jax.eval.profiling import median_call_s
 
 def add_arguments(p):
   p.add_argument("--config", required=True, help="config whose video size and model are benchmarked")
-  p.add_argument("--reps", type=int, default=10, help="timed calls per form (default 10; median reported)")
+  p.add_argument("--reps", type=int, default=10, help="calls per timed round (default 10; per call, median of 3 rounds)")
   p.add_argument("--json", default=None, help="write the results here")
 
 
@@ -85,7 +85,7 @@ def run(config, reps: int = 10, log=print) -> dict:
 
 def format_table(res: dict) -> str:
   lines = [f"{res['device']['kind']}, {res['backend']}, {res['dtype']}, {res['heads']} heads x {res['head_dim']}: "
-           f"median of {res['reps']}",
+           f"per call, {res['reps']} calls back to back, median of 3 rounds",
            "form          variant     q x kv            forward ms  TFLOP/s   fwd+bwd ms  TFLOP/s"]
   for r in res["rows"]:
     both = (f"{r['forward_backward_ms']:10.3f} {r['forward_backward_tflops']:8.1f}"

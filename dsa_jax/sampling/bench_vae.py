@@ -9,8 +9,8 @@ convolution, 'taps' per-tap 2D outputs summed). For every up block of the decode
 residual convolution (chunk_frames latent frames, the causal history of 2 frames in front), and the last block's
 conv_out to the image channels, each lowering with and without the RMS norm + SiLU in front of it, and the nearest-2x-upsample + 3x3 convolution of every resampler as
 written (upsample, then convolve) and in its sub-pixel form (four 2x2 convolutions of the low-resolution input,
-what the decoder runs). Random bf16 inputs (the config's compute dtype), random weights; median of --reps calls
-after a warm-up; relative difference of each lowering to 'native' (resp. of the sub-pixel form to the plain one).
+what the decoder runs). Random bf16 inputs (the config's compute dtype), random weights; time per call over --reps calls
+enqueued back to back (median of 3 rounds) after a warm-up; relative difference of each lowering to 'native' (resp. of the sub-pixel form to the plain one).
 The per-video effect is what `dsa-jax bench sample --decode-only` measures; this says where it comes from.
 """
 
@@ -23,7 +23,7 @@ from dsa_jax.eval.profiling import median_call_s
 
 def add_arguments(p):
   p.add_argument("--config", required=True, help="config whose video size and VAE are benchmarked")
-  p.add_argument("--reps", type=int, default=20, help="timed calls per variant (default 20; median reported)")
+  p.add_argument("--reps", type=int, default=20, help="calls per timed round (default 20; per call, median of 3 rounds)")
   p.add_argument("--blocks", type=int, nargs="+", default=None, help="only these up blocks (0 = lowest resolution; "
                  "default all)")
   p.add_argument("--json", default=None, help="write the results here")
