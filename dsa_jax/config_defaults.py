@@ -124,6 +124,10 @@ def base_config() -> ml_collections.ConfigDict:
       # The DiT blocks' linear layers: 'default' (compute.dtype) or 'fp8' (float8_e4m3fn operands with per-tensor
       # scales from the weight's and the activation's amax, float32 accumulation; fp8 GEMMs on Hopper).
       matmul="default",
+      # With matmul='fp8', the activations' scales: 'dynamic' (each call measures the activation's amax: two extra
+      # passes over it per layer) or 'calibrated' (fixed per layer from the amax over a few calibration forwards the
+      # sampler runs once for its weights, with one power of two of headroom; values beyond it saturate).
+      fp8_activations="dynamic",
   ))
 
   c.mesh = ml_collections.ConfigDict(dict(

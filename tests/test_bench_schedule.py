@@ -129,6 +129,15 @@ def test_decode_only_and_table(tmp_path, repo_root, capsys):
   capped.write_text(json.dumps({**res, "environment": {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.157"}}))
   assert cli.main(["bench", "table", str(capped)]) == 0
   assert "- `capped.json`: `XLA_PYTHON_CLIENT_MEM_FRACTION=0.157 dsa-jax bench sample" in capsys.readouterr().out
+  assert res["matmul"] == "default" and res["fp8_activations"] == "dynamic"
+  fp8, older = tmp_path / "fp8.json", tmp_path / "older.json"  # fp8 layers named in the dtype column
+  fp8.write_text(json.dumps({**res, "matmul": "fp8", "fp8_activations": "calibrated"}))
+  older.write_text(json.dumps({**{k: v for k, v in res.items() if k not in ("matmul", "fp8_activations")},
+                               "command": res["command"] + " --config.compute.matmul=fp8"}))
+  assert cli.main(["bench", "table", str(fp8), str(older)]) == 0
+  out = capsys.readouterr().out
+  assert "| fp8.json | cpu | tiny | float32 + fp8 (calibrated) |" in out
+  assert "| older.json | cpu | tiny | float32 + fp8 (dynamic) |" in out
   assert cli.main(["bench", "table", str(tmp_path / "missing.json")]) == 2
   assert "bench table:" in capsys.readouterr().err
   other = tmp_path / "train.json"  # e.g. a training bench beside it (a folder's *.json): left out, named

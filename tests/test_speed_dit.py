@@ -136,13 +136,13 @@ def test_precomputed_text_kv_and_rope_are_exact(tiny_config, scan):
     m.apply(params, x, t, ctx, rope=rope_for(dcfg, 0, 1, (lh // 2, lw // 2)))
 
 
-def _exp_count(jaxpr) -> int:
-  """exp equations in a jaxpr and all its sub-jaxprs (each softmax has one)."""
+def _exp_count(jaxpr, primitive: str = "exp") -> int:
+  """`primitive` equations (exp: each softmax has one) in a jaxpr and all its sub-jaxprs."""
   n = 0
   for e in jaxpr.eqns:
-    n += e.primitive.name == "exp"
+    n += e.primitive.name == primitive
     for sub in jax.extend.core.jaxprs_in_params(e.params):
-      n += _exp_count(sub)
+      n += _exp_count(sub, primitive)
   return n
 
 
@@ -246,3 +246,86 @@ def test_fp8_matmul_gradients_pass_straight_through_the_quantization():
     assert got.shape == want.shape and got.dtype == want.dtype
     rel = float(jnp.linalg.norm((got - want).astype(jnp.float32)) / jnp.linalg.norm(want.astype(jnp.float32)))
     assert rel < 0.1
+
+
+@pytest.mark.parametrize("scan", [True, False], ids=["scan", "unrolled"])
+def test_fp8_calibrated_activation_scales_give_the_dynamic_forward_without_its_amax_passes(tiny_config, scan):
+  """compute.fp8_activations='calibrated': a calibration forward records each fp8 layer's input amax (the maximum
+  over calls, in the variables' layer layout); `fp8_weights` turns it into power-of-two activation scales with one
+  power of two of headroom. Power-of-two scales only shift float8 exponents, so the forward is the dynamic one up to
+  the values that turn subnormal in the lowest octave (far below fp8's own error against bf16), and it no longer
+  reduces any activation to its amax."""
+  from dsa_jax.models.dit import fp8_activation_amax, fp8_weights, unstack_layers
+  from dsa_jax.models.layers import FP8_MAX
+  config = get_config("tiny", ["--config.compute.dtype=bfloat16", "--config.compute.matmul=fp8"])
+  dcfg = dataclasses.replace(factory.dit_config(config), scan_layers=scan)
+  params = factory.init_dit(factory.dit_config(config), config, jax.random.PRNGKey(0))
+  if not scan:
+    params = unstack_layers(params, dcfg.num_layers)
+  lh, lw = dcfg_latent(config)
+  k1, k2 = jax.random.split(jax.random.PRNGKey(1))
+  x = jax.random.normal(k1, (1, 4, lh, lw, dcfg.in_channels))
+  ctx = jax.random.normal(k2, (1, dcfg.text_len, dcfg.text_dim))
+  t = jnp.full((1, 4), 700.0)
+  out, amax = fp8_activation_amax(dcfg, params, x, t, ctx, chunk_frames=2)
+  _, amax2 = fp8_activation_amax(dcfg, params, 0.5 * x, jnp.full((1, 4), 0.0), ctx, amax=amax, chunk_frames=2)
+  leaves, leaves2 = jax.tree_util.tree_leaves(amax), jax.tree_util.tree_leaves(amax2)
+  assert len(leaves) == 10 * (1 if scan else dcfg.num_layers)  # q k v o twice, ffn_in, ffn_out
+  assert all(bool(jnp.all(b >= a)) for a, b in zip(leaves, leaves2)) and any(
+      bool(jnp.any(b > a)) for a, b in zip(leaves, leaves2))  # a running maximum over the calls
+  if scan:
+    assert amax["blocks"]["ffn_in"].shape == (dcfg.num_layers,)
+  cal = fp8_weights({**params, "fp8_amax": amax}, dcfg.dtype)
+  plain = fp8_weights(params, dcfg.dtype)
+  block = cal["blocks"] if scan else cal["blocks_0"]
+  got_amax = amax["blocks"] if scan else amax["blocks_0"]
+  xs, a = np.asarray(block["ffn_out"]["x_scale"]), np.asarray(got_amax["ffn_out"])
+  assert np.all(np.log2(xs) == np.round(np.log2(xs))) and np.all(2 * a / xs <= FP8_MAX) and np.all(4 * a / xs > FP8_MAX)
+  fwd = lambda v: WanDiT(dcfg).apply(v, x, t, ctx, chunk_frames=2)["velocity"]
+  rel = lambda a, b: float(jnp.linalg.norm((a - b).astype(jnp.float32)) / jnp.linalg.norm(b.astype(jnp.float32)))
+  y_cal, y_dyn = fwd({**params, "fp8": cal}), fwd({**params, "fp8": plain})
+  y_bf16 = WanDiT(dataclasses.replace(dcfg, matmul="default")).apply(params, x, t, ctx, chunk_frames=2)["velocity"]
+  assert rel(y_cal, y_dyn) < 0.25 * rel(y_dyn, y_bf16)
+  np.testing.assert_allclose(np.asarray(out["velocity"]), np.asarray(fwd({**params, "fp8": plain})), atol=0.05)
+  jaxprs = {k: jax.make_jaxpr(fwd)({**params, "fp8": v}).jaxpr for k, v in (("plain", plain), ("cal", cal))}
+  maxes = {k: _exp_count(j, "reduce_max") for k, j in jaxprs.items()}
+  assert maxes["cal"] <= _exp_count(jaxprs["cal"])  # only softmaxes (an exp each; the time embedding has one more)
+  assert maxes["plain"] - maxes["cal"] >= 10 * (1 if scan else dcfg.num_layers)
+
+
+def test_fp8_static_quantization_saturates_instead_of_overflowing():
+  """Values past a calibrated scale's range saturate at the largest float8 (a float8 cast alone gives NaN)."""
+  from dsa_jax.models.layers import FP8_MAX, quantize_fp8_static
+  q = quantize_fp8_static(jnp.array([1e6, -1e6, 3.0, 0.0], jnp.bfloat16), 0.5)
+  np.testing.assert_array_equal(np.asarray(q, np.float32), [FP8_MAX, -FP8_MAX, 6.0, 0.0])
+  assert bool(jnp.isnan(jnp.array([1e6], jnp.float32).astype(jnp.float8_e4m3fn))[0])
+
+
+def test_fp8_calibrated_needs_fp8_matmul():
+  with pytest.raises(ValueError, match="compute.fp8_activations='calibrated'.*compute.matmul='fp8'"):
+    factory.dit_config(get_config("tiny", ["--config.compute.fp8_activations=calibrated"]))
+  with pytest.raises(ValueError, match="compute.fp8_activations: expected one of dynamic, calibrated"):
+    factory.dit_config(get_config("tiny", ["--config.compute.matmul=fp8", "--config.compute.fp8_activations=static"]))
+
+
+def test_sampler_calibrates_fp8_activations_once_per_weights():
+  """A 'calibrated' fp8 sampler calibrates on its first call for given generator weights (later calls reuse it, and
+  weights that carry a calibration are used as they are) and samples what the dynamic fp8 sampler samples, up to
+  the lowest octave's subnormals."""
+  over = ["--config.compute.dtype=bfloat16", "--config.compute.matmul=fp8"]
+  dyn = S.make_sampler(get_config("tiny", over))
+  cal = S.make_sampler(get_config("tiny", over + ["--config.compute.fp8_activations=calibrated"]))
+  params = dyn.init_params(jax.random.PRNGKey(0))
+  ctx = jax.random.normal(jax.random.PRNGKey(2), (1, dyn.dcfg.text_len, dyn.dcfg.text_dim))
+  controls = dyn.make_controls(1, threshold=float("inf"))
+  want = np.asarray(dyn.sample(params, ctx, controls).latents)
+  got = np.asarray(cal.sample(params, ctx, controls).latents)
+  first = cal._fp8_calibration
+  assert dyn.fp8_calibration_s is None and cal.fp8_calibration_s > 0 and first is not None
+  assert np.linalg.norm(got - want) < 0.02 * np.linalg.norm(want)
+  np.testing.assert_array_equal(np.asarray(cal.sample(params, ctx, controls).latents), got)
+  assert cal._fp8_calibration is first  # not calibrated again
+  carried = cal.with_fp8_calibration(cal._check_inputs(params, ctx, controls, None)[0], ctx)
+  assert set(carried["generator"]) == {"params", "fp8_amax"}
+  other = cal.with_fp8_calibration(carried, ctx * 0)
+  assert other["generator"]["fp8_amax"] is carried["generator"]["fp8_amax"]

@@ -32,7 +32,8 @@ import jax.numpy as jnp
 from dsa_jax.models import rope as rope_lib
 from dsa_jax.models.attention import dot_product_attention, resolve_backend
 from dsa_jax.models.layers import DTYPES as _DTYPES  # noqa: F401 - callers still import the table from here
-from dsa_jax.models.layers import RMSNorm, dtype_name, fp8_dot_general, matmul_fn, quantize_fp8, to_dtype
+from dsa_jax.models.layers import (FP8_ACTIVATIONS, FP8_CALIBRATION_HEADROOM, RMSNorm, dtype_name, fp8_dot_general,
+                                   fp8_scale, matmul_fn, quantize_fp8, to_dtype)
 from dsa_jax.parallel.mesh import constrain_activation
 
 
@@ -64,6 +65,7 @@ class DiTConfig:
   remat: str = "none"
   elementwise: str = "compute"  # dtype of modulation, gates and time embedding: 'compute' (= dtype) or 'float32'
   matmul: str = "default"  # the blocks' linear layers: 'default' (in dtype) or 'fp8' (float8 with per-tensor scales)
+  fp8_activations: str = "dynamic"  # fp8 activation scales: 'dynamic' (amax per call) or 'calibrated' (fixed)
 
   @property
   def mod_dtype(self):
@@ -92,9 +94,17 @@ class DiTConfig:
         raise ValueError(f"compute.elementwise: expected one of {', '.join(ELEMENTWISE)}, got {elementwise!r}")
       matmul = compute_cfg.get("matmul", "default")
       matmul_fn(matmul)  # checks the name
+      fp8_activations = compute_cfg.get("fp8_activations", "dynamic")
+      if fp8_activations not in FP8_ACTIVATIONS:
+        raise ValueError(f"compute.fp8_activations: expected one of {', '.join(FP8_ACTIVATIONS)}, got "
+                         f"{fp8_activations!r}")
+      if fp8_activations == "calibrated" and matmul != "fp8":
+        raise ValueError(f"compute.fp8_activations='calibrated' calibrates fp8 linear layers: it needs "
+                         f"compute.matmul='fp8', got {matmul!r}")
       kw.update(dtype=dtype, param_dtype=to_dtype(compute_cfg.param_dtype, "compute.param_dtype"), attention=backend,
                 splash_interpret=bool(compute_cfg.get("splash_interpret", False)),
-                scan_layers=compute_cfg.scan_layers, remat=compute_cfg.remat, elementwise=elementwise, matmul=matmul)
+                scan_layers=compute_cfg.scan_layers, remat=compute_cfg.remat, elementwise=elementwise, matmul=matmul,
+                fp8_activations=fp8_activations)
     kw.update(overrides)
     return cls(**kw)
 
@@ -102,7 +112,7 @@ class DiTConfig:
     """The architecture for checkpoint metadata (without the elementwise/matmul precision, which any checkpoint
     runs with)."""
     d = dataclasses.asdict(self)
-    del d["elementwise"], d["matmul"]
+    del d["elementwise"], d["matmul"], d["fp8_activations"]
     d["dtype"], d["param_dtype"] = dtype_name(self.dtype), dtype_name(self.param_dtype)
     d["patch_size"] = list(self.patch_size)
     return d
@@ -150,11 +160,23 @@ FP8_LAYERS = {"self_attn": ("q", "k", "v", "o"), "cross_attn": ("q", "k", "v", "
 def _layer_dot(module, name: str):
   """The `dot_general` of `module`'s linear layer `name` under `compute.matmul` (called in `setup`): None (lax's) by
   default; for 'fp8' the float8 one, with the layer's kernel as quantized beforehand when the variables carry it
-  (collection 'fp8', from `fp8_weights`), else quantized at the call."""
+  (collection 'fp8', from `fp8_weights`), else quantized at the call, and with the activation's calibrated scale
+  when that collection has one. With the collection 'fp8_amax' mutable (a calibration forward), the layer records
+  the largest activation magnitude it has seen there (the maximum with what the collection held before)."""
   dot = matmul_fn(module.cfg.matmul)
   if dot is fp8_dot_general and module.has_variable("fp8", name):
     w = module.get_variable("fp8", name)
-    return functools.partial(dot, quantized_rhs=(w["kernel"], w["scale"]))
+    dot = functools.partial(dot, quantized_rhs=(w["kernel"], w["scale"]), x_scale=w.get("x_scale"))
+  if dot is not None and module.is_mutable_collection("fp8_amax"):
+    inner = dot
+
+    def recording(lhs, rhs, *args, **kw):
+      amax = jnp.max(jnp.abs(lhs)).astype(jnp.float32)
+      if module.has_variable("fp8_amax", name):
+        amax = jnp.maximum(amax, module.get_variable("fp8_amax", name))
+      module.put_variable("fp8_amax", name, amax)
+      return inner(lhs, rhs, *args, **kw)
+    dot = recording
   return dot
 
 
@@ -163,8 +185,10 @@ def fp8_weights(variables, dtype) -> dict:
   quantized once from its value in the compute `dtype` (float8 values and a power-of-two scale, one per layer).
   Passed with the variables (`{**variables, 'fp8': fp8_weights(variables, dtype)}`), it spares every forward of a
   `compute.matmul='fp8'` DiT the pass over its weights that quantizing them again would take; the same result bit
-  for bit."""
+  for bit. Variables with a calibration (collection 'fp8_amax', from a calibration forward) also give each layer
+  its activation's scale (`x_scale`: the power of two above FP8_CALIBRATION_HEADROOM x the calibrated amax)."""
   params = nn.unbox(variables["params"] if "params" in variables else variables)
+  amaxes = variables.get("fp8_amax", {}) if "params" in variables else {}
   out = {}
   for block, p in params.items():
     if not block.startswith("blocks"):
@@ -174,12 +198,37 @@ def fp8_weights(variables, dtype) -> dict:
     for parent, names in FP8_LAYERS.items():
       src = p if parent is None else p.get(parent, {})
       dst = layers if parent is None else layers.setdefault(parent, {})
+      amax = amaxes.get(block, {})
+      amax = amax if parent is None else amax.get(parent, {})
       for name in names:
         if name in src:
           q, s = quantize_fp8(jnp.asarray(src[name]["kernel"]).astype(dtype), axis=0 if stacked else None)
           dst[name] = {"kernel": q, "scale": s}
+          if name in amax:
+            dst[name]["x_scale"] = fp8_scale(FP8_CALIBRATION_HEADROOM * jnp.asarray(amax[name], jnp.float32))
     out[block] = layers
   return out
+
+
+def fp8_activation_amax(dcfg: "DiTConfig", variables, x, t, context, amax=None, **call_kw):
+  """One calibration forward of a `compute.matmul='fp8'` DiT: (its output, the largest activation magnitude seen at
+  each fp8 linear layer's input, the maximum with `amax` from earlier calls). The amax tree has the layer layout of
+  `variables` (scanned 'blocks' with a leading layer axis, or 'blocks_{i}'); put under the variables' collection
+  'fp8_amax', `fp8_weights` turns it into the layers' activation scales. The forward runs with the layers unrolled
+  (a layer records into a collection of its own) and without remat; `call_kw` go to the DiT's call."""
+  params = variables["params"] if "params" in variables else variables
+  stacked = "blocks" in params
+  run_cfg = dataclasses.replace(dcfg, scan_layers=False, remat="none", matmul="fp8")
+  v = {"params": unstack_layers({"params": params}, dcfg.num_layers)["params"]}
+  if amax is not None:
+    v["fp8_amax"] = unstack_layers(amax, dcfg.num_layers) if stacked else amax
+  out, col = WanDiT(run_cfg).apply(v, x, t, context, mutable=["fp8_amax"], **call_kw)
+  new = col["fp8_amax"]
+  if stacked:
+    layers = [new[f"blocks_{i}"] for i in range(dcfg.num_layers)]
+    new = {**{k: a for k, a in new.items() if not k.startswith("blocks_")},
+           "blocks": jax.tree_util.tree_map(lambda *a: jnp.stack(a), *layers)}
+  return out, new
 
 
 class Attention(nn.Module):
@@ -563,12 +612,17 @@ def cache_logical_axes(per_layer: bool = False):
 
 
 def unstack_layers(variables, num_layers: int):
-  """Scanned DiT variables ('blocks' with a leading layer axis) -> the unrolled DiT's ('blocks_0', ...); variables
-  already unrolled are returned as they are."""
-  p = variables["params"] if "params" in variables else variables
-  if "blocks" not in p:
-    return variables
-  out = {k: v for k, v in p.items() if k != "blocks"}
-  for i in range(num_layers):
-    out[f"blocks_{i}"] = jax.tree_util.tree_map(lambda a: a[i], p["blocks"])
-  return {**variables, "params": out} if "params" in variables else out
+  """Scanned DiT variables ('blocks' with a leading layer axis, in every collection: params, a calibration's
+  'fp8_amax') -> the unrolled DiT's ('blocks_0', ...); variables already unrolled are returned as they are."""
+
+  def unstack(p):
+    if "blocks" not in p:
+      return p
+    out = {k: v for k, v in p.items() if k != "blocks"}
+    for i in range(num_layers):
+      out[f"blocks_{i}"] = jax.tree_util.tree_map(lambda a: a[i], p["blocks"])
+    return out
+
+  if "params" not in variables:
+    return unstack(variables)
+  return {name: unstack(col) if hasattr(col, "items") else col for name, col in variables.items()}

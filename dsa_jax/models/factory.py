@@ -118,9 +118,10 @@ def random_networks(config, names, key, exact: bool = True) -> dict:
 
 
 def as_variables(params):
-  """A DiT/head variables dict ({'params': ...}) from either that dict or the bare params tree (unboxed)."""
+  """A DiT/head variables dict ({'params': ...}, possibly with a calibration's 'fp8_amax') from either that dict or
+  the bare params tree (unboxed)."""
   params = nn.unbox(params)
-  if isinstance(params, dict) and set(params) == {"params"}:
+  if isinstance(params, dict) and "params" in params and set(params) <= {"params", "fp8_amax"}:
     return params
   return {"params": params}
 

@@ -80,10 +80,26 @@ def quantize_fp8(x, axis=None):
   return q, (scale if axis is None else scale.reshape(-1))
 
 
-def _fp8_product(x, qw, sw, dtype):
-  """(rows, K) activations x float8 (K, N) weights with scale `sw` -> (rows, N) in `dtype`."""
+FP8_ACTIVATIONS = ("dynamic", "calibrated")
+FP8_CALIBRATION_HEADROOM = 2.0  # calibrated activation scales leave one power of two above the calibration amax
+
+
+def quantize_fp8_static(x, scale):
+  """x -> float8_e4m3fn values with a given power-of-two `scale` (x ~ values * scale), saturating at +-FP8_MAX: a
+  pure elementwise map, which XLA fuses into the producer of x (no pass over x to find its amax)."""
+  inv = (1.0 / jnp.asarray(scale, jnp.float32)).astype(jnp.float32)  # exact: the scale is a power of two
+  return jnp.clip(x.astype(jnp.float32) * inv, -FP8_MAX, FP8_MAX).astype(jnp.float8_e4m3fn)
+
+
+def _fp8_product(x, qw, sw, dtype, sx=None):
+  """(rows, K) activations x float8 (K, N) weights with scale `sw` -> (rows, N) in `dtype`; `sx`: the activation's
+  scale (calibrated), else from its amax at this call."""
   rows = x.shape[0]
-  qx, sx = quantize_fp8(jnp.pad(x, ((0, -rows % FP8_ROW_MULTIPLE), (0, 0))))
+  x = jnp.pad(x, ((0, -rows % FP8_ROW_MULTIPLE), (0, 0)))
+  if sx is None:
+    qx, sx = quantize_fp8(x)
+  else:
+    qx = quantize_fp8_static(x, sx)
   return (jax.lax.dot(qx, qw, preferred_element_type=dtype) * (sx * sw).astype(dtype))[:rows]
 
 
@@ -108,7 +124,8 @@ def _fp8_matmul_bwd(res, g):
 _fp8_matmul.defvjp(_fp8_matmul_fwd, _fp8_matmul_bwd)
 
 
-def fp8_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, quantized_rhs=None):
+def fp8_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, quantized_rhs=None,
+                    x_scale=None):
   """`lax.dot_general` of a Dense layer in float8_e4m3fn with per-tensor power-of-two scales: the activation's from
   its amax at this call (dynamic scaling, no calibration state), the weight's from its amax, or `quantized_rhs` =
   (float8 kernel, scale) quantized once beforehand (`DiT fp8_weights`: a sampler does it once per program, not at
@@ -117,7 +134,8 @@ def fp8_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_eleme
   dequantization out of the sampler's loops and run a bf16 GEMM), its output in the input dtype, and the product of
   the two power-of-two scales applied after (exact, fused into the consumer). The activation's rows are padded to a
   multiple of 16 in the quantizing pass (cuBLASLt's fp8 row alignment), not copied again by XLA. Gradients pass
-  straight through the quantization (those of the same product in the input dtype)."""
+  straight through the quantization (those of the same product in the input dtype). `x_scale`: the activation's
+  power-of-two scale fixed beforehand (calibrated; with `quantized_rhs` only), so quantizing it is elementwise."""
   del precision, preferred_element_type
   (lc, rc), (lb, rb) = dimension_numbers
   lc, rc = tuple(d % lhs.ndim for d in lc), tuple(d % rhs.ndim for d in rc)
@@ -127,10 +145,12 @@ def fp8_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_eleme
   k = math.prod(lhs.shape[lhs.ndim - len(lc):])
   x = lhs.reshape(-1, k)
   if quantized_rhs is None:
+    if x_scale is not None:
+      raise ValueError("fp8_dot_general: x_scale (a calibrated activation scale) needs quantized_rhs")
     y = _fp8_matmul(x, rhs.astype(lhs.dtype).reshape(k, -1))
   else:
     qw, sw = quantized_rhs
-    y = _fp8_product(x, qw.reshape(k, -1), sw, lhs.dtype)
+    y = _fp8_product(x, qw.reshape(k, -1), sw, lhs.dtype, x_scale)
   return y.reshape(lhs.shape[:lhs.ndim - len(lc)] + rhs.shape[len(rc):])
 
 

@@ -160,6 +160,8 @@ def _bench_meta(config, config_arg=None, overrides=None, argv=None) -> dict:
                  "vae": {"kind": config.vae.kind, "conv3d": config.vae.get("conv3d", "native")},
                  "attention": config.compute.attention},
       "dtype": config.compute.dtype,
+      "matmul": config.compute.get("matmul", "default"),
+      "fp8_activations": config.compute.get("fp8_activations", "dynamic"),
       "command": "dsa-jax " + shlex.join(argv) if argv is not None else shlex.join(sys.argv),
       "environment": xla_environment(),
   }
@@ -371,6 +373,8 @@ def run_bench(config, *, steps=None, threshold=None, mean_steps=None, budget_mea
 
   # 1) The one-program sampler.
   compile_s = sampler.compile(params, context, controls, uncond_context=uncond)
+  if sampler.fp8_calibration_s is not None:
+    log(f"  calibrated the fp8 activation scales in {sampler.fp8_calibration_s:.1f} s (compilation included)")
   log(f"  compiled the whole-video program in {compile_s:.1f} s")
   programs = {"sampler": program_memory(list(sampler._compiled.values())[-1])}
   warm = sampler.sample(params, context, controls, uncond_context=uncond)  # warm-up
@@ -383,6 +387,8 @@ def run_bench(config, *, steps=None, threshold=None, mean_steps=None, budget_mea
   iters = np.asarray(out.chunk_iters)
   steps_arr = np.asarray(out.steps)
   res["compile_s"] = {"program": compile_s}
+  if sampler.fp8_calibration_s is not None:
+    res["compile_s"]["fp8_calibration"] = sampler.fp8_calibration_s
   res["steps"] = {"mean_per_frame": float(steps_arr.mean()), "per_frame": steps_arr[0].tolist(),
                   "forwards_per_chunk": iters.tolist(), "mean_forwards_per_chunk": float(iters.mean())}
   video_s = _median(times)
@@ -678,8 +684,12 @@ def table_row(res: dict, name: str = "") -> dict:
   vae = res.get("vae_s") or res.get("vae") or {}
   first = ((res.get("stream") or {}).get("pixels") or {}).get("first_chunk_s")
   cfg = res.get("config")
+  dtype = res.get("dtype", "-")
+  # fp8 linear layers (older files say it only in their command line)
+  if res.get("matmul", "fp8" if "compute.matmul=fp8" in res.get("command", "") else None) == "fp8":
+    dtype += f" + fp8 ({res.get('fp8_activations', 'dynamic')})"
   return {"file": name, "device": (res.get("device") or {}).get("kind", "-"),
-          "config": cfg.get("name") if isinstance(cfg, dict) else cfg, "dtype": res.get("dtype", "-"), "steps": steps,
+          "config": cfg.get("name") if isinstance(cfg, dict) else cfg, "dtype": dtype, "steps": steps,
           "steps/frame": f((res.get("steps") or {}).get("mean_per_frame"), ".3f"),
           "FPS DiT": f((res.get("fps") or {}).get("dit"), ".1f"),
           "FPS DiT+VAE": f((res.get("fps") or {}).get("dit_vae"), ".1f"),

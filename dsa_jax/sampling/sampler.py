@@ -75,8 +75,8 @@ from dsa_jax.diffusion import flow
 from dsa_jax.diffusion.guidance import guided_velocity
 from dsa_jax.models import factory
 from dsa_jax.models.confidence import ConfidenceConfig, ConfidenceHead
-from dsa_jax.models.dit import (DiTConfig, WanDiT, WanTextKV, cache_logical_axes, fp8_weights, init_cache, rope_for,
-                                 unstack_layers)
+from dsa_jax.models.dit import (DiTConfig, WanDiT, WanTextKV, cache_logical_axes, fp8_activation_amax, fp8_weights,
+                                 init_cache, rope_for, unstack_layers)
 from dsa_jax.models.factory import as_variables
 from dsa_jax.parallel import mesh as mesh_lib
 from dsa_jax.sampling import stop_rules
@@ -318,6 +318,8 @@ class Sampler:
     self.rules = mesh_lib.rules_from_config(config)
     self._mesh_jits = {}
     self._placed_params = None
+    self._fp8_calibration = None  # (generator leaves, amax tree) of the last calibration
+    self.fp8_calibration_s = None  # seconds the last calibration took (compilation included)
 
   # -- placement over a mesh ---------------------------------------------------------------------------------------
 
@@ -567,8 +569,62 @@ class Sampler:
     loops, instead of at every forward)."""
     gen = unstack_layers(gen_params, self.dcfg.num_layers) if self.unroll_layers else gen_params
     if self.dcfg.matmul == "fp8" and "params" in gen:
-      gen = {**gen, "fp8": fp8_weights(gen, self.dcfg.dtype)}
+      gen = {**{k: v for k, v in gen.items() if k != "fp8_amax"}, "fp8": fp8_weights(gen, self.dcfg.dtype)}
     return gen
+
+  def with_fp8_calibration(self, params, context, uncond_context=None, rng=None):
+    """`params` with the generator's fp8 activation calibration (collection 'fp8_amax') under
+    `compute.fp8_activations='calibrated'` (unchanged otherwise, or when they carry one): calibrated once per
+    generator weights (kept for later calls with the same arrays) on this call's prompts; see `fp8_calibration`."""
+    gen = params["generator"]
+    if self.dcfg.matmul != "fp8" or self.dcfg.fp8_activations != "calibrated" or "fp8_amax" in gen:
+      return params
+    leaves = jax.tree_util.tree_leaves(gen)
+    known = self._fp8_calibration
+    if known is None or len(known[0]) != len(leaves) or any(a is not b for a, b in zip(known[0], leaves)):
+      t0 = time.perf_counter()
+      amax = jax.block_until_ready(self.fp8_calibration(gen, context, uncond_context, rng))
+      self.fp8_calibration_s = time.perf_counter() - t0
+      known = self._fp8_calibration = (leaves, amax)
+    return {**params, "generator": {**gen, "fp8_amax": known[1]}}
+
+  def fp8_calibration(self, gen_params, context, uncond_context=None, rng=None):
+    """The largest activation magnitude at each fp8 linear layer's input (the 'fp8_amax' collection, in the layout
+    of `gen_params`) over the forwards of one denoising pass: the whole video (the first cache's worth of frames
+    with a window) block-causally at every ladder step, from noise, each step's input renoised from the last
+    step's x0 as the sampler does, then the clean result at the context noise (the cache fill's input). With CFG
+    the unconditional half runs too. The same network function as the sampler's cached forwards (every chunk at
+    once), so the activations are those sampling meets up to the noise drawn; `fp8_weights` leaves one power of
+    two of headroom above them (values beyond saturate)."""
+    c, tn = self.chunk_frames, self.num_train_timesteps
+    frames = c * max(1, self.cache_frames // c)
+    ctx = jnp.asarray(context, jnp.float32)
+    ctx = ctx[:, 0] if ctx.ndim == 4 else ctx  # a prompt schedule: its first prompt
+    b = ctx.shape[0]
+    if uncond_context is not None:
+      ctx = jnp.concatenate([ctx, jnp.broadcast_to(jnp.asarray(uncond_context, jnp.float32), ctx.shape)], 0)
+    n = ctx.shape[0]
+    gen = as_variables(gen_params)
+    gen = {"params": gen["params"]}
+    record = jax.jit(functools.partial(fp8_activation_amax, self.dcfg, chunk_frames=c))
+    keys = jax.random.split(jax.random.PRNGKey(0) if rng is None else rng, self.num_steps + 1)
+    shape = (b, frames) + tuple(self.latent_hw) + (self.channels,)
+    noise = lambda i: jax.random.normal(keys[i], shape, jnp.float32)
+    double = lambda x: jnp.concatenate([x] * (n // b), 0)
+    full_t = lambda value: jnp.full((n, frames), value, jnp.float32)
+    _, like = jax.eval_shape(lambda g, x, t, k: fp8_activation_amax(self.dcfg, g, x, t, k, chunk_frames=c), gen,
+                             double(jnp.zeros(shape)), full_t(0.0), ctx)
+    amax = jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), like)
+    x = noise(0)
+    with mesh_lib.activation_context(self.mesh, self.rules):
+      for k, sigma in enumerate(self.sigmas):
+        out, amax = record(gen, double(x), full_t(tn * sigma), ctx, amax)
+        x0 = flow.x0_from_velocity(x, out["velocity"][:b], sigma)
+        if k + 1 < self.num_steps:
+          x = flow.renoise(x0, noise(k + 1), self.sigmas[k + 1])
+      clean = x0 if self.context_noise <= 0 else flow.add_noise(x0, noise(self.num_steps), self.context_noise / tn)
+      _, amax = record(gen, double(clean), full_t(self.context_noise), ctx, amax)
+    return amax
 
   def _with_generator_layout(self, params):
     return {**params, "generator": self.generator_variables(params["generator"])}
@@ -803,6 +859,7 @@ class Sampler:
     rng = jax.random.PRNGKey(0) if rng is None else rng
     b = context.shape[0]
     cond = self.conditioning(b, init_latents, prompt_index, context.shape[1] if scheduled else None)
+    params = self.with_fp8_calibration(params, context, uncond_context, rng)
     cache = self.new_cache(b, use_cfg)
     return self.place((params, context, uncond_context, controls, rng, cache, cond)), use_cfg
 
