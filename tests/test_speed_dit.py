@@ -1,6 +1,7 @@
 """DiT speed levers: the modulation path in the compute dtype (bf16 stays close to fp32), fp8 matmuls."""
 
 import dataclasses
+import functools
 import os
 
 import jax
@@ -325,6 +326,13 @@ def test_sampler_calibrates_fp8_activations_once_per_weights():
   assert np.linalg.norm(got - want) < 0.02 * np.linalg.norm(want)
   np.testing.assert_array_equal(np.asarray(cal.sample(params, ctx, controls).latents), got)
   assert cal._fp8_calibration is first  # not calibrated again
+  # the whole-video program quantizes its activations with the calibrated scales: no amax reductions left (before,
+  # each forward rebuilt the fp8 weights without them)
+  maxes = {}
+  for name, sm in (("dynamic", dyn), ("calibrated", cal)):
+    args, _ = sm.prepare(params, ctx, controls)
+    maxes[name] = _exp_count(jax.make_jaxpr(functools.partial(sm._program, use_cfg=False))(*args).jaxpr, "reduce_max")
+  assert maxes["dynamic"] - maxes["calibrated"] >= 2 * 8, maxes  # cache and step forwards, 8 layers or more each
   carried = cal.with_fp8_calibration(cal._check_inputs(params, ctx, controls, None)[0], ctx)
   assert set(carried["generator"]) == {"params", "fp8_amax"}
   other = cal.with_fp8_calibration(carried, ctx * 0)

@@ -155,6 +155,8 @@ class LayerNorm32(nn.Module):
 
 
 FP8_LAYERS = {"self_attn": ("q", "k", "v", "o"), "cross_attn": ("q", "k", "v", "o"), None: ("ffn_in", "ffn_out")}
+# Layers that take the same input share one calibrated activation scale, so that input is quantized once for all.
+FP8_SHARED_INPUT = {"self_attn": ("q", "k", "v"), "cross_attn": ("k", "v")}
 
 
 def _layer_dot(module, name: str):
@@ -186,7 +188,8 @@ def fp8_weights(variables, dtype) -> dict:
   Passed with the variables (`{**variables, 'fp8': fp8_weights(variables, dtype)}`), it spares every forward of a
   `compute.matmul='fp8'` DiT the pass over its weights that quantizing them again would take; the same result bit
   for bit. Variables with a calibration (collection 'fp8_amax', from a calibration forward) also give each layer
-  its activation's scale (`x_scale`: the power of two above FP8_CALIBRATION_HEADROOM x the calibrated amax)."""
+  its activation's scale (`x_scale`: the power of two above FP8_CALIBRATION_HEADROOM x the calibrated amax; one
+  for the layers of FP8_SHARED_INPUT, which read the same input)."""
   params = nn.unbox(variables["params"] if "params" in variables else variables)
   amaxes = variables.get("fp8_amax", {}) if "params" in variables else {}
   out = {}
@@ -199,13 +202,21 @@ def fp8_weights(variables, dtype) -> dict:
       src = p if parent is None else p.get(parent, {})
       dst = layers if parent is None else layers.setdefault(parent, {})
       amax = amaxes.get(block, {})
-      amax = amax if parent is None else amax.get(parent, {})
+      amax = dict(amax if parent is None else amax.get(parent, {}))
+      shared = [n for n in FP8_SHARED_INPUT.get(parent, ()) if n in amax]
+      if shared:  # one array for the group: inside a program the same value, so XLA quantizes their input once
+        top = functools.reduce(jnp.maximum, [jnp.asarray(amax[n], jnp.float32) for n in shared])
+        amax.update({n: top for n in shared})
+      scales = {}
       for name in names:
         if name in src:
           q, s = quantize_fp8(jnp.asarray(src[name]["kernel"]).astype(dtype), axis=0 if stacked else None)
           dst[name] = {"kernel": q, "scale": s}
           if name in amax:
-            dst[name]["x_scale"] = fp8_scale(FP8_CALIBRATION_HEADROOM * jnp.asarray(amax[name], jnp.float32))
+            key = id(amax[name])
+            if key not in scales:
+              scales[key] = fp8_scale(FP8_CALIBRATION_HEADROOM * jnp.asarray(amax[name], jnp.float32))
+            dst[name]["x_scale"] = scales[key]
     out[block] = layers
   return out
 

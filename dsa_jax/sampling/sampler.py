@@ -568,7 +568,7 @@ class Sampler:
     `compute.matmul='fp8'` their linear layers' kernels quantized (inside a program: once per call, before its
     loops, instead of at every forward)."""
     gen = unstack_layers(gen_params, self.dcfg.num_layers) if self.unroll_layers else gen_params
-    if self.dcfg.matmul == "fp8" and "params" in gen:
+    if self.dcfg.matmul == "fp8" and "params" in gen and "fp8" not in gen:  # (not again: `forward` calls it too)
       gen = {**{k: v for k, v in gen.items() if k != "fp8_amax"}, "fp8": fp8_weights(gen, self.dcfg.dtype)}
     return gen
 
