@@ -451,6 +451,8 @@ def main(args):
       if compile_s is None:
         _say("compiling the sampler ...")
         compile_s = sampler.compile(params, context, controls, uncond_context=uc, **extra)
+        if sampler.fp8_calibration_s is not None:
+          _say(f"calibrated the fp8 activation scales on this batch's prompts in {sampler.fp8_calibration_s:.1f} s")
         _say(f"compiled in {compile_s:.1f} s")
         t0 = time.perf_counter()
       out = jax.device_get(sampler.sample(params, context, controls, uncond_context=uc, **extra))
