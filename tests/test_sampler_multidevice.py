@@ -110,6 +110,17 @@ def _worker(out_path: str):
                         "steps_equal": bool((out.steps == ref.steps).all()),
                         "cache_specs": [spec_json(a.sharding.spec) for a in sm.new_cache(8)["v"]]}
 
+  # fp8 layers with calibrated activation scales on the same mesh: the calibration (replicated) travels with the
+  # weights; the video stays within fp8's error of the float32 one.
+  cfg_fp8 = cfg.copy_and_resolve_references()
+  cfg_fp8.compute.update(matmul="fp8", fp8_activations="calibrated")
+  sm = S.make_sampler(cfg_fp8, mesh=mesh_lib.make_mesh(cfg, shape=MESHES["data2_tensor4"]))
+  out = jax.device_get(sm.sample(params, ctx, controls(sm, np.inf)))
+  want = jax.device_get(one.sample(params, ctx, controls(one, np.inf))).latents
+  report["fp8_calibrated_rel_diff"] = float(np.linalg.norm(out.latents - want) / np.linalg.norm(want))
+  report["fp8_calibrated_amax_spec"] = spec_json(
+      jax.tree_util.tree_leaves(sm._fp8_calibration[1])[0].sharding.spec) if sm._fp8_calibration else None
+
   # Changed rules: activations' tokens over 'tensor' (sequence parallelism). Only effective constraints can make
   # the compiled programs hold the residual stream that way.
   rules = tuple((n, "tensor" if n == "activation_length" else a) for n, a in mesh_lib.rules_from_config(cfg))
@@ -189,6 +200,11 @@ def test_decoding_sharded_latents(report):
   r = report["data2_tensor4"]
   assert r["decode_equal"] and r["decode_replicated_new_programs"] == 0, r
   assert r["decode_sharded_spec"][0] == "data", r  # each device decoded its own videos
+
+
+def test_fp8_calibrated_on_a_mesh(report):
+  assert report["fp8_calibrated_rel_diff"] < 0.05, report["fp8_calibrated_rel_diff"]
+  assert report["fp8_calibrated_amax_spec"] is not None
 
 
 def test_splash_kernel_per_shard(report):

@@ -356,7 +356,12 @@ class Sampler:
     rest by their batch dim."""
     b = np.shape(args[1])[0]
     batch = lambda tree: jax.tree_util.tree_map(lambda x: self._batch_spec(x, b), tree)
-    out = [self.param_shardings, batch(args[1]), batch(args[2]), batch(args[3]), mesh_lib.replicated(self.mesh),
+    params = self.param_shardings
+    extra = {k: v for k, v in args[0]["generator"].items() if k != "params"}  # an fp8 calibration: replicated
+    if extra:
+      replicated = jax.tree_util.tree_map(lambda _: mesh_lib.replicated(self.mesh), extra)
+      params = {**params, "generator": {**params["generator"], **replicated}}
+    out = [params, batch(args[1]), batch(args[2]), batch(args[3]), mesh_lib.replicated(self.mesh),
            self.cache_shardings(args[5])]
     return tuple(out + [batch(a) for a in args[6:]])
 
