@@ -9,8 +9,8 @@ computed: what the model ran before it went per block of queries); 'full' (teach
 'cache' (the sampler: one chunk of queries against the static KV cache, the keys past the chunk hidden by
 kv_lengths) at the first, middle and last chunk. Forward, and forward + backward for the training forms. Random
 inputs in the config's dtype, batch 1, the model's heads and head dim, the config's attention backend ('auto':
-cuDNN on GPU). TFLOP/s count the FLOPs the mask lets through (4 Lq Lk D H forward, 2.5 times that backward); the
-per call over --reps calls enqueued back to back (median of 3 such rounds) after a warm-up.
+cuDNN on GPU). TFLOP/s count the FLOPs the mask lets through (4 Lq Lk D H forward, 2.5 times that backward); times
+are per call, over --reps calls enqueued back to back (median of 3 such rounds) after a warm-up.
 """
 
 from __future__ import annotations
