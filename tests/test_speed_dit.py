@@ -337,3 +337,44 @@ def test_sampler_calibrates_fp8_activations_once_per_weights():
   assert set(carried["generator"]) == {"params", "fp8_amax"}
   other = cal.with_fp8_calibration(carried, ctx * 0)
   assert other["generator"]["fp8_amax"] is carried["generator"]["fp8_amax"]
+
+
+def test_fp8_calibration_stored_in_the_model_is_used_where_it_holds(tmp_path, repo_root, capsys):
+  """`dsa-jax calibrate --fp8` stores the calibration in the model's metadata; loading the model for calibrated fp8
+  sampling attaches it (the sampler then does not calibrate), but not for another dtype or video size (a note says
+  why, and the sampler calibrates itself)."""
+  import json as json_lib
+
+  from dsa_jax import cli
+  from dsa_jax.checkpoint import loading
+  from dsa_jax.training import checkpointing
+  tiny = os.path.join(repo_root, "configs", "tiny.py")
+  fp8 = ["--config.compute.dtype=bfloat16", "--config.compute.matmul=fp8",
+         "--config.compute.fp8_activations=calibrated"]
+  cfg = get_config(tiny, fp8)
+  params = S.make_sampler(cfg).init_params(jax.random.PRNGKey(0))
+  model = tmp_path / "model"
+  checkpointing.export_networks(params, cfg, str(model))
+  prompts = tmp_path / "p.txt"
+  prompts.write_text("a red ball\na blue cube\n")
+  assert cli.main(["calibrate", "--config", tiny, "--ckpt", str(model), "--fp8", "--prompts", str(prompts),
+                   "--num", "2", "--config.compute.dtype=bfloat16"]) == 0
+  entry = json_lib.loads((model / "dsa_meta.json").read_text())["fp8_activation_amax"]
+  assert entry["dtype"] == "bfloat16" and entry["generator"] in ("generator", "generator_ema")
+  assert len(entry["amax"]["blocks"]["ffn_in"]) == cfg.model.num_layers
+  assert all(a > 0 for a in entry["amax"]["blocks"]["self_attn"]["q"])
+
+  loaded, source = loading.load_sampler_params(cfg, str(model), cast=True)
+  assert source.get("fp8_calibration") == "stored"
+  np.testing.assert_array_equal(loaded["generator"]["fp8_amax"]["blocks"]["ffn_out"],
+                                np.asarray(entry["amax"]["blocks"]["ffn_out"], np.float32))
+  sm = S.make_sampler(cfg)
+  ctx = np.zeros((1, cfg.model.text_len, cfg.model.text_dim), np.float32)
+  checked = sm._check_inputs(loaded, ctx, sm.make_controls(1), None)[0]
+  assert sm.with_fp8_calibration(checked, ctx)["generator"]["fp8_amax"] is checked["generator"]["fp8_amax"]
+  assert sm.fp8_calibration_s is None  # nothing calibrated
+  capsys.readouterr()
+  for other in (["--config.compute.dtype=float32"], ["--config.video.num_frames=4"]):
+    loaded, source = loading.load_sampler_params(get_config(tiny, fp8 + other), str(model), cast=True)
+    assert "fp8_amax" not in loaded["generator"] and "fp8_calibration" not in source
+    assert "no stored fp8 calibration is used (it was made for another" in capsys.readouterr().err

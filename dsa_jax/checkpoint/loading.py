@@ -153,7 +153,8 @@ HEAD_FLAG = "--head"
 
 
 def load_sampler_params(config, ckpt: str = "", *, use_ema: Optional[bool] = None, warn: Log = _stderr,
-                        cast: bool = False, head: Optional[str] = None) -> tuple[dict, dict]:
+                        cast: bool = False, head: Optional[str] = None,
+                        fp8_calibration: bool = True) -> tuple[dict, dict]:
   """{'generator', 'head'} variables for sampling and a dict saying where they came from.
 
   The generator is 'generator_ema' when `use_ema` (default config.sampling.use_ema) and present, else 'generator';
@@ -164,6 +165,11 @@ def load_sampler_params(config, ckpt: str = "", *, use_ema: Optional[bool] = Non
   the head network and what describes it (`conf_target`, the `calibration` table) come from there instead of from
   `ckpt`, once its recorded generator fingerprint matches the loaded generator's (a head folder that records none
   loads with a warning).
+
+  With calibrated fp8 layers (`compute.matmul='fp8'`, `compute.fp8_activations='calibrated'`) a model folder's
+  stored fp8 calibration (`dsa-jax calibrate --fp8`) comes with the generator (its 'fp8_amax' collection) when it
+  was made for this generator, dtype, video size and ladder (`fp8_calibration=False`: never); else a note says why
+  and the sampler calibrates at its first call.
   """
   from dsa_jax.models.dit import _DTYPES
   use_ema = config.sampling.use_ema if use_ema is None else use_ema
@@ -204,6 +210,17 @@ def load_sampler_params(config, ckpt: str = "", *, use_ema: Optional[bool] = Non
     source.update({"head": head, "generator_fingerprint": fingerprint})
   elif chosen["head"] == RANDOM:
     source["head"] = RANDOM
+  from dsa_jax.models import factory
+  from dsa_jax.sampling import fp8_calibration as fp8_lib
+  if fp8_calibration and ckpt and fp8_lib.wants_calibration(config):
+    amax, why = (fp8_lib.stored(params_io.read_meta(ckpt), config, chosen[gen]) if source["source"] == "checkpoint"
+                 else (None, "a training workdir stores none (export a model, then dsa-jax calibrate --fp8)"))
+    if amax is None:
+      warn(f"note: no stored fp8 calibration is used ({why}): the sampler calibrates the fp8 activation scales at "
+           "its first call")
+    else:
+      out["generator"] = {**factory.as_variables(out["generator"]), "fp8_amax": amax}
+      source["fp8_calibration"] = "stored"
   if rule != "confidence":  # the x0-change rule's budget table is the model's own, whatever head is loaded
     from dsa_jax.sampling.budget import meta_key, ranges_key
     source.pop("calibration", None)

@@ -14,6 +14,11 @@ ceiling):
 
 The prompts are the config's training prompts (config.data.prompts), never the held-out evaluation prompts, or a
 prompt file given with --prompts (prompts like the ones you will sample fit best).
+
+--fp8 instead stores the activation scales of calibrated fp8 linear layers (sampling with
+--config.compute.matmul=fp8 --config.compute.fp8_activations=calibrated then skips its own calibration pass):
+
+  dsa-jax calibrate --config configs/wan_1_3b.py --ckpt MODEL --fp8 --prompts prompts.txt --num 8 --batch 1
 """
 
 from __future__ import annotations
@@ -27,10 +32,13 @@ def add_arguments(p):
   p.add_argument("--head", default=None, help="head folder (dsa-jax convert export-head) to calibrate with the --ckpt "
                  "generator; the table is written into the head folder, not the model (default config.sampling.head; "
                  "empty: the model's own head)")
-  p.add_argument("--num", type=int, default=256, help="calibration prompts (default 256)")
+  p.add_argument("--fp8", action="store_true", help="store the fp8 activation calibration (for "
+                 "compute.fp8_activations='calibrated') instead of the step-budget table")
+  p.add_argument("--num", type=int, default=None, help="calibration prompts (default 256; 8 with --fp8)")
   p.add_argument("--prompts", default=None, help="a prompt file (one per line) to calibrate on, e.g. prompts like "
                  "the ones you will sample (default: config.data.prompts)")
-  p.add_argument("--batch", type=int, default=64, help="prompts per compiled batch (default 64)")
+  p.add_argument("--batch", type=int, default=None, help="prompts per compiled batch (default 64; 1 with --fp8: "
+                 "one calibration pass holds a whole video per prompt)")
   p.add_argument("--refine-gap", type=float, default=0.05, help="thresholds are added between neighbours whose "
                  "average steps differ by more than this (default 0.05 steps)")
   p.add_argument("--seed", type=int, default=0, help="noise seed of the first prompt")
@@ -45,6 +53,18 @@ def main(args):
 
   config = get_config(args.config, args.overrides)
   ckpt = config.sampling.checkpoint if args.ckpt is None else args.ckpt
+  if args.fp8:
+    from dsa_jax.sampling import fp8_calibration
+    if args.head:
+      raise budget.BudgetError("--fp8: the calibration belongs to the generator (--ckpt); --head has no part in it")
+    entry = fp8_calibration.calibrate(config, ckpt, num=8 if args.num is None else args.num,
+                                      batch=1 if args.batch is None else args.batch, seed=args.seed,
+                                      write=not args.dry_run, prompt_file=args.prompts,
+                                      log=lambda m: print(m, flush=True))
+    if args.dry_run:
+      print(json.dumps(entry))
+    return 0
+  args.num, args.batch = (256 if args.num is None else args.num), (64 if args.batch is None else args.batch)
   table = budget.calibrate(config, ckpt, num=args.num, batch=args.batch, seed=args.seed, write=not args.dry_run,
                            prompt_file=args.prompts, refine_gap=args.refine_gap, head=args.head,
                            log=lambda m: print(m, flush=True))

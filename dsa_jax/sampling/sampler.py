@@ -319,6 +319,7 @@ class Sampler:
     self._mesh_jits = {}
     self._placed_params = None
     self._fp8_calibration = None  # (generator leaves, amax tree) of the last calibration
+    self._fp8_record = None  # the jitted calibration forward
     self.fp8_calibration_s = None  # seconds the last calibration took (compilation included)
 
   # -- placement over a mesh ---------------------------------------------------------------------------------------
@@ -611,14 +612,15 @@ class Sampler:
     n = ctx.shape[0]
     gen = as_variables(gen_params)
     gen = {"params": gen["params"]}
-    record = jax.jit(functools.partial(fp8_activation_amax, self.dcfg, chunk_frames=c))
+    if self._fp8_record is None:  # one jitted calibration forward per sampler: later calls reuse its compilation
+      self._fp8_record = jax.jit(functools.partial(fp8_activation_amax, self.dcfg, chunk_frames=c))
+    record = self._fp8_record
     keys = jax.random.split(jax.random.PRNGKey(0) if rng is None else rng, self.num_steps + 1)
     shape = (b, frames) + tuple(self.latent_hw) + (self.channels,)
     noise = lambda i: jax.random.normal(keys[i], shape, jnp.float32)
     double = lambda x: jnp.concatenate([x] * (n // b), 0)
     full_t = lambda value: jnp.full((n, frames), value, jnp.float32)
-    _, like = jax.eval_shape(lambda g, x, t, k: fp8_activation_amax(self.dcfg, g, x, t, k, chunk_frames=c), gen,
-                             double(jnp.zeros(shape)), full_t(0.0), ctx)
+    _, like = jax.eval_shape(record, gen, double(jnp.zeros(shape)), full_t(0.0), ctx)
     amax = jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), like)
     x = noise(0)
     with mesh_lib.activation_context(self.mesh, self.rules):
