@@ -364,7 +364,8 @@ def run_bench(config, *, steps=None, threshold=None, mean_steps=None, budget_mea
           "chunks": n_chunks, "chunk_frames": c, "tokens_per_frame": sampler.tokens_per_frame},
       "ladder_steps": L, "vae": None if decoder is None else decoder.kind, "vae_dtype": _vae_dtype(decoder),
       "init_s": init_s,
-      "params": {"generator": factory.param_count(params["generator"]), "head": factory.param_count(params["head"])},
+      "params": {"generator": factory.param_count(factory.as_variables(params["generator"])["params"]),
+                 "head": factory.param_count(params["head"])},  # (not a stored fp8 calibration's numbers)
   }
   res.update(_bench_meta(config))
   dev = jax.devices()[0]
@@ -389,6 +390,8 @@ def run_bench(config, *, steps=None, threshold=None, mean_steps=None, budget_mea
   res["compile_s"] = {"program": compile_s}
   if sampler.fp8_calibration_s is not None:
     res["compile_s"]["fp8_calibration"] = sampler.fp8_calibration_s
+  if source.get("fp8_calibration"):
+    res["fp8_calibration"] = source["fp8_calibration"]  # 'stored': the model's own (dsa-jax calibrate --fp8)
   res["steps"] = {"mean_per_frame": float(steps_arr.mean()), "per_frame": steps_arr[0].tolist(),
                   "forwards_per_chunk": iters.tolist(), "mean_forwards_per_chunk": float(iters.mean())}
   video_s = _median(times)
