@@ -202,21 +202,19 @@ def fp8_weights(variables, dtype) -> dict:
       src = p if parent is None else p.get(parent, {})
       dst = layers if parent is None else layers.setdefault(parent, {})
       amax = amaxes.get(block, {})
-      amax = dict(amax if parent is None else amax.get(parent, {}))
+      amax = amax if parent is None else amax.get(parent, {})
+      x_scale = lambda a: fp8_scale(FP8_CALIBRATION_HEADROOM * jnp.asarray(a, jnp.float32))
       shared = [n for n in FP8_SHARED_INPUT.get(parent, ()) if n in amax]
+      x_scales = {n: x_scale(amax[n]) for n in names if n in amax and n not in shared}
       if shared:  # one array for the group: inside a program the same value, so XLA quantizes their input once
-        top = functools.reduce(jnp.maximum, [jnp.asarray(amax[n], jnp.float32) for n in shared])
-        amax.update({n: top for n in shared})
-      scales = {}
+        one = x_scale(functools.reduce(jnp.maximum, [jnp.asarray(amax[n], jnp.float32) for n in shared]))
+        x_scales.update({n: one for n in shared})
       for name in names:
         if name in src:
           q, s = quantize_fp8(jnp.asarray(src[name]["kernel"]).astype(dtype), axis=0 if stacked else None)
           dst[name] = {"kernel": q, "scale": s}
-          if name in amax:
-            key = id(amax[name])
-            if key not in scales:
-              scales[key] = fp8_scale(FP8_CALIBRATION_HEADROOM * jnp.asarray(amax[name], jnp.float32))
-            dst[name]["x_scale"] = scales[key]
+          if name in x_scales:
+            dst[name]["x_scale"] = x_scales[name]
     out[block] = layers
   return out
 

@@ -398,6 +398,33 @@ class FpsController:
     return self.threshold
 
 
+def check_model_folder(ckpt: str, what: str):
+  """Raises unless `ckpt` is an exported model folder, whose metadata is where `what` is stored."""
+  import os
+
+  from dsa_jax.checkpoint import params_io
+  if not ckpt or not os.path.isfile(os.path.join(ckpt, params_io.META_FILE)):
+    raise BudgetError(f"--ckpt {ckpt!r}: expected an exported model folder (with {params_io.META_FILE}); {what} is "
+                      "stored in its metadata (export a training workdir first)")
+
+
+def calibration_inputs(config, num: int, prompt_file: Optional[str] = None) -> tuple[list[str], np.ndarray, Any]:
+  """(prompts, their text contexts, the negative prompt's context or None without guidance) of a calibration on
+  `calibration_prompts`."""
+  from dsa_jax.data.text_context import make_text_encoder
+  encode = make_text_encoder(config)
+  prompts = calibration_prompts(config, num, prompt_file)
+  uncond = (np.asarray(encode([config.text.negative_prompt]), np.float32) if float(config.sampling.guidance) != 0.0
+            else None)
+  return prompts, np.asarray(encode(prompts), np.float32), uncond
+
+
+def calibration_prompts_note(config, count: int, prompt_file: Optional[str] = None) -> str:
+  """Where a calibration's `count` prompts came from, as its record says."""
+  return (f"{prompt_file}, first {count}" if prompt_file else
+          f"config.data.prompts ({config.data.prompts.kind}), first {count}")
+
+
 def calibrate(config, ckpt: str, *, num: int = 256, thresholds: Optional[Sequence[float]] = None,
               batch: int = 64, seed: int = 0, write: bool = True, prompt_file: Optional[str] = None,
               refine_gap: float = 0.05, head: Optional[str] = None,
@@ -409,13 +436,11 @@ def calibrate(config, ckpt: str, *, num: int = 256, thresholds: Optional[Sequenc
   import os
 
   from dsa_jax.checkpoint import loading, params_io
-  from dsa_jax.data.text_context import make_text_encoder
   from dsa_jax.sampling.sampler import make_sampler
 
   head = loading.config_head(config) if head is None else head
-  if not head and (not ckpt or not os.path.isfile(os.path.join(ckpt, params_io.META_FILE))):
-    raise BudgetError(f"--ckpt {ckpt!r}: expected an exported model folder (with {params_io.META_FILE}); the table "
-                      "is stored in its metadata (export a training workdir first)")
+  if not head:
+    check_model_folder(ckpt, "the table")
   if head and not ckpt:
     raise BudgetError(f"--head {head!r}: needs the generator it was trained with as --ckpt (a model folder or "
                       "training workdir); got none")
@@ -429,17 +454,13 @@ def calibrate(config, ckpt: str, *, num: int = 256, thresholds: Optional[Sequenc
   if thresholds is None:
     thresholds = DEFAULT_THRESHOLDS if rule == "confidence" else DEFAULT_X0_THRESHOLDS
   sampler = make_sampler(config)
-  encode = make_text_encoder(config)
-  prompts = calibration_prompts(config, num, prompt_file)
-  contexts = np.asarray(encode(prompts), np.float32)
+  prompts, contexts, uncond = calibration_inputs(config, num, prompt_file)
   g = float(config.sampling.guidance)
-  uncond = np.asarray(encode([config.text.negative_prompt]), np.float32) if g != 0.0 else None
   if not refine_gap > 0:
     raise BudgetError(f"--refine-gap: expected a positive number of steps, got {refine_gap!r}")
   table = calibration_table(sampler, params, contexts, thresholds, batch=batch, seed=seed, guidance=g, uncond=uncond,
                             refine_gap=refine_gap, refine_rounds=5, log=log)
-  table["prompts"] = (f"{prompt_file}, first {len(prompts)}" if prompt_file else
-                      f"config.data.prompts ({config.data.prompts.kind}), first {len(prompts)}")
+  table["prompts"] = calibration_prompts_note(config, len(prompts), prompt_file)
   if write:
     owner = head or ckpt
     updates = stored_tables(params_io.read_meta(owner), rule, table)

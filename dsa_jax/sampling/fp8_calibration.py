@@ -57,34 +57,27 @@ def calibrate(config, ckpt: str, *, num: int = 8, batch: int = 1, seed: int = 0,
   import time
 
   from dsa_jax.checkpoint import loading, params_io
-  from dsa_jax.data.text_context import make_text_encoder
-  from dsa_jax.sampling.budget import BudgetError, calibration_prompts
+  from dsa_jax.sampling.budget import (BudgetError, calibration_inputs, calibration_prompts_note,
+                                       check_model_folder)
   from dsa_jax.sampling.sampler import make_sampler
 
-  if not ckpt or not os.path.isfile(os.path.join(ckpt, params_io.META_FILE)):
-    raise BudgetError(f"--ckpt {ckpt!r}: expected an exported model folder (with {params_io.META_FILE}); the fp8 "
-                      "calibration is stored in its metadata")
+  check_model_folder(ckpt, "the fp8 calibration")
   if int(num) < 1 or int(batch) < 1:
     raise BudgetError(f"--num / --batch: expected at least 1 prompt, got {num} / {batch}")
   config = config.copy_and_resolve_references()
   config.compute.update(matmul="fp8", fp8_activations="calibrated")
   params, source = loading.load_sampler_params(config, ckpt, warn=log, cast=True, fp8_calibration=False)
   sampler = make_sampler(config)
-  encode = make_text_encoder(config)
-  prompts = calibration_prompts(config, num, prompt_file)
-  g = float(config.sampling.guidance)
-  uncond = np.asarray(encode([config.text.negative_prompt]), np.float32) if g != 0.0 else None
+  prompts, contexts, uncond = calibration_inputs(config, num, prompt_file)
   amax, t0 = None, time.perf_counter()
   for start in range(0, len(prompts), batch):
-    ctx = np.asarray(encode(prompts[start:start + batch]), np.float32)
-    got = sampler.fp8_calibration(params["generator"], ctx, uncond, jax.random.PRNGKey(seed + start))
-    amax = got if amax is None else jax.tree_util.tree_map(np.maximum, amax, got)
+    amax = sampler.fp8_calibration(params["generator"], contexts[start:start + batch], uncond,
+                                   jax.random.PRNGKey(seed + start), amax=amax)
     log(f"  fp8 calibration: {min(start + batch, len(prompts))}/{len(prompts)} prompts "
         f"({time.perf_counter() - t0:.1f} s)")
   entry = {**conditions(config, source.get("generator", "generator")),
            "amax": jax.tree_util.tree_map(lambda a: np.asarray(a, np.float32).tolist(), amax),
-           "prompts": (f"{prompt_file}, first {len(prompts)}" if prompt_file else
-                       f"config.data.prompts ({config.data.prompts.kind}), first {len(prompts)}")}
+           "prompts": calibration_prompts_note(config, len(prompts), prompt_file)}
   if write:
     params_io.update_meta(ckpt, **{META_KEY: entry})
     log(f"wrote the fp8 activation calibration into {os.path.join(ckpt, params_io.META_FILE)}")

@@ -226,6 +226,12 @@ def _signature(args, use_cfg):
   return (use_cfg, treedef, tuple((tuple(np.shape(x)), str(getattr(x, "dtype", type(x)))) for x in leaves))
 
 
+def _same_arrays(known, leaves) -> bool:
+  """Whether `leaves` are the very arrays of `known` (what the sampler keeps per set of weights: their placement on
+  the mesh, their fp8 calibration), by identity: comparing values would cost a pass over the weights."""
+  return len(known) == len(leaves) and all(a is b for a, b in zip(known, leaves))
+
+
 def _bcast(mask, x):
   """(B, c) -> broadcastable against (B, c, H, W, C)."""
   return mask.reshape(mask.shape + (1,) * (x.ndim - mask.ndim))
@@ -397,7 +403,7 @@ class Sampler:
     shardings = self._arg_shardings(args)
     leaves = jax.tree_util.tree_leaves(args[0])
     last = self._placed_params
-    if last is not None and len(last[0]) == len(leaves) and all(a is b for a, b in zip(last[0], leaves)):
+    if last is not None and _same_arrays(last[0], leaves):
       placed = last[1]
     else:
       placed = jax.device_put(args[0], shardings[0])
@@ -587,21 +593,22 @@ class Sampler:
       return params
     leaves = jax.tree_util.tree_leaves(gen)
     known = self._fp8_calibration
-    if known is None or len(known[0]) != len(leaves) or any(a is not b for a, b in zip(known[0], leaves)):
+    if known is None or not _same_arrays(known[0], leaves):
       t0 = time.perf_counter()
       amax = jax.block_until_ready(self.fp8_calibration(gen, context, uncond_context, rng))
       self.fp8_calibration_s = time.perf_counter() - t0
       known = self._fp8_calibration = (leaves, amax)
     return {**params, "generator": {**gen, "fp8_amax": known[1]}}
 
-  def fp8_calibration(self, gen_params, context, uncond_context=None, rng=None):
+  def fp8_calibration(self, gen_params, context, uncond_context=None, rng=None, amax=None):
     """The largest activation magnitude at each fp8 linear layer's input (the 'fp8_amax' collection, in the layout
     of `gen_params`) over the forwards of one denoising pass: the whole video (the first cache's worth of frames
     with a window) block-causally at every ladder step, from noise, each step's input renoised from the last
     step's x0 as the sampler does, then the clean result at the context noise (the cache fill's input). With CFG
     the unconditional half runs too. The same network function as the sampler's cached forwards (every chunk at
     once), so the activations are those sampling meets up to the noise drawn; `fp8_weights` leaves one power of
-    two of headroom above them (values beyond saturate)."""
+    two of headroom above them (values beyond saturate). `amax`: an earlier pass's result to continue from (the
+    maximum over both, e.g. over batches of prompts)."""
     c, tn = self.chunk_frames, self.num_train_timesteps
     frames = c * max(1, self.cache_frames // c)
     ctx = jnp.asarray(context, jnp.float32)
@@ -620,8 +627,9 @@ class Sampler:
     noise = lambda i: jax.random.normal(keys[i], shape, jnp.float32)
     double = lambda x: jnp.concatenate([x] * (n // b), 0)
     full_t = lambda value: jnp.full((n, frames), value, jnp.float32)
-    _, like = jax.eval_shape(record, gen, double(jnp.zeros(shape)), full_t(0.0), ctx)
-    amax = jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), like)
+    if amax is None:
+      _, like = jax.eval_shape(record, gen, double(jnp.zeros(shape)), full_t(0.0), ctx)
+      amax = jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), like)
     x = noise(0)
     with mesh_lib.activation_context(self.mesh, self.rules):
       for k, sigma in enumerate(self.sigmas):
