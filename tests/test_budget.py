@@ -197,31 +197,35 @@ def test_calibrate_then_sample_with_a_budget(tmp_path, repo_root, capsys):
 
   tiny = os.path.join(repo_root, "configs", "tiny.py")
   cfg = get_config(tiny)
+  small = ["--config.video.num_frames=4"]  # two chunks: what is tested holds for any length
+
+  def cli_main(args):
+    return cli.main(args + small)
   params = make_sampler(cfg).init_params(jax.random.PRNGKey(0))
   model = tmp_path / "model"
   checkpointing.export_networks(params, cfg, str(model))
   out = tmp_path / "out"
-  rc = cli.main(["sample", "--config", tiny, "--ckpt", str(model), "--out", str(out), "--prompt", "a", "--mean-steps",
+  rc = cli_main(["sample", "--config", tiny, "--ckpt", str(model), "--out", str(out), "--prompt", "a", "--mean-steps",
                  "2.5"])
   assert rc == 2 and "dsa-jax calibrate" in capsys.readouterr().err  # no table yet: says how to make one
-  assert cli.main(["calibrate", "--config", tiny, "--ckpt", str(model), "--num", "2", "--batch", "2"]) == 2
+  assert cli_main(["calibrate", "--config", tiny, "--ckpt", str(model), "--num", "2"]) == 2
   assert "config.data.prompts" in capsys.readouterr().err  # tiny has no prompt source: named
   prompts = tmp_path / "p.txt"
   prompts.write_text("a red ball\na blue cube\n")
-  assert cli.main(["calibrate", "--config", tiny, "--ckpt", str(model), "--num", "2", "--batch", "2", "--dry-run",
+  assert cli_main(["calibrate", "--config", tiny, "--ckpt", str(model), "--num", "2", "--dry-run",
                    "--prompts", str(prompts)]) == 0
   assert "calibration" not in json.loads((model / "dsa_meta.json").read_text())  # a dry run writes nothing
-  assert cli.main(["calibrate", "--config", tiny, "--ckpt", str(model), "--num", "2", "--refine-gap", "0",
+  assert cli_main(["calibrate", "--config", tiny, "--ckpt", str(model), "--num", "2", "--refine-gap", "0",
                    "--prompts", str(prompts)]) == 2
   assert "--refine-gap" in capsys.readouterr().err
-  assert cli.main(["calibrate", "--config", tiny, "--ckpt", str(model), "--num", "2", "--batch", "2",
+  assert cli_main(["calibrate", "--config", tiny, "--ckpt", str(model), "--num", "2",
                    "--refine-gap", "0.5", "--config.data.prompts.kind=digits"]) == 0
   table = json.loads((model / "dsa_meta.json").read_text())["calibration"]
   assert len(table["thresholds"]) == len(table["mean_steps"]) >= len(budget.DEFAULT_THRESHOLDS)
   assert table["ladder"] == [float(t) for t in cfg.sampling.ladder]  # what its taus mean
   assert table["thresholds"] == sorted(table["thresholds"]) and table["num_prompts"] == 2
   assert table["mean_steps"][0] <= table["mean_steps"][-1]
-  rc = cli.main(["sample", "--config", tiny, "--ckpt", str(model), "--out", str(out), "--prompt", "a", "--mean-steps",
+  rc = cli_main(["sample", "--config", tiny, "--ckpt", str(model), "--out", str(out), "--prompt", "a", "--mean-steps",
                  "2.5"])
   assert rc == 0
   rec = json.loads((out / "a.steps.json").read_text())
@@ -229,59 +233,59 @@ def test_calibrate_then_sample_with_a_budget(tmp_path, repo_root, capsys):
   assert rec["threshold"] == (want if np.isfinite(want) else str(want))
   # The table was made with 1-5 steps: an explicit other floor is refused; a config with another floor is overruled
   # by the table (what the budget was calibrated for), with a note.
-  rc = cli.main(["sample", "--config", tiny, "--ckpt", str(model), "--out", str(out), "--prompt", "a", "--mean-steps",
+  rc = cli_main(["sample", "--config", tiny, "--ckpt", str(model), "--out", str(out), "--prompt", "a", "--mean-steps",
                  "2.5", "--min-steps", "2"])
   assert rc == 2 and "--min-steps 1 --max-steps" in capsys.readouterr().err
-  rc = cli.main(["sample", "--config", tiny, "--ckpt", str(model), "--out", str(out), "--prompt", "a", "--mean-steps",
+  rc = cli_main(["sample", "--config", tiny, "--ckpt", str(model), "--out", str(out), "--prompt", "a", "--mean-steps",
                  "2.5", "--config.sampling.min_steps=2"])
   assert rc == 0 and "calibration table's 1-" in capsys.readouterr().err
   assert json.loads((out / "a.steps.json").read_text())["min_steps"] == 1
   # A table for 2-5 steps joins the 1-5 one: a config with floor 2 now samples 2.5 with its own table, and 1.5 (below
   # its floor) with the 1-5 table, saying so
-  assert cli.main(["calibrate", "--config", tiny, "--ckpt", str(model), "--num", "2", "--batch", "2",
+  assert cli_main(["calibrate", "--config", tiny, "--ckpt", str(model), "--num", "2",
                    "--refine-gap", "0.5", "--config.data.prompts.kind=digits", "--config.sampling.min_steps=2"]) == 0
   assert "beside its table for another step range" in capsys.readouterr().out
   meta = json.loads((model / "dsa_meta.json").read_text())
   assert meta["calibration"] == table and meta["calibration_ranges"]["2-5"]["min_steps"] == 2
   floor2 = ["--config.sampling.min_steps=2"]
-  assert cli.main(["sample", "--config", tiny, "--ckpt", str(model), "--out", str(out), "--prompt", "a",
+  assert cli_main(["sample", "--config", tiny, "--ckpt", str(model), "--out", str(out), "--prompt", "a",
                    "--mean-steps", "2.5"] + floor2) == 0
   rec = json.loads((out / "a.steps.json").read_text())
   want = budget.threshold_for(meta["calibration_ranges"]["2-5"], 2.5)
   assert rec["min_steps"] == 2 and rec["threshold"] == (want if np.isfinite(want) else str(want))
-  assert cli.main(["sample", "--config", tiny, "--ckpt", str(model), "--out", str(out), "--prompt", "a",
+  assert cli_main(["sample", "--config", tiny, "--ckpt", str(model), "--out", str(out), "--prompt", "a",
                    "--mean-steps", "1.5"] + floor2) == 0
   assert "calibration table's 1-5" in capsys.readouterr().err
   assert json.loads((out / "a.steps.json").read_text())["min_steps"] == 1
-  assert cli.main(["sample", "--config", tiny, "--ckpt", str(model), "--out", str(out), "--prompt", "a",
+  assert cli_main(["sample", "--config", tiny, "--ckpt", str(model), "--out", str(out), "--prompt", "a",
                    "--config.sampling.mean_steps=1.5"] + floor2) == 0  # the config's own budget, below its floor
   rec = json.loads((out / "a.steps.json").read_text())
   want = budget.threshold_for(table, 1.5)
   assert rec["min_steps"] == 1 and rec["threshold"] == (want if np.isfinite(want) else str(want))
   # a stream holding a frame rate steers tau with the table of the range it samples with (here 2-5, not the first)
-  assert cli.main(["sample", "--config", tiny, "--ckpt", str(model), "--out", str(out), "--prompt", "a", "--stream",
+  assert cli_main(["sample", "--config", tiny, "--ckpt", str(model), "--out", str(out), "--prompt", "a", "--stream",
                    "--target-fps", "1000", "--mean-steps", "2.5"] + floor2) == 0
   assert json.loads((out / "a.steps.json").read_text())["min_steps"] == 2
   # On another ladder the table's taus mean other step counts: an explicit budget is refused, saying what to do; the
   # config's own budget falls back to its threshold with a warning that says the same.
   other = ["--config.sampling.ladder=(1000,500,250)", "--config.sampling.max_steps=3"]
-  rc = cli.main(["sample", "--config", tiny, "--ckpt", str(model), "--out", str(out), "--prompt", "a", "--mean-steps",
+  rc = cli_main(["sample", "--config", tiny, "--ckpt", str(model), "--out", str(out), "--prompt", "a", "--mean-steps",
                  "2"] + other)
   err = capsys.readouterr().err
   assert rc == 2 and "timestep ladder (1000,750,500,250,125)" in err and "--config.sampling.ladder='(1000,500,250)'" in err
-  rc = cli.main(["sample", "--config", tiny, "--ckpt", str(model), "--out", str(out), "--prompt", "a",
+  rc = cli_main(["sample", "--config", tiny, "--ckpt", str(model), "--out", str(out), "--prompt", "a",
                  "--config.sampling.mean_steps=2"] + other)
   assert rc == 0 and "config.sampling.mean_steps=2 cannot be used" in capsys.readouterr().err
   assert json.loads((out / "a.steps.json").read_text())["threshold"] == cfg.sampling.threshold
   # The x0-change rule's own table: made with the rule's override, stored beside the head's, used by --mean-steps
   x0 = ["--config.sampling.stop_rule=x0_delta"]
-  assert cli.main(["calibrate", "--config", tiny, "--ckpt", str(model), "--head", "h", "--num", "2"] + x0) == 2
+  assert cli_main(["calibrate", "--config", tiny, "--ckpt", str(model), "--head", "h", "--num", "2"] + x0) == 2
   assert "uses no confidence head" in capsys.readouterr().err
-  assert cli.main(["calibrate", "--config", tiny, "--ckpt", str(model), "--num", "2", "--batch", "2",
+  assert cli_main(["calibrate", "--config", tiny, "--ckpt", str(model), "--num", "2",
                    "--refine-gap", "0.5", "--config.data.prompts.kind=digits"] + x0) == 0
   meta = json.loads((model / "dsa_meta.json").read_text())
   assert meta["calibration"] == table and meta["calibration_x0_delta"]["stop_rule"] == "x0_delta"
-  assert cli.main(["sample", "--config", tiny, "--ckpt", str(model), "--out", str(out), "--prompt", "a",
+  assert cli_main(["sample", "--config", tiny, "--ckpt", str(model), "--out", str(out), "--prompt", "a",
                    "--mean-steps", "2.5"] + x0) == 0
   want = budget.threshold_for(meta["calibration_x0_delta"], 2.5)
   rec = json.loads((out / "a.steps.json").read_text())
