@@ -106,7 +106,10 @@ def _drop_closed_loop_noise(default_hook):
 
 
 def console_main():
-  """The `dsa-jax` executable."""
+  """The `dsa-jax` executable (and `python -m dsa_jax`): a fresh process, so the project's default XLA flags
+  (`dsa_jax/xla_flags.py`) are set before jax starts a backend."""
+  from dsa_jax import xla_flags
+  xla_flags.apply()
   sys.unraisablehook = _drop_closed_loop_noise(sys.unraisablehook)
   sys.exit(main(exit_on_error=True))
 

@@ -23,6 +23,12 @@ if os.environ.get("DSA_JAX_TEST_FULL_OPT") != "1" and "xla_backend_optimization_
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
+# The flags the `dsa-jax` executable adds (dsa_jax/xla_flags.py), here too: the CLI subprocesses of the tests then
+# run with the XLA flags of the tests' own programs and load those from the compilation cache (the flags are part of
+# its key).
+from dsa_jax import xla_flags  # noqa: E402
+
+xla_flags.apply()
 
 import pytest  # noqa: E402
 
