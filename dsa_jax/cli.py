@@ -109,7 +109,11 @@ def console_main():
   """The `dsa-jax` executable (and `python -m dsa_jax`): a fresh process, so the project's default XLA flags
   (`dsa_jax/xla_flags.py`) are set before jax starts a backend."""
   from dsa_jax import xla_flags
-  xla_flags.apply()
+  try:
+    xla_flags.apply()
+  except ValueError as e:  # a bad DSA_JAX_XLA_DEFAULTS
+    print(f"dsa-jax: error: {e}", file=sys.stderr)
+    sys.exit(2)
   sys.unraisablehook = _drop_closed_loop_noise(sys.unraisablehook)
   sys.exit(main(exit_on_error=True))
 

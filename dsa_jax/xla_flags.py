@@ -9,7 +9,7 @@ kernels and autotunes their tilings at compile time. On an NVIDIA H200 (jax 0.11
 - training was unchanged: 42.1 % against 41.8 % MFU (the teacher-like DSA step).
 (`docs/bench/*no_triton_gemm.json` against the earlier runs of the same commands.) Other backends ignore the flag.
 
-A flag that XLA_FLAGS already names is left as the user set it. DSA_JAX_XLA_DEFAULTS=0 sets none. In Python (a
+A flag that XLA_FLAGS already names is left as the user set it. DSA_JAX_XLA_DEFAULTS=0 (or false) sets none. In Python (a
 notebook), call `apply()` before the first jax computation: XLA reads its flags once, when the backend starts.
 """
 
@@ -28,11 +28,22 @@ def _named(flag: str, flags: str) -> bool:
   return re.search(re.escape(name) + r"(=|\s|$)", flags) is not None
 
 
+def defaults_wanted(env) -> bool:
+  """DSA_JAX_XLA_DEFAULTS: unset, 1/true/yes/on -> the defaults are set; 0/false/no/off -> not."""
+  value = env.get(OPT_OUT, "").strip().lower()
+  if value in ("", "1", "true", "yes", "on"):
+    return True
+  if value in ("0", "false", "no", "off"):
+    return False
+  raise ValueError(f"{OPT_OUT}={env[OPT_OUT]!r}: expected 1 (set the default XLA flags, the default) or 0 (leave "
+                   "XLA_FLAGS as it is)")
+
+
 def apply(environ=None) -> list[str]:
   """Adds the DEFAULTS that XLA_FLAGS does not name yet to XLA_FLAGS (in `environ`, default os.environ) and returns
   them. Raises if jax has already started a backend in this process, where the flags would silently do nothing."""
   env = os.environ if environ is None else environ
-  if env.get(OPT_OUT, "1") == "0":
+  if not defaults_wanted(env):
     return []
   current = env.get("XLA_FLAGS", "")
   added = [f for f in DEFAULTS if not _named(f, current)]

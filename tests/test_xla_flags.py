@@ -23,8 +23,12 @@ def test_defaults_join_the_users_flags_and_leave_named_ones_alone():
   assert xla_flags.apply(other) == [FLAG]
   empty = {}
   assert xla_flags.apply(empty) == [FLAG] and empty["XLA_FLAGS"] == FLAG
-  off = {xla_flags.OPT_OUT: "0"}
-  assert xla_flags.apply(off) == [] and "XLA_FLAGS" not in off
+  for value in ("0", "false", "Off"):
+    off = {xla_flags.OPT_OUT: value}
+    assert xla_flags.apply(off) == [] and "XLA_FLAGS" not in off
+  assert xla_flags.apply({xla_flags.OPT_OUT: "yes"}) == [FLAG]
+  with pytest.raises(ValueError, match="DSA_JAX_XLA_DEFAULTS='maybe': expected 1 .* or 0"):
+    xla_flags.apply({xla_flags.OPT_OUT: "maybe"})
 
 
 def test_too_late_once_jax_has_started_its_backend(monkeypatch):
