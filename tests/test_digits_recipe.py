@@ -75,8 +75,9 @@ def test_runlocal_chain_teacher_ode_dsa(repo_root, tmp_path):
   cfg = os.path.join(repo_root, "configs", "digits.py")
   # one step per stage: the chain (export, init from the previous stage) is what is tested; the DSA stage's first
   # step is a generator step (the critic-only step is covered by test_training.py)
+  # (TensorBoard off: its writer imports torch, 1.4 s per process; test_training.py checks its event files)
   common = ["--config.runlocal=True", "--config.train.steps=1", "--config.train.ckpt_every=1",
-            "--config.train.log_every=1"]
+            "--config.train.log_every=1", "--config.train.tensorboard=False"]
   t, o, d = (str(tmp_path / n) for n in ("teacher", "ode", "dsa"))
   # `dsa-jax train` in subprocesses with the suite's XLA flags (conftest.py: backend optimisation off, the chain is
   # compile-bound)
