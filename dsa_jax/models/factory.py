@@ -69,9 +69,18 @@ def init_network(config, name: str, key):
   return init_dit(dit_config(config, network_role(name)), config, key)
 
 
+_ABSTRACT_NETWORKS: dict = {}  # (name, the config as JSON) -> the tree; a few entries per process
+
+
 def abstract_network(config, name: str):
-  """Boxed ShapeDtypeStruct tree of network `name` (no allocation)."""
-  return jax.eval_shape(lambda k: init_network(config, name, k), jax.random.PRNGKey(0))
+  """Boxed ShapeDtypeStruct tree of network `name` (no allocation). Remembered per config and name: tracing the
+  init takes seconds at 1.3B, and loading a model asks for the same shapes more than once (restoring, checking)."""
+  key = (name, config.to_json_best_effort(sort_keys=True))
+  if key not in _ABSTRACT_NETWORKS:
+    if len(_ABSTRACT_NETWORKS) >= 32:
+      _ABSTRACT_NETWORKS.clear()
+    _ABSTRACT_NETWORKS[key] = jax.eval_shape(lambda k: init_network(config, name, k), jax.random.PRNGKey(0))
+  return _ABSTRACT_NETWORKS[key]
 
 
 def random_networks(config, names, key, exact: bool = True) -> dict:
