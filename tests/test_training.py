@@ -17,6 +17,7 @@ import pytest
 import jax
 import jax.numpy as jnp
 
+from dsa_jax.checkpoint import params_io
 from dsa_jax.config_lib import get_config
 from dsa_jax.parallel import mesh as mesh_lib
 from dsa_jax.training import checkpointing, losses, ode_pairs, rollout, trainer
@@ -510,3 +511,98 @@ def test_cli_trains_checkpoints_resumes(tmp_path, xla_cache, reference_run, caps
   from dsa_jax import cli  # a bad config value: the same command's one-line error (in-process: no jax work)
   assert cli.main(base[3:] + ["--config.train.stage=nope"]) == 2
   assert "train.stage" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Faults of the training loop: non-finite losses, corrupt latest checkpoint (the reference run's configuration
+# and compiled steps)
+
+
+@pytest.fixture(scope="module")
+def train_cfg(reference_run):
+  """The reference run's configuration: these runs load its compiled steps (and run after it in this module, so they
+  never wait for another worker's compile)."""
+  return reference_run[0]
+
+
+def _poison(monkeypatch, bad_calls):
+  """Text contexts of the given encoder calls (0 = the negative prompt, 1 = the first batch) become NaN."""
+  from dsa_jax.training import trainer
+  real = trainer.make_text_encoder
+
+  def make(config):
+    enc, calls = real(config), [0]
+
+    def encode(prompts):
+      out = enc(prompts)
+      calls[0] += 1
+      return out * np.nan if calls[0] - 1 in bad_calls else out
+    return encode
+  monkeypatch.setattr(trainer, "make_text_encoder", make)
+
+
+def test_nonfinite_loss_stops_before_saving(train_cfg, tmp_path, monkeypatch):
+  from dsa_jax.training import trainer
+  _poison(monkeypatch, {3})  # the third batch
+  cfg = train_cfg.copy_and_resolve_references()
+  cfg.train.update(keep=1, ckpt_every=1)  # saving step 3 would rotate the last good checkpoint away
+  logs = []
+  with pytest.raises(trainer.NonFiniteError, match=r"step 3: non-finite .*nonfinite_skip"):
+    trainer.train(cfg, str(tmp_path), log=logs.append)  # the programs of the reference run
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]  # the newest finite one stays
+  assert not os.path.exists(tmp_path / "model")
+  assert not (tmp_path / "train.lock").read_text()  # released
+
+
+def test_nonfinite_parameters_are_never_saved():
+  from dsa_jax.training import trainer
+
+  class State:
+    def __init__(self, x):
+      self.x = x
+
+    def networks(self):
+      return {"generator": {"w": self.x}}
+  trainer._check_before_save(State(np.ones(3, np.float32)), 5)
+  with pytest.raises(trainer.NonFiniteError, match="step 5: the parameters hold NaN"):
+    trainer._check_before_save(State(np.array([1.0, np.inf], np.float32)), 5)
+  with pytest.raises(trainer.TrainingError, match="nonfinite_skip"):
+    trainer.nonfinite_skip_budget(get_config(TINY, ["--config.train.nonfinite_skip=-1"]))
+
+
+def test_nonfinite_batches_skipped_up_to_budget(train_cfg, tmp_path, monkeypatch):
+  from dsa_jax.training import trainer
+  _poison(monkeypatch, {2})
+  cfg = train_cfg.copy_and_resolve_references()
+  cfg.train.nonfinite_skip = 1
+  logs = []
+  summary = trainer.train(cfg, str(tmp_path), log=logs.append)
+  assert summary["end_step"] == 4 and any("skipped this batch (1 of" in x for x in logs), logs
+  from dsa_jax.training import checkpointing
+  params, _ = checkpointing.load_model_from_workdir(str(tmp_path / "model"), cfg)
+  assert not params_io.nonfinite_leaves(params)
+
+
+def test_corrupt_latest_checkpoint_falls_back_and_is_kept(train_cfg, tmp_path, caplog):
+  from dsa_jax.training import checkpointing, trainer
+  trainer.train(train_cfg, str(tmp_path))  # checkpoints 2 and 4
+  gen_dir = tmp_path / "checkpoints" / "4" / "generator"
+  for root, _, files in os.walk(gen_dir):
+    for name in files:
+      if name not in ("_METADATA", "_sharding", "manifest.ocdbt"):
+        with open(os.path.join(root, name), "wb") as f:
+          f.write(b"\x00garbage")
+  caplog.clear()
+  with pytest.raises(checkpointing.CheckpointError):
+    checkpointing.load_model_from_workdir(str(tmp_path), train_cfg)  # reading alone never moves anything
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "4"]
+  assert not [r for r in caplog.records if "read only" in r.getMessage()]  # orbax's notices to every reader
+  logs = []
+  summary = trainer.train(train_cfg, str(tmp_path), log=logs.append)
+  assert summary["start_step"] == 2 and summary["end_step"] == 4
+  warn = [x for x in logs if "WARNING: checkpoint step 4" in x]
+  assert warn and "falling back" in warn[0], logs
+  aside = os.listdir(tmp_path / "corrupt_checkpoints")
+  assert len(aside) == 1 and aside[0].startswith("4-")
+  assert os.path.isdir(tmp_path / "corrupt_checkpoints" / aside[0] / "generator")  # kept, not deleted
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "4"]  # 4 written again by this run
