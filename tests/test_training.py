@@ -419,16 +419,20 @@ def test_time_limit_stops_with_checkpoint_and_resumes(reference_run, tmp_path):
   assert any("stopped at step 1" in line for line in logs)
 
 
-def test_corrupt_checkpoint_gives_clear_error(reference_run, tmp_path):
-  cfg, ref_work, _, _ = reference_run
-  work = tmp_path / "corrupt"
-  shutil.copytree(ref_work, work)
-  gen_dir = work / "checkpoints" / "4" / "generator"
-  for root, _, files in os.walk(gen_dir):
+def _corrupt_generator(step_dir):
+  """Overwrites the generator's array data of a training checkpoint (its metadata stays readable)."""
+  for root, _, files in os.walk(step_dir / "generator"):
     for name in files:
       if name not in ("_METADATA", "_sharding", "manifest.ocdbt"):
         with open(os.path.join(root, name), "wb") as f:
           f.write(b"\x00garbage")
+
+
+def test_corrupt_checkpoint_gives_clear_error(reference_run, tmp_path):
+  cfg, ref_work, _, _ = reference_run
+  work = tmp_path / "corrupt"
+  shutil.copytree(ref_work, work)
+  _corrupt_generator(work / "checkpoints" / "4")
   cfg6 = tiny("--config.train.steps=6", "--config.train.ckpt_every=2")
   with pytest.raises(checkpointing.TrainCheckpointError, match=r"checkpoints/4.*corrupt"):
     checkpointing.load_model_from_workdir(str(work), cfg6)
@@ -583,15 +587,9 @@ def test_nonfinite_batches_skipped_up_to_budget(train_cfg, tmp_path, monkeypatch
   assert not params_io.nonfinite_leaves(params)
 
 
-def test_corrupt_latest_checkpoint_falls_back_and_is_kept(train_cfg, tmp_path, caplog):
-  from dsa_jax.training import checkpointing, trainer
-  trainer.train(train_cfg, str(tmp_path))  # checkpoints 2 and 4
-  gen_dir = tmp_path / "checkpoints" / "4" / "generator"
-  for root, _, files in os.walk(gen_dir):
-    for name in files:
-      if name not in ("_METADATA", "_sharding", "manifest.ocdbt"):
-        with open(os.path.join(root, name), "wb") as f:
-          f.write(b"\x00garbage")
+def test_corrupt_latest_checkpoint_falls_back_and_is_kept(reference_run, train_cfg, tmp_path, caplog):
+  shutil.copytree(reference_run[1], tmp_path, dirs_exist_ok=True)  # checkpoints 2 and 4
+  _corrupt_generator(tmp_path / "checkpoints" / "4")
   caplog.clear()
   with pytest.raises(checkpointing.CheckpointError):
     checkpointing.load_model_from_workdir(str(tmp_path), train_cfg)  # reading alone never moves anything
