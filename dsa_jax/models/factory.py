@@ -73,8 +73,9 @@ _ABSTRACT_NETWORKS: dict = {}  # (name, the config as JSON) -> the tree; a few e
 
 
 def abstract_network(config, name: str):
-  """Boxed ShapeDtypeStruct tree of network `name` (no allocation). Remembered per config and name: tracing the
-  init takes seconds at 1.3B, and loading a model asks for the same shapes more than once (restoring, checking)."""
+  """Boxed ShapeDtypeStruct tree of network `name` (no allocation). Remembered per config and name: loading a model
+  asks for the same shapes more than once (restoring and checking in `workdir`, checking and casting in `loading`),
+  and each trace of the init costs 0.28 s for the 1.3B generator on a CPU."""
   key = (name, config.to_json_best_effort(sort_keys=True))
   if key not in _ABSTRACT_NETWORKS:
     if len(_ABSTRACT_NETWORKS) >= 32:

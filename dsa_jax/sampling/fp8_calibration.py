@@ -1,6 +1,6 @@
 """fp8 activation calibrations stored in a model folder, so that sampling with calibrated fp8 layers
 (`compute.matmul='fp8'`, `compute.fp8_activations='calibrated'`) does not calibrate again in every process (for the
-1.3B model that is about 45 s on an H200, mostly compiling the calibration forward).
+1.3B model that is 33-45 s on an H200, mostly compiling the calibration forward).
 
   dsa-jax calibrate --config configs/wan_1_3b.py --ckpt MODEL --fp8 [--prompts prompts.txt] [--num 8 --batch 1]
 
