@@ -225,3 +225,27 @@ def test_median_call_s_times_calls_enqueued_back_to_back(monkeypatch):
   assert first == 1 and len(calls) == 1 + 15
   assert waits == [1, 6, 11, 16]  # the warm-up, then the last call of each round
   assert 0.004 <= per_call < 0.02
+
+
+def test_device_memory_reports_every_local_device(monkeypatch):
+  """A multi-GPU bench reports each GPU's peak and its share of the limit, so one GPU near its memory shows even
+  when the first is not; a backend without counters gives None instead of zeros."""
+  import jax
+
+  class FakeDevice:
+    def __init__(self, i, peak):
+      self.i, self.peak = i, peak
+
+    def memory_stats(self):
+      return {"peak_bytes_in_use": self.peak, "bytes_in_use": self.peak // 2, "bytes_limit": 100}
+
+    def __str__(self):
+      return f"cuda:{self.i}"
+
+  monkeypatch.setattr(jax, "local_devices", lambda: [FakeDevice(0, 40), FakeDevice(1, 95)])
+  rows = profiling.device_memory()
+  assert [r["device"] for r in rows] == ["cuda:0", "cuda:1"]
+  assert [r["peak_fraction_of_limit"] for r in rows] == [0.4, 0.95]
+  assert bench._peak_memory() == {"peak_bytes_in_use": 40, "bytes_in_use": 20, "bytes_limit": 100}
+  monkeypatch.setattr(FakeDevice, "memory_stats", lambda self: None)
+  assert profiling.device_memory() is None and bench._peak_memory() is None

@@ -43,6 +43,26 @@ def xla_environment() -> dict:
   return {k: os.environ[k] for k in XLA_ENVIRONMENT if k in os.environ}
 
 
+def device_memory() -> list[dict] | None:
+  """Each local device's allocator counters (peak and current bytes in use, the limit), so a multi-GPU bench says
+  whether any one GPU ran near its memory, not only the first; None where the backend keeps no counters (CPU)."""
+  import jax
+  out = []
+  for d in jax.local_devices():
+    try:
+      stats = d.memory_stats()
+    except Exception:  # not every backend implements it
+      return None
+    if not stats:
+      return None
+    row = {k: int(stats[k]) for k in ("peak_bytes_in_use", "bytes_in_use", "bytes_limit") if k in stats}
+    row["device"] = str(d)
+    if row.get("bytes_limit"):
+      row["peak_fraction_of_limit"] = row.get("peak_bytes_in_use", 0) / row["bytes_limit"]
+    out.append(row)
+  return out
+
+
 def profile_one(fn, log_dir: str, top: int = 25, log=print, what: str = "one video") -> dict:
   """Runs `fn` once under jax.profiler (trace in `log_dir`) and returns the top kernels by summed time, read from
   the Perfetto JSON the profiler writes next to its XPlane (None when it cannot be read)."""

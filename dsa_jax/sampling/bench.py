@@ -57,7 +57,7 @@ import time
 
 import numpy as np
 
-from dsa_jax.eval.profiling import profile_one, xla_environment
+from dsa_jax.eval.profiling import device_memory, profile_one, xla_environment
 
 
 def add_arguments(p):
@@ -135,14 +135,11 @@ def _sync(x):
 
 
 def _peak_memory():
-  import jax
-  try:
-    stats = jax.devices()[0].memory_stats()
-  except Exception:  # not every backend implements it
+  """The first device's allocator counters (the name and keys older JSON files use); `device_memory()` has all."""
+  devices = device_memory()
+  if not devices:
     return None
-  if not stats:
-    return None
-  return {k: int(stats[k]) for k in ("peak_bytes_in_use", "bytes_in_use", "bytes_limit") if k in stats}
+  return {k: v for k, v in devices[0].items() if k in ("peak_bytes_in_use", "bytes_in_use", "bytes_limit")}
 
 
 def _bench_meta(config, config_arg=None, overrides=None, argv=None) -> dict:
@@ -276,7 +273,8 @@ def run_decode_bench(config, *, runs=3, batch=1, profile_dir=None, log=print) ->
     times.append(time.perf_counter() - t0)
   res["vae"]["video_to_host_s"] = {"median": _median(times), "all": times}
   res["fps"] = {"vae": batch * n_pix / _median(times)}
-  res["memory"] = {"programs": decoder_memory(decoder, batch, f), "device": _peak_memory()}
+  res["memory"] = {"programs": decoder_memory(decoder, batch, f), "device": _peak_memory(),
+                   "per_device": device_memory()}
   if profile_dir:
     res["profile"] = profile_one(lambda: decoder.decode_video(lat, uint8=True), profile_dir, log=log)
   log(f"  VAE decode: {res['vae']['decode_s']:.3f} s per video (chunks "
@@ -478,7 +476,8 @@ def run_bench(config, *, steps=None, threshold=None, mean_steps=None, budget_mea
     log("  components: " + ", ".join(f"{k} {v:.3f} s" for k, v in comp.items() if v is not None))
 
   # 5) Memory per program and the process peak.
-  res["memory"] = {"programs": programs, "device": _peak_memory(), **_pipeline_peak(programs, params)}
+  res["memory"] = {"programs": programs, "device": _peak_memory(), "per_device": device_memory(),
+                   **_pipeline_peak(programs, params)}
   res["peak_memory"] = res["memory"]["device"]  # the name older JSON files use
   log("  memory: " + "; ".join(f"{k} {v['total'] / 2**30:.3f} GiB" for k, v in programs.items() if v))
 

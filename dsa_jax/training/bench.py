@@ -40,7 +40,7 @@ import time
 
 import numpy as np
 
-from dsa_jax.eval.profiling import xla_environment
+from dsa_jax.eval.profiling import device_memory, xla_environment
 
 # Dense bf16 peak per device (vendor datasheets), by substring of `device_kind`.
 PEAK_BF16 = (("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L4", 121e12), ("v6", 918e12),
@@ -206,10 +206,12 @@ def run_bench_train(args) -> dict:
 
       entry["profile"] = profile_one(one_step, os.path.join(args.profile, kind), what=f"one '{kind}' step")
     result["steps"][kind] = entry
-  stats = dev.memory_stats() if hasattr(dev, "memory_stats") else None
-  if stats:
-    result["peak_memory_gb"] = stats.get("peak_bytes_in_use", 0) / 1e9
-    result["memory_limit_gb"] = stats.get("bytes_limit", 0) / 1e9
+  per_device = device_memory()
+  if per_device:  # the first device under the old names; every local device under per_device_memory
+    result["peak_memory_gb"] = per_device[0].get("peak_bytes_in_use", 0) / 1e9
+    result["memory_limit_gb"] = per_device[0].get("bytes_limit", 0) / 1e9
+    result["per_device_memory"] = per_device
+    result["max_peak_memory_gb"] = max(d.get("peak_bytes_in_use", 0) for d in per_device) / 1e9
   if stage == "ode":
     e = result["steps"]["ode"]
     result["mean_iteration_s"], result["mean_mfu"] = e["step_s"], e["mfu"]
