@@ -187,6 +187,16 @@ def test_digits_encoder_warns_about_unknown_words_and_truncation():
   assert len(msgs) == 1
   enc(["digit " * 5000])
   assert len(msgs) == 2 and "5000 words is cut to the first 24" in msgs[1]
+  enc(["digit " * 5000])  # the same prompt again: not repeated
+  assert len(msgs) == 2
+  # a training run draws ever new long prompts: a few are named, then one line says more are cut, then silence
+  from dsa_jax.data.text_context import MAX_CUT_PROMPTS_LISTED
+  enc([f"digit {d} moves " + "slowly " * 30 for d in range(9)])
+  cut = msgs[2:]
+  assert len(cut) == MAX_CUT_PROMPTS_LISTED  # four more named (the first was above), then the summary line
+  assert all("is cut to the first 24" in m for m in cut[:-1]) and "no more of them are listed" in cut[-1]
+  enc(["digit 1 moves " + "fast " * 40])
+  assert len(msgs) == 2 + MAX_CUT_PROMPTS_LISTED
   strict = make_text_encoder(config, strict=True, warn=msgs.append)
   with pytest.raises(UnknownWordsError, match="piano"):
     strict(["digit 3 plays piano"])

@@ -47,9 +47,14 @@ class UnknownWordsError(ValueError):
   """A prompt holds words the bag-of-words encoder does not know (with strict prompts)."""
 
 
+# Prompts cut to text_len that are named one by one; a training run over generated prompts would otherwise log one
+# line per distinct long prompt for its whole length (the digits grammar makes prompts of up to 27 words).
+MAX_CUT_PROMPTS_LISTED = 5
+
+
 def _prompt_checker(enc, strict: bool, warn):
   """Reports once per word: unknown words (a bag-of-words encoder maps them all to one vector, so the video ignores
-  them) and prompts cut to text_len words."""
+  them); and prompts cut to text_len words, the first MAX_CUT_PROMPTS_LISTED by name, then once that more are."""
   seen_words, seen_cut = set(), set()
 
   def check(prompts):
@@ -64,10 +69,17 @@ def _prompt_checker(enc, strict: bool, warn):
       warn(f"warning: {msg}; they all map to one unknown-word vector, so the video cannot follow them "
            "(--strict-prompts makes this an error)")
     for p in prompts:
+      if len(seen_cut) > MAX_CUT_PROMPTS_LISTED or p in seen_cut:
+        continue
       n = len(tokenize(p))
-      if n > enc.text_len and p not in seen_cut:
-        seen_cut.add(p)
+      if n <= enc.text_len:
+        continue
+      seen_cut.add(p)
+      if len(seen_cut) <= MAX_CUT_PROMPTS_LISTED:
         warn(f"warning: a prompt of {n} words is cut to the first {enc.text_len} (model.text_len): {p[:60]!r}...")
+      else:
+        warn(f"warning: more prompts are longer than model.text_len = {enc.text_len} words and are cut; "
+             f"no more of them are listed")
   return check
 
 
