@@ -4,10 +4,11 @@
 #   launch/multi_gpu_checks.sh OUT                      # every stage on all visible GPUs
 #   GPUS=2 STAGES="sampler resume" launch/multi_gpu_checks.sh OUT
 #
-# sampler  `dsa-jax bench sample` (CONFIG, forced 2.5 steps, random weights): one GPU, data parallel (GPUS streams,
-#          batch GPUS: total FPS) and tensor parallel (batch 1: FPS and latency to the first chunk)
+# sampler  `dsa-jax bench sample` (CONFIG, forced 2.5 steps, random weights): one GPU and tensor parallel (batch 1:
+#          FPS and latency to the first chunk), data parallel (GPUS streams, batch GPUS: total FPS)
 # train    `dsa-jax bench train`: the CONFIG student + critic + head with a teacher of TEACHER_SHAPE (default the
-#          14B shape: dim 5120, FFN 13824, 40 heads, 40 layers), FSDP over the GPUS; step time, MFU, memory
+#          14B shape: dim 5120, FFN 13824, 40 heads, 40 layers), FSDP over the GPUS, and the same step on one GPU;
+#          step time, MFU, each GPU's peak memory
 # resume   RESUME_CONFIG trained by GPUS processes (launch/gpu_local.sh PROCS=GPUS, one per GPU, jax.distributed)
 #          for RESUME_STEPS steps three times: uninterrupted; interrupted (one process killed once the first of
 #          three checkpoints is complete, the rest torn down as a scheduler would); the same command rerun. The
@@ -32,6 +33,10 @@ TEACHER_SHAPE=${TEACHER_SHAPE---config.teacher.dim=5120 --config.teacher.ffn_dim
 RESUME_CONFIG=${RESUME_CONFIG:-digits:teacher}
 RESUME_STEPS=${RESUME_STEPS:-300}
 TIMEOUT=${TIMEOUT:-900}
+for stage in $STAGES; do  # every stage named is checked before the first one runs (each takes minutes)
+  case $stage in sampler|train|resume) ;;
+  *) echo "multi_gpu_checks: unknown stage '$stage' (sampler, train, resume)" >&2; exit 2 ;; esac
+done
 mkdir -p "$OUT"
 status=0
 
@@ -49,7 +54,7 @@ for stage in $STAGES; do
   case $stage in
   sampler)
     S=(-m dsa_jax bench sample --config "$CONFIG" --forced-mean-steps 2.5 --runs 3 --no-components)
-    run sample_1gpu env CUDA_VISIBLE_DEVICES=0 "$PY" "${S[@]}" --no-stream --json "$OUT/sample_1gpu.json"
+    run sample_1gpu env CUDA_VISIBLE_DEVICES=0 "$PY" "${S[@]}" --json "$OUT/sample_1gpu.json"
     run "sample_data$GPUS" "$PY" "${S[@]}" --no-stream --batch-size "$GPUS" --config.mesh.shape.data="$GPUS" \
       --config.mesh.shape.tensor=1 --json "$OUT/sample_data$GPUS.json"
     run "sample_tensor$GPUS" "$PY" "${S[@]}" --config.mesh.shape.data=1 --config.mesh.shape.tensor="$GPUS" \
@@ -57,9 +62,12 @@ for stage in $STAGES; do
     ;;
   train)
     # shellcheck disable=SC2086  (TEACHER_SHAPE is a list of overrides)
-    run "train_fsdp$GPUS" env XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.95}" "$PY" -m dsa_jax \
-      bench train --config "$CONFIG" --steps 3 $TEACHER_SHAPE --config.mesh.shape.data=1 \
-      --config.mesh.shape.fsdp="$GPUS" --json "$OUT/train_fsdp$GPUS.json"
+    T=(env XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.95}")
+    run "train_fsdp$GPUS" "${T[@]}" "$PY" -m dsa_jax bench train --config "$CONFIG" --steps 3 $TEACHER_SHAPE \
+      --config.mesh.shape.data=1 --config.mesh.shape.fsdp="$GPUS" --json "$OUT/train_fsdp$GPUS.json"
+    # shellcheck disable=SC2086
+    run train_1gpu "${T[@]}" CUDA_VISIBLE_DEVICES=0 "$PY" -m dsa_jax bench train --config "$CONFIG" --steps 3 \
+      $TEACHER_SHAPE --json "$OUT/train_1gpu.json"
     ;;
   resume)
     R=$OUT/resume; rm -rf "$R"; mkdir -p "$R"
@@ -111,7 +119,6 @@ print(json.dumps(res))
 sys.exit(0 if res["bit_identical"] and resumed else 1)
 EOF
     ;;
-  *) echo "multi_gpu_checks: unknown stage '$stage' (sampler, train, resume)" >&2; exit 2 ;;
   esac
 done
 exit $status

@@ -91,3 +91,15 @@ def test_two_processes_train_a_step(tmp_path):
 if __name__ == "__main__":
   sys.path.insert(0, ROOT)
   _worker(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5])
+
+
+def test_multi_gpu_checks_refuse_bad_arguments_before_running(tmp_path):
+  """The multi-GPU check script says what is wrong (fewer than 2 GPUs, an unknown stage) and runs nothing."""
+  script = os.path.join(ROOT, "launch", "multi_gpu_checks.sh")
+  run = lambda env: subprocess.run(["bash", script, str(tmp_path / "out")], capture_output=True, text=True,
+                                   env={**os.environ, **env}, timeout=60)
+  one = run({"GPUS": "1"})
+  assert one.returncode == 2 and "needs GPUS >= 2 (got '1')" in one.stderr
+  bad = run({"GPUS": "2", "STAGES": "train sampler-typo"})  # checked before the first stage runs
+  assert bad.returncode == 2 and "unknown stage 'sampler-typo' (sampler, train, resume)" in bad.stderr
+  assert not os.path.exists(tmp_path / "out")
