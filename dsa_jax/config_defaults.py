@@ -101,6 +101,11 @@ def base_config() -> ml_collections.ConfigDict:
       # The sampler's DiT with its layers unrolled and one KV-cache buffer per layer: no copy of a layer's cache at
       # every forward (faster on GPU, a longer compile); False scans the layers over one stacked cache.
       unroll_layers=False,
+      # Over a mesh whose devices all lie on the data axis (weights replicated), each device runs the chunk and step
+      # loops of its own videos (one `shard_map` body) instead of all devices stepping together until the slowest
+      # frame of the whole batch is done: the same videos, no cross-device sync per loop iteration. Without effect
+      # with CFG, on one device, or on meshes with fsdp or tensor parallelism.
+      per_device_loops=True,
       # A confidence head from a head folder of its own (`dsa-jax convert export-head`) instead of the checkpoint's:
       # its conf_target and calibration table come with it; it must have been trained for this generator (checked by
       # the generator fingerprint it records). '' = the checkpoint's head.

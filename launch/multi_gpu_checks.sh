@@ -5,7 +5,8 @@
 #   GPUS=2 STAGES="sampler resume" launch/multi_gpu_checks.sh OUT
 #
 # sampler  `dsa-jax bench sample` (CONFIG, forced 2.5 steps, random weights): one GPU and tensor parallel (batch 1:
-#          FPS and latency to the first chunk), data parallel (GPUS streams, batch GPUS: total FPS)
+#          FPS and latency to the first chunk), data parallel (GPUS streams, batch GPUS: total FPS), with each
+#          device's loops its own (the default) and in lockstep (sampling.per_device_loops=False)
 # train    `dsa-jax bench train`: the CONFIG student + critic + head with a teacher of TEACHER_SHAPE (default the
 #          14B shape: dim 5120, FFN 13824, 40 heads, 40 layers), FSDP over the GPUS, and the same step on one GPU;
 #          step time, MFU, each GPU's peak memory
@@ -57,6 +58,9 @@ for stage in $STAGES; do
     run sample_1gpu env CUDA_VISIBLE_DEVICES=0 "$PY" "${S[@]}" --json "$OUT/sample_1gpu.json"
     run "sample_data$GPUS" "$PY" "${S[@]}" --no-stream --batch-size "$GPUS" --config.mesh.shape.data="$GPUS" \
       --config.mesh.shape.tensor=1 --json "$OUT/sample_data$GPUS.json"
+    # the same data-parallel batch with every device stepping until the slowest frame of the batch is done
+    run "sample_data${GPUS}_lockstep" "$PY" "${S[@]}" --no-stream --batch-size "$GPUS" --config.mesh.shape.data="$GPUS" \
+      --config.mesh.shape.tensor=1 --config.sampling.per_device_loops=False --json "$OUT/sample_data${GPUS}_lockstep.json"
     run "sample_tensor$GPUS" "$PY" "${S[@]}" --config.mesh.shape.data=1 --config.mesh.shape.tensor="$GPUS" \
       --json "$OUT/sample_tensor$GPUS.json"
     ;;

@@ -52,10 +52,18 @@ def _worker(out_path: str):
   controls = lambda s, t: s.make_controls(8, threshold=t, seed=3)
   ref = jax.device_get(one.sample(params, ctx, controls(one, tau)))
   report["ref_steps"] = ref.steps.tolist()
+  report["ref_chunk_iters"] = ref.chunk_iters.tolist()
 
   for name, shape in MESHES.items():
     sm = S.make_sampler(cfg, mesh=mesh_lib.make_mesh(cfg, shape=shape))
     r = report[name] = {}
+    r["per_device"] = sm.runs_per_device(8, use_cfg=False)
+    if name == "data8":  # loops per device: no collective decides when a loop ends
+      sm.compile(params, ctx, controls(sm, tau))
+      hlo = next(iter(sm._compiled.values())).as_text()
+      in_loop = r'(all-reduce|all-gather|collective-permute)\(.*op_name="[^"]*/while/'
+      r["loop_collectives"] = len(re.findall(in_loop, hlo))
+      r["all_reduces"] = len(re.findall(r"all-reduce\(", hlo))
     if name == "data2_tensor4":
       sm.compile(params, ctx, controls(sm, tau))
       hlo = next(iter(sm._compiled.values())).as_text()
@@ -67,6 +75,7 @@ def _worker(out_path: str):
     r["latents_spec"] = spec_json(out.latents.sharding.spec)
     r["max_diff"] = float(np.abs(np.asarray(out.latents) - ref.latents).max())
     r["steps_equal"] = bool((np.asarray(out.steps) == ref.steps).all())
+    r["chunk_iters"] = np.asarray(out.chunk_iters).tolist()
     cache = sm.new_cache(8)
     r["cache_spec"] = spec_json(cache["k"].sharding.spec)
     r["ffn_in_spec"] = spec_json(sm.param_shardings["generator"]["params"]["blocks"]["ffn_in"]["kernel"].spec)
@@ -173,6 +182,15 @@ def test_sharded_sample_equals_single_device(report, name):
   assert r["steps_equal"], name
   assert r["max_diff"] < 1e-4, (name, r["max_diff"])
   assert r["retraced"] == 0 and r["new_programs"] == 0  # thresholds are traced: no recompilation
+  assert r["chunk_iters"] == report["ref_chunk_iters"]  # per device or not: the most iterations any frame needed
+
+
+def test_data_parallel_sampler_runs_its_loops_per_device(report):
+  """Only on a data-only mesh: each device's loops read its own frames (the one all-reduce left is the per-chunk
+  iteration counts' maximum, after the loops); fsdp and tensor parallelism keep the devices stepping together."""
+  assert report["data8"]["per_device"] and not report["fsdp8"]["per_device"]
+  assert not report["data2_tensor4"]["per_device"]
+  assert report["data8"]["loop_collectives"] == 0 and report["data8"]["all_reduces"] == 1, report["data8"]
 
 
 def test_placements(report):

@@ -201,6 +201,17 @@ def activation_context(mesh: Mesh | None, rules, *, model_constraints: bool = Tr
     yield
 
 
+@contextlib.contextmanager
+def without_activation_constraints():
+  """For a per-device body (`jax.shard_map`) traced inside `activation_context`: the model's activation constraints
+  name mesh axes that are manual there, so they are off until the body is traced."""
+  token = _ACTIVATIONS.set(None)
+  try:
+    yield
+  finally:
+    _ACTIVATIONS.reset(token)
+
+
 def constrain_activation(x, names: Sequence[str | None]):
   """Constrains a model activation by logical names inside `activation_context`; a no-op elsewhere."""
   active = _ACTIVATIONS.get()

@@ -295,6 +295,7 @@ def run_bench(config, *, steps=None, threshold=None, mean_steps=None, budget_mea
   from dsa_jax.diffusion import guidance as guidance_lib
   from dsa_jax.models import factory
   from dsa_jax.models.dit import _DTYPES
+  from dsa_jax.parallel import mesh as mesh_lib
   from dsa_jax.sampling import sampler as sampler_lib
   from dsa_jax.sampling import stream as stream_lib
 
@@ -362,6 +363,8 @@ def run_bench(config, *, steps=None, threshold=None, mean_steps=None, budget_mea
           "chunks": n_chunks, "chunk_frames": c, "tokens_per_frame": sampler.tokens_per_frame},
       "ladder_steps": L, "vae": None if decoder is None else decoder.kind, "vae_dtype": _vae_dtype(decoder),
       "init_s": init_s,
+      "mesh": None if sampler.mesh is None else mesh_lib.mesh_sizes(sampler.mesh),
+      "per_device_loops": sampler.runs_per_device(batch, use_cfg),
       "params": {"generator": factory.param_count(factory.as_variables(params["generator"])["params"]),
                  "head": factory.param_count(params["head"])},  # (not a stored fp8 calibration's numbers)
   }

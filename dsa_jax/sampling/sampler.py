@@ -55,6 +55,7 @@ Over a mesh (`config.mesh`, more than one device): parameters are sharded by the
 model dim, tensor parallelism over heads and the FFN), the KV cache over batch (data x fsdp) and heads (tensor),
 context, controls and outputs over batch; each program is still one `jax.jit`, with in/out shardings per batch
 size and the cache donated, traced with the model's activation constraints on. One device: plain jit, as before.
+On a mesh of the data axis alone, the whole-video program runs its loops per device (`sampling.per_device_loops`).
 """
 
 from __future__ import annotations
@@ -323,6 +324,9 @@ class Sampler:
       self.mesh = None  # one device: no shardings at all
     self.rules = mesh_lib.rules_from_config(config)
     self._mesh_jits = {}
+    self.per_device_loops = config.sampling.get("per_device_loops", True)
+    if not isinstance(self.per_device_loops, bool):
+      raise ValueError(f"config.sampling.per_device_loops: expected True or False, got {self.per_device_loops!r}")
     self._placed_params = None
     self._fp8_calibration = None  # (generator leaves, amax tree) of the last calibration
     self._fp8_record = None  # the jitted calibration forward
@@ -392,9 +396,44 @@ class Sampler:
         out_shape = jax.eval_shape(fn, *args)  # jit reuses this trace
       outs = (self.cache_shardings(out_shape) if kind == "fill_step"
               else self._out_shardings(out_shape, np.shape(args[1])[0]))
+      if kind == "program" and self.runs_per_device(np.shape(args[1])[0], use_cfg):
+        fn = self._per_device_program(fn, args, outs)
       self._mesh_jits[key] = jax.jit(fn, in_shardings=self._arg_shardings(args), out_shardings=outs,
                                      donate_argnums=(5,))
     return self._mesh_jits[key]
+
+  def runs_per_device(self, batch: int, use_cfg: bool) -> bool:
+    """Whether the whole-video program for this batch runs its loops per device (`sampling.per_device_loops`): on a
+    mesh of the data axis alone (replicated weights: no collective inside a forward), a batch that divides over it,
+    and no CFG (its cache stacks the conditional and unconditional halves on the batch dimension, which a split of
+    that dimension would tear apart)."""
+    if self.mesh is None or not self.per_device_loops or use_cfg:
+      return False
+    n = mesh_lib.mesh_sizes(self.mesh).get("data", 1)
+    return n == self.mesh.size and batch % n == 0
+
+  def _per_device_program(self, fn, args, outs):
+    """`fn` (the whole-video program) as one `shard_map` body per device over its slice of the batch. The loops'
+    conditions then read only the device's own frames, so a device whose videos finish a chunk early goes on to the
+    next while another still steps. The per-chunk iteration counts come back as their maximum over the devices: what
+    the program stepping all devices together reports."""
+    spec = lambda tree: jax.tree_util.tree_map(lambda sh: sh.spec, tree)
+    out_specs = spec(outs)
+    batch_axes = out_specs[0].latents[0]
+    out_specs = (out_specs[0].replace(chunk_iters=jax.sharding.PartitionSpec(batch_axes)), out_specs[1])
+
+    def body(*a):
+      with mesh_lib.without_activation_constraints():
+        out, cache = fn(*a)
+      return out.replace(chunk_iters=out.chunk_iters[None]), cache
+
+    mapped = jax.shard_map(body, mesh=self.mesh, in_specs=spec(self._arg_shardings(args)), out_specs=out_specs,
+                           check_vma=False)
+
+    def program(*a):
+      out, cache = mapped(*a)
+      return out.replace(chunk_iters=jnp.max(out.chunk_iters, axis=0)), cache
+    return program
 
   def place(self, args):
     """Program arguments on the mesh with their shardings (the parameters of the last call are reused as placed)."""
