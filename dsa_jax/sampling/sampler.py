@@ -392,14 +392,15 @@ class Sampler:
     if key not in self._mesh_jits:
       impl = {"program": self._program, "chunk_step": self._chunk_step, "fill_step": self._fill_step}[kind]
       fn = functools.partial(impl, use_cfg=use_cfg, **static)
-      with mesh_lib.activation_context(self.mesh, self.rules):
-        out_shape = jax.eval_shape(fn, *args)  # jit reuses this trace
-      outs = (self.cache_shardings(out_shape) if kind == "fill_step"
-              else self._out_shardings(out_shape, np.shape(args[1])[0]))
+      ins = self._arg_shardings(args)
       if kind == "program" and self.runs_per_device(np.shape(args[1])[0], use_cfg):
-        fn = self._per_device_program(fn, args, outs)
-      self._mesh_jits[key] = jax.jit(fn, in_shardings=self._arg_shardings(args), out_shardings=outs,
-                                     donate_argnums=(5,))
+        fn, outs = self._per_device_program(fn, ins)
+      else:
+        with mesh_lib.activation_context(self.mesh, self.rules):
+          out_shape = jax.eval_shape(fn, *args)  # jit reuses this trace
+        outs = (self.cache_shardings(out_shape) if kind == "fill_step"
+                else self._out_shardings(out_shape, np.shape(args[1])[0]))
+      self._mesh_jits[key] = jax.jit(fn, in_shardings=ins, out_shardings=outs, donate_argnums=(5,))
     return self._mesh_jits[key]
 
   def runs_per_device(self, batch: int, use_cfg: bool) -> bool:
@@ -412,28 +413,31 @@ class Sampler:
     n = mesh_lib.mesh_sizes(self.mesh).get("data", 1)
     return n == self.mesh.size and batch % n == 0
 
-  def _per_device_program(self, fn, args, outs):
-    """`fn` (the whole-video program) as one `shard_map` body per device over its slice of the batch. The loops'
-    conditions then read only the device's own frames, so a device whose videos finish a chunk early goes on to the
-    next while another still steps. The per-chunk iteration counts come back as their maximum over the devices: what
-    the program stepping all devices together reports."""
-    spec = lambda tree: jax.tree_util.tree_map(lambda sh: sh.spec, tree)
-    out_specs = spec(outs)
-    batch_axes = out_specs[0].latents[0]
-    out_specs = (out_specs[0].replace(chunk_iters=jax.sharding.PartitionSpec(batch_axes)), out_specs[1])
+  def _per_device_program(self, fn, ins):
+    """(program, its out shardings): `fn` (the whole-video program) as one `shard_map` body per device over its
+    slice of the batch (`ins`: the arguments' shardings). The loops' conditions then read only the device's own
+    frames, so a device whose videos finish a chunk early goes on to the next while another still steps. The
+    per-chunk iteration counts come back as their maximum over the devices: what the program stepping all devices
+    together reports. Outputs are split over the batch like the context, the cache as it came in."""
+    P = jax.sharding.PartitionSpec
+    in_specs = jax.tree_util.tree_map(lambda sh: sh.spec, ins)
+    batch = P(in_specs[1][0])
+    per_batch = lambda x: SampleOutput(latents=x, steps=x, confidences=x, conf_trace=x, chunk_iters=x)
+    out_specs = (per_batch(batch), in_specs[5])
+    outs = (per_batch(jax.sharding.NamedSharding(self.mesh, batch)).replace(
+        chunk_iters=mesh_lib.replicated(self.mesh)), ins[5])
 
     def body(*a):
       with mesh_lib.without_activation_constraints():
         out, cache = fn(*a)
       return out.replace(chunk_iters=out.chunk_iters[None]), cache
 
-    mapped = jax.shard_map(body, mesh=self.mesh, in_specs=spec(self._arg_shardings(args)), out_specs=out_specs,
-                           check_vma=False)
+    mapped = jax.shard_map(body, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
 
     def program(*a):
       out, cache = mapped(*a)
       return out.replace(chunk_iters=jnp.max(out.chunk_iters, axis=0)), cache
-    return program
+    return program, outs
 
   def place(self, args):
     """Program arguments on the mesh with their shardings (the parameters of the last call are reused as placed)."""
