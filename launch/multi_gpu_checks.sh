@@ -59,8 +59,9 @@ for stage in $STAGES; do
     run "sample_data$GPUS" "$PY" "${S[@]}" --no-stream --batch-size "$GPUS" --config.mesh.shape.data="$GPUS" \
       --config.mesh.shape.tensor=1 --json "$OUT/sample_data$GPUS.json"
     # the same data-parallel batch with every device stepping until the slowest frame of the batch is done
-    run "sample_data${GPUS}_lockstep" "$PY" "${S[@]}" --no-stream --batch-size "$GPUS" --config.mesh.shape.data="$GPUS" \
-      --config.mesh.shape.tensor=1 --config.sampling.per_device_loops=False --json "$OUT/sample_data${GPUS}_lockstep.json"
+    run "sample_data${GPUS}_lockstep" "$PY" "${S[@]}" --no-stream --batch-size "$GPUS" \
+      --config.mesh.shape.data="$GPUS" --config.mesh.shape.tensor=1 --config.sampling.per_device_loops=False \
+      --json "$OUT/sample_data${GPUS}_lockstep.json"
     run "sample_tensor$GPUS" "$PY" "${S[@]}" --config.mesh.shape.data=1 --config.mesh.shape.tensor="$GPUS" \
       --json "$OUT/sample_tensor$GPUS.json"
     ;;
