@@ -135,3 +135,16 @@ def test_prompts_are_encoded_up_front_in_padded_batches():
   assert contexts[0].shape == (1, 2, 3, 2) and contexts[0].dtype == ml_dtypes.bfloat16
   np.testing.assert_array_equal(contexts[0].astype(np.float32).astype(ml_dtypes.bfloat16), contexts[0])
   assert contexts[0][0, 1, 0, 0] == ml_dtypes.bfloat16(3.1)
+
+
+def test_batch_fills_the_data_parallel_devices_or_says_why_not():
+  """On a mesh of N data x fsdp devices the default batch takes one video per device; a batch that cannot split
+  over them (replicated: every device samples every video) is kept and warned about, naming both ways out."""
+  from dsa_jax.commands.sample import batch_over_devices
+  assert batch_over_devices(1, False, 1, 5, False) == (1, None)  # one device: as asked
+  assert batch_over_devices(1, False, 2, 5, False) == (2, None)  # default batch: one video per device
+  assert batch_over_devices(4, True, 2, 5, False) == (4, None)  # asked for, and it splits
+  for args in ((1, False, 2, 1, False), (3, True, 2, 5, False), (1, False, 2, 5, True)):  # 1 prompt, 3 of 2, schedule
+    batch, note = batch_over_devices(*args)
+    assert batch == args[0] and "does not split over the mesh's data x fsdp = 2 devices" in note, (args, note)
+    assert "--batch-size 2" in note and "--config.mesh.shape.tensor=2" in note

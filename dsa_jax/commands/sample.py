@@ -291,6 +291,21 @@ def encode_batches(encode, prompts, batch: int, *, schedule=None, negative_promp
   return contexts, uncond
 
 
+def batch_over_devices(batch: int, requested: bool, split: int, num_prompts: int, scheduled: bool):
+  """(prompts per compiled batch, a warning or None) on a mesh whose data x fsdp axes hold `split` devices. Unless a
+  batch size was asked for (`requested`: --batch-size or a config value other than 1), the batch fills those devices
+  (one video each, as far as there are prompts). A batch that does not divide over them is replicated: every device
+  then computes every video, which gains nothing, so the warning says what would."""
+  if split > 1 and not requested and not scheduled:
+    batch = min(split, num_prompts)
+  if split <= 1 or batch % split == 0:
+    return batch, None
+  return batch, (f"warning: a batch of {batch} video(s) does not split over the mesh's data x fsdp = {split} devices, "
+                 f"so each device computes every video (no speed-up). With {split} or more prompts give "
+                 f"--batch-size {split}; for one video, split its work instead: --config.mesh.shape.data=1 "
+                 f"--config.mesh.shape.tensor={split} (the model's heads must divide by it)")
+
+
 def _say(msg):
   print(msg, flush=True)
 
@@ -368,6 +383,7 @@ def main(args):
   batch = config.sampling.batch_size if args.batch_size is None else args.batch_size
   if batch < 1:
     raise ValueError(f"--batch-size: must be >= 1, got {batch}")
+  batch_requested = args.batch_size is not None or batch != 1
   batch = 1 if schedule else min(batch, len(prompts))
   check_out_dir(args.out)
   if not args.no_compile_cache:
@@ -399,6 +415,13 @@ def main(args):
     fps_controller = FpsController(table, args.target_fps,
                                    initial_steps=args.mean_steps or config.sampling.mean_steps or None)
   sampler = sampler_lib.make_sampler(config, num_frames=args.num_frames)
+  if sampler.mesh is not None:
+    from dsa_jax.parallel.mesh import mesh_sizes
+    sizes = mesh_sizes(sampler.mesh)
+    batch, note = batch_over_devices(batch, batch_requested, sizes["data"] * sizes["fsdp"], len(prompts),
+                                     bool(schedule))
+    if note:
+      warn(note)
   decoder = PixelDecoder(config)
   use_cfg = is_on(guidance)
   # Every prompt is encoded up front (unknown words and truncation are reported, or refused, before anything is
