@@ -65,7 +65,11 @@ def base_config() -> ml_collections.ConfigDict:
   # are pixels already, as in the pixel-space digits recipe). conv3d: how the Wan decoder's 3x3x3 convs are lowered
   # ('native', 'fold' or 'taps'; same result, speed depends on the backend: `dsa-jax bench sample --decode-only`).
   # 'fold' is the default: on one H200 it decoded 81 frames of 832x480 in 0.75 s against 0.91 s for 'native'.
-  c.vae = ml_collections.ConfigDict(dict(kind="none", path="", chunked=True, conv3d="fold"))
+  # split_height: on a mesh where a video is not split over the batch (tensor parallelism, one video), decode it with
+  # its rows split over every device of the mesh (XLA exchanges the convolutions' edge rows) instead of gathering it
+  # onto one device; needs the latent height to divide by the number of devices. Off by default: not yet measured
+  # against the one-device decode on GPUs (`launch/multi_gpu_checks.sh` runs both).
+  c.vae = ml_collections.ConfigDict(dict(kind="none", path="", chunked=True, conv3d="fold", split_height=False))
   # Text: 'umt5' (checkpoint + SentencePiece model at path/tokenizer), 'bow' (fixed bag-of-words encoder saved at
   # path) or 'random' (deterministic random embeddings per prompt, for benchmarks).
   c.text = ml_collections.ConfigDict(dict(kind="random", path="", tokenizer="", negative_prompt=""))

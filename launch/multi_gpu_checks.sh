@@ -6,7 +6,8 @@
 #
 # sampler  `dsa-jax bench sample` (CONFIG, forced 2.5 steps, random weights): one GPU and tensor parallel (batch 1:
 #          FPS and latency to the first chunk), data parallel (GPUS streams, batch GPUS: total FPS), with each
-#          device's loops its own (the default) and in lockstep (sampling.per_device_loops=False)
+#          device's loops its own (the default) and in lockstep (sampling.per_device_loops=False); tensor parallel
+#          again with the VAE decode split over the GPUs by rows (vae.split_height=True)
 # train    `dsa-jax bench train`: the CONFIG student + critic + head with a teacher of TEACHER_SHAPE (default the
 #          14B shape: dim 5120, FFN 13824, 40 heads, 40 layers), FSDP over the GPUS, and the same step on one GPU;
 #          step time, MFU, each GPU's peak memory
@@ -64,6 +65,10 @@ for stage in $STAGES; do
       --json "$OUT/sample_data${GPUS}_lockstep.json"
     run "sample_tensor$GPUS" "$PY" "${S[@]}" --config.mesh.shape.data=1 --config.mesh.shape.tensor="$GPUS" \
       --json "$OUT/sample_tensor$GPUS.json"
+    # the same with the video decoded over all GPUs, its rows split (vae.split_height), instead of on one
+    run "sample_tensor${GPUS}_split_height" "$PY" "${S[@]}" --config.mesh.shape.data=1 \
+      --config.mesh.shape.tensor="$GPUS" --config.vae.split_height=True \
+      --json "$OUT/sample_tensor${GPUS}_split_height.json"
     ;;
   train)
     # shellcheck disable=SC2086  (TEACHER_SHAPE is a list of overrides)

@@ -54,6 +54,8 @@ def test_overrides():
   assert get_config(TINY, ["--config.sampling.per_device_loops=False"]).sampling.per_device_loops is False
   with pytest.raises(ConfigError, match="per_device_loops"):
     get_config(TINY, ["--config.sampling.per_device_loops=sometimes"])
+  with pytest.raises(ConfigError, match="split_height"):
+    get_config(TINY, ["--config.vae.split_height=rows"])
   # runlocal shrinks the recipe first; the other command-line overrides then apply to the toy size.
   digits = os.path.join(os.path.dirname(TINY), "digits.py")
   c = get_config(digits, ["--config.train.ode_steps=4", "--config.runlocal=True", "--config.train.batch_size=2"])

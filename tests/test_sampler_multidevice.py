@@ -98,6 +98,15 @@ def _worker(out_path: str):
       r["decode_sharded_spec"] = spec_json(px.sharding.spec)
       by_batch = np.concatenate(list(decoder.decode_chunks_to_host(out.latents, uint8=True)), axis=1)
       r["decode_equal"] = bool(np.array_equal(rep, host) and np.array_equal(by_batch, host))
+      # vae.split_height: one video's rows split over all 8 devices (latent height 8: one row each) instead of
+      # gathered onto one.
+      cfg_rows = cfg.copy_and_resolve_references()
+      cfg_rows.vae.split_height = True
+      by_rows_decoder = PixelDecoder.random(cfg_rows)
+      by_rows = np.concatenate(list(by_rows_decoder.decode_chunks_to_host(replicated, uint8=True)), axis=1)
+      r["decode_rows_max_diff"] = int(np.abs(by_rows.astype(int) - host.astype(int)).max())
+      px, _ = by_rows_decoder.decode_chunk(replicated[:, :2], None, first=True, uint8=True)
+      r["decode_rows_spec"] = spec_json(px.sharding.spec)
       streamed = ST.collect(ST.stream(sm, params, ctx, controls(sm, tau)))
       r["stream_max_diff"] = float(np.abs(streamed["latents"] - ref.latents).max())
       r["stream_steps_equal"] = bool((streamed["steps"] == ref.steps).all())
@@ -221,6 +230,10 @@ def test_decoding_sharded_latents(report):
   r = report["data2_tensor4"]
   assert r["decode_equal"] and r["decode_replicated_new_programs"] == 0, r
   assert r["decode_sharded_spec"][0] == "data", r  # each device decoded its own videos
+  # split over its rows, one video's pixels are those of the one-device decode (up to one level of rounding)
+  rows = r["decode_rows_spec"][2]
+  assert {"data", "tensor"} <= set([rows] if isinstance(rows, str) else rows), r["decode_rows_spec"]
+  assert r["decode_rows_max_diff"] <= 1, r["decode_rows_max_diff"]
 
 
 def test_fp8_calibration_placed_on_a_mesh(report):

@@ -13,7 +13,9 @@ next to the sampler. The causal cache is donated from chunk to chunk (updated in
 Latents from a sampler on a mesh: split over the batch (data parallel), each device decodes its own videos (the VAE's
 weights replicated on the mesh, the latents' other splits dropped; its convolutions are per video, so nothing is
 exchanged); not split over the batch (tensor parallel), they are gathered onto one device (a few MB) and decoded by
-the single-device program. On a mesh of several processes every process gathers the whole batch and decodes it.
+the single-device program, or, with `config.vae.split_height`, decoded with each video's rows split over every device
+of the mesh (the convolutions exchange their edge rows; the mid-block attention gathers its keys). On a mesh of
+several processes every process gathers the whole batch and decodes it.
 """
 
 from __future__ import annotations
@@ -87,6 +89,9 @@ class PixelDecoder:
     self.vae = None
     self.vae_params = None
     self._mesh_params = {}
+    self.split_height = config.vae.get("split_height", False)
+    if not isinstance(self.split_height, bool):
+      raise ValueError(f"config.vae.split_height: expected True or False, got {self.split_height!r}")
     if self.kind == "wan":
       from dsa_jax.models import vae as vae_lib
       from dsa_jax.models.dit import _DTYPES
@@ -170,13 +175,19 @@ class PixelDecoder:
       from jax.experimental import multihost_utils
       latents = multihost_utils.process_allgather(latents, tiled=True)
     sharding = getattr(latents, "sharding", None)
-    if isinstance(sharding, jax.sharding.NamedSharding) and sharding.mesh.size > 1 and sharding.spec \
-        and sharding.spec[0] is not None:
+    if isinstance(sharding, jax.sharding.NamedSharding) and sharding.mesh.size > 1:
       mesh = sharding.mesh
-      if mesh not in self._mesh_params:  # the weights replicated on the mesh, once per mesh
-        self._mesh_params[mesh] = jax.device_put(self.vae_params, jax.sharding.NamedSharding(mesh, P()))
-      by_batch = jax.sharding.NamedSharding(mesh, P(sharding.spec[0]))
-      return self._mesh_params[mesh], jax.device_put(latents.astype(jnp.float32), by_batch)
+      if sharding.spec and sharding.spec[0] is not None:
+        split = P(sharding.spec[0])  # each device its own videos
+      elif self.split_height and np.shape(latents)[2] % mesh.size == 0:
+        split = P(None, None, tuple(mesh.axis_names))  # each device a band of rows of every video
+      else:
+        split = None
+      if split is not None:
+        if mesh not in self._mesh_params:  # the weights replicated on the mesh, once per mesh
+          self._mesh_params[mesh] = jax.device_put(self.vae_params, jax.sharding.NamedSharding(mesh, P()))
+        placed = jax.device_put(latents.astype(jnp.float32), jax.sharding.NamedSharding(mesh, split))
+        return self._mesh_params[mesh], placed
     return self.vae_params, jax.device_put(jnp.asarray(latents, jnp.float32), jax.local_devices()[0])
 
   def decode_chunks_to_host(self, latents, *, uint8: bool = False):
