@@ -12,6 +12,7 @@ run's whole state is the trainer's (`dsa_jax.training.checkpointing`). Nothing h
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -166,18 +167,23 @@ def stored_networks(path: str, step: int | None = None) -> tuple[list[str], dict
   if kind == "model":
     meta = params_io.read_meta(where)
     return sorted(set(meta.get("networks", [])) or set(meta.get("arch", {}))), meta
-  ck, step = _open_step(where, step)
-  meta = ck.read_json(step, "meta")
+  with _open_step(where, step) as (ck, step):
+    meta = ck.read_json(step, "meta")
   return list(meta.get("networks", [])), meta
 
 
-def _open_step(path: str, step: int | None) -> tuple[Workdir, int]:
-  """The workdir at `path` and `step` (default: its latest complete checkpoint)."""
+@contextlib.contextmanager
+def _open_step(path: str, step: int | None):
+  """(the workdir at `path`, `step`: default its latest complete checkpoint), closed on leaving, errors included:
+  an orbax manager left open is closed by the garbage collector after its event loop, which then complains."""
   ck = Workdir(path)
-  step = ck.latest_step() if step is None else step
-  if step is None:
-    raise TrainCheckpointError(f"{path!r}: no complete checkpoint under {CKPT_DIR}/")
-  return ck, step
+  try:
+    step = ck.latest_step() if step is None else step
+    if step is None:
+      raise TrainCheckpointError(f"{path!r}: no complete checkpoint under {CKPT_DIR}/")
+    yield ck, step
+  finally:
+    ck.close()
 
 
 def load_model_from_workdir(path: str, config, networks=SAMPLER_NETWORKS, step: int | None = None,
@@ -205,27 +211,28 @@ def load_model_from_workdir(path: str, config, networks=SAMPLER_NETWORKS, step: 
 
 
 def _load_from_checkpoints(path, config, networks, step, roles):
-  ck, step = _open_step(path, step)
-  meta = ck.read_json(step, "meta")
-  missing = [n for n in networks if n not in meta.get("networks", [])]
-  if missing:
-    raise TrainCheckpointError(f"{ck._step_dir(step)!r} (stage {meta.get('stage')!r}) holds no {missing}; it has "
-                               f"{meta.get('networks')}")
-  arch = arch_meta(config, [roles.get(n, n) for n in networks])
-  for n in networks:
-    params_io.check_arch(meta, n, arch[roles.get(n, n)], ck._step_dir(step))
-  o = ocp()
-  target = abstract_networks(config, networks, roles=roles)
-  try:
-    out = ck.manager.restore(step, args=o.args.Composite(**{n: o.args.StandardRestore(target[n]) for n in networks}))
-  except Exception as e:  # pylint: disable=broad-except
-    raise TrainCheckpointError(f"checkpoint {ck._step_dir(step)!r} could not be read (corrupt or truncated?): "
-                               f"{type(e).__name__}: {str(e)[:400]}") from e
-  params = {n: jax.tree_util.tree_map(np.asarray, out[n]) for n in networks}
-  params_io.check_finite(params, ck._step_dir(step))
-  try:
-    meta["config"] = json.dumps(ck.read_json(step, "config"))
-  except TrainCheckpointError:
-    pass
-  meta["source"] = ck._step_dir(step)
+  with _open_step(path, step) as (ck, step):
+    meta = ck.read_json(step, "meta")
+    missing = [n for n in networks if n not in meta.get("networks", [])]
+    if missing:
+      raise TrainCheckpointError(f"{ck._step_dir(step)!r} (stage {meta.get('stage')!r}) holds no {missing}; it has "
+                                 f"{meta.get('networks')}")
+    arch = arch_meta(config, [roles.get(n, n) for n in networks])
+    for n in networks:
+      params_io.check_arch(meta, n, arch[roles.get(n, n)], ck._step_dir(step))
+    o = ocp()
+    target = abstract_networks(config, networks, roles=roles)
+    try:
+      restore = o.args.Composite(**{n: o.args.StandardRestore(target[n]) for n in networks})
+      out = ck.manager.restore(step, args=restore)
+    except Exception as e:  # pylint: disable=broad-except
+      raise TrainCheckpointError(f"checkpoint {ck._step_dir(step)!r} could not be read (corrupt or truncated?): "
+                                 f"{type(e).__name__}: {str(e)[:400]}") from e
+    params = {n: jax.tree_util.tree_map(np.asarray, out[n]) for n in networks}
+    params_io.check_finite(params, ck._step_dir(step))
+    try:
+      meta["config"] = json.dumps(ck.read_json(step, "config"))
+    except TrainCheckpointError:
+      pass
+    meta["source"] = ck._step_dir(step)
   return params, meta
