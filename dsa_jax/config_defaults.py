@@ -107,8 +107,9 @@ def base_config() -> ml_collections.ConfigDict:
       unroll_layers=False,
       # Over a mesh whose devices all lie on the data axis (weights replicated), each device runs the chunk and step
       # loops of its own videos (one `shard_map` body) instead of all devices stepping together until the slowest
-      # frame of the whole batch is done: the same videos, no cross-device sync per loop iteration. Without effect
-      # with CFG, on one device, or on meshes with fsdp or tensor parallelism.
+      # frame of the whole batch is done: the same videos, no cross-device sync per loop iteration. (fp8 layers with
+      # dynamic activation scales then scale by each device's own videos: each video as when sampled alone.) Without
+      # effect with CFG, on one device, or on meshes with fsdp or tensor parallelism.
       per_device_loops=True,
       # A confidence head from a head folder of its own (`dsa-jax convert export-head`) instead of the checkpoint's:
       # its conf_target and calibration table come with it; it must have been trained for this generator (checked by

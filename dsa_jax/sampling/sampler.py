@@ -418,7 +418,9 @@ class Sampler:
     slice of the batch (`ins`: the arguments' shardings). The loops' conditions then read only the device's own
     frames, so a device whose videos finish a chunk early goes on to the next while another still steps. The
     per-chunk iteration counts come back as their maximum over the devices: what the program stepping all devices
-    together reports. Outputs are split over the batch like the context, the cache as it came in."""
+    together reports. Outputs are split over the batch like the context, the cache as it came in. Everything in the
+    body sees only the device's videos: fp8 layers with dynamic activation scales take them from those videos (each
+    video as when sampled alone, where the lockstep program scales by the whole batch)."""
     P = jax.sharding.PartitionSpec
     in_specs = jax.tree_util.tree_map(lambda sh: sh.spec, ins)
     batch = P(in_specs[1][0])
