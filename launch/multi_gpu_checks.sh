@@ -16,6 +16,9 @@
 #          three checkpoints is complete, the rest torn down as a scheduler would); the same command rerun. The
 #          rerun must resume from a checkpoint and end with the uninterrupted run's parameters bit for bit
 #          (XLA's deterministic GPU ops on for this stage); OUT/resume.json says.
+# ONLY="NAME ..." runs just those benches of the stages (the names of their logs: sample_1gpu, sample_data2,
+# sample_data2_lockstep, sample_tensor2, sample_tensor2_split_height, train_fsdp2, train_1gpu), e.g. to split the
+# sampler stage (about 10 minutes on 2 H200s) into shorter runs. The resume stage always runs whole.
 # TIMEOUT (seconds, default 900) bounds each command; RESUME_ARGS adds overrides to the resume stage's runs. On CPU
 # (a dry run of the plumbing): JAX_PLATFORMS=cpu GPUS=2 CONFIG=tiny TEACHER_SHAPE="" (the config's own teacher)
 # RESUME_CONFIG=configs/digits.py:teacher RESUME_ARGS=--config.runlocal=True, and for the sampler and train stages
@@ -35,6 +38,7 @@ TEACHER_SHAPE=${TEACHER_SHAPE---config.teacher.dim=5120 --config.teacher.ffn_dim
 RESUME_CONFIG=${RESUME_CONFIG:-digits:teacher}
 RESUME_STEPS=${RESUME_STEPS:-300}
 TIMEOUT=${TIMEOUT:-900}
+ONLY=${ONLY:-}
 for stage in $STAGES; do  # every stage named is checked before the first one runs (each takes minutes)
   case $stage in sampler|train|resume) ;;
   *) echo "multi_gpu_checks: unknown stage '$stage' (sampler, train, resume)" >&2; exit 2 ;; esac
@@ -42,8 +46,9 @@ done
 mkdir -p "$OUT"
 status=0
 
-run() {  # run NAME CMD...: logs to OUT/NAME.log, records the command, keeps going on failure
+run() {  # run NAME CMD...: logs to OUT/NAME.log, records the command, keeps going on failure; skipped if not in ONLY
   local name=$1; shift
+  if [ -n "$ONLY" ] && [[ " $ONLY " != *" $name "* ]]; then return 0; fi
   echo "$*" >> "$OUT/commands.txt"
   echo "== $name: $*"
   if ! timeout "$TIMEOUT" "$@" > "$OUT/$name.log" 2>&1; then
@@ -80,6 +85,7 @@ for stage in $STAGES; do
       $TEACHER_SHAPE --json "$OUT/train_1gpu.json"
     ;;
   resume)
+    ONLY=""  # its three runs belong together
     R=$OUT/resume; rm -rf "$R"; mkdir -p "$R"
     every=$(( RESUME_STEPS / 3 > 0 ? RESUME_STEPS / 3 : 1 ))
     # shellcheck disable=SC2206  (RESUME_ARGS is a list of overrides)
