@@ -147,4 +147,5 @@ def test_batch_fills_the_data_parallel_devices_or_says_why_not():
   for args in ((1, False, 2, 1, False), (3, True, 2, 5, False), (1, False, 2, 5, True)):  # 1 prompt, 3 of 2, schedule
     batch, note = batch_over_devices(*args)
     assert batch == args[0] and "does not split over the mesh's data x fsdp = 2 devices" in note, (args, note)
-    assert "--batch-size 2" in note and "--config.mesh.shape.tensor=2" in note
+    assert "--config.mesh.shape.tensor=2" in note
+    assert ("--batch-size 2" in note) != args[4]  # a prompt schedule samples one video: no batch to raise

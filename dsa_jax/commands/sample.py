@@ -300,9 +300,10 @@ def batch_over_devices(batch: int, requested: bool, split: int, num_prompts: int
     batch = min(split, num_prompts)
   if split <= 1 or batch % split == 0:
     return batch, None
+  fix = ("split the video's work instead: " if scheduled else
+         f"with {split} or more prompts give --batch-size {split}; for one video, split its work instead: ")
   return batch, (f"warning: a batch of {batch} video(s) does not split over the mesh's data x fsdp = {split} devices, "
-                 f"so each device computes every video (no speed-up). With {split} or more prompts give "
-                 f"--batch-size {split}; for one video, split its work instead: --config.mesh.shape.data=1 "
+                 f"so each device computes every video (no speed-up); {fix}--config.mesh.shape.data=1 "
                  f"--config.mesh.shape.tensor={split} (the model's heads must divide by it)")
 
 
