@@ -62,6 +62,7 @@ def test_bench_json_has_memory_meta_decode_and_profile(tmp_path, repo_root, caps
   assert res["jax_version"] and res["dtype"] == res["vae_dtype"] == "float32" and res["config"]["name"] == "tiny"
   assert res["config"]["file"].endswith("tiny.py") and "--forced-mean-steps 2.5" in res["command"]
   assert res["environment"]["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.157"
+  assert res["mesh"] is None and res["per_device_loops"] is False  # one device: no mesh, one program
   progs = res["memory"]["programs"]
   assert set(progs) == {"sampler", "vae_first_chunk", "vae_chunk"}
   for m in progs.values():
