@@ -604,3 +604,15 @@ def test_corrupt_latest_checkpoint_falls_back_and_is_kept(reference_run, train_c
   assert len(aside) == 1 and aside[0].startswith("4-")
   assert os.path.isdir(tmp_path / "corrupt_checkpoints" / aside[0] / "generator")  # kept, not deleted
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "4"]  # 4 written again by this run
+
+
+def test_progress_line_shows_the_fullest_device():
+  """On accelerators the progress line carries the memory peak of the device nearest to its limit (on several GPUs
+  not necessarily the first); without allocator counters (CPU) it says nothing about memory."""
+  rows = [{"device": "cuda:0", "peak_bytes_in_use": 50e9, "bytes_limit": 100e9, "peak_fraction_of_limit": 0.5},
+          {"device": "cuda:1", "peak_bytes_in_use": 90e9, "bytes_limit": 100e9, "peak_fraction_of_limit": 0.9}]
+  peak = trainer.device_peak(rows)
+  assert peak == {"device_peak_gb": 90.0, "device_peak_fraction": 0.9}
+  line = trainer.progress_line("dsa", 10, 20, {"loss_dmd": 0.5, **peak}, 2.0, 5.0)
+  assert line == "[dsa] step 10/20 | dmd 0.5 | 2 it/s | mem 90.0 GB (90 %) | ETA 0:00:05", line
+  assert trainer.device_peak(None) == {} and "mem" not in trainer.progress_line("dsa", 1, 2, {}, 1.0, 1.0)

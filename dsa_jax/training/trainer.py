@@ -6,8 +6,9 @@ A run resumes from the workdir's latest complete checkpoint automatically (param
 the data iterator position), so a preempted job is restarted with the same command. At the end it exports a
 `params_io` model checkpoint into WORKDIR/model.
 
-Terminal: one progress line per `train.log_every` steps (step, losses, it/s, ETA). TensorBoard: event files in
-WORKDIR/tb (losses, confidence calibration, mean exit step, gradient norms, throughput). Only process 0 logs.
+Terminal: one progress line per `train.log_every` steps (step, losses, it/s, on accelerators the fullest local
+device's memory peak, ETA). TensorBoard: event files in WORKDIR/tb (losses, confidence calibration, mean exit step,
+gradient norms, throughput, that memory peak). Only process 0 logs.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import numpy as np
 
 from dsa_jax.checkpoint import loading
 from dsa_jax.checkpoint.workdir import stored_networks
+from dsa_jax.eval.profiling import device_memory
 from dsa_jax.models import factory
 from dsa_jax.parallel import mesh as mesh_lib
 from dsa_jax.training import checkpointing, steps as steps_lib
@@ -315,7 +317,21 @@ def _fmt_time(s: float) -> str:
 def progress_line(stage, step, total, scalars, it_s, eta_s) -> str:
   parts = [f"{_SHORT[k]} {scalars[k]:.4g}" for k in _SHORT if k in scalars]
   rate = f"{it_s:.3g}" if math.isfinite(it_s) else "?"  # unknown until a step after compilation
-  return f"[{stage}] step {step}/{total} | " + " ".join(parts) + f" | {rate} it/s | ETA {_fmt_time(eta_s)}"
+  mem = ""
+  if "device_peak_gb" in scalars:  # the fullest local accelerator so far (none on CPU)
+    mem = f" | mem {scalars['device_peak_gb']:.1f} GB ({100 * scalars['device_peak_fraction']:.0f} %)"
+  return f"[{stage}] step {step}/{total} | " + " ".join(parts) + f" | {rate} it/s{mem} | ETA {_fmt_time(eta_s)}"
+
+
+def device_peak(memory) -> dict:
+  """{device_peak_gb, device_peak_fraction} of the local device whose allocator peaked highest against its limit
+  (`eval.profiling.device_memory()` rows; {} without them): on several GPUs the one nearest to running out."""
+  rows = [r for r in memory or [] if r.get("bytes_limit")]
+  if not rows:
+    return {}
+  top = max(rows, key=lambda r: r["peak_fraction_of_limit"])
+  return {"device_peak_gb": top.get("peak_bytes_in_use", 0) / 1e9,
+          "device_peak_fraction": top["peak_fraction_of_limit"]}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -600,6 +616,7 @@ def _train_locked(config, workdir: str, *, stop_after=None, mesh=None, log=None)
           if math.isfinite(rate):  # none before a step that did not compile
             scalars.update(it_per_s=rate, samples_per_s=rate * global_batch,
                            frames_per_s=rate * global_batch * frames)
+          scalars.update(device_peak(device_memory()))
           emit(progress_line(stage, done, total, scalars, rate, (total - done) / rate if rate > 0 else float("nan")))
           metrics_log.write(done, scalars)
           summary["last_metrics"] = scalars
