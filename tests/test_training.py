@@ -611,8 +611,9 @@ def test_progress_line_shows_the_fullest_device():
   not necessarily the first); without allocator counters (CPU) it says nothing about memory."""
   rows = [{"device": "cuda:0", "peak_bytes_in_use": 50e9, "bytes_limit": 100e9, "peak_fraction_of_limit": 0.5},
           {"device": "cuda:1", "peak_bytes_in_use": 90e9, "bytes_limit": 100e9, "peak_fraction_of_limit": 0.9}]
-  peak = trainer.device_peak(rows)
+  from dsa_jax.eval.profiling import device_peak
+  peak = device_peak(rows)
   assert peak == {"device_peak_gb": 90.0, "device_peak_fraction": 0.9}
   line = trainer.progress_line("dsa", 10, 20, {"loss_dmd": 0.5, **peak}, 2.0, 5.0)
   assert line == "[dsa] step 10/20 | dmd 0.5 | 2 it/s | mem 90.0 GB (90 %) | ETA 0:00:05", line
-  assert trainer.device_peak(None) == {} and "mem" not in trainer.progress_line("dsa", 1, 2, {}, 1.0, 1.0)
+  assert device_peak(None) == {} and "mem" not in trainer.progress_line("dsa", 1, 2, {}, 1.0, 1.0)

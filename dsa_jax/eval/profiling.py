@@ -63,6 +63,17 @@ def device_memory() -> list[dict] | None:
   return out
 
 
+def device_peak(memory) -> dict:
+  """{device_peak_gb, device_peak_fraction} of the local device whose allocator peaked highest against its limit
+  (`device_memory()` rows; {} without them): on several GPUs the one nearest to running out."""
+  rows = [r for r in memory or [] if r.get("bytes_limit")]
+  if not rows:
+    return {}
+  top = max(rows, key=lambda r: r["peak_fraction_of_limit"])
+  return {"device_peak_gb": top.get("peak_bytes_in_use", 0) / 1e9,
+          "device_peak_fraction": top["peak_fraction_of_limit"]}
+
+
 def profile_one(fn, log_dir: str, top: int = 25, log=print, what: str = "one video") -> dict:
   """Runs `fn` once under jax.profiler (trace in `log_dir`) and returns the top kernels by summed time, read from
   the Perfetto JSON the profiler writes next to its XPlane (None when it cannot be read)."""

@@ -25,7 +25,7 @@ import numpy as np
 
 from dsa_jax.checkpoint import loading
 from dsa_jax.checkpoint.workdir import stored_networks
-from dsa_jax.eval.profiling import device_memory
+from dsa_jax.eval.profiling import device_memory, device_peak
 from dsa_jax.models import factory
 from dsa_jax.parallel import mesh as mesh_lib
 from dsa_jax.training import checkpointing, steps as steps_lib
@@ -321,17 +321,6 @@ def progress_line(stage, step, total, scalars, it_s, eta_s) -> str:
   if "device_peak_gb" in scalars:  # the fullest local accelerator so far (none on CPU)
     mem = f" | mem {scalars['device_peak_gb']:.1f} GB ({100 * scalars['device_peak_fraction']:.0f} %)"
   return f"[{stage}] step {step}/{total} | " + " ".join(parts) + f" | {rate} it/s{mem} | ETA {_fmt_time(eta_s)}"
-
-
-def device_peak(memory) -> dict:
-  """{device_peak_gb, device_peak_fraction} of the local device whose allocator peaked highest against its limit
-  (`eval.profiling.device_memory()` rows; {} without them): on several GPUs the one nearest to running out."""
-  rows = [r for r in memory or [] if r.get("bytes_limit")]
-  if not rows:
-    return {}
-  top = max(rows, key=lambda r: r["peak_fraction_of_limit"])
-  return {"device_peak_gb": top.get("peak_bytes_in_use", 0) / 1e9,
-          "device_peak_fraction": top["peak_fraction_of_limit"]}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
