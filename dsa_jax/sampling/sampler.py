@@ -392,14 +392,13 @@ class Sampler:
     if key not in self._mesh_jits:
       impl = {"program": self._program, "chunk_step": self._chunk_step, "fill_step": self._fill_step}[kind]
       fn = functools.partial(impl, use_cfg=use_cfg, **static)
-      ins = self._arg_shardings(args)
-      if kind == "program" and self.runs_per_device(np.shape(args[1])[0], use_cfg):
+      ins, batch = self._arg_shardings(args), np.shape(args[1])[0]
+      if kind == "program" and self.runs_per_device(batch, use_cfg):
         fn, outs = self._per_device_program(fn, ins)
       else:
         with mesh_lib.activation_context(self.mesh, self.rules):
           out_shape = jax.eval_shape(fn, *args)  # jit reuses this trace
-        outs = (self.cache_shardings(out_shape) if kind == "fill_step"
-                else self._out_shardings(out_shape, np.shape(args[1])[0]))
+        outs = self.cache_shardings(out_shape) if kind == "fill_step" else self._out_shardings(out_shape, batch)
       self._mesh_jits[key] = jax.jit(fn, in_shardings=ins, out_shardings=outs, donate_argnums=(5,))
     return self._mesh_jits[key]
 
