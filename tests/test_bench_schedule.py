@@ -72,7 +72,8 @@ def test_bench_json_has_memory_meta_decode_and_profile(tmp_path, repo_root, caps
   assert len(res["vae_s"]["decode_s_per_chunk"]) == 3 and min(res["vae_s"]["decode_s_per_chunk"]) > 0
   assert res["profile"]["top_kernels"] and res["profile"]["dir"].startswith(str(prof))
   out = capsys.readouterr().out
-  assert "memory sampler (GiB)" in out and "VAE decode per chunk" in out
+  assert "memory sampler (GiB)" in out and "VAE decode per chunk" in out and "VAE TFLOP per video" in out
+  assert res["vae_s"]["flops_per_video"] > 0 and res["vae_s"]["tflops_per_s"] > 0
 
 
 def test_budget_mean_steps_needs_a_model(tiny_config):
@@ -118,6 +119,9 @@ def test_decode_only_and_table(tmp_path, repo_root, capsys):
   assert res["mode"]["kind"] == "decode_only" and res["vae"]["kind"] == "wan" and res["vae"]["dtype"] == "float32"
   assert len(res["vae"]["decode_s_per_chunk"]) == 3 and min(res["vae"]["decode_s_per_chunk"]) > 0
   assert set(res["memory"]["programs"]) == {"vae_first_chunk", "vae_chunk"}
+  vae = res["vae"]
+  assert vae["flops_per_video"] > 0 and vae["tflops_per_s"] == pytest.approx(
+      vae["flops_per_video"] / vae["decode_s"] / 1e12)
   kernels = res["profile"]["top_kernels"]
   assert kernels and all(k["total_ms"] > 0 for k in kernels)
   # the decoder's program and its convolutions (as fusions where XLA fuses them, e.g. the 'fold' lowering on CPU)

@@ -153,3 +153,19 @@ def test_fold_runs_the_last_conv_as_taps():
   assert any(k[2] == 3 * k[3] for k in kernels if k[3] > 3), kernels       # the other convs fold
   ref = np.asarray(V.decode(params, z, SMALL, chunk_size=1, conv3d="native"))
   np.testing.assert_allclose(np.asarray(V.decode(params, z, SMALL, chunk_size=1, conv3d="fold")), ref, atol=1e-5)
+
+
+def test_decode_flops_counts_every_chunk_once(tiny_config):
+  """The chunk-by-chunk count equals XLA's count of the one-pass decode of the same video (up to the chunks' own
+  edge work), grows by the same amount per added chunk, and doubles with the batch."""
+  dec = decode.PixelDecoder.random(tiny_config)
+  frames, c = tiny_config.video.num_frames, tiny_config.video.chunk_frames
+  flops = dec.decode_flops(1, frames)
+  z = jax.ShapeDtypeStruct((1, frames) + dec.latent_hw + (dec.latent_channels,), jnp.float32)
+  one_pass = dec._decode_video.lower(dec.vae_params, z).cost_analysis()
+  one_pass = (one_pass[0] if isinstance(one_pass, (list, tuple)) else one_pass)["flops"]
+  assert flops > 0 and abs(flops / one_pass - 1) < 0.02
+  two, three, four = (dec.decode_flops(1, n * c) for n in (2, 3, 4))
+  assert three - two == four - three > 0
+  assert dec.decode_flops(2, frames) == pytest.approx(2 * flops, rel=1e-3)
+  assert decode.PixelDecoder(tiny_config, kind="none").decode_flops(1, frames) is None

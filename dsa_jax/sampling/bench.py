@@ -39,8 +39,9 @@ Reported (JSON and a table):
     temp and generated-code bytes and their total (argument + output - aliased + temp + code), the device memory
     that program needs alone; an estimate for sampling + decoding (the DiT's weights stay while the VAE decodes);
     and the device's `memory_stats()` peak over the whole bench process where the backend has it.
-  model FLOPs of the DiT forwards and the achieved TFLOP/s.
-  --decode-only: just the VAE (random latents): decode time per chunk and the decoders' memory.
+  model FLOPs of the DiT forwards and the achieved TFLOP/s; the VAE decoder's FLOPs per video (XLA's count of its
+    chunk programs as written) and the TFLOP/s of its summed chunk decode times.
+  --decode-only: just the VAE (random latents): decode time per chunk, FLOPs and the decoders' memory.
   --profile DIR: a jax.profiler trace of one timed video (sampling + decoding; decoding alone with --decode-only) in
     DIR, and the top kernels by time
     read from its Perfetto JSON (open the trace with TensorBoard's profile plugin, or the .json.gz in ui.perfetto.dev).
@@ -245,6 +246,14 @@ def time_decode_chunks(decoder, latents, runs: int) -> dict:
           "decode_s": float(sum(_median(x) for x in dec))}
 
 
+def _add_vae_flops(vae_res: dict, decoder, batch: int, num_frames: int, decode_s: float):
+  """The decoder's FLOPs per video (`PixelDecoder.decode_flops`) and the rate its decode time gives."""
+  flops = decoder.decode_flops(batch, num_frames)
+  if flops:
+    vae_res["flops_per_video"] = flops / batch
+    vae_res["tflops_per_s"] = flops / decode_s / 1e12
+
+
 def run_decode_bench(config, *, runs=3, batch=1, profile_dir=None, log=print) -> dict:
   """--decode-only: the VAE decoder alone on random latents of the config's video."""
   import jax
@@ -273,13 +282,16 @@ def run_decode_bench(config, *, runs=3, batch=1, profile_dir=None, log=print) ->
     times.append(time.perf_counter() - t0)
   res["vae"]["video_to_host_s"] = {"median": _median(times), "all": times}
   res["fps"] = {"vae": batch * n_pix / _median(times)}
+  _add_vae_flops(res["vae"], decoder, batch, f, res["vae"]["decode_s"])
   res["memory"] = {"programs": decoder_memory(decoder, batch, f), "device": _peak_memory(),
                    "per_device": device_memory()}
   if profile_dir:
     res["profile"] = profile_one(lambda: decoder.decode_video(lat, uint8=True), profile_dir, log=log)
   log(f"  VAE decode: {res['vae']['decode_s']:.3f} s per video (chunks "
       f"{', '.join(f'{x:.3f}' for x in res['vae']['decode_s_per_chunk'])} s); with the copies to the host "
-      f"{_median(times):.3f} s -> {res['fps']['vae']:.1f} FPS")
+      f"{_median(times):.3f} s -> {res['fps']['vae']:.1f} FPS"
+      + (f"; {res['vae']['flops_per_video'] / 1e12:.1f} TFLOP per video, {res['vae']['tflops_per_s']:.0f} TFLOP/s"
+         if "flops_per_video" in res["vae"] else ""))
   return res
 
 
@@ -431,6 +443,7 @@ def run_bench(config, *, steps=None, threshold=None, mean_steps=None, budget_mea
       one_video()
       ttimes.append(time.perf_counter() - t0)
     res["vae_s"] = {"median": _median(vtimes), "all": vtimes, **time_decode_chunks(decoder, lat, runs)}
+    _add_vae_flops(res["vae_s"], decoder, batch, F, res["vae_s"]["decode_s"])
     res["video_with_vae_s"] = {"median": _median(ttimes), "all": ttimes}
     res["fps"]["dit_vae"] = batch * n_pix / _median(ttimes)
   log(f"  video: {video_s:.3f} s (DiT) -> {res['fps']['dit']:.2f} FPS"
@@ -628,6 +641,9 @@ def format_table(res: dict) -> str:
     rows.append(("VAE decode per chunk (s)", ", ".join(f"{x:.4f}" for x in res["vae_s"]["decode_s_per_chunk"])
                  + f"; sum {res['vae_s']['decode_s']:.4f}"))
   rows.append(("DiT TFLOP/s (model)", f"{res['flops']['dit_tflops_per_s']:.1f}"))
+  if "tflops_per_s" in res.get("vae_s", {}):
+    rows.append(("VAE TFLOP per video / TFLOP/s", f"{res['vae_s']['flops_per_video'] / 1e12:.2f} / "
+                 f"{res['vae_s']['tflops_per_s']:.1f}"))
   if "stream" in res:
     s = res["stream"]["latents"]
     rows.append(("first chunk latency (s)", f"{s['first_chunk_s']:.4f}"))
@@ -657,6 +673,8 @@ def format_decode_table(res: dict) -> str:
       ("VAE decode per chunk (s)", ", ".join(f"{x:.4f}" for x in v["decode_s_per_chunk"])),
       ("VAE copy to host per chunk (s)", ", ".join(f"{x:.4f}" for x in v["to_host_s_per_chunk"])),
       ("VAE decode, sum of chunks (s)", f"{v['decode_s']:.4f}"),
+      *([("VAE TFLOP per video / TFLOP/s", f"{v['flops_per_video'] / 1e12:.2f} / {v['tflops_per_s']:.1f}")]
+        if "tflops_per_s" in v else []),
       ("VAE video to host (s)", f"{v['video_to_host_s']['median']:.4f}"),
       ("FPS VAE", f"{res['fps']['vae']:.2f}")]
   rows += _memory_rows(res)
