@@ -9,21 +9,15 @@ forward + backward, timed as calls enqueued back to back.
 import functools, json, os, time, traceback
 import numpy as np
 import jax, jax.numpy as jnp
+from dsa_jax.eval.profiling import median_call_s
 
 B, L, H, D = 1, 32768, 12, 128
 FWD = 4.0 * B * L * L * H * D
 
 
-def timed(fn, args, reps=10, rounds=3):
-  jax.block_until_ready(fn(*args))
-  res = []
-  for _ in range(rounds):
-    t = time.perf_counter()
-    for _ in range(reps):
-      out = fn(*args)
-    jax.block_until_ready(out)
-    res.append((time.perf_counter() - t) / reps)
-  return float(np.median(res))
+def timed(fn, args, reps=10):
+  """Seconds per call, calls enqueued back to back."""
+  return median_call_s(fn, args, reps)[0]
 
 
 def fwd_bwd(att):

@@ -14,6 +14,7 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_gpu_experim
                            " --xla_gpu_enable_triton_gemm=false").strip()
 import numpy as np
 import jax, jax.numpy as jnp
+from dsa_jax.eval.profiling import median_call_s
 from jax.experimental import compute_on as compute_on_lib
 
 
@@ -28,16 +29,9 @@ OUT = os.environ.get("OUT", "/tmp")
 res = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "xla_flags": os.environ["XLA_FLAGS"]}
 
 
-def timed(fn, args, reps=10, rounds=3):
-  jax.block_until_ready(fn(*args))
-  out = []
-  for _ in range(rounds):
-    t = time.perf_counter()
-    for _ in range(reps):
-      r = fn(*args)
-    jax.block_until_ready(r)
-    out.append((time.perf_counter() - t) / reps)
-  return 1e3 * float(np.median(out))
+def timed(fn, args, reps=10):
+  """Milliseconds per call, calls enqueued back to back."""
+  return 1e3 * median_call_s(fn, args, reps)[0]
 
 
 def save():
