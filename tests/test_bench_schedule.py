@@ -254,3 +254,20 @@ def test_device_memory_reports_every_local_device(monkeypatch):
   assert bench._peak_memory() == {"peak_bytes_in_use": 40, "bytes_in_use": 20, "bytes_limit": 100}
   monkeypatch.setattr(FakeDevice, "memory_stats", lambda self: None)
   assert profiling.device_memory() is None and bench._peak_memory() is None
+
+
+def test_matmul_flops_counts_convolutions_dots_and_scans():
+  import jax
+  import jax.numpy as jnp
+  x = jax.ShapeDtypeStruct((2, 10, 12, 3), jnp.float32)   # NHWC
+  w = jax.ShapeDtypeStruct((3, 3, 3, 5), jnp.float32)     # HWIO
+  conv = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  assert profiling.matmul_flops(conv, x, w) == 2 * (2 * 10 * 12 * 5) * (3 * 3 * 3)
+  a, b = jax.ShapeDtypeStruct((4, 6, 7), jnp.float32), jax.ShapeDtypeStruct((4, 7, 9), jnp.float32)
+  assert profiling.matmul_flops(lambda a, b: jnp.tanh(a @ b) * 2, a, b) == 2 * 4 * 6 * 9 * 7  # elementwise: none
+  m = jax.ShapeDtypeStruct((8, 8), jnp.float32)
+  scan = lambda m: jax.lax.scan(lambda c, _: (jax.jit(lambda c: c @ m)(c), None), m, None, length=5)[0]
+  assert profiling.matmul_flops(scan, m) == 5 * 2 * 8 * 8 * 8
+  loop = lambda m: jax.lax.while_loop(lambda c: c[0, 0] < 1, lambda c: c @ m, m)
+  with pytest.raises(ValueError, match="while loop"):
+    profiling.matmul_flops(loop, m)

@@ -1,5 +1,6 @@
 """Profiles for the benchmarks: one call of a function under `jax.profiler`, the top kernels of its trace, the
-median time of repeated calls, and the XLA settings a run was made with.
+median time of repeated calls, the FLOPs of a function's convolutions and matmuls, and the XLA settings a run was
+made with.
 
 `profile_one` writes the trace (TensorBoard's profile plugin, or the Perfetto JSON in ui.perfetto.dev) and returns
 the kernels that took the most device time, summed by name, so a benchmark's JSON says where the time went.
@@ -10,6 +11,7 @@ from __future__ import annotations
 import glob
 import gzip
 import json
+import math
 import os
 import time
 
@@ -35,6 +37,45 @@ def median_call_s(fn, args, reps: int, rounds: int = 3) -> tuple[float, object]:
     jax.block_until_ready(last)
     times.append((time.perf_counter() - t) / max(reps, 1))
   return float(np.median(times)), out
+
+
+def _inner_jaxprs(params):
+  for value in params.values():
+    for x in (value if isinstance(value, (list, tuple)) else (value,)):
+      if hasattr(x, "jaxpr") and hasattr(x, "consts"):  # a closed jaxpr
+        yield x.jaxpr
+      elif type(x).__name__ == "Jaxpr":
+        yield x
+
+
+def _jaxpr_matmul_flops(jaxpr) -> float:
+  total = 0.0
+  for eqn in jaxpr.eqns:
+    name = eqn.primitive.name
+    if name == "conv_general_dilated":
+      rhs = eqn.invars[1].aval.shape
+      spec = eqn.params["dimension_numbers"].rhs_spec  # (out features, in features, spatial...)
+      window = rhs[spec[1]] * math.prod(rhs[i] for i in spec[2:])
+      total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * window
+    elif name == "dot_general":
+      (contract, _), _ = eqn.params["dimension_numbers"]
+      lhs = eqn.invars[0].aval.shape
+      total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[i] for i in contract)
+    elif name == "while":
+      raise ValueError("matmul_flops: a while loop's trip count is not static; count its body per iteration")
+    else:
+      times = eqn.params.get("length", 1) if name == "scan" else 1
+      total += times * sum(_jaxpr_matmul_flops(inner) for inner in _inner_jaxprs(eqn.params))
+  return total
+
+
+def matmul_flops(fn, *args) -> float:
+  """FLOPs of the convolutions and matmuls `fn(*args)` traces to (args may be abstract: `jax.ShapeDtypeStruct`):
+  2 per multiply-add over each convolution's whole kernel window, scans counted per iteration. Read from the jaxpr,
+  so the same on every backend (a GPU's compiled cost analysis leaves out the cuDNN calls); elementwise work is not
+  counted."""
+  import jax
+  return _jaxpr_matmul_flops(jax.make_jaxpr(fn)(*args).jaxpr)
 
 
 def xla_environment() -> dict:

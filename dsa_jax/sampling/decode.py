@@ -206,23 +206,19 @@ class PixelDecoder:
       yield np.asarray(pending)
 
   def decode_flops(self, batch: int, num_frames: int) -> Optional[float]:
-    """FLOPs of decoding a whole video of `num_frames` latent frames chunk by chunk (None without a Wan VAE): XLA's
-    cost analysis of each chunk program as lowered, i.e. before the backend's rewrites, what the decoder computes
-    (as the DiT's model FLOPs count what the transformer computes). Only lowers the programs: no compilation."""
+    """FLOPs of the convolutions and matmuls of decoding a whole video of `num_frames` latent frames chunk by chunk
+    (`eval.profiling.matmul_flops` of each chunk's decode: traced, not compiled); None without a Wan VAE."""
     if self.kind != "wan":
       return None
+    from dsa_jax.eval.profiling import matmul_flops
     total, cache, seen = 0.0, None, {}
     for i, (a, b) in enumerate(self.chunk_bounds(num_frames)):
-      first = i == 0
       z = jax.ShapeDtypeStruct((batch, b - a) + self.latent_hw + (self.latent_channels,), jnp.float32)
-      key = (first, b - a)
-      if key not in seen:
-        cost = self._decode_chunk_uint8.lower(self.vae_params, z, cache, first=first).cost_analysis()
-        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-        seen[key] = float(cost["flops"])
-      total += seen[key]
-      cache = jax.eval_shape(lambda zz, cc, f=first: self.vae.decode_chunk(self.vae_params, zz, cc, first=f)[1],
-                             z, cache)
+      decode = lambda zz, cc, first=(i == 0): self.vae.decode_chunk(self.vae_params, zz, cc, first=first)
+      if (i == 0, b - a) not in seen:
+        seen[(i == 0, b - a)] = matmul_flops(decode, z, cache)
+      total += seen[(i == 0, b - a)]
+      cache = jax.eval_shape(decode, z, cache)[1]
     return total
 
   def decode_chunk(self, latents_chunk, state, first: bool, *, uint8: bool = False):
