@@ -428,7 +428,8 @@ def _corrupt_generator(step_dir):
           f.write(b"\x00garbage")
 
 
-def test_corrupt_checkpoint_gives_clear_error(reference_run, tmp_path):
+def test_corrupt_checkpoint_gives_clear_error(reference_run, tmp_path, monkeypatch):
+  from dsa_jax.data import pipeline
   cfg, ref_work, _, _ = reference_run
   work = tmp_path / "corrupt"
   shutil.copytree(ref_work, work)
@@ -438,9 +439,14 @@ def test_corrupt_checkpoint_gives_clear_error(reference_run, tmp_path):
     checkpointing.load_model_from_workdir(str(work), cfg6)
   # (training falls back to the previous checkpoint: test_faults.py)
   # another stage in the same workdir is refused with a message naming both stages
+  # ... and the refused run closes the checkpoint manager and the data loader it had opened (no threads left behind)
+  closed = []
+  for cls, name in ((checkpointing.Checkpointer, "checkpointer"), (pipeline.Loader, "loader")):
+    monkeypatch.setattr(cls, "close", lambda self, close=cls.close, name=name: (closed.append(name), close(self))[1])
   cfg_ode = tiny("--config.train.stage=ode", "--config.train.steps=6")
   with pytest.raises(checkpointing.TrainCheckpointError, match="stage 'dsa'.*stage 'ode'"):
     _run(cfg_ode, work)
+  assert set(closed) == {"checkpointer", "loader"}, closed
 
 
 def test_bad_prompt_file_gives_clear_error(tmp_path, xla_cache):

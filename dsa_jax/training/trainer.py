@@ -13,6 +13,7 @@ gradient norms, throughput, that memory peak). Only process 0 logs.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import json
 import os
@@ -474,6 +475,13 @@ def train(config, workdir: str, *, stop_after: int | None = None, mesh=None, log
 
 
 def _train_locked(config, workdir: str, *, stop_after=None, mesh=None, log=None) -> dict:
+  # The loader, checkpointer and metric log are closed however the run ends, a refused resume or a failed teacher
+  # load included: an exception must not leave their threads running in a notebook's process.
+  with contextlib.ExitStack() as resources:
+    return _train_run(config, workdir, resources, stop_after=stop_after, mesh=mesh, log=log)
+
+
+def _train_run(config, workdir: str, resources: contextlib.ExitStack, *, stop_after, mesh, log) -> dict:
   emit = log or _log
   config = config.copy_and_resolve_references()
   stage = config.train.stage
@@ -501,10 +509,12 @@ def _train_locked(config, workdir: str, *, stop_after=None, mesh=None, log=None)
   source = make_source(config)
   loader = make_loader(source, batch_size=local_batch, seed=int(config.seed), shuffle=bool(config.data.shuffle),
                        num_threads=max(1, int(config.data.num_workers or 1)))
+  resources.callback(loader.close)
   text_encoder = make_text_encoder(config)
   uncond = np.asarray(text_encoder([config.text.negative_prompt]), np.float32)
 
   ck = checkpointing.Checkpointer(workdir, keep=int(config.train.keep), async_save=bool(config.train.async_ckpt))
+  resources.callback(ck.close)
   newest = ck.latest_step()
   if newest is not None:
     try:
@@ -544,6 +554,7 @@ def _train_locked(config, workdir: str, *, stop_after=None, mesh=None, log=None)
   uncond_dev = place(uncond, mesh_lib.replicated(mesh))
   prep = BatchPreparer(config, bundle.batch_sharding, text_encoder, global_batch)
   metrics_log = MetricLog(workdir, enable_tb=bool(config.train.tensorboard))
+  resources.callback(metrics_log.close)
   eval_every, evaluator = int(config.train.eval_every), None
   if eval_every > 0 and jax.process_count() == 1:
     from dsa_jax.eval.during_training import TrainingEval
@@ -562,85 +573,80 @@ def _train_locked(config, workdir: str, *, stop_after=None, mesh=None, log=None)
   # Skipping a batch needs the state from before the step (the step donates its input): a second copy in memory.
   backup = jax.jit(lambda s: jax.tree_util.tree_map(jnp.copy, s), out_shardings=shardings) if skip_budget else None
   compiled_names: set = set()
-  try:
-    with StopFlag() as stop:
-      step = start
-      while step < total:
-        t0 = time.time()
-        batch = prep(next(loader))
-        name = bundle.step_name(step, config)
-        compiling = name not in compiled_names
-        if compiling:
-          emit(f"[{stage}] compiling the {name} step (takes a while on first use) ...")
-        before = backup(state) if backup is not None else None
-        state, metrics = bundle(name, state, teacher, batch, uncond_dev)
-        compiled_names.add(name)
-        bad = nonfinite_metrics(metrics)
-        if bad:
-          what = ", ".join(f"{k}={v}" for k, v in sorted(bad.items()))
-          if skipped < skip_budget:
-            skipped += 1
-            state = before
-            emit(f"[{stage}] WARNING: step {step + 1}: non-finite {what}; skipped this batch ({skipped} of "
-                 f"train.nonfinite_skip={skip_budget})")
-            continue
-          raise NonFiniteError(f"step {step + 1}: non-finite {what}; stopped before saving (the last checkpoint "
-                               f"is the newest finite one; lower train.lr, check the data, or allow skipping a few "
-                               f"batches with --config.train.nonfinite_skip=N)")
-        metrics_log.add(metrics)
-        step += 1
-        done = step
-        if "first_step_s" not in summary:
-          jax.block_until_ready(metrics)
-          summary["first_step_s"] = time.time() - t0
-        if compiling:
-          jax.block_until_ready(metrics)
-          t_last, step_last = time.time(), done  # the rate and ETA count compiled steps only
-        if done % log_every == 0 or done == total:
-          scalars = metrics_log.flush()
-          now = time.time()
-          if done > step_last:
-            rate = (done - step_last) / max(now - t_last, 1e-9)
-            t_last, step_last = now, done
-          if math.isfinite(rate):  # none before a step that did not compile
-            scalars.update(it_per_s=rate, samples_per_s=rate * global_batch,
-                           frames_per_s=rate * global_batch * frames)
-          scalars.update(device_peak(device_memory()))
-          emit(progress_line(stage, done, total, scalars, rate, (total - done) / rate if rate > 0 else float("nan")))
-          metrics_log.write(done, scalars)
-          summary["last_metrics"] = scalars
-        if evaluator is not None and (done % eval_every == 0 or done == total):
-          scores = evaluator(state)
-          emit(f"[{stage}] eval at step {done}: FD {scores['eval_fd']:.2f} (mean {scores['eval_fd_mean']:.1f} + cov "
-               f"{scores['eval_fd_cov']:.1f}, spread {scores['eval_fd_spread']:.2f}), prompt agreement "
-               f"{scores['eval_agreement']:.3f}, {scores['eval_avg_steps']:.2f} steps/frame")
-          metrics_log.write(done, scores)
-          record_eval(workdir, done, scores)
-          summary["last_eval"] = scores
-        if stop_after is not None and done - start >= stop_after:
-          summary["stopped"] = "stop_after"
-          break
-        reason = "signal" if stop.agreed() else (
-            "max_time_s" if max_time and time.time() - t_start > max_time else None)
-        if done % ckpt_every == 0 or done == total or reason:
-          _check_before_save(state, done)
-          ck.save(done, state, config=config, data_state=loader.get_state())
-        if reason:
-          summary["stopped"] = reason
-          emit(f"[{stage}] stopped at step {done} ({reason}); checkpoint saved; the same command resumes")
-          break
-    ck.wait()
-    summary["end_step"] = done
-    if done >= total and summary["stopped"] is None:
-      if ck.latest_step() != done:
+  with StopFlag() as stop:
+    step = start
+    while step < total:
+      t0 = time.time()
+      batch = prep(next(loader))
+      name = bundle.step_name(step, config)
+      compiling = name not in compiled_names
+      if compiling:
+        emit(f"[{stage}] compiling the {name} step (takes a while on first use) ...")
+      before = backup(state) if backup is not None else None
+      state, metrics = bundle(name, state, teacher, batch, uncond_dev)
+      compiled_names.add(name)
+      bad = nonfinite_metrics(metrics)
+      if bad:
+        what = ", ".join(f"{k}={v}" for k, v in sorted(bad.items()))
+        if skipped < skip_budget:
+          skipped += 1
+          state = before
+          emit(f"[{stage}] WARNING: step {step + 1}: non-finite {what}; skipped this batch ({skipped} of "
+               f"train.nonfinite_skip={skip_budget})")
+          continue
+        raise NonFiniteError(f"step {step + 1}: non-finite {what}; stopped before saving (the last checkpoint "
+                             f"is the newest finite one; lower train.lr, check the data, or allow skipping a few "
+                             f"batches with --config.train.nonfinite_skip=N)")
+      metrics_log.add(metrics)
+      step += 1
+      done = step
+      if "first_step_s" not in summary:
+        jax.block_until_ready(metrics)
+        summary["first_step_s"] = time.time() - t0
+      if compiling:
+        jax.block_until_ready(metrics)
+        t_last, step_last = time.time(), done  # the rate and ETA count compiled steps only
+      if done % log_every == 0 or done == total:
+        scalars = metrics_log.flush()
+        now = time.time()
+        if done > step_last:
+          rate = (done - step_last) / max(now - t_last, 1e-9)
+          t_last, step_last = now, done
+        if math.isfinite(rate):  # none before a step that did not compile
+          scalars.update(it_per_s=rate, samples_per_s=rate * global_batch,
+                         frames_per_s=rate * global_batch * frames)
+        scalars.update(device_peak(device_memory()))
+        emit(progress_line(stage, done, total, scalars, rate, (total - done) / rate if rate > 0 else float("nan")))
+        metrics_log.write(done, scalars)
+        summary["last_metrics"] = scalars
+      if evaluator is not None and (done % eval_every == 0 or done == total):
+        scores = evaluator(state)
+        emit(f"[{stage}] eval at step {done}: FD {scores['eval_fd']:.2f} (mean {scores['eval_fd_mean']:.1f} + cov "
+             f"{scores['eval_fd_cov']:.1f}, spread {scores['eval_fd_spread']:.2f}), prompt agreement "
+             f"{scores['eval_agreement']:.3f}, {scores['eval_avg_steps']:.2f} steps/frame")
+        metrics_log.write(done, scores)
+        record_eval(workdir, done, scores)
+        summary["last_eval"] = scores
+      if stop_after is not None and done - start >= stop_after:
+        summary["stopped"] = "stop_after"
+        break
+      reason = "signal" if stop.agreed() else (
+          "max_time_s" if max_time and time.time() - t_start > max_time else None)
+      if done % ckpt_every == 0 or done == total or reason:
         _check_before_save(state, done)
         ck.save(done, state, config=config, data_state=loader.get_state())
-        ck.wait()
-      summary["model"] = _export(config, state, workdir, done, emit)
-  finally:
-    ck.close()
-    metrics_log.close()
-    loader.close()
+      if reason:
+        summary["stopped"] = reason
+        emit(f"[{stage}] stopped at step {done} ({reason}); checkpoint saved; the same command resumes")
+        break
+  ck.wait()
+  summary["end_step"] = done
+  if done >= total and summary["stopped"] is None:
+    if ck.latest_step() != done:
+      _check_before_save(state, done)
+      ck.save(done, state, config=config, data_state=loader.get_state())
+      ck.wait()
+    summary["model"] = _export(config, state, workdir, done, emit)
   summary["state"] = state
   return summary
 
