@@ -449,6 +449,26 @@ def test_corrupt_checkpoint_gives_clear_error(reference_run, tmp_path, monkeypat
   assert set(closed) == {"checkpointer", "loader"}, closed
 
 
+def test_ode_pairs_file_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
+  from dsa_jax.data import videos
+  x0, traj = np.zeros((2, 2, 4, 4, 3), np.float32), np.ones((2, 3, 2, 4, 4, 3), np.float32)
+  ode_pairs.write_ode_pairs(str(tmp_path / "pairs.array_record"), x0, traj, ["a", "b"])
+  src = videos.VideoClipSource(str(tmp_path / "pairs.array_record"))
+  assert len(src) == 2 and src[1]["prompt"] == "b" and src[1]["trajectory"].shape == (3, 2, 4, 4, 3)
+  write, calls = videos.VideoRecordWriter.write, []
+
+  def write_then_fail(self, *args, **kwargs):
+    calls.append(1)
+    if len(calls) == 2:
+      raise OSError("No space left on device")
+    return write(self, *args, **kwargs)
+
+  monkeypatch.setattr(videos.VideoRecordWriter, "write", write_then_fail)
+  with pytest.raises(OSError, match="No space") as failed:  # (its traceback keeps the writer from the collector)
+    ode_pairs.write_ode_pairs(str(tmp_path / "failed.array_record"), x0, traj, ["a", "b"])
+  assert sorted(os.listdir(tmp_path)) == ["pairs.array_record"], failed  # no partial file, no temporary left
+
+
 def test_bad_prompt_file_gives_clear_error(tmp_path, xla_cache):
   from dsa_jax.data.prompts import PromptFileError
   bad = tmp_path / "prompts.txt"

@@ -136,11 +136,12 @@ def write_ode_pairs(path: str, x0: np.ndarray, trajectory: np.ndarray, prompts: 
   if trajectory.shape[0] != x0.shape[0] or trajectory.shape[2:] != x0.shape[1:] or len(prompts) != x0.shape[0]:
     raise OdePairsError(f"write_ode_pairs: x0 {x0.shape}, trajectory {trajectory.shape} and {len(prompts)} prompts "
                         "do not match (expected (N,F,H,W,C), (N,K,F,H,W,C), N)")
-  writer = append_to or VideoRecordWriter(path)
-  for i in range(x0.shape[0]):
-    writer.write(x0[i], prompts[i], extras={"trajectory": trajectory[i]})
-  if append_to is None:
-    writer.close()
+  if append_to is not None:
+    for i in range(x0.shape[0]):
+      append_to.write(x0[i], prompts[i], extras={"trajectory": trajectory[i]})
+    return path
+  with VideoRecordWriter(path) as writer:  # an error mid-way removes the partial file
+    write_ode_pairs(path, x0, trajectory, prompts, append_to=writer)
   return path
 
 
