@@ -55,8 +55,7 @@ def atomic_dir(path):
   try:
     yield tmp
     if os.path.exists(path):
-      old = path + ".old"
-      shutil.rmtree(old, ignore_errors=True)
+      old = tmp + ".old"  # beside the unique temporary name: never an existing folder of the user's
       os.replace(path, old)
       os.replace(tmp, path)
       shutil.rmtree(old, ignore_errors=True)

@@ -294,6 +294,19 @@ def validate_config(config: ml_collections.ConfigDict):
            f"must be auto, xla, cudnn or splash, got {c.attention!r}")
   _require(c.remat in REMAT_MODES, "compute.remat", f"must be one of {', '.join(REMAT_MODES)}, got {c.remat!r}")
 
+  t = config.train
+  is_int = lambda x: isinstance(x, int) and not isinstance(x, bool)
+  for name, lo, what in (("steps", 1, "optimiser steps to train"), ("log_every", 1, "steps between progress lines"),
+                         ("ckpt_every", 1, "steps between checkpoints"), ("keep", 1, "checkpoints kept")):
+    _require(is_int(t[name]) and t[name] >= lo, f"train.{name}", f"must be an integer >= {lo} ({what}), got {t[name]!r}")
+  _require(is_int(config.dmd.critic_ratio) and config.dmd.critic_ratio >= 1, "dmd.critic_ratio",
+           f"must be an integer >= 1 (critic steps per generator step), got {config.dmd.critic_ratio!r}")
+  for name in ("lr", "critic_lr", "conf_lr"):
+    _require(isinstance(t[name], (int, float)) and math.isfinite(t[name]) and t[name] >= 0, f"train.{name}",
+             f"must be a learning rate >= 0, got {t[name]!r}")
+  for name in ("ema_decay", "teacher_ema_decay", "cfg_dropout"):
+    _require(isinstance(t[name], (int, float)) and 0.0 <= t[name] <= 1.0, f"train.{name}",
+             f"must lie in [0, 1], got {t[name]!r}")
   h = config.conf
   _require(h.hidden > 0, "conf.hidden", "must be positive")
   _require(h.target in CONF_TARGETS, "conf.target", f"must be one of {CONF_TARGETS}, got {h.target!r}")

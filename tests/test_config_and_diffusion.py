@@ -29,10 +29,25 @@ WAN = os.path.join(os.path.dirname(__file__), "..", "configs", "wan_1_3b.py")
     ("--config.conf.target='other'", "conf.target"),
     ("--config.teacher.text_dim=7", "teacher.text_dim"),
     ("--config.mesh.shape.tensor=3", "mesh.shape"),
+    ("--config.train.keep=0", "train.keep"),
+    ("--config.train.steps=-5", "train.steps"),
+    ("--config.train.ckpt_every=0", "train.ckpt_every"),
+    ("--config.train.log_every=0", "train.log_every"),
+    ("--config.dmd.critic_ratio=0", "dmd.critic_ratio"),
+    ("--config.train.lr=-1.0", "train.lr"),
+    ("--config.train.ema_decay=1.5", "train.ema_decay"),
+    ("--config.train.cfg_dropout=2.0", "train.cfg_dropout"),
 ])
 def test_invalid_values_name_the_field(override, field):
   with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
     get_config(TINY, [override])
+
+
+@pytest.mark.parametrize("arg", ["tiny.py", "wan_1_3b.py", "digits.py", "digits.py:teacher", "digits.py:ode",
+                                 "digits.py:dsa", "digits.py:head"])
+def test_every_shipped_config_loads(arg):
+  """Each config (and stage) its docstring tells users to run passes validation as shipped."""
+  get_config(os.path.join(os.path.dirname(TINY), arg))
 
 
 def test_overrides():

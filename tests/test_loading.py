@@ -65,3 +65,26 @@ def test_vae_loads_with_its_stored_architecture(tmp_path):
   assert len(notes) == 1 and "Wan2.1" in notes[0]
   with pytest.raises(FileNotFoundError, match="config.vae.path"):
     loading.load_vae(str(tmp_path / "missing"))
+
+
+def test_saving_a_model_replaces_only_a_model_checkpoint(tmp_path):
+  """A model folder is replaced whole, so saving refuses a folder that holds anything but a model checkpoint (an
+  export pointed at a training workdir must not delete its checkpoints), and leaves a sibling '<name>.old' alone."""
+  params = {"head": {"w": np.arange(3, dtype=np.float32)}}
+  work = tmp_path / "work"
+  (work / "checkpoints" / "4").mkdir(parents=True)
+  (work / "notes.txt").write_text("keep me")
+  with pytest.raises(params_io.CheckpointError, match=r"work'.*not a dsa_jax model checkpoint"):
+    params_io.save_params(str(work), params, {"arch": {}})
+  assert sorted(p.name for p in work.iterdir()) == ["checkpoints", "notes.txt"]
+  (tmp_path / "file").write_text("x")
+  with pytest.raises(params_io.CheckpointError, match="file"):
+    params_io.save_params(str(tmp_path / "file"), params, {"arch": {}})
+  (tmp_path / "model").mkdir()  # empty: fine
+  (tmp_path / "model.old").mkdir()
+  (tmp_path / "model.old" / "mine.txt").write_text("mine")
+  params_io.save_params(str(tmp_path / "model"), params, {"arch": {}, "n": 1})
+  params_io.save_params(str(tmp_path / "model"), params, {"arch": {}, "n": 2})  # an earlier model: replaced
+  assert params_io.read_meta(str(tmp_path / "model"))["n"] == 2
+  assert (tmp_path / "model.old" / "mine.txt").read_text() == "mine"
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "model", "model.old", "work"]  # no temporaries

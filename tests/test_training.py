@@ -377,6 +377,7 @@ def test_trainer_runs_logs_and_exports(reference_run):
   assert summary["end_step"] == 4
   assert sorted(os.listdir(work / "checkpoints")) == ["2", "4"]
   assert any("step 4/4" in line and "it/s" in line and "ETA" in line for line in logs), logs
+  assert any("WARNING: config.data.prompts.path is empty" in line for line in logs), logs
   assert any(n.startswith("events.out.tfevents") for n in os.listdir(work / "tb"))
   params, meta = checkpointing.load_model_from_workdir(str(work / "model"), cfg)
   assert sorted(params) == ["generator", "generator_ema", "head"] and meta["step"] == 4
@@ -449,6 +450,26 @@ def test_corrupt_checkpoint_gives_clear_error(reference_run, tmp_path, monkeypat
   assert set(closed) == {"checkpointer", "loader"}, closed
 
 
+def test_resume_with_another_optimiser_layout_is_refused_not_set_aside(reference_run, tmp_path):
+  """Turning gradient clipping off changes the optimiser states' layout: the resume stops with an error naming the
+  changed field and keeps every checkpoint (it moved them all aside as damaged, and the next run started over).
+  Checkpoints saved before layouts were recorded get the same answer from the restore's own error."""
+  _, ref_work, _, _ = reference_run
+  cfg = tiny("--config.train.steps=6", "--config.train.grad_clip=0.0")
+  for name in ("recorded", "unrecorded"):
+    work = tmp_path / name
+    shutil.copytree(ref_work, work)
+    if name == "unrecorded":
+      for step in ("2", "4"):
+        meta_file = work / "checkpoints" / step / "meta" / "metadata"
+        meta = json.loads(meta_file.read_text())
+        del meta["state_layout"]
+        meta_file.write_text(json.dumps(meta))
+    with pytest.raises(checkpointing.TrainStateMismatchError, match=r"checkpoints/4.*train\.grad_clip \(10\.0 -> 0\.0\)"):
+      _run(cfg, work)
+    assert sorted(os.listdir(work / "checkpoints")) == ["2", "4"] and not (work / "corrupt_checkpoints").exists()
+
+
 def test_ode_pairs_file_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
   from dsa_jax.data import videos
   x0, traj = np.zeros((2, 2, 4, 4, 3), np.float32), np.ones((2, 3, 2, 4, 4, 3), np.float32)
@@ -479,6 +500,10 @@ def test_bad_prompt_file_gives_clear_error(tmp_path, xla_cache):
     _run(tiny(f"--config.data.prompts.path={tmp_path / 'missing.txt'}"), tmp_path / "w2")
   with pytest.raises(trainer.TrainingError, match="data.videos"):
     _run(tiny("--config.train.stage=teacher"), tmp_path / "w4")
+  # a prompt kind without its file is refused by name; only kind 'text' without a path falls back, and says so
+  with pytest.raises(PromptFileError, match=r"data\.prompts\.path: required for kind='csv'"):
+    trainer.make_source(tiny("--config.data.prompts.kind=csv", "--config.data.prompts.column=caption"))
+  assert trainer.make_source(tiny()).name == trainer.BUILTIN_PROMPTS
 
 
 def test_ode_stage_on_the_fly_and_stored(tmp_path, xla_cache):
@@ -522,6 +547,9 @@ def test_ode_stage_on_the_fly_and_stored(tmp_path, xla_cache):
   assert s["end_step"] == 1 and np.isfinite(s["last_metrics"]["loss_ode"])
   with pytest.raises(ode_pairs.OdePairsError, match="trajectory"):
     ode_pairs.OdePairSource(str(videos), o_cfg)
+  other_ladder = tiny("--config.train.stage=ode", f"--config.train.ladder={tuple(o_cfg.sampling.ladder[::2])}")
+  with pytest.raises(ode_pairs.OdePairsError, match=r"recorded at sigmas .*train\.ladder"):
+    ode_pairs.OdePairSource(str(pairs), other_ladder)
 
 
 def test_cli_trains_checkpoints_resumes(tmp_path, xla_cache, reference_run, capsys):

@@ -27,11 +27,17 @@ class CheckpointError(ValueError):
 def save_params(path: str, params: dict, meta: dict) -> str:
   """Saves `params` (dict of name -> pytree of arrays) and `meta` (JSON-able; `meta['arch']` per network).
 
-  The folder appears only once complete: written under a sibling temporary name, then renamed over `path`.
+  The folder appears only once complete: written under a sibling temporary name, then renamed over `path`, which
+  may be absent, empty or an earlier model checkpoint (anything else is refused).
   """
   import orbax.checkpoint as ocp
 
   path = os.path.abspath(path)
+  if os.path.lexists(path) and not (os.path.isdir(path) and (os.path.isfile(os.path.join(path, META_FILE))
+                                                              or not os.listdir(path))):
+    # the folder is replaced whole: only ever replace a model checkpoint (or nothing), never a workdir or other files
+    raise CheckpointError(f"{path!r} exists and is not a dsa_jax model checkpoint (no {META_FILE}): not replaced; "
+                          "write the model to a new folder, or remove this one first")
   with atomic_dir(path) as tmp:
     host = jax.tree_util.tree_map(lambda x: np.asarray(jax.device_get(x)), params)
     ocp.PyTreeCheckpointer().save(os.path.join(tmp, PARAMS_DIR), host)

@@ -133,6 +133,9 @@ def _ode_pairs_main(args: argparse.Namespace) -> int:
   prompt_config = config.copy_and_resolve_references()
   prompt_config.train.update(stage="ode", ode_pairs="")  # the prompts the ode stage would draw
   source = trainer.make_source(prompt_config)
+  if getattr(source, "name", None) == trainer.BUILTIN_PROMPTS:
+    print(f"dsa-jax data ode-pairs: WARNING: config.data.prompts.path is empty: pairs for {len(source)} built-in "
+          "synthetic prompts (fine for smoke tests only)", file=sys.stderr)
   prompts = [source[i] for i in range(min(len(source), args.num or len(source)))]
   if not all(isinstance(p, str) for p in prompts):
     raise ValueError(f"config.data.prompts.kind={config.data.prompts.kind!r}: ODE pairs need text prompts")

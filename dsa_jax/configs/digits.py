@@ -73,6 +73,7 @@ def get_config(arg=None):
   elif stage == "head":
     # A confidence head for an existing generator (default: the shipped model's), trained alone: no teacher.
     c.train.update(steps=3000, batch_size=64, conf_lr=1e-3, init_from=c.sampling.checkpoint)
+    c.conf.target = "gain"  # the shipped model's kind of head ('dmd' needs the teacher and critic this stage lacks)
   else:
     # The shipped model: 1.8k steps from the ODE stage, then 3k more at a constant rate (in-training FD flat over
     # the last 1.5k), then 3.3k more with a cosine-decaying rate (`--config.train.lr_decay=cosine`), which is what

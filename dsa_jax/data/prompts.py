@@ -75,6 +75,10 @@ class ListPromptSource(_ListSource):
     self._prompts = prompts
     self._name = name
 
+  @property
+  def name(self) -> str:
+    return self._name
+
   def __repr__(self) -> str:
     return f"ListPromptSource({self._name}, n={len(self)})"
 

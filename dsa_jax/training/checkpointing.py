@@ -14,6 +14,7 @@ folder. Restoring takes the target shardings from the *current* mesh, so a run s
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -30,6 +31,44 @@ from dsa_jax.checkpoint.workdir import (CKPT_DIR, MODEL_DIR, SAMPLER_NETWORKS, T
 from dsa_jax.training import state as state_lib
 
 TRAIN_FIELDS = ("step", "rng", "dbar", "target_range", "gen_opt", "head_opt", "critic_opt", "teacher_opt")
+
+
+class TrainStateMismatchError(TrainCheckpointError):
+  """A readable checkpoint whose training state is laid out differently from what this run's config builds (an
+  optimiser option changed: gradient clipping, warmup, beta1, a teacher EMA...): a config mismatch, not damage."""
+
+
+# Run-control fields that never change the training state's layout; left out of a mismatch's list of differences.
+_RUN_CONTROL = ("train.steps", "train.max_time_s", "train.log_every", "train.ckpt_every", "train.keep",
+                "train.eval_every", "train.tensorboard", "train.async_ckpt")
+
+
+def state_layout(items: dict) -> dict:
+  """{item: fingerprint of its leaves' paths and shapes}: what a restore needs to match, dtypes and shardings aside."""
+  out = {}
+  for name, tree in items.items():
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    text = ";".join(f"{jax.tree_util.keystr(path)}:{tuple(np.shape(leaf))}" for path, leaf in leaves)
+    out[name] = hashlib.sha1(text.encode()).hexdigest()[:16]
+  return out
+
+
+def _flat(d, prefix=""):
+  for k, v in d.items():
+    if isinstance(v, dict):
+      yield from _flat(v, f"{prefix}{k}.")
+    else:
+      yield f"{prefix}{k}", v
+
+
+def _config_differences(saved: dict | None, config) -> str:
+  if not saved:
+    return ""
+  old, new = dict(_flat(saved)), dict(_flat(json.loads(config.to_json_best_effort())))
+  diff = [f"{k} ({old.get(k, '<unset>')!r} -> {new.get(k, '<unset>')!r})" for k in sorted(set(old) | set(new))
+          if old.get(k) != new.get(k) and k not in _RUN_CONTROL]
+  return ("; the config differs from the checkpoint's in " + ", ".join(diff[:12])
+          + (f" and {len(diff) - 12} more" if len(diff) > 12 else "")) if diff else ""
 
 
 def _split_state(state: state_lib.TrainState) -> dict:
@@ -57,7 +96,8 @@ class Checkpointer(Workdir):
     args = {k: o.args.StandardSave(v) for k, v in items.items()}
     meta = {"stage": config.train.stage, "step": int(step), "networks": sorted(state.networks()),
             "arch": arch_meta(config, state.networks()), "format": "dsa_jax.train/1",
-            "optimizer": {"adam_first_moment": "none" if state_lib.drops_first_moment(config) else "kept"}}
+            "optimizer": {"adam_first_moment": "none" if state_lib.drops_first_moment(config) else "kept"},
+            "state_layout": state_layout(items)}
     meta.update(extra_meta or {})
     args["meta"] = o.args.JsonSave(meta)
     args["config"] = o.args.JsonSave(json.loads(config.to_json_best_effort()))
@@ -71,16 +111,33 @@ class Checkpointer(Workdir):
     if config is not None:
       _check_meta(meta, config, self._step_dir(step))
     items = _split_state(target)
+    saved_layout, layout = meta.get("state_layout"), state_layout(items)
+    if saved_layout is not None and any(saved_layout.get(k) != v for k, v in layout.items()):
+      self._mismatch(step, sorted(k for k in layout if saved_layout.get(k) != layout[k]), config)
     args = {k: o.args.StandardRestore(v) for k, v in items.items()}
     args["data"] = o.args.JsonRestore()
     try:
       out = self.manager.restore(step, args=o.args.Composite(**args))
     except Exception as e:  # pylint: disable=broad-except
+      if saved_layout is None and "tree structure" in str(e).lower():  # saved before layouts were recorded
+        self._mismatch(step, [], config, cause=e)
       raise TrainCheckpointError(
           f"checkpoint {self._step_dir(step)!r} could not be restored ({type(e).__name__}: {str(e)[:400]}). It is "
           "corrupt or does not match the config; delete that folder to resume from the previous checkpoint") from e
     state = _join_state({k: out[k] for k in items})
     return state, (out["data"] or None)
+
+  def _mismatch(self, step: int, items: list, config, cause=None):
+    try:
+      saved = self.read_json(step, "config")
+    except TrainCheckpointError:
+      saved = None
+    which = f" ({', '.join(items)})" if items else ""
+    raise TrainStateMismatchError(
+        f"checkpoint {self._step_dir(step)!r} holds a training state laid out differently{which} from what this "
+        f"config builds{_config_differences(saved, config) if config is not None else ''}. Resume with the settings "
+        "it was saved with, or train in a new workdir (--config.train.init_from=THIS_WORKDIR starts from its "
+        "networks)") from cause
 
 
 

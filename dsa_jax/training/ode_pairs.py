@@ -128,20 +128,26 @@ def gather_trajectory(traj, idx):
 # Stored pairs
 
 
-def write_ode_pairs(path: str, x0: np.ndarray, trajectory: np.ndarray, prompts: Sequence[str], *, append_to=None):
-  """Writes pairs to an ArrayRecord file (atomically). x0 (N, F, H, W, C), trajectory (N, K, F, H, W, C)."""
+def write_ode_pairs(path: str, x0: np.ndarray, trajectory: np.ndarray, prompts: Sequence[str], *, append_to=None,
+                    sigmas: Sequence[float] | None = None):
+  """Writes pairs to an ArrayRecord file (atomically). x0 (N, F, H, W, C), trajectory (N, K, F, H, W, C), and the
+  K ladder sigmas the trajectory was recorded at, which the ode stage checks against its own ladder."""
   from dsa_jax.data.videos import VideoRecordWriter
   x0 = np.asarray(x0, np.float32)
   trajectory = np.asarray(trajectory, np.float32)
   if trajectory.shape[0] != x0.shape[0] or trajectory.shape[2:] != x0.shape[1:] or len(prompts) != x0.shape[0]:
     raise OdePairsError(f"write_ode_pairs: x0 {x0.shape}, trajectory {trajectory.shape} and {len(prompts)} prompts "
                         "do not match (expected (N,F,H,W,C), (N,K,F,H,W,C), N)")
+  extras = {} if sigmas is None else {"sigmas": np.asarray(sigmas, np.float32)}
+  if sigmas is not None and extras["sigmas"].shape != trajectory.shape[1:2]:
+    raise OdePairsError(f"write_ode_pairs: {len(extras['sigmas'])} sigmas for a trajectory of {trajectory.shape[1]} "
+                        "ladder points")
   if append_to is not None:
     for i in range(x0.shape[0]):
-      append_to.write(x0[i], prompts[i], extras={"trajectory": trajectory[i]})
+      append_to.write(x0[i], prompts[i], extras={"trajectory": trajectory[i], **extras})
     return path
   with VideoRecordWriter(path) as writer:  # an error mid-way removes the partial file
-    write_ode_pairs(path, x0, trajectory, prompts, append_to=writer)
+    write_ode_pairs(path, x0, trajectory, prompts, append_to=writer, sigmas=sigmas)
   return path
 
 
@@ -166,7 +172,7 @@ def generate_ode_pairs(config, teacher_params, prompts: Sequence[str], path: str
       noise = jax.random.normal(jax.random.fold_in(key, start),
                                 (len(chunk), spec.num_frames, spec.height, spec.width, spec.channels))
       traj, x0 = fn(teacher_params, noise, ctx, jnp.asarray(uncond))
-      write_ode_pairs(path, np.asarray(x0), np.asarray(traj), chunk, append_to=w)
+      write_ode_pairs(path, np.asarray(x0), np.asarray(traj), chunk, append_to=w, sigmas=spec.sigmas)
   return path
 
 
@@ -190,6 +196,13 @@ class OdePairSource:
     if first["trajectory"].shape[0] < spec.num_steps:
       raise OdePairsError(f"config.train.ode_pairs: {path!r} has {first['trajectory'].shape[0]} ladder points, the "
                           f"config samples {spec.num_steps} steps")
+    if "sigmas" in first:  # (files written before the sigmas were stored cannot be checked)
+      stored, own = np.asarray(first["sigmas"], np.float64), np.asarray(spec.sigmas, np.float64)
+      if stored.shape != own.shape or not np.allclose(stored, own, atol=1e-5):
+        raise OdePairsError(
+            f"config.train.ode_pairs: {path!r} was recorded at sigmas {np.round(stored, 4).tolist()}, this config's "
+            f"ladder has {np.round(own, 4).tolist()} (train.ladder, else sampling.ladder, with diffusion.shift): "
+            "make the pairs with this config (`dsa-jax data ode-pairs`)")
 
   def __len__(self):
     return len(self._src)

@@ -92,10 +92,12 @@ def make_source(config):
     return OdePairSource(config.train.ode_pairs, config)
   from dsa_jax.data import prompts as prompts_lib
   p = config.data.prompts
-  needs = {"text": "path", "csv": "path", "embeddings": "path", "tfds": "name"}.get(p.kind)
-  if needs is None or p.get(needs):
-    return prompts_lib.prompt_source_from_config(p)
-  return prompts_lib.ListPromptSource(builtin_prompts(), name="<built-in synthetic prompts>")
+  if p.kind == "text" and not p.get("path"):  # the default: smoke tests run without a prompt file (said in the log)
+    return prompts_lib.ListPromptSource(builtin_prompts(), name=BUILTIN_PROMPTS)
+  return prompts_lib.prompt_source_from_config(p)  # other kinds name their missing field
+
+
+BUILTIN_PROMPTS = "<built-in synthetic prompts>"
 
 
 def make_text_encoder(config) -> Callable:
@@ -385,6 +387,8 @@ def restore_latest_readable(ck, target, config, emit):
       if not networks_finite(state):
         raise checkpointing.TrainCheckpointError(f"checkpoint {ck._step_dir(step)!r} holds non-finite parameters")
       return state, data_state, step
+    except checkpointing.TrainStateMismatchError:
+      raise  # a config mismatch, not damage: moving it would not help
     except checkpointing.TrainCheckpointError as e:
       if "saved by stage" in str(e) or "another architecture" in str(e) or is_remote(ck.workdir):
         raise  # a config mismatch, not damage: moving it would not help
@@ -507,6 +511,9 @@ def _train_run(config, workdir: str, resources: contextlib.ExitStack, *, stop_af
   # Data first: a bad prompt or video file fails before anything is compiled.
   from dsa_jax.data.pipeline import make_loader
   source = make_source(config)
+  if getattr(source, "name", None) == BUILTIN_PROMPTS:
+    emit(f"[{stage}] WARNING: config.data.prompts.path is empty: training on {len(source)} built-in synthetic "
+         "prompts (fine for smoke tests only)")
   loader = make_loader(source, batch_size=local_batch, seed=int(config.seed), shuffle=bool(config.data.shuffle),
                        num_threads=max(1, int(config.data.num_workers or 1)))
   resources.callback(loader.close)
