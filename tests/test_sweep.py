@@ -1,6 +1,7 @@
 """Sweeps: grid parsing and checks, a sampling sweep that compiles once, a resumable training sweep."""
 
 import csv
+import json
 import os
 
 import pytest
@@ -45,7 +46,11 @@ def test_remote_out_needs_print_commands():
     sweep_lib.run_sweep("train", "configs/tiny.py", "gs://bucket/x", axes=["train.lr=1e-4"])
 
 
-def test_get_sweep_from_config_file(tmp_path):
+def test_get_sweep_from_config_file(tmp_path, monkeypatch, capsys):
+  """Also: through the CLI each point samples with its own config.seed (swept, else --config.seed), not --seed's
+  default, and its command reproduces that seed."""
+  from dsa_jax import cli
+  from dsa_jax.sampling import sampler as sampler_lib
   path = tmp_path / "cfg.py"
   path.write_text("import importlib.util, os\n"
                   "spec = importlib.util.spec_from_file_location('t', os.path.join(%r, 'configs/tiny.py'))\n"
@@ -57,6 +62,25 @@ def test_get_sweep_from_config_file(tmp_path):
   pts = sweep_lib.build_points(str(path), [])
   assert [p.name for p in pts] == ["threshold=0.3", "threshold=0.6_seed=2"]
   assert pts[1].config.seed == 2 and pts[1].config.sampling.threshold == 0.6
+
+  seeds, make = [], sampler_lib.make_sampler
+
+  def spy(config):
+    sampler = make(config)
+    controls = sampler.make_controls
+    sampler.make_controls = lambda n, **kw: (seeds.append(kw["seed"]), controls(n, **kw))[1]
+    return sampler
+
+  monkeypatch.setattr(sampler_lib, "make_sampler", spy)
+  out = str(tmp_path / "s")
+  argv = ["sweep", "sample", "--config", str(path), "--out", out, "--num", "1", "--config.seed=5"]
+  assert cli.main(argv) == 0
+  assert seeds == [5, 2]
+  rows = _rows(out)
+  assert [r["command"].split(" --seed ")[1].split()[0] for r in rows] == ["5", "2"]
+  assert cli.main(argv + ["--seed", "1"]) == 2
+  assert "--seed 1 and the swept field 'seed' (point threshold=0.6_seed=2)" in capsys.readouterr().err
+  assert seeds == [5, 2]  # refused before sampling
 
 
 def test_sample_sweep_six_points_compile_once(tmp_path):
@@ -71,6 +95,34 @@ def test_sample_sweep_six_points_compile_once(tmp_path):
   assert "--config.sampling.threshold=0.5 --config.sampling.min_steps=2" in rows[3]["config_diff"]
   assert os.path.isfile(os.path.join(out, "results.md")) and os.path.isfile(os.path.join(out, "results.png"))
   again = sweep_lib.run_sweep("sample", "configs/tiny.py", out, axes=axes, opts={"num": 2}, log=lambda m: None)
+  assert len(again["skipped"]) == 6 and not again["ran"]
+  # Options that leave a sample's results as they were (the default seed given, eval-only ones, --videos) resume.
+  same = {"num": 2, "seed": 0, "batch": 7, "fps_prompts": 0, "videos": True}
+  again = sweep_lib.run_sweep("sample", "configs/tiny.py", out, axes=axes, opts=same, log=lambda m: None)
+  assert len(again["skipped"]) == 6 and not again["ran"]
+  # Others would reuse results of another run: refused, naming each option with its old and new value.
+  with pytest.raises(sweep_lib.SweepError, match=r"holds a sample sweep run with other options \(--prompt was "
+                     r"'.*', now 'digit 9'; --num was 2, now 3\).*new --out"):
+    sweep_lib.run_sweep("sample", "configs/tiny.py", out, axes=axes, opts={"num": 3, "prompt": "digit 9"})
+  with pytest.raises(sweep_lib.SweepError, match=r"--seed was 0, now 5\)"):
+    sweep_lib.run_sweep("sample", "configs/tiny.py", out, axes=axes, opts={"num": 2, "seed": 5})
+  with open(os.path.join(out, "sweep.json")) as f:
+    spec = json.load(f)
+  assert spec["options"] == {"ckpt": None, "prompt": sweep_lib.DEFAULT_PROMPT, "num": 2, "seed": 0}
+  os.remove(os.path.join(out, "sweep.json"))  # each point's record holds its options too
+  with pytest.raises(sweep_lib.SweepError, match=r"point threshold=0.3_min_steps=1 was run with other options \(--num"):
+    sweep_lib.run_sweep("sample", "configs/tiny.py", out, axes=axes, opts={"num": 3})
+  del spec["options"]  # a folder from before options were kept: not checked
+  with open(os.path.join(out, "sweep.json"), "w") as f:
+    json.dump(spec, f)
+  for name in os.listdir(os.path.join(out, "points")):
+    rec_path = os.path.join(out, "points", name, "result.json")
+    with open(rec_path) as f:
+      rec = json.load(f)
+    del rec["options"]
+    with open(rec_path, "w") as f:
+      json.dump(rec, f)
+  again = sweep_lib.run_sweep("sample", "configs/tiny.py", out, axes=axes, opts={"num": 3}, log=lambda m: None)
   assert len(again["skipped"]) == 6 and not again["ran"]
   with pytest.raises(sweep_lib.SweepError, match="holds a sweep"):
     sweep_lib.run_sweep("train", "configs/tiny.py", out, axes=axes)
@@ -126,7 +178,7 @@ def test_eval_points_share_a_benchmark_per_group(tmp_path, monkeypatch):
     real_floor = {"fd": 1.0}
 
     def __init__(self, config, **kw):
-      made.append((config.sampling.guidance, kw["num"]))
+      made.append((config.sampling.guidance, kw["num"], kw["seed"]))
 
     def run(self, sampler, params, *, name, threshold, min_steps, max_steps):
       runs.append((name, threshold, min_steps, max_steps))
@@ -136,12 +188,13 @@ def test_eval_points_share_a_benchmark_per_group(tmp_path, monkeypatch):
   monkeypatch.setattr(loading, "load_sampler_params", lambda config, ckpt, warn: ({}, {"source": "fake"}))
   monkeypatch.setattr(sampler_lib, "make_sampler", lambda config: object())
   out = str(tmp_path / "e")
-  res = sweep_lib.run_sweep("eval", "configs/digits.py", out, opts={"num": 4},
+  res = sweep_lib.run_sweep("eval", "configs/digits.py", out, opts={"num": 4}, base_overrides=["--config.seed=3"],
                             axes=["sampling.guidance=1.0,2.0", "sampling.threshold=0.5,0.7"], log=lambda m: None)
-  assert made == [(1.0, 4), (2.0, 4)]
+  assert made == [(1.0, 4, 3), (2.0, 4, 3)]  # the config's seed (no --seed given)
   assert [r[1] for r in runs] == [0.5, 0.7, 0.5, 0.7]
   rows = _rows(out)
   assert [float(r["fd"]) for r in rows] == [5.0, 7.0, 5.0, 7.0] and res["metric"] == "fd"
+  assert all(" --seed 3 " in r["command"] for r in rows)
   assert os.path.isfile(os.path.join(out, "results.png"))
   with pytest.raises(sweep_lib.SweepError, match="pixel-space digits config"):
     sweep_lib.run_sweep("eval", "configs/tiny.py", str(tmp_path / "t"), axes=["sampling.threshold=0.5"])

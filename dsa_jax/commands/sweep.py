@@ -12,13 +12,16 @@ get_sweep(arg) is used (a list of {field: value} dicts, or {field: [values]} exp
 (--config.x=y) apply to every point.
 
 Kinds: sample (the same prompt at every point; points that differ only in threshold / min / max steps / guidance /
-seed share one compiled program), eval (the digits benchmark's FD, agreement, steps and FPS per point) and train
+seed share one compiled program; each point samples with its own config.seed, so --sweep seed=0,1,2 works, unless
+--seed is given), eval (the digits benchmark's FD, agreement, steps and FPS per point) and train
 (one workdir OUT/runs/NAME per point, run here one after another; --print-commands gpu|tpu prints the per-point
 launch/gpu_local.sh or launch/tpu_pod.sh commands instead).
 
 Writes OUT/results.csv, OUT/results.md and OUT/results.png (--metric against the first swept field); each row has
 its config diff and the command that reproduces it. Rerunning skips finished points (OUT/points/NAME/result.json);
-a failed point is recorded with its error, the others still run, and the next run retries it. Exit status 1 when a
+a failed point is recorded with its error, the others still run, and the next run retries it. A rerun into the same
+--out must use the same result options (sample: --ckpt, --prompt, --num, --seed; eval: also --evaluator, --batch,
+--num-real, --fps-prompts), kept in OUT/sweep.json: other ones are refused (use a new --out). Exit status 1 when a
 point failed.
 """
 
@@ -43,7 +46,9 @@ def add_arguments(p):
   p.add_argument("--num", type=int, default=None, help="sample: videos per point (default 4); eval: held-out "
                  "prompts per point (default 256)")
   p.add_argument("--batch", type=int, default=32, help="eval: prompts per compiled batch (default 32)")
-  p.add_argument("--seed", type=int, default=0, help="noise seed of the first video (default 0)")
+  p.add_argument("--seed", type=int, default=None, help="sample/eval: noise seed of the first video or prompt of "
+                 "every point (default: each point's config.seed, so a swept seed or --config.seed applies; not "
+                 "with a swept seed)")
   p.add_argument("--evaluator", default=None, help="eval: evaluator checkpoint (default: the shipped one)")
   p.add_argument("--num-real", type=int, default=1000, help="eval: real clips of the FD reference (default 1000)")
   p.add_argument("--fps-prompts", type=int, default=8, help="eval: prompts timed one at a time (default 8; 0: skip)")
@@ -62,6 +67,8 @@ def main(args):
     raise ValueError(f"--num: must be >= 1, got {args.num}")
   if args.batch < 1:
     raise ValueError(f"--batch: must be >= 1, got {args.batch}")
+  if args.seed is not None and args.kind == "train":
+    raise ValueError("--seed: the train kind takes its seed from the config (--config.seed=N or --sweep seed=...)")
   if args.print_commands is not None:
     if args.kind != "train":
       raise ValueError(f"--print-commands: only for the train kind, not {args.kind!r}")

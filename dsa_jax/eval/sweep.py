@@ -14,7 +14,9 @@ Kinds:
           commands (`launch/gpu_local.sh`, `launch/tpu_pod.sh`).
 
 Resumable: each finished point leaves OUT/points/NAME/result.json and is not rerun; a failed point is recorded with
-its error (and retried by the next run) and does not stop the others.
+its error (and retried by the next run) and does not stop the others. The run options that change results (checkpoint,
+prompt, number of videos or prompts, seed, evaluator, ...) are stored in OUT/sweep.json and each point's record: a
+rerun into the same folder with other options is refused, since its skipped points would report the old ones.
 """
 
 from __future__ import annotations
@@ -43,6 +45,14 @@ CONTROL_FIELDS = ("sampling.threshold", "sampling.min_steps", "sampling.max_step
 EVAL_RUN_FIELDS = ("sampling.threshold", "sampling.min_steps", "sampling.max_steps")
 DEFAULT_METRIC = {"sample": "mean_steps", "eval": "fd", "train": None}
 DEFAULT_PROMPT = "digits 3 and 7 move slowly; then an 8 enters"
+# Per kind, the run options that change a point's results, with their defaults (seed None: the point's config.seed).
+# Only these are compared on a rerun into the same folder: the others (--videos, --metric) may change on a resume.
+RESULT_OPTIONS = {
+    "sample": {"ckpt": None, "prompt": DEFAULT_PROMPT, "num": 4, "seed": None},
+    "eval": {"ckpt": None, "num": 256, "seed": None, "evaluator": None, "batch": 32, "num_real": 1000,
+             "fps_prompts": 8},
+    "train": {},
+}
 
 
 class SweepError(ConfigError):
@@ -265,19 +275,37 @@ def _cmd(parts: Sequence[str]) -> str:
   return " ".join(shlex.quote(str(p)) for p in parts)
 
 
+def point_seed(opts: dict, config) -> int:
+  """The noise seed of a point: --seed when given, else its own config.seed (so a swept seed reaches it)."""
+  return int(config.seed if opts.get("seed") is None else opts["seed"])
+
+
+def result_options(kind: str, opts: dict, config) -> dict:
+  """The options of `opts` that change this kind's results, defaults filled in so that leaving an option out and
+  giving its default compare equal; seed resolved against `config`."""
+  out = {}
+  for k, default in RESULT_OPTIONS[kind].items():
+    v = opts.get(k)
+    out[k] = default if v is None or (k == "prompt" and not v) else v
+  if "seed" in out:
+    out["seed"] = point_seed(opts, config)
+  return out
+
+
 def point_command(kind: str, config_spec: str, base_overrides: Sequence[str], point: Point, out_dir: str,
                   opts: dict) -> str:
   over = list(base_overrides) + point.overrides
   ckpt = ["--ckpt", opts["ckpt"]] if opts.get("ckpt") is not None else []
   if kind == "sample":
     return _cmd(["dsa-jax", "sample", "--config", config_spec, "--out", os.path.join(out_dir, "points", point.name),
-                 "--prompt", opts.get("prompt") or DEFAULT_PROMPT, "--seed", opts.get("seed", 0), *ckpt, *over])
+                 "--prompt", opts.get("prompt") or DEFAULT_PROMPT, "--seed", point_seed(opts, point.config), *ckpt,
+                 *over])
   if kind == "eval":
     ev = ["--evaluator", opts["evaluator"]] if opts.get("evaluator") else []
     return _cmd(["dsa-jax", "eval", "--config", config_spec, "--out", os.path.join(out_dir, "points", point.name),
-                 "--num", opts.get("num", 256), "--batch", opts.get("batch", 32), "--seed", opts.get("seed", 0),
-                 "--num-real", opts.get("num_real", 1000), "--fps-prompts", opts.get("fps_prompts", 8),
-                 *ckpt, *ev, *over])
+                 "--num", opts.get("num", 256), "--batch", opts.get("batch", 32),
+                 "--seed", point_seed(opts, point.config), "--num-real", opts.get("num_real", 1000),
+                 "--fps-prompts", opts.get("fps_prompts", 8), *ckpt, *ev, *over])
   return _cmd(["dsa-jax", "train", "--config", config_spec, "--workdir", train_workdir(out_dir, point), *over])
 
 
@@ -348,7 +376,7 @@ class SampleRunner:
     s = point.config.sampling
     n = context.shape[0]
     controls = sampler.make_controls(n, threshold=s.threshold, min_steps=s.min_steps, max_steps=s.max_steps,
-                                     guidance=s.guidance, seed=int(self.opts.get("seed", point.config.seed)))
+                                     guidance=s.guidance, seed=point_seed(self.opts, point.config))
     before = self.programs_compiled()
     compile_s = 0.0
     if id(sampler) not in self._warm:  # compile outside the timed call (once per group)
@@ -403,7 +431,7 @@ class EvalRunner:
       ckpt = config.sampling.checkpoint if self.opts.get("ckpt") is None else self.opts["ckpt"]
       params, source = loading.load_sampler_params(config, ckpt, warn=self.log)
       bench = claim.Benchmark(config, num=int(self.opts.get("num", 256)), evaluator=self.opts.get("evaluator"),
-                              batch=int(self.opts.get("batch", 32)), seed=int(self.opts.get("seed", 0)),
+                              batch=int(self.opts.get("batch", 32)), seed=point_seed(self.opts, config),
                               num_real=int(self.opts.get("num_real", 1000)),
                               fps_prompts=int(self.opts.get("fps_prompts", 8)), log=self.log)
       self.groups[key] = (bench, sampler_lib.make_sampler(config), params, source)
@@ -453,8 +481,20 @@ def _write_json(path: str, obj) -> str:
   return outputs.write_json(path, obj)
 
 
+def _show(v) -> str:
+  return "not given" if v is None else repr(v) if isinstance(v, str) else str(v)
+
+
+def _option_changes(old: dict, new: dict) -> str:
+  """"--num was 1, now 3; --prompt was 'a', now 'b'" for the options that differ."""
+  keys = list(dict.fromkeys(list(new) + list(old)))
+  return "; ".join(f"--{k.replace('_', '-')} was {_show(old.get(k))}, now {_show(new.get(k))}" for k in keys
+                   if old.get(k) != new.get(k))
+
+
 def _check_out_dir(out_dir: str, spec: dict):
-  """A folder holds one sweep (kind, config, base overrides); more points may be added to it later."""
+  """A folder holds one sweep (kind, config, base overrides, result options); more points may be added to it later.
+  A folder written before options were stored is not checked for them."""
   path = os.path.join(out_dir, "sweep.json")
   if os.path.isfile(path):
     old = _read_json(path)
@@ -462,6 +502,28 @@ def _check_out_dir(out_dir: str, spec: dict):
       if old.get(k) != spec[k]:
         raise SweepError(f"--out {out_dir!r} holds a sweep with {k} {old.get(k)!r}, not {spec[k]!r}; use another "
                          f"--out (or delete that folder)")
+    if "options" in old and old["options"] != spec["options"]:
+      raise SweepError(f"--out {out_dir!r} holds a {spec['kind']} sweep run with other options ("
+                       f"{_option_changes(old['options'], spec['options'])}); its finished points would be skipped "
+                       f"with the old results: use a new --out (or delete that folder)")
+
+
+def _finished(out_dir: str, pts: Sequence[Point], point_opts: dict) -> set:
+  """Names of the points with an ok result; one recorded with other result options is refused, not reused."""
+  done = set()
+  for p in pts:
+    path = os.path.join(out_dir, "points", p.name, "result.json")
+    if not os.path.isfile(path):
+      continue
+    record = _read_json(path)
+    if record.get("status") != "ok":
+      continue
+    if "options" in record and record["options"] != point_opts[p.name]:
+      raise SweepError(f"--out {out_dir!r}: point {p.name} was run with other options ("
+                       f"{_option_changes(record['options'], point_opts[p.name])}); use a new --out (or delete "
+                       f"{os.path.dirname(path)})")
+    done.add(p.name)
+  return done
 
 
 def run_sweep(kind: str, config_spec: str, out_dir: str, *, axes: Sequence[str] = (),
@@ -475,13 +537,23 @@ def run_sweep(kind: str, config_spec: str, out_dir: str, *, axes: Sequence[str] 
     raise SweepError(f"sweep kind: expected one of {', '.join(KINDS)}, got {kind!r}")
   opts = dict(opts or {})
   pts = build_points(config_spec, base_overrides, axes, points)
+  if opts.get("seed") is not None and "seed" in RESULT_OPTIONS[kind]:
+    swept = [p.name for p in pts if "seed" in p.diff]
+    if swept:
+      raise SweepError(f"--seed {opts['seed']} and the swept field 'seed' (point {swept[0]}) both set the noise seed; "
+                       "drop --seed to give each point its own seed, or stop sweeping seed")
   if kind == "eval":
     EvalRunner.check(pts)
   if "://" in out_dir:
     raise SweepError(f"--out {out_dir!r}: the results table and local runs need a local folder (remote workdirs: "
                      "--print-commands)")
-  spec = {"kind": kind, "config": config_spec, "overrides": list(base_overrides)}
+  from dsa_jax.config_lib import get_config
+  # The base config's seed stands for every point's unless seed is swept (then the points differ by name).
+  spec = {"kind": kind, "config": config_spec, "overrides": list(base_overrides),
+          "options": result_options(kind, opts, get_config(config_spec, base_overrides))}
   _check_out_dir(out_dir, spec)
+  point_opts = {p.name: result_options(kind, opts, p.config) for p in pts}
+  done = _finished(out_dir, pts, point_opts)
   os.makedirs(out_dir, exist_ok=True)
   _write_json(os.path.join(out_dir, "sweep.json"), {**spec, "points": [{"name": p.name, "diff": p.diff}
                                                                        for p in pts]})
@@ -490,13 +562,13 @@ def run_sweep(kind: str, config_spec: str, out_dir: str, *, axes: Sequence[str] 
   for i, p in enumerate(pts):
     folder = os.path.join(out_dir, "points", p.name)
     result_path = os.path.join(folder, "result.json")
-    if os.path.isfile(result_path) and _read_json(result_path).get("status") == "ok":
+    if p.name in done:
       skipped.append(p.name)
       log(f"[{i + 1}/{len(pts)}] {p.name}: done before, skipped")
       continue
     log(f"[{i + 1}/{len(pts)}] {p.name}: running")
     t0 = time.perf_counter()
-    record = {"name": p.name, "diff": p.diff, "overrides": p.overrides,
+    record = {"name": p.name, "diff": p.diff, "overrides": p.overrides, "options": point_opts[p.name],
               "command": point_command(kind, config_spec, base_overrides, p, out_dir, opts)}
     try:
       metrics, artifacts = runner.run(p, out_dir)
