@@ -76,3 +76,23 @@ def write_figure(fig, path, *, layout: bool = True, **savefig_kwargs) -> str:
     fig.savefig(tmp, **savefig_kwargs)
   return os.fspath(path)
 
+
+def check_file_target(path, option: str):
+  """Raises, naming `option`, unless `path` can take a file (not a folder; its nearest existing parent a writable
+  folder): checked before long work (a benchmark) whose results a bad path would otherwise lose at its end."""
+  if path is None:
+    return
+  if not str(path).strip():
+    raise ValueError(f"{option}: expected a file path, got an empty one")
+  full = os.path.abspath(os.fspath(path))
+  if os.path.isdir(full):
+    raise ValueError(f"{option} {path!r}: is a folder; expected the path of the file to write (e.g. "
+                     f"{os.path.join(str(path), 'results.json')!r})")
+  parent = os.path.dirname(full)
+  while not os.path.exists(parent):  # the folders the writer will create
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent):
+    raise ValueError(f"{option} {path!r}: {parent!r} is a file, not a folder; expected a path whose folders can be "
+                     "created")
+  if not os.access(parent, os.W_OK | os.X_OK):
+    raise ValueError(f"{option} {path!r}: the folder {parent!r} is not writable")

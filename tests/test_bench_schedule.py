@@ -271,3 +271,53 @@ def test_matmul_flops_counts_convolutions_dots_and_scans():
   loop = lambda m: jax.lax.while_loop(lambda c: c[0, 0] < 1, lambda c: c @ m, m)
   with pytest.raises(ValueError, match="while loop"):
     profiling.matmul_flops(loop, m)
+
+
+def test_decode_only_refuses_sampling_options_and_an_empty_batch(repo_root, capsys):
+  """--decode-only times the VAE alone: a --ckpt, --steps or --guidance given with it would be dropped without a
+  word, and --batch-size 0 decoded nothing (FPS 0): errors naming them, before the config loads."""
+  from dsa_jax import cli
+  tiny = f"{repo_root}/configs/tiny.py"
+  assert cli.main(["bench", "sample", "--config", tiny, "--decode-only", "--ckpt", "/x", "--steps", "2",
+                   "--guidance", "1.5", "--no-stream"]) == 2
+  err = capsys.readouterr().err
+  assert "--decode-only" in err and all(f in err for f in ("--ckpt", "--steps", "--guidance", "--no-stream"))
+  assert "--runs" not in err
+  assert cli.main(["bench", "sample", "--config", tiny, "--decode-only", "--batch-size", "0"]) == 2
+  assert "--batch-size: must be >= 1, got 0" in capsys.readouterr().err
+  with pytest.raises(ValueError, match="--batch-size"):
+    bench.run_decode_bench(None, batch=0)
+
+
+def test_bench_checks_its_json_target_before_running(tmp_path, capsys):
+  """A --json path that cannot take the file failed only after the whole benchmark, losing its results: it is
+  checked first (here before even the config, which does not exist)."""
+  from dsa_jax import cli
+  from dsa_jax.atomic import check_file_target
+  folder = tmp_path / "results"
+  folder.mkdir()
+  for kind in ("sample", "train", "vae-convs", "attention"):  # every bench that writes a JSON
+    assert cli.main(["bench", kind, "--config", str(tmp_path / "none.py"), "--json", str(folder)]) == 2, kind
+    assert "--json" in capsys.readouterr().err.split("is a folder")[0], kind
+  blocker = tmp_path / "file"
+  blocker.write_text("")
+  with pytest.raises(ValueError, match=r"--json .* is a file, not a folder"):
+    check_file_target(str(blocker / "sub" / "out.json"), "--json")
+  with pytest.raises(ValueError, match="--json: expected a file path"):
+    check_file_target("", "--json")
+  check_file_target(str(tmp_path / "new" / "deeper" / "out.json"), "--json")  # folders the writer makes are fine
+  check_file_target(None, "--json")
+
+
+def test_info_checks_the_estimate_options_even_without_an_estimate(repo_root, capsys):
+  """--programs and --batch-size belong to the memory estimate: checked always, and an error without --mesh or
+  --device-memory rather than dropped."""
+  from dsa_jax import cli
+  tiny = f"{repo_root}/configs/tiny.py"
+  assert cli.main(["info", "--config", tiny, "--programs", "bogus", "--batch-size", "-4"]) == 2
+  assert "--programs: expected sampling, training" in capsys.readouterr().err
+  assert cli.main(["info", "--config", tiny, "--batch-size", "-4"]) == 2
+  assert "--batch-size: must be >= 1, got -4" in capsys.readouterr().err
+  assert cli.main(["info", "--config", tiny, "--programs", "training", "--batch-size", "2"]) == 2
+  assert "--programs and --batch-size: only for the memory estimate, which needs --mesh or --device-memory" in (
+      capsys.readouterr().err)

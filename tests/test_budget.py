@@ -31,8 +31,8 @@ def test_a_budget_needs_the_tables_step_range():
   assert budget.threshold_for(TABLE, 2.6, step_range=(1, 5)) == pytest.approx(0.5)
   with pytest.raises(budget.BudgetError, match=r"made with 1-5 steps per frame.*set to 2-5.*--min-steps 1"):
     budget.threshold_for(TABLE, 2.6, source="'m'", step_range=(2, 5))
-  assert budget.budget_controls(dict(TABLE, min_steps=2), 2.6) == {"threshold": pytest.approx(0.5), "min_steps": 2,
-                                                                   "max_steps": 5}
+  floor2 = dict(TABLE, min_steps=2, mean_steps=[2.0, 2.3, 2.6, 3.4, 4.6])
+  assert budget.budget_controls(floor2, 2.6) == {"threshold": pytest.approx(0.5), "min_steps": 2, "max_steps": 5}
 
 
 def test_a_budget_needs_the_tables_ladder():
@@ -330,3 +330,55 @@ def test_calibration_of_the_x0_change_rule():
   for m in (2.5, 3.5, 4.5):
     tau = budget.threshold_for(table, m)
     assert abs(float(rule.sample(None, np.zeros((1, 2, 2)), tau).steps.mean()) - m) < 0.1
+
+
+def test_a_table_outside_its_step_range_is_refused():
+  """A table whose averages leave [min_steps, max_steps] (all zeros from a calibration that sampled nothing) would
+  turn every budget into the same end of tau: using it is an error naming the model and the range it should hold."""
+  zeros = dict(TABLE, mean_steps=[0.0] * 5)
+  with pytest.raises(budget.BudgetError, match=r"'m'.*1-5 steps.*outside \[min_steps, max_steps\] = \[1, 5\]"):
+    budget.threshold_for(zeros, 2.5, source="'m'")
+  with pytest.raises(budget.BudgetError, match="outside"):
+    budget.controls_for_budget({"calibration": zeros}, 2.5, ml_collections.ConfigDict(
+        {"sampling": {"min_steps": 1, "max_steps": 5, "ladder": (1000, 750, 500, 250, 125)}}))
+  with pytest.raises(budget.BudgetError, match="outside"):
+    budget.FpsController(dict(TABLE, mean_steps=[1.2, 1.8, 2.6, 3.4, 7.0]), target_fps=10.0)
+  with pytest.raises(budget.BudgetError, match="as many mean_steps as thresholds"):
+    budget.threshold_for(dict(TABLE, mean_steps=[1.2, 1.8]), 1.5)
+  budget.check_table_values(dict(TABLE, mean_steps=[1.0, 1.8, 2.6, 3.4, 5.0]))  # its ends are fine
+
+
+@pytest.mark.parametrize("batch", [0, -1])
+def test_calibration_needs_a_batch_of_at_least_one(batch, tmp_path, capsys):
+  """A batch below 1 sampled no prompt (range(0, n, -1) is empty) and stored a table of zeros: refused by the
+  table's maker, by `calibrate` and by the command, each naming the batch, before any model loads."""
+  with pytest.raises(budget.BudgetError, match=r"batch: expected .*at least 1"):
+    budget.calibration_table(_CrowdedHead(), None, np.zeros((3, 2, 2)), batch=batch)
+  from dsa_jax.checkpoint import params_io
+  model = tmp_path / "model"
+  model.mkdir()
+  (model / params_io.META_FILE).write_text("{}")
+  cfg = ml_collections.ConfigDict({"sampling": {"head": "", "stop_rule": "confidence"}})
+  with pytest.raises(budget.BudgetError, match=r"--batch: expected at least 1"):
+    budget.calibrate(cfg, str(model), num=2, batch=batch, log=lambda m: None)
+  from dsa_jax import cli
+  assert cli.main(["calibrate", "--config", "digits", "--ckpt", str(model), "--num", "2", "--batch", str(batch)]) == 2
+  assert "--batch: expected at least 1" in capsys.readouterr().err
+
+
+def test_calibrate_does_not_write_a_table_outside_its_step_range(tmp_path, monkeypatch):
+  """Whatever went wrong in sampling, a table of averages outside the sampler's range never reaches the model."""
+  from dsa_jax.checkpoint import loading, params_io
+  from dsa_jax.sampling import sampler as sampler_lib
+  model = tmp_path / "model"
+  model.mkdir()
+  (model / params_io.META_FILE).write_text("{}")
+  monkeypatch.setattr(loading, "load_sampler_params", lambda *a, **k: ({}, {}))
+  monkeypatch.setattr(sampler_lib, "make_sampler", lambda config: None)
+  monkeypatch.setattr(budget, "calibration_inputs", lambda *a: (["p"], np.zeros((1, 2, 2)), None))
+  monkeypatch.setattr(budget, "calibration_table", lambda *a, **k: dict(TABLE, mean_steps=[0.0] * 5))
+  cfg = ml_collections.ConfigDict({"sampling": {"head": "", "stop_rule": "confidence", "guidance": 0.0},
+                                   "data": {"prompts": {"kind": "digits"}}})
+  with pytest.raises(budget.BudgetError, match=rf"{params_io.META_FILE}.*outside.*not written"):
+    budget.calibrate(cfg, str(model), num=1, batch=1, log=lambda m: None)
+  assert json.loads((model / params_io.META_FILE).read_text()) == {}

@@ -545,7 +545,7 @@ def test_budget_check_on_held_out_prompts(digits_toy_config, tiny_evaluator, tmp
   assert not (tmp_path / "none").exists()
   # a stored table (what `dsa-jax calibrate` writes; made by hand here: this test is about the check)
   from dsa_jax.checkpoint import params_io
-  table = {"thresholds": [0.0, 0.4, 0.6, 1.0], "mean_steps": [1.2, 1.8, 3.1, 5.0], "num_prompts": 4, "min_steps": 1,
+  table = {"thresholds": [0.0, 0.4, 0.6, 1.0], "mean_steps": [1.2, 1.8, 2.6, 3.0], "num_prompts": 4, "min_steps": 1,
            "max_steps": config.sampling.max_steps, "seed": 0,
            "first_chunk_min_steps": config.sampling.first_chunk_min_steps, "chunk_frames": config.video.chunk_frames,
            "num_frames": config.video.num_frames}
@@ -578,7 +578,7 @@ def test_budget_check_on_held_out_prompts(digits_toy_config, tiny_evaluator, tmp
   x0 = config.copy_and_resolve_references()
   x0.sampling.stop_rule = "x0_delta"
   params_io.update_meta(str(model), calibration_x0_delta=dict(table, thresholds=[1.0, 0.6, 0.4, 0.0],
-                                                              mean_steps=[2.3, 2.6, 3.1, 5.0], min_steps=2,
+                                                              mean_steps=[2.3, 2.4, 2.8, 3.0], min_steps=2,
                                                               stop_rule="x0_delta"))
   res = claim.check_budgets(x0, str(model), str(tmp_path / "x0"), (2.5,), num=4, evaluator=ev_dir, batch=4,
                             num_real=6, fixed=(2, L), log=lambda s: None)
@@ -590,3 +590,58 @@ def test_budget_check_on_held_out_prompts(digits_toy_config, tiny_evaluator, tmp
                    "--num", "4", "--batch", "4", "--evaluator", ev_dir, "--num-real", "6",
                    "--config.runlocal=True", "--config.compute.dtype=float32"]) == 2
   assert "--budgets" in capsys.readouterr().err
+
+
+def test_eval_refuses_options_its_action_does_not_use(tmp_path, repo_root, capsys):
+  """Options of another action are an error naming each (the action would otherwise evaluate something else
+  without a word), and --num-real / --fps-prompts out of range are errors naming them, not clamped; all before any
+  model loads."""
+  from dsa_jax import cli
+  digits = os.path.join(repo_root, "configs", "digits.py")
+  out = str(tmp_path / "out")
+  base = ["eval", "--config", digits, "--out", out, "--num", "4", "--batch", "4"]
+  assert cli.main(base + ["--model", "gain=/nonexistent/model", "--budgets", "2", "--deltas", "0.1",
+                          "--no-video-oracle"]) == 2
+  err = capsys.readouterr().err
+  assert "'run' does not use" in err and all(f in err for f in ("--model", "--budgets", "--deltas",
+                                                               "--no-video-oracle"))
+  assert "--num " not in err and "--batch " not in err  # what the run reads is not named
+  assert cli.main(base + ["--num-real", "0"]) == 2
+  assert "--num-real: need at least 2" in capsys.readouterr().err
+  assert cli.main(base + ["--fps-prompts", "-3"]) == 2
+  assert "--fps-prompts: expected 0" in capsys.readouterr().err
+  assert cli.main(["eval", "budgets", "--config", digits, "--out", out, "--budgets", "2", "--gif-clips", "3",
+                   "--thresholds", "0.5"]) == 2
+  err = capsys.readouterr().err
+  assert "'budgets' does not use" in err and "--gif-clips" in err and "--thresholds" in err
+  assert cli.main(["eval", "sweep", "--config", digits, "--out", out, "--teacher-steps", "4"]) == 2
+  assert "--teacher-steps (used by: run)" in capsys.readouterr().err
+  assert cli.main(["eval", "curves", "--run", "a=x", "--out", out, "--config", digits]) == 2
+  assert "'curves' does not use --config" in capsys.readouterr().err
+  assert cli.main(["eval", "train-evaluator", "--out", out, "--evaluator", "x"]) == 2
+  assert "--evaluator" in capsys.readouterr().err
+  assert cli.main(base + ["--teacher-steps", "2", "--thresholds", "0.5", "--gif-clips", "2"]) == 2
+  err = capsys.readouterr().err
+  assert "--teacher-steps" in err and "--thresholds" in err and "--gif-clips" in err
+  assert not os.path.exists(out)
+
+
+def test_benchmark_refuses_too_few_real_clips_and_negative_fps_prompts():
+  from dsa_jax.eval import claim
+  with pytest.raises(claim.BenchmarkError, match=r"num_real \(--num-real\).*got 1"):
+    claim.Benchmark(None, num=4, num_real=1)
+  with pytest.raises(claim.BenchmarkError, match=r"fps_prompts \(--fps-prompts\).*got -1"):
+    claim.Benchmark(None, num=4, fps_prompts=-1)
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "-1", "9"])
+def test_eval_budgets_needs_finite_budgets_within_the_ladder(value, tmp_path, repo_root, capsys):
+  """--budgets inf used to end in an OverflowError traceback, nan in an error that named no option."""
+  from dsa_jax import cli
+  from dsa_jax.eval import claim
+  assert cli.main(["eval", "budgets", "--config", os.path.join(repo_root, "configs", "digits.py"), "--out",
+                   str(tmp_path / "out"), "--budgets", "2", value]) == 2
+  assert "--budgets: expected finite average steps per frame within [1, 3]" in capsys.readouterr().err
+  with pytest.raises(claim.BenchmarkError, match=r"--budgets.*\[1, 3\]"):
+    claim.check_budget_values((2.0, float(value)), 3)
+  claim.check_budget_values((1.0, 2.5, 3.0), 3)

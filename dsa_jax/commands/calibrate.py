@@ -34,11 +34,11 @@ def add_arguments(p):
                  "empty: the model's own head)")
   p.add_argument("--fp8", action="store_true", help="store the fp8 activation calibration (for "
                  "compute.fp8_activations='calibrated') instead of the step-budget table")
-  p.add_argument("--num", type=int, default=None, help="calibration prompts (default 256; 8 with --fp8)")
+  p.add_argument("--num", type=int, default=None, help="calibration prompts, at least 1 (default 256; 8 with --fp8)")
   p.add_argument("--prompts", default=None, help="a prompt file (one per line) to calibrate on, e.g. prompts like "
                  "the ones you will sample (default: config.data.prompts)")
-  p.add_argument("--batch", type=int, default=None, help="prompts per compiled batch (default 64; 1 with --fp8: "
-                 "one calibration pass holds a whole video per prompt)")
+  p.add_argument("--batch", type=int, default=None, help="prompts per compiled batch, at least 1 (default 64; 1 "
+                 "with --fp8: one calibration pass holds a whole video per prompt)")
   p.add_argument("--refine-gap", type=float, default=0.05, help="thresholds are added between neighbours whose "
                  "average steps differ by more than this (default 0.05 steps)")
   p.add_argument("--seed", type=int, default=0, help="noise seed of the first prompt")
@@ -51,6 +51,11 @@ def main(args):
   from dsa_jax.config_lib import get_config
   from dsa_jax.sampling import budget
 
+  # before the model loads: a batch below 1 samples no prompt, and a table of zeros would be stored
+  if args.batch is not None and args.batch < 1:
+    raise budget.BudgetError(f"--batch: expected at least 1 prompt per compiled batch, got {args.batch}")
+  if args.num is not None and args.num < 1:
+    raise budget.BudgetError(f"--num: expected at least 1 calibration prompt, got {args.num}")
   config = get_config(args.config, args.overrides)
   ckpt = config.sampling.checkpoint if args.ckpt is None else args.ckpt
   if args.fp8:

@@ -54,8 +54,9 @@ ACTIONS = ("run", "sweep", "budgets", "curves", "train-evaluator")
 
 def add_arguments(p):
   p.add_argument("action", nargs="?", default="run", choices=ACTIONS,
-                 help="run (default): evaluate one checkpoint; sweep: the claim table; curves: in-training "
-                 "evaluation curves; train-evaluator")
+                 help="run (default): evaluate one checkpoint; sweep: the claim table; budgets: the step budget "
+                 "check; curves: in-training evaluation curves; train-evaluator. An option the chosen action does "
+                 "not use is an error")
   p.add_argument("--run", action="append", default=None, metavar="LABEL=PATH[:STEP]", help="curves: a run's workdir "
                  "(or its eval.jsonl), its steps shifted by STEP when it continued another run (repeat for several)")
   p.add_argument("--title", default="", help="curves: title of the plot")
@@ -89,7 +90,8 @@ def add_arguments(p):
   p.add_argument("--batch", type=int, default=32, help="prompts per compiled sampling batch (default 32)")
   p.add_argument("--seed", type=int, default=0, help="noise seed of the first prompt (prompt i gets seed+i)")
   p.add_argument("--data-seed", type=int, default=0, help="seed of the test-split clips (prompts and references)")
-  p.add_argument("--num-real", type=int, default=1000, help="real test clips for the FD reference (default 1000)")
+  p.add_argument("--num-real", type=int, default=1000, help="real test clips for the FD reference, at least 2 "
+                 "(default 1000)")
   p.add_argument("--gif-clips", type=int, default=16, help="samples shown in samples.gif (default 16; 0: no gif)")
   p.add_argument("--fps-prompts", type=int, default=8, help="prompts sampled one at a time for the batch-1 FPS "
                  "(default 8; 0: skip)")
@@ -193,14 +195,64 @@ def _curves(args):
   return 0
 
 
+_SAMPLING = ("config", "ckpt", "out", "num", "evaluator", "batch", "seed", "data_seed", "num_real")
+# the options each action reads (with --teacher-steps, `run` scores a teacher instead: "teacher"); any other option
+# given is an error, not silently dropped
+USES = {
+    "run": frozenset(_SAMPLING + ("head", "thresholds", "fixed", "gif_clips", "fps_prompts", "teacher_steps",
+                                  "teacher_guidance")),
+    "teacher": frozenset(_SAMPLING + ("teacher_steps", "teacher_guidance")),
+    "sweep": frozenset(_SAMPLING + ("sweep", "head", "model", "budgets", "thresholds", "deltas", "fixed",
+                                    "no_video_oracle", "fps_prompts")),
+    "budgets": frozenset(_SAMPLING + ("head", "budgets", "fixed")),
+    "curves": frozenset(("out", "run", "title")),
+    "train-evaluator": frozenset(("config", "out", "seed", "steps", "train_batch", "size", "frames", "num_train")),
+}
+
+
+def _flag(dest: str) -> str:
+  return "--" + dest.replace("_", "-")
+
+
+def check_unused_options(args, action: str):
+  """Raises naming every option given (differing from its default) that `action` does not read: a --model or
+  --budgets meant for another action would otherwise be dropped and the wrong thing evaluated without a word."""
+  import argparse
+  defaults = argparse.ArgumentParser(add_help=False)
+  add_arguments(defaults)
+  defaults = vars(defaults.parse_args(["--out", ""]))  # every option of this command at its default
+  uses = USES[action]
+  unused = [d for d, v in defaults.items() if d not in uses and d not in ("action", "out")
+            and getattr(args, d, v) != v]
+  if unused and action == "teacher":
+    raise ValueError(f"--teacher-steps scores the teacher as a many-step sampler and does not use "
+                     f"{', '.join(_flag(d) for d in unused)}: drop them, or evaluate the student without "
+                     "--teacher-steps")
+  if unused:
+    owners = lambda d: ", ".join(a for a in ACTIONS if d in USES[a])
+    parts = [f"{_flag(d)} (used by: {owners(d)})" for d in unused]
+    raise ValueError(f"the action {action!r} does not use {', '.join(parts)}: drop them, or choose the action that "
+                     "uses them")
+  overrides = list(getattr(args, "overrides", None) or ())
+  if overrides and "config" not in uses:
+    raise ValueError(f"the action {action!r} reads no config: drop the config overrides {' '.join(overrides)}")
+  if overrides and args.config is None:
+    raise ValueError(f"config overrides ({' '.join(overrides)}) need --config")
+
+
 def main(args):
   from dsa_jax.config_lib import get_config
 
   action = "sweep" if args.sweep else args.action
   if args.sweep and args.action not in ("run", "sweep"):
     raise ValueError(f"--sweep conflicts with the action {args.action!r}")
+  check_unused_options(args, "teacher" if action == "run" and args.teacher_steps else action)
   if args.num < 2:
     raise ValueError(f"--num: need at least 2 prompts, got {args.num}")
+  if args.num_real < 2:
+    raise ValueError(f"--num-real: need at least 2 real clips for the FD reference, got {args.num_real}")
+  if args.fps_prompts < 0:
+    raise ValueError(f"--fps-prompts: expected 0 (skip the batch-1 FPS) or more prompts, got {args.fps_prompts}")
   if args.batch < 1:
     raise ValueError(f"--batch: must be >= 1, got {args.batch}")
   if args.gif_clips < 0:

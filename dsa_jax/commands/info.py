@@ -24,10 +24,10 @@ def add_arguments(p):
                  "are 1; default with --device-memory: config.mesh over this machine's devices)")
   p.add_argument("--device-memory", default=None, help="memory of one device, e.g. 16GB or 16GiB: says whether "
                  "sampling and a training step fit")
-  p.add_argument("--programs", default="sampling,training", help="which programs the memory estimate compiles: "
-                 "sampling, training or both (default)")
+  p.add_argument("--programs", default=PROGRAMS_DEFAULT, help="which programs the memory estimate compiles: "
+                 "sampling, training or both (default); needs --mesh or --device-memory")
   p.add_argument("--batch-size", type=int, default=None, help="videos per sampling call for the memory estimate "
-                 "(default: config.sampling.batch_size)")
+                 "(default: config.sampling.batch_size); needs --mesh or --device-memory")
 
 
 def summarize(config) -> dict:
@@ -86,19 +86,43 @@ def _estimate_mesh(config, text):
   return mesh_lib.make_mesh(config, devices=devices[:n], shape=shape), config
 
 
+PROGRAMS_DEFAULT = "sampling,training"
+
+
+def parse_programs(text) -> tuple[str, ...]:
+  """--programs 'sampling,training' -> ('sampling', 'training'); anything else is an error naming the option."""
+  programs = tuple(x.strip() for x in str(text).split(",") if x.strip())
+  if not programs or set(programs) - {"sampling", "training"}:
+    raise ValueError(f"--programs: expected sampling, training or sampling,training, got {text!r}")
+  return programs
+
+
+def check_estimate_options(args) -> bool:
+  """Whether the memory estimate runs (--mesh or --device-memory); its own options are checked either way, and
+  given without it they are an error rather than dropped."""
+  estimate = args.mesh is not None or args.device_memory is not None
+  parse_programs(args.programs)
+  if args.batch_size is not None and args.batch_size < 1:
+    raise ValueError(f"--batch-size: must be >= 1, got {args.batch_size}")
+  if not estimate:
+    given = [flag for flag, on in (("--programs", args.programs != PROGRAMS_DEFAULT),
+                                   ("--batch-size", args.batch_size is not None)) if on]
+    if given:
+      raise ValueError(f"{' and '.join(given)}: only for the memory estimate, which needs --mesh or --device-memory")
+  return estimate
+
+
 def main(args):
   from dsa_jax.config_lib import get_config
+  estimate = check_estimate_options(args)
   config = get_config(args.config, args.overrides)
-  estimate = args.mesh is not None or args.device_memory is not None
   if estimate:  # before anything starts jax: the mesh may need simulated devices
     from dsa_jax.parallel import memory
     device_memory = None if args.device_memory is None else memory.parse_bytes(args.device_memory)
     batch = config.sampling.batch_size if args.batch_size is None else args.batch_size
     if batch < 1:
-      raise ValueError(f"--batch-size: must be >= 1, got {batch}")
-    programs = tuple(x.strip() for x in str(args.programs).split(",") if x.strip())
-    if not programs or set(programs) - {"sampling", "training"}:
-      raise ValueError(f"--programs: expected sampling, training or sampling,training, got {args.programs!r}")
+      raise ValueError(f"config.sampling.batch_size: must be >= 1 for the memory estimate, got {batch}")
+    programs = parse_programs(args.programs)
     mesh, est_config = _estimate_mesh(config, args.mesh)
   out = summarize(config)
   if estimate:

@@ -116,10 +116,15 @@ class Benchmark:
       raise BenchmarkError(f"num: need at least 2 prompts for a Fréchet distance, got {num}")
     if batch < 1:
       raise BenchmarkError(f"batch: must be >= 1, got {batch}")
+    if num_real < 2:
+      raise BenchmarkError(f"num_real (--num-real): need at least 2 real clips for the FD reference, got {num_real}")
+    if fps_prompts < 0:
+      raise BenchmarkError(f"fps_prompts (--fps-prompts): expected 0 (skip the batch-1 FPS) or more prompts, got "
+                           f"{fps_prompts}")
     self.config, self.log = config, log
     self.frames, self.size = check_pixel_config(config)
     self.num, self.batch, self.seed, self.data_seed = int(num), int(min(batch, num)), int(seed), int(data_seed)
-    self.fps_prompts = max(0, min(int(fps_prompts), self.num))
+    self.fps_prompts = min(int(fps_prompts), self.num)
     self.evaluator = evaluator if isinstance(evaluator, ev_lib.Evaluator) else ev_lib.load_evaluator(evaluator)
     if self.evaluator.cfg.size != self.size:
       raise BenchmarkError(f"evaluator at {self.evaluator.path!r} was trained on {self.evaluator.cfg.size}px "
@@ -139,7 +144,7 @@ class Benchmark:
     self.uncond = self.negative_context if guidance != 0.0 else None
     # Real reference: `num_real` test clips (the FD reference), and a disjoint real set of `num` clips whose FD to the
     # reference is the floor a perfect generator would reach with this many samples.
-    num_real = max(int(num_real), 2)
+    num_real = int(num_real)
     real = ev_lib.make_clip_arrays(num_real + self.num, split="test", seed=data_seed, frames=self.frames,
                                    size=self.size)
     feats = self.evaluator.features(real["video"][:num_real])
@@ -676,7 +681,6 @@ def run_claim(config, models: dict[str, str | tuple[str, str]], out_dir: str, nu
 
   if not models:
     raise BenchmarkError("models: give at least one DSA checkpoint")
-  os.makedirs(out_dir, exist_ok=True)
   t_all = time.time()
   L = len(config.sampling.ladder)
   fixed = tuple(range(1, L + 1)) if fixed is None else tuple(fixed)  # default: every step count of the ladder
@@ -688,6 +692,7 @@ def run_claim(config, models: dict[str, str | tuple[str, str]], out_dir: str, nu
   if bad:
     raise BenchmarkError(f"--budgets: the oracle budgets must lie in [sampling.min_steps, sampling.max_steps] = "
                          f"[{mn}, {mx}], got {bad}")
+  os.makedirs(out_dir, exist_ok=True)  # after the checks: a refused sweep leaves no folder behind
   dtype = _DTYPES[config.compute.dtype]
 
   def load(spec):
@@ -939,6 +944,18 @@ def bracketing_steps(budgets: Sequence[float], num_steps: int) -> tuple[int, ...
   return tuple(sorted(k for k in ks if 1 <= k <= num_steps))
 
 
+def check_budget_values(budgets: Sequence[float], num_steps: int, name: str = "--budgets"):
+  """Raises, naming the option `name`, unless every budget is a finite average within [1, num_steps] (the most any
+  step range of the ladder allows; each budget's table then checks its own [min_steps, max_steps])."""
+  if not budgets:
+    raise BenchmarkError(f"{name}: give the average steps per frame to check, e.g. {name} 1.5 2 2.5 3")
+  bad = [b for b in budgets if not (math.isfinite(float(b)) and 1.0 <= float(b) <= num_steps)]
+  if bad:
+    raise BenchmarkError(f"{name}: expected finite average steps per frame within [1, {num_steps}] (1 to the "
+                         f"{num_steps} steps of sampling.ladder; the calibration table each budget uses then "
+                         f"requires its own [min_steps, max_steps]), got {[float(b) for b in bad]}")
+
+
 def check_budgets(config, ckpt: str, out_dir: str, budgets: Sequence[float], *, num: int = 512, evaluator=None,
                   batch: int = 32, seed: int = 0, data_seed: int = 0, num_real: int = 1000,
                   fixed: Sequence[int] | None = None, log: Callable[[str], None] = _say) -> dict[str, Any]:
@@ -953,6 +970,7 @@ def check_budgets(config, ckpt: str, out_dir: str, budgets: Sequence[float], *, 
   from dsa_jax.sampling import sampler as sampler_lib
 
   L = len(config.sampling.ladder)
+  check_budget_values(budgets, L)
   fixed = bracketing_steps(budgets, L) if fixed is None else tuple(sorted({int(k) for k in fixed}))
   check_fixed_steps(fixed, L, "--fixed")
   params, source = loading.load_sampler_params(config, ckpt, warn=log, cast=True)

@@ -58,6 +58,7 @@ import time
 
 import numpy as np
 
+from dsa_jax.atomic import check_file_target
 from dsa_jax.eval.profiling import device_memory, profile_one, xla_environment
 
 
@@ -74,9 +75,10 @@ def add_arguments(p):
                          "--mean-steps`")
   p.add_argument("--ckpt", default="", help="model folder or workdir to load instead of random weights")
   p.add_argument("--no-vae", action="store_true", help="skip VAE decoding (DiT only)")
-  p.add_argument("--decode-only", action="store_true", help="time only the VAE decoder, chunk by chunk")
+  p.add_argument("--decode-only", action="store_true", help="time only the VAE decoder, chunk by chunk, on random "
+                 "latents (the sampling options --steps, --threshold, --ckpt, --guidance ... are then an error)")
   p.add_argument("--runs", type=int, default=3, help="timed runs per measurement (median reported)")
-  p.add_argument("--batch-size", type=int, default=1)
+  p.add_argument("--batch-size", type=int, default=1, help="videos per batch, at least 1 (default 1)")
   p.add_argument("--guidance", type=float, default=0.0, help="classifier-free guidance g (cond + g (cond - uncond); "
                  "0 = off); != 0 doubles the batch (uncond branch)")
   p.add_argument("--no-stream", action="store_true", help="skip the streaming measurements")
@@ -84,7 +86,8 @@ def add_arguments(p):
   p.add_argument("--profile", default=None, metavar="DIR",
                  help="write a jax.profiler trace of one timed video to DIR and print the top kernels by time")
   p.add_argument("--json", nargs="?", const="bench_sample.json", default=None,
-                 help="write the results to this JSON file (default name bench_sample.json)")
+                 help="write the results to this JSON file (default name bench_sample.json); checked before the "
+                 "benchmark runs")
 
 
 def forced_schedule(mean_steps: float, num_frames: int, chunk_frames: int, num_steps: int) -> np.ndarray:
@@ -169,6 +172,8 @@ def run_kernel_bench(args, run, format_table, **run_kwargs) -> int:
   """`main` of a bench that times pieces of the model alone (`dsa-jax bench vae-convs`, `attention`): the config,
   `run(config, reps=, log=, **run_kwargs)`, the meta a table needs, the printed table and the JSON."""
   from dsa_jax.config_lib import get_config
+  if args.json:
+    check_file_target(args.json, "--json")
   config = get_config(args.config, args.overrides)
   res = run(config, reps=args.reps, log=lambda m: print(m, file=sys.stderr, flush=True), **run_kwargs)
   res.update(_bench_meta(config, args.config, args.overrides, getattr(args, "_argv", None)))
@@ -260,6 +265,8 @@ def run_decode_bench(config, *, runs=3, batch=1, profile_dir=None, log=print) ->
   from dsa_jax.config_lib import latent_hw, pixel_frames
   if runs < 1:
     raise ValueError(f"--runs: must be >= 1, got {runs}")
+  if batch < 1:
+    raise ValueError(f"--batch-size: must be >= 1, got {batch}")
   decoder = _make_decoder(config, True)
   f = config.video.num_frames
   lat = jax.random.normal(jax.random.PRNGKey(0), (batch, f) + tuple(latent_hw(config))
@@ -752,14 +759,39 @@ def markdown_table(paths) -> str:
   return "\n".join(lines + [""] + commands)
 
 
+# what only the sampling bench reads: given with --decode-only they would be dropped without a word
+SAMPLING_ONLY = ("steps", "threshold", "forced_mean_steps", "budget_mean_steps", "ckpt", "guidance", "no_stream",
+                 "no_components")
+
+
+def check_decode_only_options(args):
+  """Raises naming every sampling-only option given (differing from its default) together with --decode-only."""
+  import argparse
+  parser = argparse.ArgumentParser(add_help=False)
+  add_arguments(parser)
+  defaults = vars(parser.parse_args(["--config", ""]))
+  given = ["--" + d.replace("_", "-") for d in SAMPLING_ONLY if getattr(args, d, defaults[d]) != defaults[d]]
+  if given:
+    raise ValueError(f"--decode-only times the VAE decoder alone on random latents and does not use "
+                     f"{', '.join(given)}: drop them, or bench sampling without --decode-only")
+  if args.no_vae:
+    raise ValueError("--decode-only and --no-vae: the decode-only bench needs the VAE")
+
+
 def main(args) -> int:
   from dsa_jax.config_lib import get_config
+  # the arguments first: a run can take long, and its results must not be lost to a bad option at its end
+  check_file_target(args.json, "--json")
+  if args.runs < 1:
+    raise ValueError(f"--runs: must be >= 1, got {args.runs}")
+  if args.batch_size < 1:
+    raise ValueError(f"--batch-size: must be >= 1, got {args.batch_size}")
+  if args.decode_only:
+    check_decode_only_options(args)
   config = get_config(args.config, args.overrides)
   log = lambda m: print(m, file=sys.stderr, flush=True)
   meta = _bench_meta(config, args.config, args.overrides, getattr(args, "_argv", None))
   if args.decode_only:
-    if args.no_vae:
-      raise ValueError("--decode-only and --no-vae: the decode-only bench needs the VAE")
     res = run_decode_bench(config, runs=args.runs, batch=args.batch_size, profile_dir=args.profile, log=log)
   else:
     threshold = None

@@ -98,6 +98,24 @@ def table_step_range(calibration: dict) -> tuple[int, int]:
   return int(calibration["min_steps"]), int(calibration["max_steps"])
 
 
+def check_table_values(calibration: dict, *, source: str = "the model", what: Optional[str] = None,
+                       remedy: str = "remake it with `dsa-jax calibrate`"):
+  """Raises unless every average of the table lies in its [min_steps, max_steps]: a table outside them (all zeros
+  from a calibration that sampled nothing) would turn every budget into the same end of tau, without a word."""
+  what = what or f"{source}: its calibration table"
+  lo, hi = table_step_range(calibration)
+  taus = np.asarray(calibration.get("thresholds", []), np.float64).reshape(-1)
+  steps = np.asarray(calibration.get("mean_steps", []), np.float64).reshape(-1)
+  if not steps.size or steps.size != taus.size:
+    raise BudgetError(f"{what} is malformed: expected as many mean_steps as thresholds (at "
+                      f"least one), got {steps.size} and {taus.size}; {remedy}")
+  bad = steps[~(np.isfinite(steps) & (steps >= lo - 1e-6) & (steps <= hi + 1e-6))]
+  if bad.size:
+    raise BudgetError(f"{what} ({range_name((lo, hi))} steps per frame) holds average steps "
+                      f"outside [min_steps, max_steps] = [{lo}, {hi}] (e.g. {float(bad[0]):g}, {bad.size} of "
+                      f"{steps.size}): it does not describe a sampler; {remedy}")
+
+
 def threshold_for(calibration: Optional[dict], mean_steps: float, *, source: str = "the model",
                   step_range: Optional[tuple[int, int]] = None, ladder: Optional[Sequence[float]] = None,
                   first_chunk: Optional[int] = None) -> float:
@@ -114,6 +132,7 @@ def threshold_for(calibration: Optional[dict], mean_steps: float, *, source: str
   if not math.isfinite(m):
     raise BudgetError(f"--mean-steps: expected a finite number, got {mean_steps!r}")
   check_table_fits(calibration, step_range=step_range, ladder=ladder, first_chunk=first_chunk, source=source)
+  check_table_values(calibration, source=source)
   lo, hi = float(calibration["min_steps"]), float(calibration["max_steps"])
   if not lo <= m <= hi:
     raise BudgetError(f"--mean-steps {m:g}: must lie in [min_steps, max_steps] = [{lo:g}, {hi:g}]")
@@ -292,9 +311,13 @@ def calibration_table(sampler, params, contexts: np.ndarray, thresholds: Sequenc
   gives too many. Where neighbouring thresholds differ by more than `refine_gap` average steps (a
   head's confidences often bunch in a narrow band of tau), their midpoint is added, for up to `refine_rounds`
   rounds, so that interpolating the table lands within a small fraction of a step of the request."""
+  if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch < 1:
+    raise BudgetError(f"batch: expected a whole number of prompts per compiled batch, at least 1, got {batch!r}")
   s = sampler.config.sampling
   n = contexts.shape[0]
-  b = min(batch, n)
+  if n < 1:
+    raise BudgetError("contexts: expected at least one calibration prompt, got none")
+  b = min(int(batch), n)
   uc = None if uncond is None else np.broadcast_to(uncond, (b,) + uncond.shape[1:])
   t0 = time.time()
 
@@ -382,6 +405,7 @@ class FpsController:
       raise BudgetError(f"--target-fps: expected a positive number, got {target_fps!r}")
     if not calibration:
       raise BudgetError("--target-fps needs the model's step-budget calibration table (dsa-jax calibrate)")
+    check_table_values(calibration, source="the model (--target-fps)")
     self.calibration, self.target, self.gain = calibration, float(target_fps), float(gain)
     self.lo, self.hi = table_bounds(calibration)
     self.budget = float(initial_steps) if initial_steps is not None else (self.lo + self.hi) / 2
@@ -446,6 +470,10 @@ def calibrate(config, ckpt: str, *, num: int = 256, thresholds: Optional[Sequenc
                       "training workdir); got none")
   if int(num) < 1:
     raise BudgetError(f"--num: expected at least 1 calibration prompt, got {num}")
+  if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch < 1:
+    raise BudgetError(f"--batch: expected at least 1 prompt per compiled batch, got {batch!r}")
+  if not refine_gap > 0:
+    raise BudgetError(f"--refine-gap: expected a positive number of steps, got {refine_gap!r}")
   rule = config_stop_rule(config)
   if rule != "confidence" and head:
     raise BudgetError(f"--head {head!r}: the x0-change rule (sampling.stop_rule={rule!r}) uses no confidence head; "
@@ -456,13 +484,14 @@ def calibrate(config, ckpt: str, *, num: int = 256, thresholds: Optional[Sequenc
   sampler = make_sampler(config)
   prompts, contexts, uncond = calibration_inputs(config, num, prompt_file)
   g = float(config.sampling.guidance)
-  if not refine_gap > 0:
-    raise BudgetError(f"--refine-gap: expected a positive number of steps, got {refine_gap!r}")
   table = calibration_table(sampler, params, contexts, thresholds, batch=batch, seed=seed, guidance=g, uncond=uncond,
                             refine_gap=refine_gap, refine_rounds=5, log=log)
   table["prompts"] = calibration_prompts_note(config, len(prompts), prompt_file)
+  owner = head or ckpt
+  # never store (or print as a result) a table that no sampler of its range could have given
+  check_table_values(table, what=f"the calibration table made for {os.path.join(owner, params_io.META_FILE)!r}",
+                     remedy="it was not written" if write else "it is not a result")
   if write:
-    owner = head or ckpt
     updates = stored_tables(params_io.read_meta(owner), rule, table)
     params_io.update_meta(owner, **updates)
     where = ("" if meta_key(rule) in updates else

@@ -116,6 +116,10 @@ def run_bench_train(args) -> dict:
   import jax
   import jax.numpy as jnp
 
+  from dsa_jax.atomic import check_file_target
+  if args.json:
+    check_file_target(args.json, "--json")  # before the run, whose results a bad path would lose
+
   from dsa_jax.config_lib import get_config
   from dsa_jax.parallel import mesh as mesh_lib
   from dsa_jax.training import state as state_lib
