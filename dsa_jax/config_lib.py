@@ -233,6 +233,8 @@ def validate_config(config: ml_collections.ConfigDict):
   _require(v.width % (sw * pw) == 0, "video.width",
            f"{v.width} must divide by vae stride x patch = {sw}x{pw} = {sw * pw}")
   _require(v.num_frames > 0, "video.num_frames", f"must be positive, got {v.num_frames}")
+  _require(isinstance(v.get("fps", 16), (int, float)) and math.isfinite(v.get("fps", 16)) and v.get("fps", 16) > 0,
+           "video.fps", f"must be a positive number of frames per second (of the written videos), got {v.get('fps')!r}")
   _require(v.chunk_frames > 0 and v.num_frames % v.chunk_frames == 0, "video.chunk_frames",
            f"{v.chunk_frames} must divide video.num_frames={v.num_frames}")
   _require(v.num_frames <= config.model.rope_max_frames, "video.num_frames",

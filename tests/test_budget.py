@@ -265,7 +265,12 @@ def test_calibrate_then_sample_with_a_budget(tmp_path, repo_root, capsys):
   # a stream holding a frame rate steers tau with the table of the range it samples with (here 2-5, not the first)
   assert cli_main(["sample", "--config", tiny, "--ckpt", str(model), "--out", str(out), "--prompt", "a", "--stream",
                    "--target-fps", "1000", "--mean-steps", "2.5"] + floor2) == 0
-  assert json.loads((out / "a.steps.json").read_text())["min_steps"] == 2
+  rec = json.loads((out / "a.steps.json").read_text())
+  assert rec["min_steps"] == 2 and rec["target_fps"] == 1000
+  assert len(rec["chunk_thresholds"]) == len(rec["chunk_iters_batch"]), rec  # the tau of every chunk
+  assert cli_main(["sample", "--config", tiny, "--ckpt", str(model), "--out", str(out), "--prompt", "a", "--stream",
+                   "--target-fps", "1000", "--threshold", "inf"]) == 2  # tau is the controller's: refused by name
+  assert "--target-fps and --threshold" in capsys.readouterr().err
   # On another ladder the table's taus mean other step counts: an explicit budget is refused, saying what to do; the
   # config's own budget falls back to its threshold with a warning that says the same.
   other = ["--config.sampling.ladder=(1000,500,250)", "--config.sampling.max_steps=3"]

@@ -29,6 +29,7 @@ WAN = os.path.join(os.path.dirname(__file__), "..", "configs", "wan_1_3b.py")
     ("--config.conf.target='other'", "conf.target"),
     ("--config.teacher.text_dim=7", "teacher.text_dim"),
     ("--config.mesh.shape.tensor=3", "mesh.shape"),
+    ("--config.video.fps=0", "video.fps"),
     ("--config.train.keep=0", "train.keep"),
     ("--config.train.steps=-5", "train.steps"),
     ("--config.train.ckpt_every=0", "train.ckpt_every"),

@@ -358,6 +358,8 @@ def main(args):
     raise ValueError("--mean-steps and --threshold: give one of them (a step budget or a raw threshold)")
   if args.target_fps is not None and not args.stream:
     raise ValueError("--target-fps: only with --stream (the rate is held chunk by chunk)")
+  if args.target_fps is not None and args.threshold is not None:
+    raise ValueError("--target-fps and --threshold: give one of them (the frame rate sets tau chunk by chunk)")
   min_steps, max_steps = resolve_steps(config, args.min_steps, args.max_steps)
   formats = [f.strip() for f in args.formats.split(",") if f.strip()]
   from dsa_jax.sampling.outputs import VIDEO_FORMATS
@@ -454,7 +456,7 @@ def main(args):
     uc = None if uncond is None else np.broadcast_to(np.asarray(uncond, np.float32), (batch,) + uncond.shape[1:])
     extra = {"init_latents": init_latents, "prompt_index": prompt_index}
     t0 = time.perf_counter()
-    pixels = None
+    pixels, chunk_taus = None, None
     if args.stream:
       chunks = []
       for ch in stream_lib.stream(sampler, params, context, controls, uncond_context=uc, decoder=decoder,
@@ -466,6 +468,7 @@ def main(args):
       col = stream_lib.collect(chunks)
       lat, steps, conf, trace, iters = (col["latents"], col["steps"], col["confidences"], col["conf_trace"],
                                         col["chunk_iters"])
+      chunk_taus = col["chunk_thresholds"]
       pixels = col["pixels"]
       if compile_s is None:
         compile_s = float("nan")  # folded into the first chunk's time when streaming
@@ -499,6 +502,8 @@ def main(args):
           "threshold": threshold, "stop_rule": sampler.stop_rule, "min_steps": min_steps, "max_steps": max_steps,
           "guidance": guidance, "steps": steps[j], "confidences": conf[j], "conf_trace": trace[j],
           "mean_steps": float(np.mean(steps[j])), "chunk_iters_batch": iters,
+          # --target-fps: tau was set per chunk (threshold above is the first chunk's starting point)
+          **({"target_fps": args.target_fps, "chunk_thresholds": chunk_taus} if chunk_taus is not None else {}),
           "latent_frames": int(lat.shape[1]), "pixel_frames": int(pixels.shape[1]), "fps": config.video.fps,
           "timings": {"compile_s": compile_s, "batch_sample_s": sample_s, "batch_decode_s": decode_s,
                       "batch_size": batch, "streamed": bool(args.stream)},

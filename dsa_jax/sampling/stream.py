@@ -35,6 +35,7 @@ class StreamChunk:
   pixels: Optional[np.ndarray]  # (B, T_i, H, W, 3) in [-1, 1]
   seconds: float           # wall time of this chunk (sampling + decoding + transfer)
   elapsed: float           # wall time since the stream started
+  threshold: Optional[float] = None  # the tau an fps controller set for this chunk (None: the controls' own)
 
 
 def stream(sampler, params, context, controls, rng=None, uncond_context=None, decoder: Optional[PixelDecoder] = None,
@@ -56,8 +57,10 @@ def stream(sampler, params, context, controls, rng=None, uncond_context=None, de
   start = time.perf_counter()
   for i in range(sampler.num_chunks):
     t0 = time.perf_counter()
+    tau = None
     if fps_controller is not None:
-      controls = controls.replace(threshold=jnp.full_like(controls.threshold, fps_controller.threshold))
+      tau = float(fps_controller.threshold)
+      controls = controls.replace(threshold=jnp.full_like(controls.threshold, tau))
     # The chunk's cache fill is dispatched after its decoding: the chunk is handed out as soon as it is decoded,
     # the fill runs while the caller looks at it, and the last chunk has none.
     out, cache = sampler.chunk_step(params, context, uncond_context, controls, rng, cache, np.int32(i), cond,
@@ -74,14 +77,17 @@ def stream(sampler, params, context, controls, rng=None, uncond_context=None, de
       fps_controller.update(int(px.shape[1]) if px is not None else sampler.chunk_frames, now - t0)
     yield StreamChunk(index=i, latents=o.latents, steps=o.steps, confidences=o.confidences,
                       conf_trace=o.conf_trace, iters=int(o.iters), pixels=px, seconds=now - t0,
-                      elapsed=now - start)
+                      elapsed=now - start, threshold=tau)
 
 
 def collect(chunks) -> dict:
-  """Concatenates StreamChunks along frames: dict(latents, steps, confidences, conf_trace, pixels, chunk_iters)."""
+  """Concatenates StreamChunks along frames: dict(latents, steps, confidences, conf_trace, pixels, chunk_iters,
+  chunk_thresholds (the taus an fps controller set, or None))."""
   chunks = list(chunks)
   cat = lambda name: np.concatenate([getattr(c, name) for c in chunks], axis=1)
   out = {n: cat(n) for n in ("latents", "steps", "confidences", "conf_trace")}
   out["pixels"] = cat("pixels") if chunks and chunks[0].pixels is not None else None
   out["chunk_iters"] = np.asarray([c.iters for c in chunks], np.int32)
+  taus = [c.threshold for c in chunks]
+  out["chunk_thresholds"] = None if all(t is None for t in taus) else taus
   return out
