@@ -53,6 +53,7 @@ def atomic_dir(path):
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=parent)
   try:
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700 folders; give the usual permissions
     yield tmp
     if os.path.exists(path):
       old = tmp + ".old"  # beside the unique temporary name: never an existing folder of the user's

@@ -279,6 +279,13 @@ def test_wan_safetensors_with_original_config(models, tmp_path):
   assert (cfg.num_heads, cfg.text_len) == (2, 8)
   x, t, ctx = _inputs("small")
   assert _rel_err(_ours(nets["generator"], cfg, x, t, ctx), _reference(m, x, t, ctx)) <= TOL
+  # a lone weights file shares its folder: a config.json of another model there is ignored, not obeyed
+  os.rename(folder / "diffusion_pytorch_model.safetensors", folder / "dit.safetensors")
+  common.write_json_atomic(str(folder / "config.json"), {"_class_name": "AutoencoderKLWan", "z_dim": 16})
+  notes = []
+  lone, cfg2, _ = cd.load_dit(str(folder / "dit.safetensors"), num_heads=2, text_len=8, log=notes.append)
+  assert cfg2.to_dict() == cfg.to_dict() and any("ignoring" in n and "config.json" in n for n in notes)
+  _leaves_equal(lone["generator"], nets["generator"])
 
 
 # ----------------------------------------------------------------------------------------------- errors
@@ -366,6 +373,20 @@ def test_cli_convert_export_and_check_arch(models, tmp_path, capsys, repo_root):
     np.testing.assert_array_equal(back[k].numpy(), v.numpy(), err_msg=k)
   assert cli.main(["convert", "export-diffusers", "--src", out, "--network", "generator_ema", "--out", exp]) == 2
   assert "generator_ema" in capsys.readouterr().err
+  # --out: an earlier export is replaced whole; the source checkpoint, a file or a folder of other files never
+  (tmp_path / "exported" / "diffusion_pytorch_model-00001-of-00002.safetensors").write_bytes(b"stale shard")
+  assert cli.main(["convert", "export-diffusers", "--src", out, "--out", exp]) == 0
+  assert sorted(os.listdir(exp)) == ["config.json", "diffusion_pytorch_model.safetensors"]
+  (tmp_path / "a_file").write_text("x")
+  (tmp_path / "other").mkdir()
+  (tmp_path / "other" / "notes.txt").write_text("x")
+  before = sorted(os.listdir(out))
+  for bad, why in ((out, "is --src itself"), (str(tmp_path / "a_file"), "is a file"),
+                   (str(tmp_path / "other"), "not an earlier diffusers export")):
+    assert cli.main(["convert", "export-diffusers", "--src", out, "--out", bad]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {bad!r}" in err and why in err, err
+  assert sorted(os.listdir(out)) == before and os.listdir(tmp_path / "other") == ["notes.txt"]
   # a missing source is one clear line
   assert cli.main(["convert", "dit", "--src", str(tmp_path / "nope"), "--out", out]) == 2
   assert "does not exist" in capsys.readouterr().err
@@ -401,3 +422,20 @@ def test_cli_convert_vae_and_umt5_from_pipeline_folder(tmp_path, capsys):
   assert sorted(params) == ["text_encoder"] and UMT5Config(**meta["arch"]["text_encoder"]).d_model == 16
   assert os.path.isfile(tmp_path / "t5" / "spiece.model") and meta["tokenizer"] == "spiece.model"
   assert "spiece.model" in capsys.readouterr().out
+  # --tokenizer must be a SentencePiece model, checked before converting: a tokenizer.json is refused, nothing written
+  (tmp_path / "tokenizer.json").write_text('{"version": "1.0", "model": {"type": "Unigram"}}')
+  t5b = str(tmp_path / "t5b")
+  assert cli.main(["convert", "umt5", "--src", str(pipe), "--out", t5b, "--tokenizer",
+                   str(tmp_path / "tokenizer.json")]) == 2
+  err = capsys.readouterr().err
+  assert "--tokenizer" in err and "is not a SentencePiece model" in err and not os.path.exists(t5b)
+  # the tokenizer is written within the checkpoint's own atomic write: a failed copy leaves no checkpoint
+  import shutil
+
+  def fail(*a, **k):
+    raise OSError("disk full")
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(shutil, "copyfile", fail)
+    with pytest.raises(OSError, match="disk full"):
+      cli.main(["convert", "umt5", "--src", str(pipe), "--out", t5b])
+  assert not os.path.exists(t5b)

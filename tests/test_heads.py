@@ -119,6 +119,30 @@ def test_attach_head_makes_it_the_models_own(models, tiny_config, tmp_path, caps
   assert params_io.read_meta(str(tmp_path / "head3"))["calibration_ranges"] == {"3-5": dict(TABLE_HEAD, min_steps=3)}
 
 
+def test_head_commands_never_replace_a_model(models, tmp_path, capsys):
+  """export-head / attach-head replace their --out whole: a model folder there (--src itself above all) would lose
+  its generators, so only a new folder, an earlier head folder, or (attach-head) --ckpt itself is written."""
+  import shutil
+  model, other = str(tmp_path / "model"), str(tmp_path / "other")
+  shutil.copytree(models["model"], model)
+  shutil.copytree(models["other"], other)
+  nets = params_io.read_meta(model)["networks"]
+  for out in (model, model + "/", other):
+    assert cli.main(["convert", "export-head", "--src", model, "--out", out]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {out!r}" in err and ("is --src itself" in err or "not replaced" in err), err
+  head = str(tmp_path / "head")
+  shutil.copytree(models["head"], head)
+  for out in (head, other):
+    assert cli.main(["convert", "attach-head", "--ckpt", model, "--head", models["head"], "--out", out]) == 2
+    assert f"--out {out!r} exists" in capsys.readouterr().err
+  assert params_io.read_meta(model)["networks"] == nets and params_io.read_meta(other)["networks"] == nets
+  assert params_io.load_params(model)[0].keys() == set(nets) and heads.is_head_folder(head)
+  # an earlier head folder is replaced by a new export
+  assert cli.main(["convert", "export-head", "--src", model, "--out", head]) == 0
+  assert heads.is_head_folder(head) and params_io.read_meta(head)["calibration"] == TABLE_OWN
+
+
 def test_head_for_another_generator_is_refused(models, tiny_config):
   other_fp = heads.generator_fingerprint(jax.tree_util.tree_map(lambda x: x * 0.5, models["nets"]["generator"]))
   mine = params_io.read_meta(models["head"])[heads.FINGERPRINT_KEY]

@@ -1,5 +1,7 @@
 """The one network loader: what substitutes for a missing network, and that every substitution is said."""
 
+import os
+
 import jax
 import numpy as np
 import pytest
@@ -86,5 +88,8 @@ def test_saving_a_model_replaces_only_a_model_checkpoint(tmp_path):
   params_io.save_params(str(tmp_path / "model"), params, {"arch": {}, "n": 1})
   params_io.save_params(str(tmp_path / "model"), params, {"arch": {}, "n": 2})  # an earlier model: replaced
   assert params_io.read_meta(str(tmp_path / "model"))["n"] == 2
+  mask = os.umask(0)
+  os.umask(mask)
+  assert (tmp_path / "model").stat().st_mode & 0o777 == 0o777 & ~mask  # the usual permissions, not mkdtemp's 0700
   assert (tmp_path / "model.old" / "mine.txt").read_text() == "mine"
   assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "model", "model.old", "work"]  # no temporaries

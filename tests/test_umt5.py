@@ -1,7 +1,9 @@
 """umT5 encoder: parity with transformers' UMT5EncoderModel, checkpoint conversion, tokenizer, embedding files."""
 
+import json
 import os
 import pickle
+import re
 
 import numpy as np
 import pytest
@@ -204,6 +206,38 @@ def test_load_folder_sharded_and_wan_pth(tmp_path):
   assert _rel_err(np.asarray(encode(params_w, ids, mask, config_w)), ref, mask) <= 1e-4
   with pytest.raises(FileNotFoundError, match="nope"):
     load_transformers_umt5(str(tmp_path / "nope"))
+
+
+def test_config_json_of_another_model(tmp_path):
+  """Wan's originals keep the DiT's config.json beside the umT5 .pth: a lone weights file ignores a neighbouring
+  config of another kind (the shapes give the config); a folder's own config of another kind is an error naming it."""
+  from dsa_jax.convert.common import ConversionError
+  cfg = HF_CONFIGS["gated_gelu"]
+  model = _hf_model(cfg, seed=3)
+  wan = tmp_path / "Wan2.1-T2V-tiny"
+  wan.mkdir()
+  dit_config = {"_class_name": "WanModel", "model_type": "t2v", "dim": 24, "num_heads": 2, "num_layers": 2,
+                "ffn_dim": 32}
+  (wan / "config.json").write_text(json.dumps(dit_config))
+  torch.save(model.state_dict(), wan / "umt5.pth")
+  notes = []
+  params, config = load_transformers_umt5(str(wan / "umt5.pth"), log=notes.append)
+  assert (config.d_model, config.num_layers, config.num_heads) == (32, 2, 4)
+  assert any("ignoring" in n and str(wan / "config.json") in n for n in notes), notes
+  ids, mask = _batch(cfg, seed=3)
+  with torch.no_grad():
+    ref = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).last_hidden_state.numpy()
+  assert _rel_err(np.asarray(encode(params, ids, mask, config)), ref, mask) <= 1e-4
+  # a folder: its config.json is its own, so one of another model is an error that names the file
+  (wan / "umt5.pth").unlink()
+  (wan / "diffusion_pytorch_model.safetensors").write_bytes(b"")
+  with pytest.raises(ConversionError, match=re.escape(f"{wan / 'config.json'}: not a umT5 text encoder config")):
+    load_transformers_umt5(str(wan))
+  # and a umT5 config that does not parse names it too
+  (wan / "config.json").write_text(json.dumps({"model_type": "umt5", "d_model": 32}))
+  lacks = re.escape(f"{wan / 'config.json'}: umT5 config dict lacks required keys")
+  with pytest.raises(ConversionError, match=lacks):
+    load_transformers_umt5(str(wan))
 
 
 def test_key_mismatch_error_lists_all():

@@ -124,15 +124,58 @@ def check_fingerprint(head_meta: dict, fingerprint: str, head_path: str, flag: s
   return True
 
 
+def _same_folder(a: str, b: str) -> bool:
+  return os.path.realpath(a) == os.path.realpath(b)
+
+
+def _folder_kind(path: str) -> str:
+  """A few words on what the folder at `path` holds, for errors that refuse to replace it."""
+  if not os.path.isdir(path):
+    return "a file"
+  if is_head_folder(path):
+    return "a head folder"
+  if os.path.isfile(os.path.join(path, params_io.META_FILE)):
+    try:
+      return f"a model folder with {sorted(params_io.read_meta(path).get('networks', []))}"
+    except CheckpointError:
+      return f"a folder with an unreadable {params_io.META_FILE}"
+  return f"a folder of {len(os.listdir(path))} entries that is not a head folder"
+
+
+def check_head_out(src: str, out: str, src_flag: str = "--src", flag: str = "--out"):
+  """`out` may be written by export_head: absent, an empty folder, or an earlier head folder (it is replaced whole,
+  so a model folder, `src` itself above all, would lose its generators)."""
+  if _same_folder(src, out):
+    raise CheckpointError(f"{flag} {out!r} is {src_flag} itself: writing the head there would replace the model "
+                          "with its head alone; pass a new folder")
+  if not os.path.lexists(out) or (os.path.isdir(out) and not os.listdir(out)) or is_head_folder(out):
+    return
+  raise CheckpointError(f"{flag} {out!r} exists and is {_folder_kind(out)}: not replaced (expected a new folder, an "
+                        "empty one, or an earlier head folder written by dsa-jax convert export-head)")
+
+
+def _attached_from(path: str, model: str) -> bool:
+  """`path` is a model folder that attach-head wrote from `model` earlier (so writing it again loses nothing)."""
+  if not os.path.isfile(os.path.join(path, params_io.META_FILE)):
+    return False
+  try:
+    source = params_io.read_meta(path).get("source") or {}
+  except CheckpointError:
+    return False
+  return (isinstance(source, dict) and source.get("command") == "convert attach-head"
+          and isinstance(source.get("model"), str) and _same_folder(source["model"], model))
+
+
 def export_head(src: str, out: str, log=lambda m: None) -> dict:
   """Writes the head of the model folder `src` into the head folder `out` (atomically) and returns its metadata.
 
   The generator fingerprint is computed from `src`'s sampling generator (its 'generator_ema' where it has one, else
   'generator'), and of every generator it holds, so a head extracted from a DSA-stage export (both) passes the check
-  with or without the EMA."""
+  with or without the EMA. `out` must be new, empty or an earlier head folder (`check_head_out`)."""
   if not os.path.isdir(src) or not os.path.isfile(os.path.join(src, params_io.META_FILE)):
     raise CheckpointError(f"--src {src!r}: expected a model folder with {params_io.META_FILE} (export a training "
                           "workdir first: its model/ folder)")
+  check_head_out(src, out)
   meta = params_io.read_meta(src)
   networks = list(meta.get("networks", []))
   if "head" not in networks:
@@ -167,11 +210,17 @@ def export_head(src: str, out: str, log=lambda m: None) -> dict:
 def attach_head(model: str, head: str, out: str, log=lambda m: None) -> dict:
   """Writes a model folder `out` that is `model` with the head of the head folder `head` as its own (the inverse of
   `export_head`): the head's parameters, architecture, conf_target and calibration table replace the model's, so
-  every command that reads the model's head uses it without --head. Everything else of `model` (its generators, a
-  stop rule's table such as calibration_x0_delta) is kept. Refused when the head was trained for another generator.
-  `out` may be `model` itself: the folder is replaced atomically once the new one is complete."""
+  every command that reads the model's head uses it without --head. Everything else of `model` (every network it
+  stores, a stop rule's table such as calibration_x0_delta) is kept. Refused when the head was trained for another
+  generator. `out` may be `model` itself (the folder is replaced atomically once the new one is complete), or new or
+  empty; never another existing folder, whose networks would be lost."""
   if not os.path.isdir(model) or not os.path.isfile(os.path.join(model, params_io.META_FILE)):
     raise CheckpointError(f"--ckpt {model!r}: expected a model folder with {params_io.META_FILE}")
+  if not (_same_folder(model, out) or not os.path.lexists(out) or (os.path.isdir(out) and not os.listdir(out))
+          or _attached_from(out, model)):
+    raise CheckpointError(f"--out {out!r} exists and is {_folder_kind(out)}: not replaced (expected a new folder, an "
+                          "empty one, an earlier attach-head output of this --ckpt, or --ckpt itself to attach the "
+                          "head in place)")
   head_meta = check_head_folder(head)
   if "head" not in head_meta.get("arch", {}):
     raise CheckpointError(f"--head {head!r} records no architecture for its 'head' (arch.head in "
@@ -182,7 +231,7 @@ def attach_head(model: str, head: str, out: str, log=lambda m: None) -> dict:
   if gen is None:
     raise CheckpointError(f"--ckpt {model!r} holds no generator ('generator_ema' or 'generator'); it has "
                           f"{sorted(networks)}")
-  params, _ = params_io.load_params(model, networks)
+  params, _ = params_io.load_params(model)  # every stored network, whatever the metadata lists
   prints = fingerprint_meta({n: params[n] for n in GENERATORS if n in params})
   if not check_fingerprint(head_meta, prints[FINGERPRINT_KEY], head):
     raise CheckpointError(f"--head {head!r} records no generator fingerprint: it cannot be checked against "

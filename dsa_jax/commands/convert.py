@@ -7,6 +7,8 @@
   dsa-jax convert vae --src Wan2.1-T2V-1.3B-Diffusers/vae --out ckpt/wan_vae
   dsa-jax convert umt5 --src Wan2.1-T2V-1.3B-Diffusers/text_encoder --out ckpt/umt5 \\
       --tokenizer Wan2.1-T2V-1.3B-Diffusers/tokenizer/spiece.model
+  # Wan's original umT5 .pth (the DiT's config.json beside it is ignored: the shapes give the config)
+  dsa-jax convert umt5 --src Wan2.1-T2V-1.3B/models_t5_umt5-xxl-enc-bf16.pth --out ckpt/umt5
   dsa-jax convert export-diffusers --src ckpt/self_forcing --network generator_ema --out export/transformer
   # the confidence head of a model alone (a few hundred kB), for `dsa-jax sample --ckpt MODEL --head heads/remaining`
   dsa-jax convert export-head --src runs/digits/head/model --out heads/remaining
@@ -66,13 +68,13 @@ def add_arguments(p):
   u.add_argument("--src", required=True, help="transformers folder (or the pipeline folder), .safetensors or .pth")
   u.add_argument("--out", required=True, help="output checkpoint folder")
   u.add_argument("--tokenizer", default=None,
-                 help="SentencePiece model (spiece.model) to copy into the checkpoint folder")
+                 help="SentencePiece model (spiece.model) to copy into the checkpoint folder (checked first)")
 
   e = sub.add_parser("export-diffusers", help="DiT network of a checkpoint -> diffusers folder (config.json + "
                                               "safetensors) for WanTransformer3DModel.from_pretrained")
   e.add_argument("--src", required=True, help="dsa_jax checkpoint folder")
   e.add_argument("--network", default="generator", help="network to export (generator, generator_ema, teacher, ...)")
-  e.add_argument("--out", required=True, help="output folder")
+  e.add_argument("--out", required=True, help="output folder: new, empty, or an earlier export (replaced whole)")
   e.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="default: as stored")
 
   h = sub.add_parser("export-head", help="the confidence head of a model folder -> a head folder (head, its "
@@ -80,14 +82,16 @@ def add_arguments(p):
                                          "sample/calibrate/eval --head")
   h.add_argument("--src", required=True, help="model folder holding the head and the generator it was trained with "
                  "(its fingerprint is taken of 'generator_ema' where present, else 'generator')")
-  h.add_argument("--out", required=True, help="output head folder")
+  h.add_argument("--out", required=True, help="output head folder: new, or an earlier head folder (replaced); never "
+                 "a model folder")
 
   a = sub.add_parser("attach-head", help="a model folder + a head folder trained for its generator -> a model folder "
                                          "whose own head (conf_target, calibration table) is that head")
   a.add_argument("--ckpt", required=True, help="model folder (its generators and other tables are kept)")
   a.add_argument("--head", required=True, help="head folder (dsa-jax convert export-head) trained for --ckpt's "
                  "generator")
-  a.add_argument("--out", required=True, help="output model folder (may be --ckpt itself: replaced atomically)")
+  a.add_argument("--out", required=True, help="output model folder: new, or --ckpt itself (replaced atomically); "
+                 "never another existing folder")
 
 
 def _log(msg: str):
@@ -105,11 +109,24 @@ def _pipeline_sub(path: str, sub: str) -> str:
   return path
 
 
-def _save(out: str, networks: dict, meta: dict):
-  from dsa_jax.checkpoint.params_io import save_params
+def _save(out: str, networks: dict, meta: dict, files: dict | None = None):
+  """Writes the checkpoint; `files` ({name: source path}) are copied into it within the same atomic folder write,
+  so the metadata never names a file that is not there."""
+  from dsa_jax.atomic import atomic_dir
+  from dsa_jax.checkpoint.params_io import META_FILE, CheckpointError, save_params
   t0 = time.time()
   _log(f"writing {out} ({', '.join(sorted(networks))})")
-  save_params(out, networks, meta)
+  if not files:
+    save_params(out, networks, meta)
+  else:
+    if os.path.lexists(out) and not (os.path.isdir(out) and (os.path.isfile(os.path.join(out, META_FILE))
+                                                             or not os.listdir(out))):
+      raise CheckpointError(f"--out {out!r} exists and is not a dsa_jax model checkpoint (no {META_FILE}): not "
+                            "replaced; write the model to a new folder, or remove this one first")
+    with atomic_dir(out) as tmp:
+      save_params(tmp, networks, meta)  # tmp is empty: save_params fills it (atomically, itself)
+      for name, src in files.items():
+        shutil.copyfile(src, os.path.join(tmp, name))
   _log(f"done in {time.time() - t0:.1f}s: {os.path.abspath(out)}")
 
 
@@ -169,17 +186,31 @@ def _convert_vae(args):
   src = _pipeline_sub(args.src, "vae")
   t0 = time.time()
   _log(f"reading {src}")
-  params, cfg = load_diffusers_vae(src)
+  params, cfg = load_diffusers_vae(src, log=_log)
   arch = cfg.to_dict()
   _log(f"vae: {_param_summary(params)}, converted in {time.time() - t0:.1f}s")
   _save(args.out, {"vae": params}, {"arch": {"vae": arch},
                                     "source": {"command": "convert vae", "path": os.path.abspath(src)}})
 
 
-def _copy_atomic(src: str, dst: str):
-  from dsa_jax.atomic import atomic_path
-  with atomic_path(dst) as tmp:
-    shutil.copyfile(src, tmp)
+def _check_sentencepiece(path: str, flag: str = "--tokenizer"):
+  """Refuses anything but a SentencePiece model before converting: the checkpoint stores it as spiece.model."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{flag} {path!r} is not a file (expected a SentencePiece model such as spiece.model)")
+  try:
+    import sentencepiece as spm
+  except ImportError as e:
+    raise ImportError(f"{flag}: checking the SentencePiece model needs the sentencepiece package "
+                      "(pip install sentencepiece)") from e
+  try:
+    sp = spm.SentencePieceProcessor(model_file=path)
+  except (RuntimeError, OSError) as e:
+    hint = (" (a transformers tokenizer.json can be passed to --config.text.tokenizer as is)"
+            if path.endswith(".json") else "")
+    raise ValueError(f"{flag} {path!r} is not a SentencePiece model (expected a file such as the pipeline's "
+                     f"tokenizer/spiece.model){hint}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") \
+        from e
+  return int(sp.get_piece_size())
 
 
 def _convert_umt5(args):
@@ -189,20 +220,22 @@ def _convert_umt5(args):
     cand = os.path.join(args.src, "tokenizer", "spiece.model")
     tok = cand if os.path.isfile(cand) else None
   src = _pipeline_sub(args.src, "text_encoder")
-  if tok is not None and not os.path.isfile(tok):
-    raise FileNotFoundError(f"--tokenizer {tok!r} is not a file (expected a SentencePiece .model)")
+  if tok is not None:
+    pieces = _check_sentencepiece(tok, "--tokenizer" if args.tokenizer is not None else "the pipeline's tokenizer")
+    _log(f"tokenizer {tok}: SentencePiece model with {pieces} pieces")
   t0 = time.time()
   _log(f"reading {src}")
-  params, cfg = load_transformers_umt5(src)
+  params, cfg = load_transformers_umt5(src, log=_log)
   arch = cfg.to_dict()
   _log(f"text_encoder: {_param_summary(params)}, converted in {time.time() - t0:.1f}s")
   meta = {"arch": {"text_encoder": arch}, "source": {"command": "convert umt5", "path": os.path.abspath(src)}}
+  files = None
   if tok is not None:
     meta["tokenizer"] = "spiece.model"
-  _save(args.out, {"text_encoder": params}, meta)
+    files = {"spiece.model": tok}
+  _save(args.out, {"text_encoder": params}, meta, files)
   if tok is not None:
     dst = os.path.join(args.out, "spiece.model")
-    _copy_atomic(tok, dst)
     _log(f"tokenizer copied to {dst} (use --config.text.tokenizer={dst})")
 
 
@@ -211,6 +244,10 @@ def _export_diffusers(args):
   from dsa_jax.convert import dit as dit_conv
   from dsa_jax.models.dit import DiTConfig
 
+  if os.path.realpath(args.out) == os.path.realpath(args.src):
+    raise ValueError(f"--out {args.out!r} is --src itself: the export would mix diffusers files into the dsa_jax "
+                     "checkpoint; pass a new folder")
+  dit_conv.check_export_dir(args.out, "--out")
   meta = read_meta(args.src)
   arch = meta.get("arch", {}).get(args.network)
   if arch is None:

@@ -22,7 +22,8 @@ import numpy as np
 __all__ = [
     "ConversionError", "KeyMismatchError", "LazyTensor", "read_safetensors", "write_safetensors",
     "save_safetensors_folder",
-    "read_torch", "to_numpy", "find_weight_files", "read_weight_files", "pick_state_dicts", "strip_wrapper_prefix",
+    "read_torch", "to_numpy", "config_path", "find_weight_files", "read_weight_files", "pick_state_dicts",
+    "strip_wrapper_prefix",
     "check_keys", "read_json", "write_json_atomic", "np_dtype", "cast",
 ]
 
@@ -145,6 +146,12 @@ def _materialize(v, name: str, path: str) -> np.ndarray:
   return a
 
 
+def _chmod_default(path: str):
+  mask = os.umask(0)
+  os.umask(mask)
+  os.chmod(path, 0o666 & ~mask)
+
+
 def write_safetensors(path: str, tensors: Mapping[str, Any], metadata: Mapping[str, str] | None = None) -> int:
   """Writes `tensors` (name -> array or LazyTensor) as one .safetensors file, atomically; returns its size."""
   path = os.fspath(path)
@@ -170,6 +177,7 @@ def write_safetensors(path: str, tensors: Mapping[str, Any], metadata: Mapping[s
         a = _materialize(tensors[name], name, path)
         if a.nbytes:
           f.write(memoryview(a.reshape(-1).view(np.uint8)))
+    _chmod_default(tmp)  # mkstemp makes 0600 files
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):
@@ -274,6 +282,7 @@ def write_json_atomic(path: str, obj) -> None:
     with os.fdopen(fd, "w") as f:
       json.dump(obj, f, indent=2, sort_keys=True)
       f.write("\n")
+    _chmod_default(tmp)  # mkstemp makes 0600 files
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):
@@ -284,22 +293,42 @@ def write_json_atomic(path: str, obj) -> None:
 _TORCH_EXT = (".pt", ".pth", ".bin", ".ckpt")
 
 
-def find_weight_files(path: str) -> tuple[list[str], dict | None]:
+def config_path(path: str) -> str:
+  """The `config.json` that goes with weights at `path`: inside a folder, beside a file."""
+  path = os.fspath(path)
+  return os.path.join(path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path)), "config.json")
+
+
+def find_weight_files(path: str, accepts: Callable[[dict], bool] | None = None, what: str = "model",
+                      log: Callable[[str], None] | None = None) -> tuple[list[str], dict | None]:
   """Weight files of a folder or file, and the `config.json` beside them (None if absent).
 
   A folder: the shards named by `*.safetensors.index.json`, else its one `.safetensors` (diffusers name preferred),
   else its one torch file. Several candidates without an index is an error naming them, never a guess.
+  A single file shares its folder with whatever else lies there (Wan's originals keep the DiT's config.json beside
+  the text encoder's .pth), so its neighbouring config.json is used only when `accepts` says it describes a `what`;
+  otherwise it is ignored (with a note through `log`) and the caller goes on as without one (shapes or defaults).
   """
   path = os.fspath(path)
+  log = log or (lambda m: None)
   if not os.path.exists(path):
     raise FileNotFoundError(f"weights not found: {path}")
-  folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
-  cfg_file = os.path.join(folder, "config.json")
+  cfg_file = config_path(path)
   config = read_json(cfg_file) if os.path.isfile(cfg_file) else None
   if not os.path.isdir(path):
     if not path.endswith((".safetensors",) + _TORCH_EXT):
       raise ConversionError(f"{path}: unknown weights format (expected .safetensors, .pt, .pth, .bin or a folder)")
+    if config is not None and accepts is not None and not (isinstance(config, dict) and accepts(config)):
+      log(f"note: ignoring {cfg_file}: not a {what} config (another model's, sharing the folder)")
+      config = None
+    elif config is not None:
+      log(f"using config {cfg_file}")
     return [path], config
+  if config is not None:
+    if not isinstance(config, dict):
+      raise ConversionError(f"{cfg_file}: expected a JSON object (a model config), got {type(config).__name__}")
+    if accepts is None or accepts(config):  # else the caller's error names it
+      log(f"using config {cfg_file}")
   entries = sorted(os.listdir(path))
   indexes = [f for f in entries if f.endswith(INDEX_SUFFIX)]
   if WEIGHTS_NAME + ".index.json" in indexes:

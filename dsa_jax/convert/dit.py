@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from typing import Any, Callable, Mapping
 
 import numpy as np
@@ -29,7 +30,8 @@ from dsa_jax.models.dit import DiTConfig
 __all__ = [
     "ParamEntry", "param_table", "detect_layout", "config_from_diffusers_json", "config_from_wan_json",
     "infer_config_from_state_dict", "check_config_matches", "dit_params_from_state_dict", "dit_state_dict",
-    "diffusers_config", "export_diffusers", "load_dit", "stack_layers", "unstack_layers", "ARCH_FIELDS",
+    "diffusers_config", "is_dit_config", "is_diffusers_export", "check_export_dir", "export_diffusers", "load_dit",
+    "stack_layers", "unstack_layers", "ARCH_FIELDS",
 ]
 
 # DiTConfig fields that define the architecture (the rest are compute settings).
@@ -238,6 +240,12 @@ def _is_diffusers_json(d: Mapping[str, Any]) -> bool:
   return "_class_name" in d or "attention_head_dim" in d or "num_attention_heads" in d
 
 
+def is_dit_config(d: Mapping[str, Any]) -> bool:
+  """A Wan DiT config.json: the original Wan one (dim, num_heads) or diffusers' WanTransformer3DModel."""
+  return _is_wan_json(d) or (_is_diffusers_json(d) and d.get("_class_name", "WanTransformer3DModel")
+                             == "WanTransformer3DModel")
+
+
 def infer_config_from_state_dict(sd: Mapping[str, Any], layout: str, num_heads: int | None = None,
                                  text_len: int | None = None, source: str = "checkpoint",
                                  **overrides) -> tuple[DiTConfig, list[str]]:
@@ -433,14 +441,48 @@ def diffusers_config(cfg: DiTConfig) -> dict:
   }
 
 
+_EXPORT_FILE = re.compile(re.escape(common.WEIGHTS_NAME[:-len(".safetensors")]) +
+                          r"(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?|config\.json")
+
+
+def is_diffusers_export(path: str) -> bool:
+  """A folder holding only what `export_diffusers` writes (a WanTransformer3DModel config.json and its weights)."""
+  if not os.path.isfile(os.path.join(path, "config.json")):
+    return False
+  if not all(_EXPORT_FILE.fullmatch(f) for f in os.listdir(path)):
+    return False
+  try:
+    return common.read_json(os.path.join(path, "config.json")).get("_class_name") == "WanTransformer3DModel"
+  except (ConversionError, OSError, AttributeError):
+    return False
+
+
+def check_export_dir(out_dir: str, flag: str = "output folder"):
+  """`out_dir` may receive an export: absent, empty, or an earlier export (replaced whole, so two exports never mix;
+  anything else, a dsa_jax checkpoint above all, is refused rather than deleted or mixed with diffusers files)."""
+  if os.path.lexists(out_dir) and not os.path.isdir(out_dir):
+    raise ConversionError(f"{flag} {out_dir!r} is a file; expected a folder to write config.json and the "
+                          "safetensors into (new, empty, or an earlier diffusers export)")
+  if os.path.isdir(out_dir) and os.listdir(out_dir) and not is_diffusers_export(out_dir):
+    kind = ("a dsa_jax model checkpoint" if os.path.isfile(os.path.join(out_dir, "dsa_meta.json")) else
+            "a folder holding other files")
+    raise ConversionError(f"{flag} {out_dir!r} exists and is {kind}, not an earlier diffusers export: not "
+                          "replaced; pass a new folder")
+
+
 def export_diffusers(params: Mapping, cfg: DiTConfig, out_dir: str, dtype=None,
                      max_shard_bytes: int = 10 * 10**9, where: str = "params") -> list[str]:
-  """Writes `out_dir/config.json` + `diffusion_pytorch_model.safetensors` (sharded past `max_shard_bytes`)."""
+  """Writes `out_dir/config.json` + `diffusion_pytorch_model.safetensors` (sharded past `max_shard_bytes`).
+
+  The folder appears complete or not at all; it may be absent, empty or an earlier export (`check_export_dir`)."""
+  from dsa_jax.atomic import atomic_dir
   if cfg.rope_theta != 10000.0:
     raise ConversionError(f"rope_theta {cfg.rope_theta}: diffusers' WanTransformer3DModel fixes it at 10000")
+  check_export_dir(out_dir)
   sd = dit_state_dict(params, cfg, "diffusers", dtype, where, lazy=True)
-  files = common.save_safetensors_folder(out_dir, sd, common.WEIGHTS_NAME, max_shard_bytes)
-  common.write_json_atomic(os.path.join(out_dir, "config.json"), diffusers_config(cfg))
+  with atomic_dir(out_dir) as tmp:
+    files = common.save_safetensors_folder(tmp, sd, common.WEIGHTS_NAME, max_shard_bytes)
+    common.write_json_atomic(os.path.join(tmp, "config.json"), diffusers_config(cfg))
   return files + ["config.json"]
 
 
@@ -497,7 +539,7 @@ def load_dit(path: str, *, layout: str = "auto", key: str | None = None, config:
   """
   log = log or (lambda s: None)
   path = _resolve_folder(os.fspath(path))
-  files, cfg_json = common.find_weight_files(path)
+  files, cfg_json = common.find_weight_files(path, accepts=is_dit_config, what="Wan DiT", log=log)
   log(f"reading {', '.join(files) if len(files) < 4 else f'{len(files)} shards in {path}'}")
   entries = common.read_weight_files(files, key=key, allow_pickle=allow_pickle)
   src = path
@@ -511,7 +553,7 @@ def load_dit(path: str, *, layout: str = "auto", key: str | None = None, config:
     if cfg is None:
       if text_len is None and config is not None:
         text_len = config.text_len
-      cfg_path = os.path.join(path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path)), "config.json")
+      cfg_path = common.config_path(path)
       if cfg_json is not None and _is_wan_json(cfg_json):  # original Wan ("_class_name": "WanModel", dim, ...)
         cfg = config_from_wan_json(cfg_json, source=cfg_path)
         if text_len is not None:
@@ -523,6 +565,7 @@ def load_dit(path: str, *, layout: str = "auto", key: str | None = None, config:
       else:
         heads = num_heads if num_heads is not None else (config.num_heads if config is not None else None)
         cfg, notes = infer_config_from_state_dict(sd, found_layout, heads, text_len, where)
+        log("architecture read from the weights' shapes (no Wan DiT config.json)")
         info["notes"] += notes
         for note in notes:
           log(f"note: {note}")

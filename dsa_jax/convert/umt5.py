@@ -22,7 +22,7 @@ from dsa_jax.convert import common
 from dsa_jax.models.umt5 import UMT5Config
 
 __all__ = ["umt5_params_from_transformers", "umt5_params_from_wan", "wan_to_transformers_keys", "infer_config",
-           "load_transformers_umt5"]
+           "is_umt5_config", "load_transformers_umt5"]
 
 # Keys of a full seq2seq checkpoint that the encoder does not use.
 _IGNORED_PREFIXES = ("decoder.", "lm_head.")
@@ -158,22 +158,39 @@ def infer_config(state_dict: Mapping[str, Any], **overrides) -> UMT5Config:
   return UMT5Config(**kwargs)
 
 
-def load_transformers_umt5(path: str, config: UMT5Config | None = None, dtype: Any = None,
+def is_umt5_config(d: Mapping[str, Any]) -> bool:
+  """A transformers umT5 config.json (model_type 'umt5', or none with umT5's d_model)."""
+  return d.get("model_type") == "umt5" or ("model_type" not in d and "d_model" in d)
+
+
+def load_transformers_umt5(path: str, config: UMT5Config | None = None, dtype: Any = None, log=None,
                            **config_overrides) -> tuple[dict, UMT5Config]:
   """Loads a umT5 encoder from a transformers folder (config.json + safetensors, sharded or not) or from a single
-  .safetensors/.pth file (transformers or Wan layout). Without `config`, uses config.json next to the weights,
-  else infers the config from the shapes. Returns (params, config)."""
+  .safetensors/.pth file (transformers or Wan layout). Without `config`, uses the folder's config.json, or the one
+  beside a single file when it is a umT5 config (Wan keeps its DiT's config.json there), else infers the config from
+  the shapes. Returns (params, config)."""
   path = os.fspath(path)
-  files, hf_config = common.find_weight_files(path)
+  log = log or (lambda m: None)
+  files, hf_config = common.find_weight_files(path, accepts=is_umt5_config, what="umT5 text encoder", log=log)
+  cfg_file = common.config_path(path)
+  if config is None and hf_config is not None:
+    if not is_umt5_config(hf_config):
+      kind = hf_config.get("_class_name") or hf_config.get("model_type") or "another model"
+      raise common.ConversionError(
+          f"{cfg_file}: not a umT5 text encoder config (it describes {kind!r}; expected model_type 'umt5'); --src "
+          "should be the text encoder's folder (text_encoder/ of a Wan pipeline) or its weights file")
+    try:
+      config = UMT5Config.from_hf_config(hf_config, **config_overrides)
+    except (ValueError, TypeError) as e:
+      raise common.ConversionError(f"{cfg_file}: {e}") from e
   state_dicts = common.read_weight_files(files)
   if len(state_dicts) != 1:
     raise common.ConversionError(f"{path}: holds several state dicts {sorted(state_dicts)}; expected one umT5")
   (sd,) = state_dicts.values()
   if config is None:
-    if hf_config is not None:
-      config = UMT5Config.from_hf_config(hf_config, **config_overrides)
-    else:
-      config = infer_config(sd, **config_overrides)
+    config = infer_config(sd, **config_overrides)
+    log(f"umT5 config inferred from the weights' shapes: d_model {config.d_model}, {config.num_layers} layers, "
+        f"{config.num_heads} heads")
   if _is_wan_layout(sd):
     params = umt5_params_from_wan(sd, config, dtype, source=path)
   else:

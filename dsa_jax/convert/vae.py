@@ -105,19 +105,34 @@ def vae_params_from_diffusers(state_dict: dict, config: WanVAEConfig | dict, *, 
   return _nest({tuple(p.split("/")): np.array(a, dtype=common.np_dtype(dtype)) for p, a in got.items()})
 
 
+def is_vae_config(d: dict) -> bool:
+  """A diffusers VAE config.json (`_class_name` AutoencoderKL*, or none with the VAE's base_dim / z_dim)."""
+  cls = d.get("_class_name")
+  return "Autoencoder" in str(cls) if cls is not None else ("base_dim" in d or "z_dim" in d)
+
+
 def load_diffusers_vae(path: str | os.PathLike, config: WanVAEConfig | dict | None = None,
-                       *, dtype=np.float32) -> tuple[dict, WanVAEConfig]:
+                       *, dtype=np.float32, log=None) -> tuple[dict, WanVAEConfig]:
   """Loads a diffusers VAE: a folder (config.json + diffusion_pytorch_model.safetensors, or shards with an
-  ``.index.json``) or a single weights file (config: the argument, else a config.json beside it, else the Wan2.1
+  ``.index.json``) or a single weights file (config: the argument, else a VAE config.json beside it, else the Wan2.1
   defaults). Returns ``(params, WanVAEConfig)``."""
   path = os.fspath(path)
-  files, found = common.find_weight_files(path)
+  log = log or (lambda m: None)
+  files, found = common.find_weight_files(path, accepts=is_vae_config, what="VAE", log=log)
+  cfg_file = common.config_path(path)
   if config is None:
     if found is None and os.path.isdir(path):
       raise FileNotFoundError(f"VAE folder {path} has no config.json")
+    if found is None:
+      log("no VAE config.json for the weights: using the Wan2.1 VAE defaults")
     config = WanVAEConfig() if found is None else found
+  else:
+    cfg_file = "the given VAE config"
   if isinstance(config, dict):
-    config = WanVAEConfig.from_diffusers_config(config)
+    try:
+      config = WanVAEConfig.from_diffusers_config(config)
+    except (ValueError, TypeError) as e:
+      raise common.ConversionError(f"{cfg_file}: {e}") from e
   state_dicts = common.read_weight_files(files)
   if len(state_dicts) != 1:
     raise common.ConversionError(f"{path}: holds several state dicts {sorted(state_dicts)}; expected one VAE")
