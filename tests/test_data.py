@@ -55,6 +55,10 @@ def test_text_prompts_too_long_line_names_line(tmp_path):
 def test_text_prompts_missing_file(tmp_path):
   with pytest.raises(FileNotFoundError, match="nope.txt"):
     prompts.TextPromptSource(tmp_path / "nope.txt")
+  for name in ("p.json", "p.csv"):  # one "prompt" per raw line of JSON or CSV would be garbage: refused
+    p = _write(tmp_path / name, b'["a red ball", "a blue cube"]\n')
+    with pytest.raises(prompts.PromptFileError, match=name.replace(".", r"\.") + ".*one prompt per line"):
+      prompts.TextPromptSource(p)
 
 
 def test_csv_prompts(tmp_path):

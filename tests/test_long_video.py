@@ -180,3 +180,18 @@ def test_given_frames_in_noisy_frozen_mode(tiny_config, params, context):
   assert (part.steps[:, :3] == 0).all() and (part.steps[:, 3:] == 2).all() and np.isfinite(part.latents).all()
   whole = _np(sm.sample(params, context, ctl, init_latents=full.latents[:, :2]))
   np.testing.assert_allclose(whole.latents, full.latents, atol=TOL)
+
+
+def test_speed_bench_with_no_length_that_runs_exits_nonzero_and_keeps_its_json(tmp_path, monkeypatch):
+  """Every length failing (here: the one run raises) gives exit status 1, the JSON of the errors and no plot, instead
+  of a KeyError from the plot's title."""
+  import json
+  import subprocess
+  from dsa_jax.eval import long_video
+  monkeypatch.setattr(subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 1, "", "ValueError: 5 frames"))
+  out = tmp_path / "speed.json"
+  assert long_video.main(["speed", "--config", "tiny", "--frames", "5", "--window", "4", "--sink", "0",
+                          "--json", str(out)]) == 1
+  rows = json.loads(out.read_text())
+  assert len(rows) == 1 and rows[0]["error"] == "ValueError: 5 frames"
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["speed.json"]

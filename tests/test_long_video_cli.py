@@ -103,6 +103,14 @@ def test_schedule_forms(tmp_path):
     inputs.parse_schedule(str(tmp_path / "c.json"))
   with pytest.raises(ValueError, match="the prompt at frame 8 is empty"):
     inputs.parse_schedule("0:a; 8: ")
+  # a frame that is not a whole number, or given twice, is refused by name (it was truncated, or the last one kept)
+  for i, bad in enumerate(['[{"frame": 0, "prompt": "a"}, {"frame": 2.9, "prompt": "b"}]',
+                           '[{"frame": true, "prompt": "a"}]', '{"0": "a", "2": "b", "2": "c"}']):
+    (tmp_path / f"bad{i}.json").write_text(bad)
+    with pytest.raises(ValueError, match="not a whole number|given more than once"):
+      inputs.parse_schedule(str(tmp_path / f"bad{i}.json"))
+  with pytest.raises(ValueError, match="frame '2.5' is not a whole number"):
+    inputs.parse_schedule("0:a; 2.5:b")
 
 
 def test_wan_vae_encodes_given_frames(tmp_path, tiny_config):

@@ -88,6 +88,11 @@ class TextPromptSource(_ListSource):
 
   def __init__(self, path: str | os.PathLike, *, max_chars: int = DEFAULT_MAX_CHARS):
     self.path = _check_file(path, "prompt file")
+    ext = os.path.splitext(self.path)[1].lower()
+    if ext in (".json", ".csv", ".tsv", ".jsonl"):  # read line by line they would give a prompt per raw line
+      raise PromptFileError(f"prompt file {self.path!r}: a {ext} file, expected plain text with one prompt per line "
+                            "(a CSV column: data.prompts.kind='csv' with data.prompts.column; a JSON prompt schedule: "
+                            "--prompt-schedule)")
     with open(self.path, "rb") as f:
       raw = f.read()
     prompts = []

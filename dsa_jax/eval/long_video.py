@@ -23,6 +23,8 @@ import time
 
 import numpy as np
 
+from dsa_jax.atomic import write_figure, write_text
+
 
 def _speed_one(config_name: str, frames: int, window: int, sink: int, steps: int) -> dict:
   import jax
@@ -77,11 +79,16 @@ def speed(args) -> int:
           f"{r['peak_rss_gib']:.2f} GiB" if "error" not in r
           else r["error"]), flush=True)
       if args.json:  # after every row: a run cut short keeps what it measured
-        with open(args.json, "w") as fh:
-          json.dump(rows, fh, indent=1)
+        write_text(args.json, json.dumps(rows, indent=1))
+  failed = [r for r in rows if "error" in r]
   if args.json:
-    plot_speed(rows, os.path.splitext(args.json)[0] + ".png")
-  return 0
+    if len(failed) < len(rows):
+      plot_speed(rows, os.path.splitext(args.json)[0] + ".png")
+    else:
+      print("no length ran: no plot", flush=True)
+  if failed:
+    print(f"{len(failed)} of {len(rows)} runs failed (their errors are above and in the JSON)", flush=True)
+  return 1 if failed else 0
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -157,8 +164,7 @@ def drift(args) -> int:
       frames = outputs.grid_frames(video[:8], steps[:8], max_steps=len(config.sampling.ladder), cols=8)
       outputs.write_gif(os.path.join(args.out, f"drift_{window}_{sink}.gif"), frames, config.video.fps)
   os.makedirs(args.out, exist_ok=True)
-  with open(os.path.join(args.out, "drift.json"), "w") as fh:
-    json.dump(results, fh, indent=1)
+  write_text(os.path.join(args.out, "drift.json"), json.dumps(results, indent=1))
   _plot(results, os.path.join(args.out, "drift.png"))
   return 0
 
@@ -183,9 +189,9 @@ def plot_speed(rows: list, path: str):
     ax.set_ylabel(label)
     ax.set_ylim(bottom=0)
   axes[0].legend(fontsize=8)
-  fig.suptitle(f"{rows[0]['device']}, {rows[0]['steps']} steps per frame", fontsize=9)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  ok = next(r for r in rows if "error" not in r)
+  fig.suptitle(f"{ok['device']}, {ok['steps']} steps per frame", fontsize=9)
+  write_figure(fig, path, dpi=110)
   plt.close(fig)
 
 
@@ -206,8 +212,7 @@ def _plot(results: dict, path: str):
   axes[0].legend(fontsize=8)
   fig.suptitle(f"digits model, {results['frames']}-frame videos ({results['frames'] // results['clip']}x the trained "
                f"length), {results['num']} prompts, tau {results['threshold']:g}", fontsize=10)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  write_figure(fig, path, dpi=110)
   plt.close(fig)
 
 

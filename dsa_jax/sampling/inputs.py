@@ -124,10 +124,17 @@ def load_init(config, path: str, flag: str, vae=None, say: Callable[[str], None]
 def parse_schedule(text: str, flag: str = "--prompt-schedule") -> list[tuple[int, str]]:
   """'0:digit 3 moves fast; 8:an 8 enters' or a .json file -> [(0, 'digit 3 moves fast'), (8, 'an 8 enters')]."""
   if text.strip().lower().endswith(".json"):
+    def no_repeats(pairs):
+      keys = [k for k, _ in pairs]
+      repeated = sorted({k for k in keys if keys.count(k) > 1})
+      if repeated:  # json keeps the last of a repeated key without a word
+        raise ValueError(f"{flag}: {text.strip()!r}: frame {repeated[0]!r} is given more than once")
+      return dict(pairs)
+
     try:
       with open(text.strip()) as f:
-        data = json.load(f)
-    except (OSError, ValueError) as e:
+        data = json.load(f, object_pairs_hook=no_repeats)
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
       raise ValueError(f"{flag}: cannot read {text.strip()!r} as JSON ({e})") from None
     if isinstance(data, dict):
       items = list(data.items())
@@ -147,10 +154,13 @@ def parse_schedule(text: str, flag: str = "--prompt-schedule") -> list[tuple[int
       items.append((frame.strip(), prompt))
   out = []
   for frame, prompt in items:
-    try:
-      f = int(frame)
-    except (TypeError, ValueError):
-      raise ValueError(f"{flag}: frame {frame!r} is not an integer") from None
+    if isinstance(frame, str):  # from the text form or a JSON object's keys
+      frame = frame.strip()
+      f = int(frame) if frame.lstrip("-").isdigit() else None
+    else:  # a JSON number: 8, not 8.5 or true
+      f = frame if isinstance(frame, int) and not isinstance(frame, bool) else None
+    if f is None:
+      raise ValueError(f"{flag}: frame {frame!r} is not a whole number")
     if not isinstance(prompt, str) or not prompt.strip():
       raise ValueError(f"{flag}: the prompt at frame {f} is empty")
     out.append((f, prompt.strip()))
