@@ -465,8 +465,16 @@ def test_resume_with_another_optimiser_layout_is_refused_not_set_aside(reference
         meta = json.loads(meta_file.read_text())
         del meta["state_layout"]
         meta_file.write_text(json.dumps(meta))
-    with pytest.raises(checkpointing.TrainStateMismatchError, match=r"checkpoints/4.*train\.grad_clip \(10\.0 -> 0\.0\)"):
-      _run(cfg, work)
+    # the trainer's own resume path, without building the rest of a run
+    ck = checkpointing.Checkpointer(str(work))
+    target = state_lib.abstract_state(cfg, state_lib.state_shardings(cfg, mesh_lib.make_mesh(cfg),
+                                                                     mesh_lib.rules_from_config(cfg)))
+    try:
+      with pytest.raises(checkpointing.TrainStateMismatchError,
+                         match=r"checkpoints/4.*differently.*train\.grad_clip \(10\.0 -> 0\.0\)"):
+        trainer.restore_latest_readable(ck, target, cfg, print)
+    finally:
+      ck.close()
     assert sorted(os.listdir(work / "checkpoints")) == ["2", "4"] and not (work / "corrupt_checkpoints").exists()
 
 
