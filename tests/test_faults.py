@@ -165,9 +165,12 @@ def test_output_names_unique_per_prompt():
 def test_data_digits_out_file_is_one_line_error(tmp_path, capsys):
   f = tmp_path / "afile"
   f.write_text("x")
-  rc = cli.main(["data", "digits", "--out", str(f), "--num", "2"])
-  err = capsys.readouterr().err
-  assert rc == 2 and "is a file" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+  for out in (f, f / "sub"):  # the file itself, or a folder to be made under it
+    rc = cli.main(["data", "digits", "--out", str(out), "--num", "2"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "is a file" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+  assert cli.main(["data", "digits", "--out", str(tmp_path / "d"), "--num", "2", "--digit-size", "0"]) == 2
+  assert "digit_size" in capsys.readouterr().err and not (tmp_path / "d").exists()  # 0 is out of range, not "default"
 
 
 # ----------------------------------------------------------------------------------------------------------------------

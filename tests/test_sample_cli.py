@@ -149,3 +149,19 @@ def test_batch_fills_the_data_parallel_devices_or_says_why_not():
     assert batch == args[0] and "does not split over the mesh's data x fsdp = 2 devices" in note, (args, note)
     assert "--config.mesh.shape.tensor=2" in note
     assert ("--batch-size 2" in note) != args[4]  # a prompt schedule samples one video: no batch to raise
+
+
+def test_write_sample_checks_its_record_before_writing(tmp_path):
+  """A record a Python user plausibly passes (a batch's steps, jax arrays, no steps) is refused or converted before
+  any file is written: the video without its JSON and plot was left behind."""
+  import jax.numpy as jnp
+  from dsa_jax.sampling import outputs
+  pixels = np.zeros((5, 16, 16, 3), np.float32)
+  for record in ({"confidences": np.zeros(2)}, {"steps": np.ones((1, 2)), "confidences": np.zeros((1, 2))}):
+    with pytest.raises(ValueError, match="record"):
+      outputs.write_sample(str(tmp_path / "bad"), "s", pixels, record, fps=8, chunk_frames=1, formats=["gif"])
+  assert not (tmp_path / "bad").exists()
+  paths = outputs.write_sample(str(tmp_path), "s", pixels, {"steps": jnp.array([2, 3]),
+                               "confidences": jnp.array([0.5, 0.7])}, fps=8, chunk_frames=1, formats=["gif"])
+  assert sorted(paths) == ["gif", "json", "png"] and json.loads((tmp_path / "s.steps.json").read_text())["steps"] == [2, 3]
+

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 import jax
+import jax.numpy as jnp
 
 from dsa_jax.checkpoint import loading
 from dsa_jax.sampling import decode
@@ -170,6 +171,23 @@ def test_bad_inputs(sampler, params, context):
     sampler.sample(params, context[:, :, :5], sampler.make_controls(2))
   with pytest.raises(ValueError, match="controls"):
     sampler.sample(params, context, sampler.make_controls(3))
+  # controls edited by hand, wrong shapes and non-finite inputs are named, not left to XLA (or to an all-NaN video)
+  ctl = sampler.make_controls(2)
+  for bad, field in ((ctl.replace(threshold=jnp.full((2,), jnp.nan)), "controls.threshold.*nan"),
+                     (ctl.replace(threshold=0.3), "controls.threshold"), (ctl.replace(seed=5), "controls.seed"),
+                     (ctl.replace(max_steps=jnp.array([2, 2])), "controls.max_steps")):
+    with pytest.raises(ValueError, match=field):
+      sampler.sample(params, context, bad)
+  with pytest.raises(ValueError, match="context: contains NaN"):
+    sampler.sample(params, context * jnp.nan, ctl)
+  with pytest.raises(ValueError, match="uncond_context: expected a batch of 1 or 2"):
+    sampler.sample(params, context, ctl, uncond_context=jnp.zeros((3,) + context.shape[1:]))
+  for kwargs, field in (({"threshold": np.zeros((2, sampler.num_frames))}, "threshold"), ({"seed": [1, 2, 3]}, "seed"),
+                        ({"guidance": np.ones((2, 4))}, "guidance")):
+    with pytest.raises(ValueError, match=f"sampling {field}: expected a scalar or one value per sample"):
+      sampler.make_controls(2, **kwargs)
+  with pytest.raises(ValueError, match="batch"):
+    sampler.make_controls(0)
   with pytest.raises(FileNotFoundError, match="does-not-exist"):
     loading.load_sampler_params(sampler.config, "/tmp/does-not-exist-ckpt", warn=lambda m: None)
 

@@ -94,8 +94,11 @@ def _digits_main(args: argparse.Namespace) -> int:
   if args.num <= 0:
     print(f"dsa-jax data digits: --num must be positive, got {args.num}", file=sys.stderr)
     return 2
-  if os.path.exists(args.out) and not os.path.isdir(args.out):
-    print(f"dsa-jax data digits: --out {args.out!r} is a file, expected a folder", file=sys.stderr)
+  parent = os.path.abspath(args.out)
+  while not os.path.exists(parent):  # the folders that will be made
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent):
+    print(f"dsa-jax data digits: --out {args.out!r}: {parent!r} is a file, expected a folder", file=sys.stderr)
     return 2
   print(f"writing {args.num} {args.split} clips of {spec.frames}x{spec.size}x{spec.size} "
         f"(digits {spec.resolved_digit_size}px, seed {args.seed}) to {args.out}", file=sys.stderr)

@@ -156,7 +156,7 @@ class DigitsSpec:
 
   @property
   def resolved_digit_size(self) -> int:
-    return int(self.digit_size) if self.digit_size else max(8, int(round(self.size * 3 / 8)))
+    return int(self.digit_size) if self.digit_size is not None else max(8, int(round(self.size * 3 / 8)))
 
 
 def _number_word(c: int) -> str:

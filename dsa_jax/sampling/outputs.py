@@ -87,8 +87,8 @@ def _jsonable(x):
     return {str(k): _jsonable(v) for k, v in x.items()}
   if isinstance(x, (list, tuple)):
     return [_jsonable(v) for v in x]
-  if isinstance(x, np.ndarray):
-    return _jsonable(x.tolist())
+  if isinstance(x, np.ndarray) or type(x).__module__.startswith("jax"):  # numpy and jax arrays alike
+    return _jsonable(np.asarray(x).tolist())
   if isinstance(x, (np.integer,)):
     return int(x)
   if isinstance(x, (np.floating, float)):
@@ -197,6 +197,15 @@ def write_sample(out_dir: str, name: str, pixels, record: dict, *, fps: float, c
   bad = [f for f in formats if f not in VIDEO_FORMATS]
   if bad:
     raise ValueError(f"video formats: expected some of {VIDEO_FORMATS}, got {bad}")
+  # checked before anything is written: a bad record left a video without its JSON or plot
+  missing = [k for k in ("steps", "confidences") if k not in record]
+  if missing:
+    raise ValueError(f"record: needs {missing} (per latent frame of this video)")
+  steps, conf = np.asarray(record["steps"]), np.asarray(record["confidences"])
+  if steps.ndim != 1 or conf.shape != steps.shape:
+    raise ValueError(f"record: 'steps' and 'confidences' must be one value per latent frame of one video, shape (F,), "
+                     f"got {steps.shape} and {conf.shape} (take sample i of a batch: out.steps[i])")
+  record = {**record, "steps": steps, "confidences": conf}
   paths = {}
   frames = to_uint8(pixels)
   if "mp4" in formats:

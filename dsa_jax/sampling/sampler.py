@@ -188,6 +188,31 @@ def parse_threshold(text, field: str = "--threshold") -> float:
   return value
 
 
+def _per_sample(value, batch: int, name: str, dtype) -> np.ndarray:
+  """A scalar or one value per sample -> (batch,); anything else is an error naming `name` (a per-frame threshold,
+  say, would otherwise fail deep inside numpy's broadcasting)."""
+  arr = np.asarray(value, dtype)
+  if arr.shape not in ((), (batch,)):
+    raise ValueError(f"sampling {name}: expected a scalar or one value per sample, shape ({batch},), got shape "
+                     f"{arr.shape}")
+  return np.broadcast_to(arr, (batch,))
+
+
+def check_controls(controls, batch: int, num_frames: int):
+  """Raises naming the field unless `controls` are full-shape controls for `batch` samples of `num_frames` frames
+  with a threshold that is a number: controls edited with `.replace()` skip make_controls' checks."""
+  want = {"threshold": ((batch,), "f"), "min_steps": ((batch, num_frames), "iu"),
+          "max_steps": ((batch, num_frames), "iu"), "guidance": ((batch,), "f"), "seed": ((batch,), "iu")}
+  for name, (shape, kinds) in want.items():
+    value = getattr(controls, name, None)
+    if not hasattr(value, "shape") or tuple(value.shape) != shape or np.dtype(value.dtype).kind not in kinds:
+      got = f"{np.dtype(value.dtype)} {tuple(value.shape)}" if hasattr(value, "shape") else repr(value)
+      raise ValueError(f"controls.{name}: expected shape {shape} ({'float' if kinds == 'f' else 'integer'}) for batch "
+                       f"{batch} and {num_frames} frames, got {got} (make them with sampler.make_controls)")
+  if bool(jnp.isnan(controls.threshold).any()):
+    raise ValueError("controls.threshold: expected numbers (inf allowed), got nan")
+
+
 def _per_frame_ints(value, batch: int, frames: int, num_steps: int, name: str) -> np.ndarray:
   """Scalar, (B,) per sample, (1, F) / (B, F) per frame -> (B, F) int32 in [1, num_steps]."""
   a = np.asarray(value)
@@ -497,26 +522,28 @@ class Sampler:
     seed: a scalar s gives samples s, s+1, ...; a (B,) array is taken as is.
     """
     s = self.config.sampling
+    if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch < 1:
+      raise ValueError(f"batch: expected a whole number of samples >= 1, got {batch!r}")
     b, f, n = batch, self.num_frames, self.num_steps
     threshold = s.threshold if threshold is None else threshold
     min_steps = s.min_steps if min_steps is None else min_steps
     max_steps = s.max_steps if max_steps is None else max_steps
     guidance = s.guidance if guidance is None else guidance
     seed = self.config.seed if seed is None else seed
-    th = np.asarray(threshold, np.float32)
+    th = _per_sample(threshold, b, "threshold", np.float32)
     if np.isnan(th).any():
       raise ValueError("sampling threshold: expected a number (inf allowed), got nan")
-    th = np.broadcast_to(th, (b,))
     mn = _per_frame_ints(min_steps, b, f, n, "min_steps")
     mx = _per_frame_ints(max_steps, b, f, n, "max_steps")
     if np.any(mn > mx):
       raise ValueError(f"sampling min_steps must not exceed max_steps (got min {mn.min()}..{mn.max()}, "
                        f"max {mx.min()}..{mx.max()})")
     mn = first_chunk_floor(mn, mx, self.chunk_frames, stop_rules.config_first_chunk_floor(self.config))
-    g = np.broadcast_to(np.asarray(guidance, np.float32), (b,))
+    g = _per_sample(guidance, b, "guidance", np.float32)
     if not np.isfinite(g).all():
       raise ValueError(f"sampling guidance: expected a finite number, got {guidance!r}")
     sd = np.asarray(seed)
+    _per_sample(seed if sd.dtype.kind in "iu" else 0, b, "seed", np.int64)
     if sd.dtype.kind not in "iu" or sd.min() < 0 or sd.max() + (b - 1 if sd.ndim == 0 else 0) >= 2**32:
       raise ValueError(f"sampling seed: expected integers in [0, 2**32) (one per sample), got {seed!r}")
     sd = (sd + np.arange(b)) if sd.ndim == 0 else np.broadcast_to(sd, (b,))
@@ -586,13 +613,17 @@ class Sampler:
     elif context.ndim != 3 or context.shape[1:] != want:
       raise ValueError(f"context: expected (B, text_len, text_dim) = (B, {want[0]}, {want[1]}), got {context.shape}")
     b = context.shape[0]
-    if controls.threshold.shape != (b,) or controls.min_steps.shape != (b, self.num_frames):
-      raise ValueError(f"controls are for batch {controls.threshold.shape[0]} x {controls.min_steps.shape[1]} frames; "
-                       f"context has batch {b} and the video {self.num_frames} frames (use make_controls)")
+    check_controls(controls, b, self.num_frames)
+    if not bool(jnp.isfinite(context).all()):
+      raise ValueError("context: contains NaN or inf (the video would be all NaN)")
     if uncond_context is not None:
       uncond_context = jnp.asarray(uncond_context, jnp.float32)
       if uncond_context.ndim != 3 or uncond_context.shape[1:] != want:
         raise ValueError(f"uncond_context: expected (B or 1, {want[0]}, {want[1]}), got {uncond_context.shape}")
+      if uncond_context.shape[0] not in (1, b):
+        raise ValueError(f"uncond_context: expected a batch of 1 or {b} (the context's), got {uncond_context.shape[0]}")
+      if not bool(jnp.isfinite(uncond_context).all()):
+        raise ValueError("uncond_context: contains NaN or inf")
       uncond_context = jnp.broadcast_to(uncond_context, (b,) + want)  # one per sample, also under a schedule
     if not isinstance(params, dict) or "generator" not in params or "head" not in params:
       raise ValueError("params: expected {'generator': ..., 'head': ...}")
