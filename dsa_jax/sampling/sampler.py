@@ -198,6 +198,11 @@ def _per_sample(value, batch: int, name: str, dtype) -> np.ndarray:
   return np.broadcast_to(arr, (batch,))
 
 
+def _readable(x) -> bool:
+  """Whether this process can read all of `x` (not a tracer, not an array spread over other hosts' devices)."""
+  return not isinstance(x, jax.core.Tracer) and getattr(x, "is_fully_addressable", True)
+
+
 def check_controls(controls, batch: int, num_frames: int):
   """Raises naming the field unless `controls` are full-shape controls for `batch` samples of `num_frames` frames
   with a threshold that is a number: controls edited with `.replace()` skip make_controls' checks."""
@@ -209,7 +214,7 @@ def check_controls(controls, batch: int, num_frames: int):
       got = f"{np.dtype(value.dtype)} {tuple(value.shape)}" if hasattr(value, "shape") else repr(value)
       raise ValueError(f"controls.{name}: expected shape {shape} ({'float' if kinds == 'f' else 'integer'}) for batch "
                        f"{batch} and {num_frames} frames, got {got} (make them with sampler.make_controls)")
-  if bool(jnp.isnan(controls.threshold).any()):
+  if _readable(controls.threshold) and bool(jnp.isnan(controls.threshold).any()):
     raise ValueError("controls.threshold: expected numbers (inf allowed), got nan")
 
 
@@ -614,7 +619,7 @@ class Sampler:
       raise ValueError(f"context: expected (B, text_len, text_dim) = (B, {want[0]}, {want[1]}), got {context.shape}")
     b = context.shape[0]
     check_controls(controls, b, self.num_frames)
-    if not bool(jnp.isfinite(context).all()):
+    if _readable(context) and not bool(jnp.isfinite(context).all()):
       raise ValueError("context: contains NaN or inf (the video would be all NaN)")
     if uncond_context is not None:
       uncond_context = jnp.asarray(uncond_context, jnp.float32)
@@ -622,7 +627,7 @@ class Sampler:
         raise ValueError(f"uncond_context: expected (B or 1, {want[0]}, {want[1]}), got {uncond_context.shape}")
       if uncond_context.shape[0] not in (1, b):
         raise ValueError(f"uncond_context: expected a batch of 1 or {b} (the context's), got {uncond_context.shape[0]}")
-      if not bool(jnp.isfinite(uncond_context).all()):
+      if _readable(uncond_context) and not bool(jnp.isfinite(uncond_context).all()):
         raise ValueError("uncond_context: contains NaN or inf")
       uncond_context = jnp.broadcast_to(uncond_context, (b,) + want)  # one per sample, also under a schedule
     if not isinstance(params, dict) or "generator" not in params or "head" not in params:
