@@ -14,10 +14,11 @@ import json
 import os
 import re
 import struct
-import tempfile
 from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
+
+from dsa_jax.atomic import atomic_path, write_text
 
 __all__ = [
     "ConversionError", "KeyMismatchError", "LazyTensor", "read_safetensors", "write_safetensors",
@@ -146,12 +147,6 @@ def _materialize(v, name: str, path: str) -> np.ndarray:
   return a
 
 
-def _chmod_default(path: str):
-  mask = os.umask(0)
-  os.umask(mask)
-  os.chmod(path, 0o666 & ~mask)
-
-
 def write_safetensors(path: str, tensors: Mapping[str, Any], metadata: Mapping[str, str] | None = None) -> int:
   """Writes `tensors` (name -> array or LazyTensor) as one .safetensors file, atomically; returns its size."""
   path = os.fspath(path)
@@ -166,23 +161,13 @@ def write_safetensors(path: str, tensors: Mapping[str, Any], metadata: Mapping[s
     offset += v.nbytes
   blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
   blob += b" " * (-len(blob) % 8)  # the format aligns the data section to 8 bytes
-  parent = os.path.dirname(os.path.abspath(path))
-  os.makedirs(parent, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=parent)
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(struct.pack("<Q", len(blob)))
-      f.write(blob)
-      for name in names:
-        a = _materialize(tensors[name], name, path)
-        if a.nbytes:
-          f.write(memoryview(a.reshape(-1).view(np.uint8)))
-    _chmod_default(tmp)  # mkstemp makes 0600 files
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  with atomic_path(path) as tmp, open(tmp, "wb") as f:
+    f.write(struct.pack("<Q", len(blob)))
+    f.write(blob)
+    for name in names:
+      a = _materialize(tensors[name], name, path)
+      if a.nbytes:
+        f.write(memoryview(a.reshape(-1).view(np.uint8)))
   return 8 + len(blob) + offset
 
 
@@ -275,19 +260,7 @@ def read_json(path: str) -> dict:
 
 
 def write_json_atomic(path: str, obj) -> None:
-  parent = os.path.dirname(os.path.abspath(path))
-  os.makedirs(parent, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=parent)
-  try:
-    with os.fdopen(fd, "w") as f:
-      json.dump(obj, f, indent=2, sort_keys=True)
-      f.write("\n")
-    _chmod_default(tmp)  # mkstemp makes 0600 files
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 _TORCH_EXT = (".pt", ".pth", ".bin", ".ckpt")
