@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -24,11 +25,12 @@ class CheckpointError(ValueError):
   """A checkpoint is missing, corrupt, or does not match the expected architecture."""
 
 
-def save_params(path: str, params: dict, meta: dict) -> str:
-  """Saves `params` (dict of name -> pytree of arrays) and `meta` (JSON-able; `meta['arch']` per network).
+def save_params(path: str, params: dict, meta: dict, files: dict | None = None) -> str:
+  """Saves `params` (dict of name -> pytree of arrays) and `meta` (JSON-able; `meta['arch']` per network), and copies
+  `files` ({name in the folder: source path}, e.g. a tokenizer the metadata names) into the same folder.
 
-  The folder appears only once complete: written under a sibling temporary name, then renamed over `path`, which
-  may be absent, empty or an earlier model checkpoint (anything else is refused).
+  The folder appears only once complete, the copied files included: written under a sibling temporary name, then
+  renamed over `path`, which may be absent, empty or an earlier model checkpoint (anything else is refused).
   """
   import orbax.checkpoint as ocp
 
@@ -46,6 +48,8 @@ def save_params(path: str, params: dict, meta: dict) -> str:
     full_meta["networks"] = sorted(params)
     with open(os.path.join(tmp, META_FILE), "w") as f:
       json.dump(full_meta, f, indent=2, sort_keys=True)
+    for name, src in (files or {}).items():
+      shutil.copyfile(src, os.path.join(tmp, name))
   return path
 
 

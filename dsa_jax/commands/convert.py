@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 import time
 
 HELP = ("convert Wan2.1 DiT / VAE / umT5 weights to dsa_jax checkpoints, a DiT back to diffusers, or a model's "
@@ -112,21 +111,10 @@ def _pipeline_sub(path: str, sub: str) -> str:
 def _save(out: str, networks: dict, meta: dict, files: dict | None = None):
   """Writes the checkpoint; `files` ({name: source path}) are copied into it within the same atomic folder write,
   so the metadata never names a file that is not there."""
-  from dsa_jax.atomic import atomic_dir
-  from dsa_jax.checkpoint.params_io import META_FILE, CheckpointError, save_params
+  from dsa_jax.checkpoint.params_io import save_params
   t0 = time.time()
   _log(f"writing {out} ({', '.join(sorted(networks))})")
-  if not files:
-    save_params(out, networks, meta)
-  else:
-    if os.path.lexists(out) and not (os.path.isdir(out) and (os.path.isfile(os.path.join(out, META_FILE))
-                                                             or not os.listdir(out))):
-      raise CheckpointError(f"--out {out!r} exists and is not a dsa_jax model checkpoint (no {META_FILE}): not "
-                            "replaced; write the model to a new folder, or remove this one first")
-    with atomic_dir(out) as tmp:
-      save_params(tmp, networks, meta)  # tmp is empty: save_params fills it (atomically, itself)
-      for name, src in files.items():
-        shutil.copyfile(src, os.path.join(tmp, name))
+  save_params(out, networks, meta, files)
   _log(f"done in {time.time() - t0:.1f}s: {os.path.abspath(out)}")
 
 
