@@ -78,6 +78,15 @@ def write_figure(fig, path, *, layout: bool = True, **savefig_kwargs) -> str:
   return os.fspath(path)
 
 
+def nearest_existing(path) -> str:
+  """`path` itself if it exists, else its nearest existing parent: where the folders a writer makes would start (a
+  file there means they cannot be made)."""
+  path = os.path.abspath(os.fspath(path))
+  while not os.path.exists(path):
+    path = os.path.dirname(path)
+  return path
+
+
 def check_file_target(path, option: str):
   """Raises, naming `option`, unless `path` can take a file (not a folder; its nearest existing parent a writable
   folder): checked before long work (a benchmark) whose results a bad path would otherwise lose at its end."""
@@ -89,9 +98,7 @@ def check_file_target(path, option: str):
   if os.path.isdir(full):
     raise ValueError(f"{option} {path!r}: is a folder; expected the path of the file to write (e.g. "
                      f"{os.path.join(str(path), 'results.json')!r})")
-  parent = os.path.dirname(full)
-  while not os.path.exists(parent):  # the folders the writer will create
-    parent = os.path.dirname(parent)
+  parent = nearest_existing(os.path.dirname(full))
   if not os.path.isdir(parent):
     raise ValueError(f"{option} {path!r}: {parent!r} is a file, not a folder; expected a path whose folders can be "
                      "created")

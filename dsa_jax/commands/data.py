@@ -94,9 +94,8 @@ def _digits_main(args: argparse.Namespace) -> int:
   if args.num <= 0:
     print(f"dsa-jax data digits: --num must be positive, got {args.num}", file=sys.stderr)
     return 2
-  parent = os.path.abspath(args.out)
-  while not os.path.exists(parent):  # the folders that will be made
-    parent = os.path.dirname(parent)
+  from dsa_jax.atomic import nearest_existing
+  parent = nearest_existing(args.out)
   if not os.path.isdir(parent):
     print(f"dsa-jax data digits: --out {args.out!r}: {parent!r} is a file, expected a folder", file=sys.stderr)
     return 2
