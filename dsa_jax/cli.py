@@ -59,6 +59,16 @@ def split_overrides(argv) -> tuple[list[str], list[str]]:
   return overrides, rest
 
 
+def options_given(args, add_arguments, dests=None) -> list[str]:
+  """The options (argparse dests) among `dests`, default every option `add_arguments` defines, whose value in `args`
+  differs from its default: what the user gave, so that a mode can refuse options it would otherwise drop."""
+  parser = argparse.ArgumentParser(add_help=False)
+  add_arguments(parser)
+  if dests is None:
+    dests = [a.dest for a in parser._actions if a.dest not in ("help", argparse.SUPPRESS)]  # pylint: disable=protected-access
+  return [d for d in dests if getattr(args, d, parser.get_default(d)) != parser.get_default(d)]
+
+
 def is_input_error(e: BaseException) -> bool:
   """The project's own error classes, and ValueError / OSError raised by a `raise` in dsa_jax code (its messages);
   the same types raised inside a library are bugs and keep their traceback."""

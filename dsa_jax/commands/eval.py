@@ -217,13 +217,9 @@ def _flag(dest: str) -> str:
 def check_unused_options(args, action: str):
   """Raises naming every option given (differing from its default) that `action` does not read: a --model or
   --budgets meant for another action would otherwise be dropped and the wrong thing evaluated without a word."""
-  import argparse
-  defaults = argparse.ArgumentParser(add_help=False)
-  add_arguments(defaults)
-  defaults = vars(defaults.parse_args(["--out", ""]))  # every option of this command at its default
+  from dsa_jax.cli import options_given
   uses = USES[action]
-  unused = [d for d, v in defaults.items() if d not in uses and d not in ("action", "out")
-            and getattr(args, d, v) != v]
+  unused = [d for d in options_given(args, add_arguments) if d not in uses and d not in ("action", "out")]
   if unused and action == "teacher":
     raise ValueError(f"--teacher-steps scores the teacher as a many-step sampler and does not use "
                      f"{', '.join(_flag(d) for d in unused)}: drop them, or evaluate the student without "

@@ -766,11 +766,8 @@ SAMPLING_ONLY = ("steps", "threshold", "forced_mean_steps", "budget_mean_steps",
 
 def check_decode_only_options(args):
   """Raises naming every sampling-only option given (differing from its default) together with --decode-only."""
-  import argparse
-  parser = argparse.ArgumentParser(add_help=False)
-  add_arguments(parser)
-  defaults = vars(parser.parse_args(["--config", ""]))
-  given = ["--" + d.replace("_", "-") for d in SAMPLING_ONLY if getattr(args, d, defaults[d]) != defaults[d]]
+  from dsa_jax.cli import options_given
+  given = ["--" + d.replace("_", "-") for d in options_given(args, add_arguments, SAMPLING_ONLY)]
   if given:
     raise ValueError(f"--decode-only times the VAE decoder alone on random latents and does not use "
                      f"{', '.join(given)}: drop them, or bench sampling without --decode-only")
