@@ -34,8 +34,9 @@ TRAIN_FIELDS = ("step", "rng", "dbar", "target_range", "gen_opt", "head_opt", "c
 
 
 class TrainStateMismatchError(TrainCheckpointError):
-  """A readable checkpoint whose training state is laid out differently from what this run's config builds (an
-  optimiser option changed: gradient clipping, warmup, beta1, a teacher EMA...): a config mismatch, not damage."""
+  """A readable checkpoint whose training state is not what this run's config builds (saved by another stage, or laid
+  out differently because an optimiser option changed: gradient clipping, warmup, beta1, a teacher EMA...): a config
+  mismatch, not damage, so a resume stops instead of setting the checkpoint aside."""
 
 
 # Run-control fields that never change the training state's layout; left out of a mismatch's list of differences.
@@ -145,7 +146,7 @@ class Checkpointer(Workdir):
 def _check_meta(meta: dict, config, where: str):
   stage = config.train.stage
   if meta.get("stage") != stage:
-    raise TrainCheckpointError(f"{where}: saved by stage {meta.get('stage')!r}, this run is stage {stage!r} "
+    raise TrainStateMismatchError(f"{where}: saved by stage {meta.get('stage')!r}, this run is stage {stage!r} "
                                "(use a new workdir per stage; --config.train.init_from=OLD_WORKDIR starts from it)")
   expected = arch_meta(config, meta.get("networks", []))
   for n, arch in expected.items():

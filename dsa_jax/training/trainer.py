@@ -390,8 +390,8 @@ def restore_latest_readable(ck, target, config, emit):
     except checkpointing.TrainStateMismatchError:
       raise  # a config mismatch, not damage: moving it would not help
     except checkpointing.TrainCheckpointError as e:
-      if "saved by stage" in str(e) or "another architecture" in str(e) or is_remote(ck.workdir):
-        raise  # a config mismatch, not damage: moving it would not help
+      if is_remote(ck.workdir):
+        raise  # a remote workdir's checkpoints are not moved
       if jax.process_index() == 0:
         dst = set_aside(ck, step, emit)
       if jax.process_count() > 1:
