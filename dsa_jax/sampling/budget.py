@@ -296,6 +296,11 @@ def controls_for_budget(source: dict, mean_steps: float, config, *, source_name:
   return budget_controls(table, mean_steps, source=source_name, **made_with)
 
 
+def _check_batch(batch, name: str):
+  if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch < 1:
+    raise BudgetError(f"{name}: expected at least 1 prompt per compiled batch (a whole number), got {batch!r}")
+
+
 def calibration_table(sampler, params, contexts: np.ndarray, thresholds: Sequence[float] = DEFAULT_THRESHOLDS, *,
                       batch: int = 64, seed: int = 0, guidance: float = 0.0, uncond=None, refine_gap: float = 0.15,
                       refine_rounds: int = 3, extend_rounds: int = 4,
@@ -311,8 +316,7 @@ def calibration_table(sampler, params, contexts: np.ndarray, thresholds: Sequenc
   gives too many. Where neighbouring thresholds differ by more than `refine_gap` average steps (a
   head's confidences often bunch in a narrow band of tau), their midpoint is added, for up to `refine_rounds`
   rounds, so that interpolating the table lands within a small fraction of a step of the request."""
-  if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch < 1:
-    raise BudgetError(f"batch: expected a whole number of prompts per compiled batch, at least 1, got {batch!r}")
+  _check_batch(batch, "batch")
   s = sampler.config.sampling
   n = contexts.shape[0]
   if n < 1:
@@ -470,8 +474,7 @@ def calibrate(config, ckpt: str, *, num: int = 256, thresholds: Optional[Sequenc
                       "training workdir); got none")
   if int(num) < 1:
     raise BudgetError(f"--num: expected at least 1 calibration prompt, got {num}")
-  if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch < 1:
-    raise BudgetError(f"--batch: expected at least 1 prompt per compiled batch, got {batch!r}")
+  _check_batch(batch, "--batch")
   if not refine_gap > 0:
     raise BudgetError(f"--refine-gap: expected a positive number of steps, got {refine_gap!r}")
   rule = config_stop_rule(config)

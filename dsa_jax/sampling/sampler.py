@@ -548,7 +548,7 @@ class Sampler:
     if not np.isfinite(g).all():
       raise ValueError(f"sampling guidance: expected a finite number, got {guidance!r}")
     sd = np.asarray(seed)
-    _per_sample(seed if sd.dtype.kind in "iu" else 0, b, "seed", np.int64)
+    _per_sample(sd, b, "seed", sd.dtype)
     if sd.dtype.kind not in "iu" or sd.min() < 0 or sd.max() + (b - 1 if sd.ndim == 0 else 0) >= 2**32:
       raise ValueError(f"sampling seed: expected integers in [0, 2**32) (one per sample), got {seed!r}")
     sd = (sd + np.arange(b)) if sd.ndim == 0 else np.broadcast_to(sd, (b,))
